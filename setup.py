@@ -1,0 +1,27 @@
+"""matrixopt: memory-efficient, matrix-aware optimizers for PyTorch.
+
+`optim/` installs as `matrixopt` and `kernels/` as `matrixopt.kernels`: bare top-level
+`optim` and `kernels` would collide with existing PyPI packages.
+"""
+from setuptools import setup
+
+setup(
+    name="matrixopt",
+    version="0.1.0",
+    description="Memory-efficient, matrix-aware optimizers (Muon, ROOT, ARO, GaLore, DCT) for PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=["matrixopt", "matrixopt.kernels"],
+    package_dir={"matrixopt": "optim", "matrixopt.kernels": "kernels"},
+    package_data={"matrixopt": ["data/*.json"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "scipy",
+        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "hypothesis", "scikit-learn", "numpy"],
+        "bench": ["tqdm", "matplotlib", "numpy"],
+    },
+)
