@@ -110,6 +110,12 @@ def as_matrices(t: Tensor) -> Tensor:
     return t.reshape(matrix_shape(t))
 
 
+def apply_update(weights, updates, *, lr: float, weight_decay: float, scale: float):
+    """W ← W·(1 - lr·weight_decay) - lr·scale·U for each W and its update U."""
+    torch._foreach_mul_(weights, 1 - lr * weight_decay)
+    torch._foreach_add_(weights, [u.to(w.dtype) for u, w in zip(updates, weights)], alpha=-lr * scale)
+
+
 # -- the optimizer base ----------------------------------------------------------------------
 
 SHARED_HYPERPARAMETERS: dict[str, Validator] = {
@@ -255,6 +261,22 @@ class MatrixOptimizer(torch.optim.Optimizer):
         for p, w in zip(params, weights):
             if w.data_ptr() != p.data_ptr():
                 p.copy_(w.reshape(p.shape))
+
+    def _matrix_map(self, fn: Callable, *lists: list[Tensor]):
+        """Apply ``fn`` to whole matrices, batched: the one place matrix work happens.
+
+        Each of ``lists`` holds one (B_i, ·, ·) tensor per param of the bucket; ``fn`` takes
+        their concatenations along dim 0 (one stack per list) and returns a stack, or a tuple
+        of stacks, with the same leading dim. The result comes back split per param (a list,
+        or a tuple of lists). Rules route every computation that needs a whole matrix
+        (orthogonalization, QR, projector refresh, DCT scores) through here, so the
+        distributed layer can run it on owner ranks instead of everywhere.
+        """
+        sizes = [t.shape[0] for t in lists[0]]
+        out = fn(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in lists))
+        if isinstance(out, tuple):
+            return tuple(list(o.split(sizes)) for o in out)
+        return list(out.split(sizes))
 
     def _update_matrices(self, group: dict, params: list[Tensor], weights: list[Tensor],
                          grads: list[Tensor]) -> None:

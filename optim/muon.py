@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from .base import MatrixOptimizer, choice, integer, real
+from .base import MatrixOptimizer, apply_update, choice, integer, real
 from .orthogonalize import ns_schedule, orthogonalize
 
 LR_SCALINGS = ("match_adamw", "original", "spectral", "none")
@@ -25,13 +25,6 @@ def update_scale(m: int, n: int, lr_scaling: str) -> float:
     if lr_scaling == "spectral":
         return math.sqrt(m / n)
     return 1.0
-
-
-def apply_update(weights, update: torch.Tensor, *, lr: float, weight_decay: float, scale: float):
-    """W ← W·(1 - lr·weight_decay) - lr·scale·U for each W and its slice of the stack U."""
-    updates = update.split([w.shape[0] for w in weights])
-    torch._foreach_mul_(weights, 1 - lr * weight_decay)
-    torch._foreach_add_(weights, [u.to(w.dtype) for u, w in zip(updates, weights)], alpha=-lr * scale)
 
 
 class Muon(MatrixOptimizer):
@@ -113,7 +106,8 @@ class Muon(MatrixOptimizer):
         inputs = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
 
         _, m, n = weights[0].shape
-        X = self._ns_input(group, torch.cat(inputs))
-        O = orthogonalize(X, self._ns_schedule(group, m, n), dtype=group["ns_dtype"])
-        apply_update(weights, O, lr=group["lr"], weight_decay=group["weight_decay"],
+        schedule = self._ns_schedule(group, m, n)
+        updates = self._matrix_map(
+            lambda X: orthogonalize(self._ns_input(group, X), schedule, dtype=group["ns_dtype"]), inputs)
+        apply_update(weights, updates, lr=group["lr"], weight_decay=group["weight_decay"],
                      scale=update_scale(m, n, group["lr_scaling"]))

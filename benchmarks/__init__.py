@@ -1,0 +1,1 @@
+"""Runnable benchmarks: ``python -m benchmarks <command>``; results under benchmarks/results/."""

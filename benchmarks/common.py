@@ -1,0 +1,85 @@
+"""What every benchmark shares: the stamp, the markdown table, the results files."""
+import datetime
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    """A short machine label for file names: the GPU's name, else 'cpu<cores>'."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-").lower()
+    import os
+
+    return f"cpu{os.cpu_count()}"
+
+
+def stamp() -> dict:
+    """Machine, versions, commit and date, recorded with every result."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "machine": machine(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "cpu_count": __import__("os").cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": commit,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """rows (dicts) as a markdown table; floats get 4 significant digits."""
+    if not rows:
+        return "(no rows)\n"
+    columns = columns or list(rows[0])
+
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(command: str, sections: dict[str, list[dict]], *, extra: dict | None = None,
+                  figure=None, out_dir: Path = RESULTS) -> dict[str, Path]:
+    """Print and write ``benchmarks/results/<command>-<machine>-<date>.{md,json[,png]}``.
+
+    ``sections`` maps a title to its table rows; ``extra`` is added to the JSON (settings,
+    sweeps); ``figure`` is a matplotlib figure saved as the PNG. Returns the paths written.
+    """
+    meta = stamp()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / f"{command}-{meta['machine']}-{meta['date']}"
+    header = (f"# `python -m benchmarks {command}`\n\n{meta['date']} · {meta['device']} "
+              f"({meta['cpu_count']} CPUs) · torch {meta['torch']} · triton {meta['triton']} · "
+              f"python {meta['python']} · commit {meta['commit']}\n")
+    body = "".join(f"\n## {title}\n\n{markdown_table(rows)}" for title, rows in sections.items())
+    paths = {"md": base.with_suffix(".md"), "json": base.with_suffix(".json")}
+    if figure is not None:
+        paths["png"] = base.with_suffix(".png")
+        figure.savefig(paths["png"], dpi=120, bbox_inches="tight")
+        body += f"\n![{command}]({paths['png'].name})\n"
+    paths["md"].write_text(header + body)
+    paths["json"].write_text(json.dumps({"meta": meta, "sections": sections, **(extra or {})}, indent=2))
+    print(header + body)
+    for p in paths.values():
+        print(f"wrote {p}")
+    return paths
