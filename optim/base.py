@@ -17,7 +17,10 @@ does everything around it:
   ``nonfinite="raise"`` a ``FloatingPointError`` names it before anything is updated;
 - state dicts that hold only tensors and plain values, keep the state's own dtypes on load
   (fp32 moments for bf16 params), and reject state saved for other shapes;
-- :meth:`state_bytes` for memory tables.
+- :meth:`state_bytes` for memory tables;
+- distribution (:mod:`matrixopt.distributed`): FSDP2's DTensor params are updated through
+  their local shards, with whole-matrix work (:meth:`_matrix_map`) on owner ranks; with
+  ``distributed="replicated"`` (DDP) the ranks split the matrix work and share the results.
 """
 import math
 import warnings
@@ -26,6 +29,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from .distributed import (MODES, MatrixWork, agree_finite, check_placement, dtensor_like, group_of,
+                          local_tensor)
 
 # -- hyperparameter validation -------------------------------------------------------------
 # A validator takes (name, value) and raises ValueError naming the argument and its range.
@@ -34,7 +41,8 @@ Validator = Callable[[str, Any], None]
 
 def real(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
          hi_open: bool = False) -> Validator:
-    """A real number in [lo, hi] (open ends as asked)."""
+    """A real number in [lo, hi] (open ends as asked; an infinite end is always open)."""
+    lo_open, hi_open = lo_open or lo == -math.inf, hi_open or hi == math.inf
     interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
     def check(name, value):
@@ -118,6 +126,9 @@ def apply_update(weights, updates, *, lr: float, weight_decay: float, scale: flo
 
 # -- the optimizer base ----------------------------------------------------------------------
 
+# Bound on the elements of one bucket of same-shape matrices (see MatrixOptimizer._buckets).
+MAX_BUCKET_ELEMENTS = 1 << 26
+
 SHARED_HYPERPARAMETERS: dict[str, Validator] = {
     "lr": real(0.0),
     "weight_decay": real(0.0),
@@ -140,16 +151,27 @@ class MatrixOptimizer(torch.optim.Optimizer):
     """
 
     hyperparameters: dict[str, Validator] = {}
+    #: Whether the matrix rule follows the sharded-params convention of _update_matrices, so
+    #: FSDP2 (DTensor) params may go to it; a rule that does not gets a clear error instead.
+    supports_fsdp: bool = False
 
-    def __init__(self, params, defaults: dict):
+    def __init__(self, params, defaults: dict, *, distributed: str | None = None, process_group=None):
+        choice(*MODES)("distributed", distributed)
         self.nonfinite_skips = 0
         self._nonfinite_warned: set[str] = set()
+        # Replicated params (DDP): with distributed="replicated" or a process_group, matrix
+        # work is split over process_group's ranks (None: the default group).
+        self._replicated = distributed == "replicated" or process_group is not None
+        self._process_group = process_group
+        self._work = None   # the current bucket's MatrixWork while a distributed step runs
+        self._loads = {}    # process group -> FLOPs of matrix work per rank, this step
         super().__init__(params, defaults)
 
     def __getstate__(self):
         # torch.optim's pickling keeps only defaults, state and param_groups.
         return {**super().__getstate__(), "nonfinite_skips": self.nonfinite_skips,
-                "_nonfinite_warned": self._nonfinite_warned}
+                "_nonfinite_warned": self._nonfinite_warned, "_replicated": self._replicated,
+                "_process_group": self._process_group, "_work": None, "_loads": {}}
 
     # -- construction ------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -157,7 +179,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             self._validate_group(group)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, NotImplementedError):
             self.param_groups.pop()
             raise
 
@@ -172,6 +194,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters: "
                                  f"{self._param_name(group, i)} is {p.dtype}")
+            check_placement(p, self._param_name(group, i))
+            if isinstance(p, DTensor) and self.is_matrix(group, p) and not self.supports_fsdp:
+                raise NotImplementedError(
+                    f"{type(self).__name__} does not support FSDP2-sharded (DTensor) matrix params "
+                    f"yet: {self._param_name(group, i)}; use distributed='replicated' with DDP")
 
     # -- naming and routing --------------------------------------------------------------------
     def _param_name(self, group: dict, index: int) -> str:
@@ -179,7 +206,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if names:
             return names[index]
         p = group["params"][index]
-        return f"param_groups[{self.param_groups.index(group)}]['params'][{index}] (shape {tuple(p.shape)})"
+        # By identity: list.index would compare the groups' dicts, and with them their tensors.
+        g = next((gi for gi, other in enumerate(self.param_groups) if other is group), len(self.param_groups))
+        return f"param_groups[{g}]['params'][{index}] (shape {tuple(p.shape)})"
 
     @staticmethod
     def is_matrix(group: dict, p: Tensor) -> bool:
@@ -195,13 +224,18 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._loads = {}
+        # Check every group before updating any, so that an error leaves all params untouched.
+        work = []
         for group in self.param_groups:
             indices = [i for i, p in enumerate(group["params"]) if p.grad is not None]
-            if not indices:
-                continue
             for i in indices:
                 self._check_grad(group, i)
-            indices = self._drop_nonfinite(group, indices)
+            if indices:
+                work.append((group, indices))
+        for group, indices in work:
+            indices[:] = self._drop_nonfinite(group, indices)
+        for group, indices in work:
             matrices, fallback = [], []
             for i in indices:
                 p = group["params"][i]
@@ -228,7 +262,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """Indices whose gradients are all finite; applies the group's non-finite policy."""
         params = group["params"]
         # One device sync for the whole group rather than one per param.
-        finite = torch.stack([params[i].grad.isfinite().all() for i in indices]).tolist()
+        finite = torch.stack([local_tensor(params[i].grad).isfinite().all() for i in indices])
+        process_group = group_of([params[i] for i in indices], self._replicated_group())
+        if process_group is not None:  # every rank must skip the same params
+            finite = agree_finite(finite, process_group)
+        finite = finite.tolist()
         if all(finite):
             return indices
         bad = [i for i, ok in zip(indices, finite) if not ok]
@@ -241,28 +279,63 @@ class MatrixOptimizer(torch.optim.Optimizer):
             self._nonfinite_warned.update(new)
             warnings.warn(f"Non-finite gradient in {', '.join(new)}: skipped this step, its "
                           "weights and state left unchanged (nonfinite='skip'; counted in "
-                          "nonfinite_skips; warned once per param)", RuntimeWarning, stacklevel=3)
+                          "nonfinite_skips; warned once per param)", RuntimeWarning,
+                          stacklevel=5)  # the caller of step(), past torch.optim's two wrappers
         return [i for i, ok in zip(indices, finite) if ok]
 
     @staticmethod
     def _buckets(params: list[Tensor]) -> list[list[Tensor]]:
-        """Group params whose matrices share (m, n, dtype, device), in first-seen order."""
+        """Group params whose matrices share (m, n, dtype, device), in first-seen order.
+
+        A bucket holds at most MAX_BUCKET_ELEMENTS elements (a single larger param makes a
+        bucket of its own): stacking copies the bucket several times over, and matrices that
+        large keep a GPU busy without being batched.
+        """
         buckets = defaultdict(list)
         for p in params:
             _, m, n = matrix_shape(p)
-            buckets[(m, n, p.dtype, p.device)].append(p)
-        return list(buckets.values())
+            buckets[(m, n, p.dtype, p.device, getattr(p, "device_mesh", None))].append(p)
+        chunks = []
+        for bucket in buckets.values():
+            chunk, size = [], 0
+            for p in bucket:
+                if chunk and size + p.numel() > MAX_BUCKET_ELEMENTS:
+                    chunks.append(chunk)
+                    chunk, size = [], 0
+                chunk.append(p)
+                size += p.numel()
+            chunks.append(chunk)
+        return chunks
+
+    def _replicated_group(self):
+        """The process group replicated params split their matrix work over, or None."""
+        if not self._replicated:
+            return None
+        if not torch.distributed.is_initialized():
+            raise RuntimeError(f"{type(self).__name__}(distributed='replicated') needs an "
+                               "initialized process group (torch.distributed.init_process_group)")
+        return self._process_group or torch.distributed.group.WORLD
 
     def _step_bucket(self, group: dict, params: list[Tensor]) -> None:
-        weights = [as_matrices(p) for p in params]
-        grads = [as_matrices(p.grad) for p in params]
-        self._update_matrices(group, params, weights, grads)
+        # Sharded (DTensor) params are updated through their local shards.
+        shards = [local_tensor(p) for p in params]
+        weights = [as_matrices(t) for t in shards]
+        grads = [as_matrices(local_tensor(p.grad)) for p in params]
+        process_group = group_of(params, self._replicated_group())
+        if process_group is not None:
+            load = self._loads.setdefault(process_group, [0] * torch.distributed.get_world_size(process_group))
+            self._work = MatrixWork(params, [matrix_shape(p) for p in params], process_group, load)
+        try:
+            self._update_matrices(group, params, weights, grads)
+        finally:
+            self._work = None
         # as_matrices copies a param it cannot view (e.g. channels_last); write those back.
-        for p, w in zip(params, weights):
-            if w.data_ptr() != p.data_ptr():
-                p.copy_(w.reshape(p.shape))
+        for t, w in zip(shards, weights):
+            if w.data_ptr() != t.data_ptr():
+                t.copy_(w.reshape(t.shape))
 
-    def _matrix_map(self, fn: Callable, *lists: list[Tensor]):
+    def _matrix_map(self, fn: Callable, *lists: list[Tensor], whole_inputs: tuple[int, ...] = (),
+                    whole_outputs: tuple[int, ...] = ()):
         """Apply ``fn`` to whole matrices, batched: the one place matrix work happens.
 
         Each of ``lists`` holds one (B_i, ·, ·) tensor per param of the bucket; ``fn`` takes
@@ -271,7 +344,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
         or a tuple of lists). Rules route every computation that needs a whole matrix
         (orthogonalization, QR, projector refresh, DCT scores) through here, so the
         distributed layer can run it on owner ranks instead of everywhere.
+
+        Under FSDP2 the inputs are by default pieces of the param's (B, m, n) view, sharded
+        like the param, and so are the outputs. ``whole_inputs`` / ``whole_outputs`` list the
+        indices of those that are per-matrix values of another shape (a rotation, a projector,
+        indices), kept whole on every rank (see :mod:`matrixopt.distributed`).
         """
+        if self._work is not None:
+            return self._work.map(fn, lists, whole_inputs, whole_outputs)
         sizes = [t.shape[0] for t in lists[0]]
         out = fn(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in lists))
         if isinstance(out, tuple):
@@ -285,6 +365,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         ``params`` are the parameters (keys of ``self.state``); ``weights`` and ``grads``
         are their (B, m, n) views, all with the same m, n, dtype and device. Update
         ``weights`` in place.
+
+        Under FSDP2, ``params`` are DTensors and ``weights``/``grads`` views of the local
+        shards: take m, n from ``matrix_shape(params[0])``, create state shaped like the
+        param from ``local_tensor(p)``, and do whole-matrix work through :meth:`_matrix_map`.
         """
         raise NotImplementedError
 
@@ -293,16 +377,17 @@ class MatrixOptimizer(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         states = [self.state[p] for p in params]
-        for p, s in zip(params, states):
+        shards = [local_tensor(p) for p in params]   # element-wise: sharded params stay local
+        for t, s in zip(shards, states):
             if not s:
                 s["step"] = 0
-                s["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                s["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                s["exp_avg"] = torch.zeros_like(t, dtype=torch.float32)
+                s["exp_avg_sq"] = torch.zeros_like(t, dtype=torch.float32)
             s["step"] += 1
         # Low-precision params are updated through an fp32 copy; .float() of an fp32 tensor
         # is the tensor itself, so fp32 params are updated in place.
-        work = [p.float() for p in params]
-        grads = [p.grad.float() for p in params]
+        work = [t.float() for t in shards]
+        grads = [local_tensor(p.grad).float() for p in params]
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         torch._foreach_mul_(work, 1 - lr * wd)
@@ -313,9 +398,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
             step = s["step"]
             denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
             w.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
-        for p, w in zip(params, work):
-            if w is not p:
-                p.copy_(w)
+        for t, w in zip(shards, work):
+            if w is not t:
+                t.copy_(w)
 
     # -- state -----------------------------------------------------------------------------------
     def _matrix_state_shapes(self, p: Tensor, group: dict) -> dict[str, tuple]:
@@ -327,12 +412,61 @@ class MatrixOptimizer(torch.optim.Optimizer):
             return self._matrix_state_shapes(p, group)
         return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
 
+    def _sharded_state_shapes(self, p: Tensor, group: dict) -> dict[str, tuple]:
+        """Global shapes of the state that FSDP2 shards like ``p`` (on dim 0): by default the
+        state declared with p's shape; a rule adds state that has p's dim 0 but other trailing
+        dims (low-rank moments with p's rows), and leaves out whole per-matrix state that can
+        have p's shape by coincidence (ARO's (E, k, k) rotations of an (E, k, k) stack)."""
+        return {k: shape for k, shape in self._state_shapes(p, group).items() if tuple(shape) == tuple(p.shape)}
+
+    def state_dict(self) -> dict:
+        """torch.optim's state dict; for a DTensor (FSDP2) param, the state sharded like the
+        param (:meth:`_sharded_state_shapes`) is a DTensor placed like it, so
+        ``torch.distributed.checkpoint`` saves its shards.
+        """
+        state_dict = super().state_dict()
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved["params"], group["params"]):
+                if pid not in state_dict["state"] or not isinstance(p, DTensor):
+                    continue
+                sharded = self._sharded_state_shapes(p, group)
+                state_dict["state"][pid] = {k: dtensor_like(p, v, sharded[k]) if k in sharded else v
+                                            for k, v in state_dict["state"][pid].items()}
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict; rejects state saved for other shapes, naming the parameter.
 
         Unlike torch.optim, state tensors keep the dtype they were saved with (fp32 moments
-        and rotations of bf16 params stay fp32); they move to the param's device.
+        and rotations of bf16 params stay fp32); they move to the param's device. DTensor
+        state (from :meth:`state_dict` of a sharded run) is stored as its local shard.
+        The shape check sees the state dict as the load_state_dict pre-hooks return it, and
+        the post-hooks see (and may edit) the state as loaded, saved dtypes included.
         """
+        loaded = []
+
+        def check_shapes(optimizer, state_dict):
+            loaded.extend(self._check_state_shapes(state_dict))
+
+        def keep_saved_dtypes(optimizer):
+            for p, saved_state in loaded:
+                for key, value in saved_state.items():
+                    if isinstance(value, Tensor):
+                        self.state[p][key] = local_tensor(value).to(device=p.device, copy=True)
+
+        # Registered now: the check runs after every other pre-hook, the dtypes are restored
+        # before every other post-hook.
+        handles = (self.register_load_state_dict_pre_hook(check_shapes),
+                   self.register_load_state_dict_post_hook(keep_saved_dtypes, prepend=True))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _check_state_shapes(self, state_dict: dict) -> list[tuple[Tensor, dict]]:
+        """(param, its saved state) pairs; ValueError naming the param if a shape differs, or
+        naming the hyperparameter if a saved group's is invalid."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"State dict has {len(saved_groups)} param groups, this optimizer "
@@ -342,6 +476,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"State dict's param group {gi} has {len(saved['params'])} "
                                  f"params, this optimizer's has {len(group['params'])}")
+            self._validate_group({**saved, "params": group["params"]})
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 saved_state = state_dict["state"].get(pid, {})
                 expected = self._state_shapes(p, group)
@@ -355,11 +490,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                             f"State dict does not fit {self._param_name(group, i)}: state "
                             f"'{key}' has shape {tuple(value.shape)}, expected {tuple(want)}")
                 pairs.append((p, saved_state))
-        super().load_state_dict(state_dict)
-        for p, saved_state in pairs:
-            for key, value in saved_state.items():
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+        return pairs
 
     def _shared_state_tensors(self) -> list[Tensor]:
         """State shared by many params (e.g. a DCT basis); counted once by state_bytes."""

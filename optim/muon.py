@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from .base import MatrixOptimizer, apply_update, choice, integer, real
+from .base import MatrixOptimizer, apply_update, choice, integer, matrix_shape, real
+from .distributed import local_tensor
 from .orthogonalize import ns_schedule, orthogonalize
 
 LR_SCALINGS = ("match_adamw", "original", "spectral", "none")
@@ -62,8 +63,13 @@ class Muon(MatrixOptimizer):
         betas, eps: the AdamW fallback's (defaults (0.9, 0.95), 1e-8).
         nonfinite: "skip" (default) or "raise" on NaN/Inf gradients.
         ns_dtype: dtype NS runs in (default: bf16 on CUDA, fp32 elsewhere).
+        distributed: None (default; FSDP2's DTensor params are detected by themselves) or
+            "replicated" (DDP): each rank orthogonalizes a share of the matrices and the
+            results are all-gathered over ``process_group`` (default: the default group).
+            See :mod:`matrixopt.distributed`.
     """
 
+    supports_fsdp = True
     hyperparameters = {
         "momentum": real(0.0, 1.0, hi_open=True),
         "nesterov": choice(True, False),
@@ -74,12 +80,13 @@ class Muon(MatrixOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1,
                  ns_steps=5, ns_coefficients="polar_express", lr_scaling="match_adamw",
-                 betas=(0.9, 0.95), eps=1e-8, nonfinite="skip", ns_dtype=None):
+                 betas=(0.9, 0.95), eps=1e-8, nonfinite="skip", ns_dtype=None, *,
+                 distributed=None, process_group=None):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_steps=ns_steps, ns_coefficients=ns_coefficients,
                         lr_scaling=lr_scaling, betas=betas, eps=eps, nonfinite=nonfinite,
                         ns_dtype=ns_dtype)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, distributed=distributed, process_group=process_group)
 
     def _validate_group(self, group):
         super()._validate_group(group)
@@ -100,12 +107,13 @@ class Muon(MatrixOptimizer):
         mu = group["momentum"]
         for p in params:
             if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                self.state[p]["momentum_buffer"] = torch.zeros_like(local_tensor(p),
+                                                                    memory_format=torch.contiguous_format)
         bufs = [self.state[p]["momentum_buffer"].view_as(w) for p, w in zip(params, weights)]
         torch._foreach_lerp_(bufs, grads, 1 - mu)
         inputs = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
 
-        _, m, n = weights[0].shape
+        _, m, n = matrix_shape(params[0])
         schedule = self._ns_schedule(group, m, n)
         updates = self._matrix_map(
             lambda X: orthogonalize(self._ns_input(group, X), schedule, dtype=group["ns_dtype"]), inputs)

@@ -8,19 +8,25 @@ def _head_linears(model: nn.Module) -> set[str]:
     """Names of the Linear modules that are the model's output head.
 
     A Linear is a head if its own name is one of HEAD_NAMES, or if it is the last Linear
-    whose weight is tied to (the same tensor as) or shaped like an embedding's weight.
+    whose weight is tied to (the same tensor as) an embedding's weight; failing both, the
+    last Linear shaped like an embedding's weight.
     """
     embeddings = [m.weight for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
-    heads, last_like_embedding = set(), None
+    heads, tied, shaped = set(), None, None
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         if name.rsplit(".", 1)[-1] in HEAD_NAMES:
             heads.add(name)
-        if any(module.weight is e or module.weight.shape == e.shape for e in embeddings):
-            last_like_embedding = name
-    if last_like_embedding is not None:
-        heads.add(last_like_embedding)
+        if any(module.weight is e for e in embeddings):
+            tied = name
+        elif any(module.weight.shape == e.shape for e in embeddings):
+            shaped = name
+    if tied is not None:
+        heads.add(tied)
+    elif not heads and shaped is not None:
+        # Only a guess: a hidden Linear can have the embedding's shape too (vocab = 4·d_model).
+        heads.add(shaped)
     return heads
 
 
@@ -32,8 +38,9 @@ def param_groups(model: nn.Module, *, fallback: dict | None = None, **overrides)
     - matrix rule (``matrix=True``): every param with ``ndim >= 2`` that is not below;
     - AdamW fallback (``matrix=False``): ``nn.Embedding``/``nn.EmbeddingBag`` weights, the
       output head (a Linear named ``lm_head``/``output``/``classifier``/``head``, or the last
-      Linear whose weight is tied to or shaped like an embedding's), and every param with
-      ``ndim < 2`` (biases, norms' gains, scalars).
+      Linear whose weight is tied to an embedding's, or, when no head is named or tied, the
+      last Linear shaped like an embedding's weight), and every param with ``ndim < 2``
+      (biases, norms' gains, scalars).
 
     ``overrides`` (e.g. ``weight_decay=0.0``) go into both groups; ``fallback`` into the
     fallback group only (e.g. ``fallback={"lr": 3e-4}``). Params are given as (name, tensor)

@@ -1,0 +1,138 @@
+"""param_groups(model): hidden matrices to the matrix rule; embeddings, head, 1-D to AdamW."""
+
+import pytest
+import torch
+from torch import nn
+
+import matrixopt
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class Block(nn.Module):
+    def __init__(self, d, norm):
+        super().__init__()
+        self.norm1, self.norm2 = norm(d), norm(d)
+        self.q, self.k, self.v = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.o = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        att = torch.softmax(self.q(h) @ self.k(h).mT / h.shape[-1] ** 0.5, -1) @ self.v(h)
+        x = x + self.o(att)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A small language model; ``head`` is "tied", "untied" (lm_head) or "classifier"."""
+
+    def __init__(self, vocab=50, d=16, layers=2, head="untied", norm=nn.LayerNorm):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, norm) for _ in range(layers))
+        self.norm = norm(d)
+        if head == "classifier":
+            self.classifier = nn.Linear(d, 3)
+        else:
+            self.lm_head = nn.Linear(d, vocab, bias=False)
+            if head == "tied":
+                self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return self.classifier(x.mean(1)) if hasattr(self, "classifier") else self.lm_head(x)
+
+
+def hidden_matrix_names(model):
+    """Expected matrix group, written out from the architecture."""
+    names = []
+    for i in range(len(model.blocks)):
+        names += [f"blocks.{i}.{n}.weight" for n in ("q", "k", "v", "o", "mlp.0", "mlp.2")]
+    return names
+
+
+def names_of(group):
+    return [n for n, _ in group["params"]]
+
+
+@pytest.mark.parametrize("head", ["tied", "untied", "classifier"])
+@pytest.mark.parametrize("norm", [nn.LayerNorm, RMSNorm], ids=["LayerNorm", "RMSNorm"])
+@pytest.mark.parametrize("vocab", [50, 64], ids=["vocab50", "vocab=4d"])
+def test_split(head, norm, vocab):
+    """With vocab = 4·d the MLP's up-projection has the embedding's shape: still hidden."""
+    model = Transformer(vocab=vocab, head=head, norm=norm)
+    matrix, fallback = matrixopt.param_groups(model)
+    assert matrix["matrix"] is True and fallback["matrix"] is False
+    assert sorted(names_of(matrix)) == sorted(hidden_matrix_names(model))
+    everything = [n for n, _ in model.named_parameters()]
+    assert sorted(names_of(matrix) + names_of(fallback)) == sorted(everything)
+    assert all(p.ndim < 2 for n, p in fallback["params"] if n not in
+               ("embed.weight", "lm_head.weight", "classifier.weight"))
+    assert "embed.weight" in names_of(fallback)
+    if head == "untied":
+        assert "lm_head.weight" in names_of(fallback)
+    if head == "classifier":
+        assert "classifier.weight" in names_of(fallback)
+
+
+def test_tied_weights_appear_once():
+    model = Transformer(head="tied")
+    ids = [id(p) for g in matrixopt.param_groups(model) for _, p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert id(model.lm_head.weight) in ids
+
+
+def test_head_found_by_shape_without_a_head_name():
+    """The last Linear shaped like the embedding is the head, whatever it is called."""
+    model = Transformer(head="untied")
+    model.unembed = model.lm_head
+    del model.lm_head
+    _, fallback = matrixopt.param_groups(model)
+    assert "unembed.weight" in names_of(fallback)
+
+
+def test_frozen_params_left_out_and_empty_groups_dropped():
+    model = Transformer()
+    for p in model.blocks.parameters():
+        p.requires_grad_(False)
+    groups = matrixopt.param_groups(model)
+    assert [g["matrix"] for g in groups] == [False]
+    assert all(p.requires_grad for _, p in groups[0]["params"])
+
+
+def test_overrides_and_fallback():
+    model = Transformer()
+    matrix, fallback = matrixopt.param_groups(model, weight_decay=0.0, lr=0.02,
+                                              fallback={"lr": 3e-4, "betas": (0.8, 0.9)})
+    assert matrix["weight_decay"] == fallback["weight_decay"] == 0.0
+    assert matrix["lr"] == 0.02 and fallback["lr"] == 3e-4 and fallback["betas"] == (0.8, 0.9)
+    assert "betas" not in matrix
+    opt = matrixopt.Muon(matrixopt.param_groups(model, fallback={"lr": 3e-4}), lr=0.02)
+    assert [g["lr"] for g in opt.param_groups] == [0.02, 3e-4]
+
+
+def test_groups_route_and_train():
+    """With Muon, the groups' routing is what the step does: fallback params get Adam moments,
+    matrix params a momentum buffer; and the names flow into warnings."""
+    model = Transformer(head="tied")
+    opt = matrixopt.Muon(matrixopt.param_groups(model), lr=0.01)
+    tokens = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(0))
+    model(tokens).logsumexp(-1).mean().backward()
+    opt.step()
+    assert set(opt.state[model.embed.weight]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(opt.state[model.blocks[0].q.weight]) == {"momentum_buffer"}
+    assert set(opt.state[model.blocks[0].o.bias]) == {"step", "exp_avg", "exp_avg_sq"}
+    model.blocks[1].mlp[0].weight.grad.fill_(float("nan"))
+    with pytest.warns(RuntimeWarning, match=r"blocks\.1\.mlp\.0\.weight"):
+        opt.step()
