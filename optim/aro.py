@@ -1,0 +1,189 @@
+"""ARO: adaptively rotated optimization for hidden-layer matrices."""
+import functools
+import math
+
+import torch
+
+from .base import MatrixOptimizer, apply_update, as_matrices, choice, integer, matrix_shape, real
+from .distributed import local_tensor
+
+BASE_MAPS = ("sinkhorn", "row_norm", "sign")
+ROTATE_SIDES = ("smaller", "rows", "cols")
+#: Shift of the Cholesky QR relative to ‖C‖²_F.
+CHOLESKY_SHIFT = 1e-7
+#: Largest estimated ‖QᵀQ - I‖ accepted from Cholesky QR before falling back to Householder.
+ORTHOGONALITY_TOL = 1e-3
+
+
+def _significant(size: torch.Tensor) -> torch.Tensor:
+    """Where ``size`` (norms of slices of one matrix) is above rounding level.
+
+    A rotated momentum RᵀM has rows that are zero up to rounding wherever M is rank-deficient
+    (dead inputs, the larger side of a rectangular M); normalizing those would blow rounding
+    noise up to full-size junk directions, so slices below sqrt(u) of the largest count as 0.
+    """
+    floor = size.amax(dim=(-2, -1), keepdim=True) * torch.finfo(size.dtype).eps ** 0.5
+    return size > floor
+
+
+def _normalize(X: torch.Tensor, dim: int, target: float) -> torch.Tensor:
+    """X with each slice along ``dim`` rescaled to Euclidean norm ``target`` (see _significant)."""
+    norm = X.norm(dim=dim, keepdim=True)
+    return torch.where(_significant(norm), X / norm * target, 0.0)
+
+
+def base_map(X: torch.Tensor, kind: str, sinkhorn_iters: int = 5) -> torch.Tensor:
+    """f(X) for a stack X (B, k, l) whose rows are the rotated side.
+
+    "row_norm": rows to norm sqrt(l). "sinkhorn": ``sinkhorn_iters`` rounds of rows to norm
+    sqrt(l), then columns to norm sqrt(k). "sign": sign(X). None of these commutes with
+    rotations of the rows, which is what gives the rotation its effect. Rows, columns and
+    entries at rounding level of the largest are mapped to 0.
+    """
+    k, l = X.shape[-2:]
+    if kind == "sign":
+        return torch.where(_significant(X.abs()), X.sign(), 0.0)
+    if kind == "row_norm":
+        return _normalize(X, -1, math.sqrt(l))
+    for _ in range(sinkhorn_iters):
+        X = _normalize(_normalize(X, -1, math.sqrt(l)), -2, math.sqrt(k))
+    return X
+
+
+def _cholesky_qr(C: torch.Tensor, shift: float):
+    """Q = C·L⁻ᵀ with L the Cholesky factor of CᵀC + shift·‖C‖²_F·I; also L and success."""
+    P = C.mT @ C
+    if shift:
+        trace = P.diagonal(dim1=-2, dim2=-1).sum(-1)  # = ‖C‖²_F
+        P = P + (shift * trace)[:, None, None] * torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+    L, info = torch.linalg.cholesky_ex(P)
+    Q = torch.linalg.solve_triangular(L.mT, C, upper=True, left=False)
+    return Q, L, (info == 0) & Q.isfinite().all(-1).all(-1)
+
+
+def orthogonal_factor(C: torch.Tensor, method: str = "shifted_cholesky") -> torch.Tensor:
+    """The orthogonal factor Q of C = QR for a stack C (B, k, k), batched.
+
+    "householder": ``torch.linalg.qr``. "shifted_cholesky": shifted Cholesky QR
+    (P = CᵀC + s·I, s = 1e-7·‖C‖²_F, Cholesky, triangular solve), then one unshifted
+    Cholesky QR pass (CholeskyQR2), which restores the orthogonality the shift costs.
+    Entries where a Cholesky fails, produces non-finite values, or is too ill-conditioned
+    for an orthogonal result (rank-deficient or badly scaled C) fall back to Householder.
+    """
+    if method == "householder":
+        return torch.linalg.qr(C).Q
+    Q1, _, ok1 = _cholesky_qr(C, CHOLESKY_SHIFT)
+    Q, L, ok2 = _cholesky_qr(Q1, 0.0)
+    # Q is orthogonal to about κ(Q1)²·u; diag(L) bounds κ(Q1) from below.
+    d = L.diagonal(dim1=-2, dim2=-1).abs()
+    ok = ok1 & ok2 & ((d.amax(-1) / d.amin(-1)).square() * torch.finfo(C.dtype).eps < ORTHOGONALITY_TOL)
+    if not ok.all():
+        Q[~ok] = torch.linalg.qr(C[~ok]).Q
+    return Q
+
+
+class ARO(MatrixOptimizer):
+    r"""ARO (arXiv 2602.09006): momentum through a base map f in an adaptively rotated basis.
+
+    For a matrix W (m×n) with gradient G, momentum β, lr η, weight decay λ, and an
+    orthogonal rotation R (k×k, starts as I) acting on the rows (k = m):
+
+    .. math::
+        M &\leftarrow \beta M + (1-\beta) G \\
+        C &= M\, f(R_{\text{prev}}^\top M)^\top, \qquad R = \mathrm{Q\ factor\ of\ QR}(C) \\
+        U &= R\, f(R^\top M) \\
+        W &\leftarrow W (1 - \eta\lambda) - \eta\, 0.2\, U \sqrt{mn} / \lVert U \rVert_F
+
+    f is a base map that does not commute with rotations (see :func:`base_map`): sinkhorn
+    (default), row_norm or sign. The rotation chases the basis in which f of the momentum
+    best aligns with the momentum. Acting on the columns means doing the above with Mᵀ.
+    QR is :func:`orthogonal_factor` (shifted Cholesky QR, Householder fallback). Same-shape
+    matrices are rotated as one batch. The momentum and R are kept in fp32.
+
+    Args:
+        params: tensors, (name, tensor) pairs or param-group dicts (every argument below
+            can be overridden per group; ``matrix=True/False`` forces the routing).
+        lr: learning rate (default 1e-3).
+        momentum: β in [0, 1) (default 0.95).
+        weight_decay: decoupled weight decay λ (default 0.1).
+        base: f, "sinkhorn" (default), "row_norm" or "sign".
+        sinkhorn_iters: rounds of the sinkhorn map (default 5).
+        rotate_side: "smaller" (default: rows if m ≤ n else columns, so R is
+            min(m, n)²), "rows" or "cols".
+        qr: "shifted_cholesky" (default) or "householder" (``torch.linalg.qr`` always).
+        lr_scaling: "match_adamw" (default: the update has RMS 0.2, like AdamW's, so
+            AdamW's lr and weight decay carry over) or "none" (U as is; f already gives
+            entries of RMS ≈ 1 and R preserves it).
+        betas, eps: the AdamW fallback's (defaults (0.9, 0.95), 1e-8).
+        nonfinite: "skip" (default) or "raise" on NaN/Inf gradients.
+        distributed, process_group: as for :class:`~matrixopt.Muon`.
+    """
+
+    supports_fsdp = True
+    hyperparameters = {
+        "momentum": real(0.0, 1.0, hi_open=True),
+        "base": choice(*BASE_MAPS),
+        "sinkhorn_iters": integer(1, 100),
+        "rotate_side": choice(*ROTATE_SIDES),
+        "qr": choice("shifted_cholesky", "householder"),
+        "lr_scaling": choice("match_adamw", "none"),
+    }
+
+    def __init__(self, params, lr=1e-3, momentum=0.95, weight_decay=0.1, base="sinkhorn",
+                 sinkhorn_iters=5, rotate_side="smaller", qr="shifted_cholesky",
+                 lr_scaling="match_adamw", betas=(0.9, 0.95), eps=1e-8, nonfinite="skip", *,
+                 distributed=None, process_group=None):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, base=base,
+                        sinkhorn_iters=sinkhorn_iters, rotate_side=rotate_side, qr=qr,
+                        lr_scaling=lr_scaling, betas=betas, eps=eps, nonfinite=nonfinite)
+        super().__init__(params, defaults, distributed=distributed, process_group=process_group)
+
+    @staticmethod
+    def _rotates_rows(group, m: int, n: int) -> bool:
+        side = group["rotate_side"]
+        return side == "rows" or (side == "smaller" and m <= n)
+
+    def _matrix_state_shapes(self, p, group):
+        B, m, n = matrix_shape(p)
+        k = m if self._rotates_rows(group, m, n) else n
+        return {"momentum_buffer": tuple(p.shape), "rotation": (B, k, k)}
+
+    def _sharded_state_shapes(self, p, group):
+        # The rotations are whole on every rank, also when (B, k, k) happens to be p's shape.
+        shapes = super()._sharded_state_shapes(p, group)
+        shapes.pop("rotation", None)
+        return shapes
+
+    def _rotate(self, group, M: torch.Tensor, R: torch.Tensor):
+        """One ARO rotation for a stack of momenta M (B, k, l) and rotations R (B, k, k)."""
+        f = functools.partial(base_map, kind=group["base"], sinkhorn_iters=group["sinkhorn_iters"])
+        R = orthogonal_factor(M @ f(R.mT @ M).mT, group["qr"])
+        return R @ f(R.mT @ M), R
+
+    def _update_matrices(self, group, params, weights, grads):
+        _, m, n = matrix_shape(params[0])
+        rows = self._rotates_rows(group, m, n)
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(local_tensor(p), dtype=torch.float32,
+                                                            memory_format=torch.contiguous_format)
+                # B per param: a bucket mixes 2-D params with 3-D expert stacks of the same m, n.
+                B = matrix_shape(p)[0]
+                state["rotation"] = torch.eye(m if rows else n, device=p.device).repeat(B, 1, 1)
+        moms = [as_matrices(self.state[p]["momentum_buffer"]) for p in params]
+        torch._foreach_lerp_(moms, [g.float() for g in grads], 1 - group["momentum"])
+
+        def step(M, R):
+            U, R = self._rotate(group, M if rows else M.mT, R)
+            U = U if rows else U.mT
+            if group["lr_scaling"] == "match_adamw":
+                norm = U.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
+                U = U / norm * (0.2 * math.sqrt(m * n))
+            return U, R
+
+        updates, rotations = self._matrix_map(step, moms, [self.state[p]["rotation"] for p in params],
+                                              whole_inputs=(1,), whole_outputs=(1,))
+        for p, R in zip(params, rotations):
+            self.state[p]["rotation"].copy_(R)
+        apply_update(weights, updates, lr=group["lr"], weight_decay=group["weight_decay"], scale=1.0)
