@@ -6,3 +6,239 @@ A projector works on a stack of same-shape gradients G (B, m, n) and one side of
 lives as tensors in the optimizer's state (never as Python objects), so checkpoints load with
 ``torch.load(weights_only=True)``.
 """
+import math
+
+import torch
+
+from matrixopt import kernels
+
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+def _sides(proj_type: str, m: int, n: int) -> tuple[str, ...]:
+    """Which side(s) of an m×n gradient ``proj_type`` projects (galore-torch's convention)."""
+    if proj_type == "std":
+        return ("right",) if m >= n else ("left",)
+    if proj_type == "reverse_std":
+        return ("left",) if m >= n else ("right",)
+    return ("left", "right") if proj_type == "full" else (proj_type,)
+
+
+class SVDProjector:
+    r"""GaLore's projector (Zhao et al. 2024): the top-r singular subspace of the gradient.
+
+    For a gradient G (m×n) with SVD G = U S Vᵀ, the bases are U_r = U[:, :r] ("left", kept as
+    state ``proj_left`` of shape (B, m, r)) and V_r = V[:, :r] ("right", ``proj_right``,
+    (B, n, r)), both with orthonormal columns:
+
+    .. math::
+        \text{left: } L = U_r^\top G \ (r×n), \quad
+        \text{right: } L = G V_r \ (m×r), \quad
+        \text{full: } L = U_r^\top G V_r \ (r×r)
+
+    and ``project_back`` is the transpose map (U_r L, L V_rᵀ, U_r L V_rᵀ). ``proj_type``
+    picks the side as galore-torch does: "std" the smaller side (right when m ≥ n),
+    "reverse_std" the larger, "left"/"right"/"full" as named. ``rank`` must already be
+    capped at min(m, n).
+
+    :meth:`refresh` recomputes the bases from a stack of gradients, in the bases' dtype
+    (fp32, or fp64): ``svd="exact"`` takes them from ``torch.linalg.svd`` (galore-torch's
+    refresh), ``svd="randomized"`` from :func:`matrixopt.kernels.lowrank_svd`, warm-started
+    from the previous basis (the left one for "full") or cold with ``warm=False``. A batch
+    entry whose gradient is all zeros, or whose new basis is not finite, keeps its previous
+    basis, and so does the whole batch when the SVD raises ``LinAlgError``
+    (non-convergence); ``refresh`` reports which entries were refreshed. Before the first
+    refresh the bases are :meth:`initial` ones, the first r coordinate axes (an identity
+    slice): that is what a failed first refresh leaves in place.
+    """
+
+    def __init__(self, proj_type: str, rank: int, m: int, n: int, svd: str = "randomized"):
+        self.sides = _sides(proj_type, m, n)
+        self.rank, self.m, self.n, self.svd = rank, m, n, svd
+        self.keys = tuple(f"proj_{side}" for side in self.sides)
+
+    def low_shape(self, batch: int) -> tuple[int, int, int]:
+        """Shape of the projected gradient of a (batch, m, n) stack."""
+        rows = self.rank if "left" in self.sides else self.m
+        cols = self.rank if "right" in self.sides else self.n
+        return batch, rows, cols
+
+    def basis_shapes(self, batch: int) -> dict[str, tuple[int, int, int]]:
+        dims = {"left": self.m, "right": self.n}
+        return {key: (batch, dims[side], self.rank) for key, side in zip(self.keys, self.sides)}
+
+    def initial(self, batch: int, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        """Identity-slice bases (the first r coordinate axes), used until a refresh succeeds."""
+        return {key: torch.eye(m, r, device=device, dtype=dtype).expand(batch, m, r).contiguous()
+                for key, (_, m, r) in self.basis_shapes(batch).items()}
+
+    def project(self, G: torch.Tensor, bases) -> torch.Tensor:
+        """Low-rank gradient of G (B, m, n), in the bases' dtype; ``bases`` maps this
+        projector's keys to tensors."""
+        L = G.to(bases[self.keys[0]].dtype)
+        if "proj_left" in self.keys:
+            L = bases["proj_left"].mT @ L
+        if "proj_right" in self.keys:
+            L = L @ bases["proj_right"]
+        return L
+
+    def project_back(self, L: torch.Tensor, bases) -> torch.Tensor:
+        """Map a low-rank step L back to (B, m, n)."""
+        if "proj_left" in self.keys:
+            L = bases["proj_left"] @ L
+        if "proj_right" in self.keys:
+            L = L @ bases["proj_right"].mT
+        return L
+
+    def transition(self, old, new) -> dict[str, torch.Tensor]:
+        """Change of basis R = P_newᵀ P_old (B, r, r) per side, for carrying low-rank state."""
+        return {key: new[key].mT @ old[key] for key in self.keys}
+
+    def carry(self, L: torch.Tensor, R, squared: bool = False) -> torch.Tensor:
+        """Express low-rank L in the new basis: R L (left), L Rᵀ (right); with ``squared``
+        the entries of R are squared first (how a second moment of independent coordinates
+        transforms)."""
+        for key in self.keys:
+            Rk = R[key].square() if squared else R[key]
+            L = Rk @ L if key == "proj_left" else L @ Rk.mT
+        return L
+
+    def refresh(self, G: torch.Tensor, *previous: torch.Tensor, warm: bool = True,
+                generator=None) -> tuple[torch.Tensor, ...]:
+        """New bases for the stack G (B, m, n), in the order of ``self.keys``, then a (B,) bool
+        tensor saying which entries were refreshed (the others keep ``previous``).
+        ``generator`` (a ``torch.Generator`` or one per matrix) draws the randomized sketch."""
+        nonzero = G.flatten(1).abs().amax(dim=1) > 0
+        try:
+            fresh = self._bases(G.to(previous[0].dtype), previous if warm else None, generator)
+        except torch.linalg.LinAlgError:
+            return (*previous, torch.zeros_like(nonzero))
+        ok = nonzero
+        for P in fresh:
+            ok = ok & P.isfinite().flatten(1).all(dim=1)
+        keep = ok[:, None, None]
+        return (*(torch.where(keep, P, old) for P, old in zip(fresh, previous)), ok)
+
+    def _bases(self, G, previous, generator):
+        r, init = self.rank, previous[0] if previous else None
+        if self.svd == "exact":
+            U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        elif self.keys[0] == "proj_left":
+            U, _, Vh = kernels.lowrank_svd(G, r, init=init, generator=generator)
+        else:
+            # Transposed, so the kept right basis is the left one of Gᵀ (lowrank_svd reads
+            # a square init as left).
+            V, _, Uh = kernels.lowrank_svd(G.mT, r, init=init, generator=generator)
+            U, Vh = Uh.mT, V.mT
+        found = {"proj_left": U[..., :r], "proj_right": Vh[..., :r, :].mT}
+        return [found[key] for key in self.keys]
+
+
+class DCTProjector:
+    r"""DCT-AdamW's projector (Modoranu et al. 2025): r columns of the shared DCT-II basis.
+
+    With k = min(m, n) and Q = :func:`matrixopt.kernels.dct_basis` (k) (columns = DCT-II
+    basis vectors), the smaller side is projected. For m ≥ n (right side):
+
+    .. math::
+        S = G Q, \quad \mathrm{score}_j = \lVert S_{:, j} \rVert_p, \quad
+        L = G\, Q_{:, I} \ (m×r), \quad \mathrm{project\_back}(L) = L\, Q_{:, I}^\top
+
+    with I the r best-scoring columns; for m < n the same on the left (S = QᵀG, rows scored,
+    L = Q_{:,I}ᵀ G of r×n, back Q_{:,I} L). The only state is I, r int32 indices per matrix
+    (state ``indices``, (B, r)), kept in ascending order: the moments' columns then follow
+    the frequencies, and a refresh that keeps the same set leaves them aligned. Ties in
+    the scores go to the lower index (:func:`matrixopt.kernels.top_indices`).
+
+    :meth:`refresh` scores a whole stack at once (one batched matmul or FFT, see
+    :func:`matrixopt.kernels.dct_scores`) and returns the low-rank gradient S[:, I] with the
+    indices, so a refresh step needs no second matmul. Work is in fp32 (fp64 for fp64
+    gradients).
+    """
+
+    keys = ("indices",)
+
+    def __init__(self, rank: int, m: int, n: int, score_norm: int = 1, method: str = "auto"):
+        self.rank, self.m, self.n = rank, m, n
+        self.left, self.k = m < n, min(m, n)
+        self.score_norm, self.method = score_norm, method
+
+    def low_shape(self, batch: int) -> tuple[int, int, int]:
+        """Shape of the projected gradient of a (batch, m, n) stack."""
+        return (batch, self.rank, self.n) if self.left else (batch, self.m, self.rank)
+
+    def basis_shapes(self, batch: int) -> dict[str, tuple[int, int]]:
+        return {"indices": (batch, self.rank)}
+
+    @staticmethod
+    def work_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.promote_types(dtype, torch.float32)
+
+    def basis(self, device, dtype: torch.dtype) -> torch.Tensor:
+        """The shared Q (k×k) these projections use."""
+        return kernels.dct_basis(self.k, device, dtype)
+
+    def _tall(self, X: torch.Tensor) -> torch.Tensor:
+        # The left side is the right side of the transpose: work on (B, max(m,n), ·) views.
+        return X.mT if self.left else X
+
+    def _columns(self, state, device, dtype) -> torch.Tensor:
+        """Q[:, I] for each matrix of the stack, (B, k, r)."""
+        return self.basis(device, dtype).T[state["indices"].long()].mT
+
+    def project(self, G: torch.Tensor, state) -> torch.Tensor:
+        """Low-rank gradient of G (B, m, n); ``state`` maps "indices" to (B, r)."""
+        X = self._tall(G.to(self.work_dtype(G.dtype)))
+        return self._tall(X @ self._columns(state, G.device, X.dtype))
+
+    def project_back(self, L: torch.Tensor, state) -> torch.Tensor:
+        """Map a low-rank step L back to (B, m, n)."""
+        return self._tall(self._tall(L) @ self._columns(state, L.device, L.dtype).mT)
+
+    def refresh(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New ``indices`` (B, r) int32 for the stack G (B, m, n), and its low-rank gradient."""
+        X = self._tall(G.to(self.work_dtype(G.dtype)))
+        S, scores = kernels.dct_scores(X, self.score_norm, self.method)
+        indices = kernels.top_indices(scores, self.rank)
+        low = S.gather(-1, indices[:, None, :].expand(-1, S.shape[-2], -1))
+        return indices.int(), self._tall(low)
+
+    def carry(self, L: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """L (low-rank, columns for ``old`` indices) expressed for the ``new`` indices.
+
+        This is L·R with R = Q[:, old]ᵀ Q[:, new] (Rᵀ·L on the left side). Q is orthogonal,
+        so R is exactly the 0/1 matrix matching equal indices: an index kept keeps its
+        column, a new one starts at zero. Computed as that gather, without rounding.
+        """
+        old, new = old.long(), new.long()
+        at = torch.searchsorted(old, new).clamp_max(old.shape[-1] - 1)  # old is ascending
+        kept = old.gather(-1, at) == new
+        X = self._tall(L)
+        moved = X.gather(-1, at[:, None, :].expand(-1, X.shape[-2], -1)) * kept[:, None, :]
+        return self._tall(moved)
+
+
+def stored_shape(p: torch.Tensor, shape) -> tuple:
+    """How low-rank state of matrix-view shape (B, ·, ·) is stored for p: B is kept for 3-D
+    (expert) params only, so a 2-D weight's right-side moments are (m, r), like p in dim 0 (and
+    sharded like it under FSDP2)."""
+    return tuple(shape) if p.ndim == 3 else tuple(shape[1:])
+
+
+def lowrank_adam(exp_avgs, exp_avg_sqs, lows, states, betas, eps) -> list[torch.Tensor]:
+    """Adam on low-rank gradients as galore-torch does it, for projector-based optimizers.
+
+    Updates the moments M, V in place and each state's ``step`` t, and returns the steps
+    sqrt(1-β₂ᵗ)/(1-β₁ᵗ)·M/(√V + ε) (ε on the uncorrected √V) to project back.
+    """
+    beta1, beta2 = betas
+    torch._foreach_lerp_(exp_avgs, lows, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, lows, lows, value=1 - beta2)
+    steps = []
+    for m, v, s in zip(exp_avgs, exp_avg_sqs, states):
+        s["step"] += 1
+        step_size = math.sqrt(1 - beta2 ** s["step"]) / (1 - beta1 ** s["step"])
+        steps.append(m / (v.sqrt() + eps) * step_size)
+    return steps

@@ -1,0 +1,124 @@
+"""Projector refresh: ``lowrank_svd`` (cold and warm) vs ``torch.linalg.svd`` vs ``torch.svd_lowrank``.
+
+Every method gets the same gradient-like matrix (singular values σ_i = 1/i, random singular
+vectors) in fp32. "warm" refreshes after a step of drift: the previous matrix's exact top-r
+left basis is the ``init``, and the singular vectors of the current one moved by ~0.1 (each
+factor perturbed by 0.1·Gaussian/√dim, singular values rescaled by up to ±10%).
+Captured energy is ‖U_rᵀG‖²_F / ‖U*_rᵀG‖²_F with U* from the exact SVD (= Σ_{i≤r} σ_i², but
+computed the same way as the numerator, in fp64, so GEMM rounding cancels; worst batch entry).
+Times are medians of CUDA-event timings on GPU (wall clock on CPU). The "core" section
+times Rayleigh-Ritz on the p×p core (p = r + 8): ``torch.linalg.svd`` against ours.
+
+    python -m benchmarks.lowrank [--quick] [--out DIR]   # --quick: tiny CPU sizes (what the tests run)
+"""
+import statistics
+import time
+
+import torch
+
+from matrixopt.kernels import lowrank_svd
+from matrixopt.kernels.lowrank import _core_svd
+
+from .common import module_main
+
+FULL_CASES = [(1, 2048, 5632, 128), (1, 2048, 5632, 512), (1, 4096, 4096, 128), (1, 4096, 4096, 512),
+              (1, 4096, 11008, 128), (1, 4096, 11008, 512), (16, 2048, 2048, 512)]
+QUICK_CASES = [(1, 96, 160, 8), (1, 160, 96, 32), (4, 64, 64, 16)]
+OVERSAMPLE = 8
+
+
+def timed(fn, reps, device):
+    """Median milliseconds of ``fn()`` over ``reps`` runs after one warm-up; returns (ms, last result)."""
+    out = fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times), out
+
+
+def gradient_pair(batch, m, n, device, generator):
+    """(previous, current) fp32 matrices with σ_i = 1/i whose singular vectors drift by ~0.1."""
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(batch, m, k, device=device, generator=generator))
+    V, _ = torch.linalg.qr(torch.randn(batch, n, k, device=device, generator=generator))
+    s = 1.0 / torch.arange(1, k + 1, device=device)
+    previous = (U * s) @ V.mT
+    U = U + 0.1 * torch.randn(U.shape, device=device, generator=generator) / m ** 0.5
+    V = V + 0.1 * torch.randn(V.shape, device=device, generator=generator) / n ** 0.5
+    s = s * (1 + 0.1 * (2 * torch.rand(k, device=device, generator=generator) - 1))
+    return previous, (U * s) @ V.mT
+
+
+def captured_energy(U, G, exact_U):
+    """Worst batch entry's ‖UᵀG‖²_F / ‖U*ᵀG‖²_F (U* the exact top singular vectors, same width)."""
+    G = G.double()
+    energy = (U.double().mT @ G).square().sum((-2, -1))
+    return (energy / (exact_U[..., :U.size(-1)].double().mT @ G).square().sum((-2, -1))).min().item()
+
+
+def refresh_rows(cases, device, reps):
+    rows = []
+    generator = torch.Generator(device).manual_seed(0)
+    for batch, m, n, rank in cases:
+        previous, G = gradient_pair(batch, m, n, device, generator)
+        svd_ms, (exact_U, _, _) = timed(lambda: torch.linalg.svd(G, full_matrices=False), max(1, reps // 2), device)
+        init = torch.linalg.svd(previous, full_matrices=False)[0 if m <= n else 2]
+        init = init[..., :rank] if m <= n else init[..., :rank, :].mT
+        methods = {
+            "svd_lowrank": lambda: torch.svd_lowrank(G, q=rank + OVERSAMPLE, niter=2),
+            "cold": lambda: lowrank_svd(G, rank, iters=2, oversample=OVERSAMPLE, generator=generator),
+            "warm": lambda: lowrank_svd(G, rank, init=init, iters=1, oversample=OVERSAMPLE, generator=generator),
+        }
+        row = {"shape": f"{batch}×{m}×{n}", "rank": rank, "svd ms": svd_ms}
+        for name, fn in methods.items():
+            ms, (U, _, _) = timed(fn, reps, device)
+            row[f"{name} ms"], row[f"{name} energy"] = ms, captured_energy(U[..., :rank], G, exact_U)
+        row["svd/warm"] = svd_ms / row["warm ms"]
+        row["svd_lowrank/warm"] = row["svd_lowrank ms"] / row["warm ms"]
+        row["svd_lowrank/cold"] = row["svd_lowrank ms"] / row["cold ms"]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def core_rows(cases, device, reps):
+    """Rayleigh-Ritz on the p×p core: torch.linalg.svd vs ours (eigh of RRᵀ + Cholesky-QR2)."""
+    rows = []
+    for batch, rank in sorted({(b, r) for b, _, _, r in cases}):
+        p = rank + OVERSAMPLE
+        R = torch.linalg.qr(torch.randn(batch, 2 * p, p, device=device))[1]
+        row = {"batch×p": f"{batch}×{p}", "rank": rank,
+               "torch.linalg.svd ms": timed(lambda: torch.linalg.svd(R), reps, device)[0],
+               "eigh + CholQR2 ms": timed(lambda: _core_svd(R, rank), reps, device)[0]}
+        row["speedup"] = row["torch.linalg.svd ms"] / row["eigh + CholQR2 ms"]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def run(quick: bool = False, device=None) -> dict[str, list[dict]]:
+    """The refresh and core tables; ``quick``: tiny sizes, meant for a CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cases, reps = (QUICK_CASES, 3) if quick else (FULL_CASES, 5)
+    note = "" if device.type == "cuda" else " — CPU run: checks the code, GPU figures pending"
+    return {f"refresh: time (ms) and captured energy{note}": refresh_rows(cases, device, reps),
+            f"Rayleigh-Ritz core (ms){note}": core_rows(cases, device, reps)}
+
+
+def main(argv=None):
+    extra = {"oversample": OVERSAMPLE, "cold_iters": 2, "warm_iters": 1, "svd_lowrank_niter": 2}
+    return module_main("lowrank", run, description=__doc__.splitlines()[0], extra=extra, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""GaLoreAdamW: Adam with its moments kept in a low-rank projection of each gradient."""
+import warnings
+
+import numpy as np
+import torch
+
+from .base import (MatrixOptimizer, apply_update, as_matrices, choice, integer, matrix_shape, rank_spec,
+                   real, resolve_rank)
+from .distributed import local_matrices
+from .projectors import PROJ_TYPES, SVDProjector, lowrank_adam, stored_shape
+
+
+class GaLoreAdamW(MatrixOptimizer):
+    r"""GaLore (Zhao et al. 2024): AdamW on the gradient projected onto its top singular subspace.
+
+    For a matrix W (m×n) with gradient G at step t (counted from 0), lr η, weight decay λ:
+
+    .. math::
+        P &\leftarrow \mathrm{top}_r\,\mathrm{SVD}(G) \quad \text{if } t \bmod T = 0 \\
+        L &= \mathrm{project}_P(G) \quad (G V_r,\ U_r^\top G \text{ or } U_r^\top G V_r) \\
+        M &\leftarrow \beta_1 M + (1-\beta_1) L, \qquad V \leftarrow \beta_2 V + (1-\beta_2) L^2 \\
+        W &\leftarrow W (1 - \eta\lambda) - \eta\, s\,
+            \frac{\sqrt{1-\beta_2^{t+1}}}{1-\beta_1^{t+1}}\,
+            \mathrm{project\_back}_P\!\Big(\frac{M}{\sqrt{V} + \epsilon}\Big)
+
+    with T = ``update_proj_gap`` and s = ``scale``. The Adam details are galore-torch 1.0's
+    (ε added to the un-corrected √V, bias corrections folded into the step size), so with
+    ``svd="exact"``, ``reproject_states=False`` and no weight decay this reproduces
+    galore-torch's ``GaLoreAdamW``; weight decay here is applied before the update, as in
+    ``torch.optim.AdamW`` (galore-torch applies it after). Moments, bases and projections
+    are fp32 (fp64 for fp64 params); see :class:`~matrixopt.projectors.SVDProjector` for the
+    projection sides (``proj_type``) and how a refresh that fails (an all-zero gradient, or
+    an SVD that does not converge) keeps the previous basis — such a param is named in one
+    warning.
+
+    ``reproject_states=True`` carries the moments into the new basis on refresh, where
+    galore-torch reuses them as they are (its issue #54). With R = P_newᵀ P_old,
+    M ← R M (left side; M Rᵀ on the right, both for "full") and V ← (R∘R) V — the second
+    moment of a linear map of independent coordinates, which stays non-negative, leaves V
+    unchanged when the basis is, and follows sign flips and reorderings of singular vectors.
+    Directions new to the subspace start with (near) zero moments, like fresh Adam state.
+
+    Params that are not matrices (see :class:`~matrixopt.base.MatrixOptimizer`) get AdamW
+    with ``betas`` and ``eps`` and the group's lr and weight decay.
+
+    Args:
+        params: tensors, (name, tensor) pairs or param-group dicts (every argument below
+            can be overridden per group; ``matrix=True/False`` forces the routing).
+        lr: learning rate (default 1e-3).
+        betas: (β₁, β₂) (default (0.9, 0.999)).
+        eps: ε (default 1e-6, galore-torch's).
+        weight_decay: decoupled weight decay λ (default 0).
+        rank: r, an int or a fraction of min(m, n); capped at min(m, n) (default 128).
+        update_proj_gap: T, steps between projector refreshes (default 200).
+        scale: s, the factor on the projected-back step (default 0.25).
+        proj_type: "std" (default), "reverse_std", "left", "right" or "full".
+        svd: "randomized" (default; :func:`matrixopt.kernels.lowrank_svd`, warm-started from
+            the previous basis) or "exact" (``torch.linalg.svd`` in fp32, as galore-torch).
+        reproject_states: carry the moments into the new basis on refresh (default False).
+        nonfinite: "skip" (default) or "raise" on NaN/Inf gradients.
+        seed: seed of the randomized refresh: the sketch of each matrix at each refresh is
+            drawn from a generator seeded by (seed, the param's place in the optimizer, the
+            matrix's index in a 3-D param, the refresh count), so it depends on nothing else
+            (not on which matrices are refreshed together) and a resumed run draws the same.
+        distributed: None (default; FSDP2's DTensor params are detected by themselves) or
+            "replicated" (DDP): refreshes are split over the ranks of ``process_group``
+            (default: the default group). Both reproduce the single-process run, with
+            ``svd="randomized"`` too. Under FSDP2 the right projection G·V_r runs on each
+            rank's row shard and its moments are sharded like the param; the left (and
+            "full") projection U_rᵀ·G sums over rows, so it and its back-projection run on the
+            owner of the whole gradient, and those moments (r×n) are whole on every rank, as
+            are the bases. See :mod:`matrixopt.distributed`.
+    """
+
+    supports_fsdp = True
+    hyperparameters = {
+        "rank": rank_spec,
+        "update_proj_gap": integer(1),
+        "scale": real(0.0),
+        "proj_type": choice(*PROJ_TYPES),
+        "svd": choice("exact", "randomized"),
+        "reproject_states": choice(True, False),
+        "seed": integer(0),
+    }
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, rank=128,
+                 update_proj_gap=200, scale=0.25, proj_type="std", svd="randomized",
+                 reproject_states=False, nonfinite="skip", seed=0, *, distributed=None, process_group=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
+                        reproject_states=reproject_states, nonfinite=nonfinite, seed=seed)
+        self._refresh_warned: set[str] = set()
+        super().__init__(params, defaults, distributed=distributed, process_group=process_group)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_refresh_warned": self._refresh_warned}
+
+    @staticmethod
+    def _projector(group, p) -> SVDProjector:
+        _, m, n = matrix_shape(p)
+        return SVDProjector(group["proj_type"], resolve_rank(group["rank"], m, n), m, n, group["svd"])
+
+    @staticmethod
+    def _whole_low(proj: SVDProjector) -> bool:
+        """Whether the low-rank gradient and moments are whole per matrix (a left projection
+        sums over G's rows; a single row may be a 1-D param split on its columns), rather
+        than having G's rows (and being sharded like them under FSDP2)."""
+        return "proj_left" in proj.keys or proj.m == 1
+
+    def _matrix_state_shapes(self, p, group):
+        batch = matrix_shape(p)[0]
+        proj = self._projector(group, p)
+        low = stored_shape(p, proj.low_shape(batch))
+        return {"exp_avg": low, "exp_avg_sq": low, **proj.basis_shapes(batch)}
+
+    def _sharded_state_shapes(self, p, group):
+        if not self.is_matrix(group, p):
+            return super()._sharded_state_shapes(p, group)
+        # The bases are whole on every rank, even where their shape happens to equal p's.
+        if self._whole_low(self._projector(group, p)):
+            return {}
+        low = self._matrix_state_shapes(p, group)["exp_avg"]
+        return {"exp_avg": low, "exp_avg_sq": low}
+
+    def _update_matrices(self, group, params, weights, grads):
+        proj = self._projector(group, params[0])
+        whole = self._whole_low(proj)
+        states = [self.state[p] for p in params]
+        # fp32 state and projections (fp64 for fp64 params).
+        dtype = torch.promote_types(weights[0].dtype, torch.float32)
+        for p, w, s in zip(params, weights, states):
+            if not s:
+                batch = matrix_shape(p)[0]
+                # Right side: the moments have the gradient's rows, so they live where its
+                # rows do (local shards under FSDP2).
+                low = stored_shape(p, proj.low_shape(batch) if whole else (*w.shape[:2], proj.rank))
+                s.update(step=0, exp_avg=w.new_zeros(low, dtype=dtype), exp_avg_sq=w.new_zeros(low, dtype=dtype),
+                         **proj.initial(batch, w.device, dtype))
+        due = [i for i, s in enumerate(states) if s["step"] % group["update_proj_gap"] == 0]
+        if due:
+            self._refresh(group, proj, [params[i] for i in due], [grads[i] for i in due])
+
+        exp_avgs = [as_matrices(s["exp_avg"]) for s in states]
+        exp_avg_sqs = [as_matrices(s["exp_avg_sq"]) for s in states]
+        if whole:
+            # Uᵀ·G sums over G's rows: the owner of the whole gradient projects, and projects
+            # the step back.
+            bases = [[s[key] for s in states] for key in proj.keys]
+            basis_args = tuple(range(1, 1 + len(bases)))
+            lows = self._matrix_map(lambda G, *P: proj.project(G, dict(zip(proj.keys, P))),
+                                    grads, *bases, whole_inputs=basis_args, whole_outputs=(0,))
+            steps = lowrank_adam(exp_avgs, exp_avg_sqs, lows, states, group["betas"], group["eps"])
+            updates = self._matrix_map(lambda L, *P: proj.project_back(L, dict(zip(proj.keys, P))),
+                                       steps, *bases, whole_inputs=(0, *basis_args))
+        else:
+            # G·V: each block of G's rows gives the same rows of the result, so shards
+            # project (and project back) locally.
+            bases = [self._local_entries(proj, p, s) for p, s in zip(params, states)]
+            lows = [proj.project(g, b) for g, b in zip(grads, bases)]
+            steps = lowrank_adam(exp_avgs, exp_avg_sqs, lows, states, group["betas"], group["eps"])
+            updates = [proj.project_back(x, b) for x, b in zip(steps, bases)]
+        apply_update(weights, updates, lr=group["lr"], weight_decay=group["weight_decay"],
+                     scale=group["scale"])
+
+    @staticmethod
+    def _local_entries(proj, p, values) -> dict:
+        """p's per-matrix ``values`` (its bases, or their transitions) for the matrices this
+        rank holds rows of (see :func:`~matrixopt.distributed.local_matrices`)."""
+        return {key: local_matrices(p, values[key]) for key in proj.keys}
+
+    def _refresh(self, group, proj, params, grads):
+        """New bases for ``params`` from their gradients, as one batch per shape."""
+        states = [self.state[p] for p in params]
+        old = [{key: s[key] for key in proj.keys} for s in states]
+        # A cold start at a param's first refresh: its identity-slice basis is no estimate.
+        warm = all(s["step"] > 0 for s in states)
+
+        def refresh(G, seeds, *previous):
+            generators = [torch.Generator(G.device).manual_seed(seed) for seed in seeds.tolist()]
+            return proj.refresh(G, *previous, warm=warm, generator=generators)
+
+        *bases, ok = self._matrix_map(refresh, grads, self._sketch_seeds(group, params),
+                                      *([o[key] for o in old] for key in proj.keys),
+                                      whole_inputs=tuple(range(1, 2 + len(proj.keys))),
+                                      whole_outputs=tuple(range(1 + len(proj.keys))))
+        whole = self._whole_low(proj)
+        for i, (p, s) in enumerate(zip(params, states)):
+            new = dict(zip(proj.keys, (b[i] for b in bases)))
+            if group["reproject_states"]:
+                # R is whole, so the carry is local: R·M on whole moments, M·Rᵀ on row shards.
+                R = proj.transition(old[i], new)
+                R = R if whole else self._local_entries(proj, p, R)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    moment = as_matrices(s[key])
+                    moment.copy_(proj.carry(moment, R, squared=key == "exp_avg_sq"))
+            # In place, so each param keeps its own storage (not a view of the batch).
+            for key, basis in new.items():
+                s[key].copy_(basis)
+        refreshed = torch.stack([o.all() for o in ok]).tolist()
+        self._warn_failed_refresh(group, [p for p, good in zip(params, refreshed) if not good])
+
+    def _sketch_seeds(self, group, params) -> list[torch.Tensor]:
+        """Per param, a (B,) seed for each matrix's randomized sketch at this refresh.
+
+        A function of (``seed``, the param's place in the optimizer, the matrix, the refresh
+        count) only, so every split of the refreshes (one batch, DDP shares, FSDP2 owners)
+        and every resumed run draws the same numbers for a matrix.
+        """
+        g = next(k for k, other in enumerate(self.param_groups) if other is group)
+        place = {id(p): i for i, p in enumerate(group["params"])}
+        seeds = []
+        for p in params:
+            count = self.state[p]["step"] // group["update_proj_gap"]
+            keys = [(g, place[id(p)], j, count) for j in range(matrix_shape(p)[0])]
+            seeds.append(torch.tensor([int(np.random.SeedSequence(group["seed"], spawn_key=key).generate_state(1)[0])
+                                       for key in keys], dtype=torch.int64))
+        return seeds
+
+    def _warn_failed_refresh(self, group, failed):
+        names = [self._param_name(group, next(i for i, q in enumerate(group["params"]) if q is p))
+                 for p in failed]
+        new = [n for n in names if n not in self._refresh_warned]
+        if new:
+            self._refresh_warned.update(new)
+            warnings.warn(f"GaLore projector refresh failed for {', '.join(new)} (all-zero gradient "
+                          "or SVD did not converge): kept the previous projector (warned once per "
+                          "param)", RuntimeWarning, stacklevel=4)

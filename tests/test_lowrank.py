@@ -1,0 +1,294 @@
+"""lowrank_svd against exact SVDs (scipy / float64) on matrices with gradient-like spectra."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from hypothesis import given, settings, strategies as st
+
+from matrixopt.kernels import lowrank_svd
+from matrixopt.kernels import lowrank as lowrank_module
+
+SHAPES = {"tall": (1, 120, 50), "wide": (1, 50, 120), "square": (1, 80, 80), "batched": (3, 60, 90)}
+
+
+def with_spectrum(batch, m, n, sigma, seed):
+    """float64 (batch, m, n) matrices with singular values ``sigma`` and random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(batch, m, k, dtype=torch.float64, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(batch, n, k, dtype=torch.float64, generator=g))[0]
+    return (U * sigma) @ V.mT
+
+
+def power_law(batch, m, n, seed, alpha=1.0):
+    return with_spectrum(batch, m, n, torch.arange(1, min(m, n) + 1, dtype=torch.float64) ** -alpha, seed)
+
+
+def low_rank_plus_noise(batch, m, n, seed, signal_rank=10, noise=0.3):
+    sigma = torch.zeros(min(m, n), dtype=torch.float64)
+    sigma[:signal_rank] = torch.linspace(1, 0.3, signal_rank, dtype=torch.float64)
+    G = with_spectrum(batch, m, n, sigma, seed)
+    E = torch.randn(batch, m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    return G + noise * E * sigma.norm() / (m * n) ** 0.5
+
+
+SPECTRA = {"power_law": power_law, "low_rank_noise": low_rank_plus_noise}
+
+
+def exact_singular_values(G):
+    return np.stack([scipy.linalg.svdvals(g) for g in G.double().reshape(-1, *G.shape[-2:]).numpy()])
+
+
+def captured_energy(U, G):
+    """Per matrix ‖U_rᵀG‖²_F / Σ_{i≤r} σ_i² (σ from scipy, float64)."""
+    r = U.shape[-1]
+    G = G.double().reshape(-1, *G.shape[-2:])
+    top = np.square(exact_singular_values(G)[:, :r]).sum(-1)
+    return (U.double().reshape(-1, G.shape[-2], r).mT @ G).square().sum((-2, -1)).numpy() / top
+
+
+def assert_orthonormal(X, tol):
+    """Columns of X (..., d, r) orthonormal to ``tol``."""
+    eye = torch.eye(X.shape[-1], dtype=torch.float64)
+    assert (X.double().mT @ X.double() - eye).abs().max().item() <= tol
+
+
+def drift(G, seed, step=0.05):
+    """The next step's gradient: singular vectors and values of G perturbed by ~``step``."""
+    g = torch.Generator().manual_seed(seed)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    U = U + step * torch.randn(U.shape, dtype=U.dtype, generator=g) / U.shape[-2] ** 0.5
+    Vh = Vh + step * torch.randn(Vh.shape, dtype=Vh.dtype, generator=g) / Vh.shape[-1] ** 0.5
+    S = S * (1 + step * torch.randn(S.shape, dtype=S.dtype, generator=g))
+    return (U * S[..., None, :]) @ Vh
+
+
+def smaller_side(U, Vh):
+    """The basis a GaLore projector keeps and ``init`` takes: U if m ≤ n, else V."""
+    return U if U.shape[-2] <= Vh.shape[-1] else Vh.mT
+
+
+def wide(G):
+    """G oriented so that its left side is the smaller one (where ``smaller_side`` lives)."""
+    return G if G.shape[-2] <= G.shape[-1] else G.mT
+
+
+@pytest.mark.parametrize("spectrum", SPECTRA)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cold_start_captures_99_percent_and_matches_top_singular_values(spectrum, shape):
+    G = SPECTRA[spectrum](*SHAPES[shape], seed=0)
+    U, S, Vh = lowrank_svd(G.float(), 12, generator=torch.Generator().manual_seed(1))
+    assert U.shape == (*G.shape[:-1], 12) and S.shape == (G.shape[0], 12) and Vh.shape == (G.shape[0], 12, G.shape[-1])
+    assert captured_energy(U, G).min() >= 0.99
+    sigma = exact_singular_values(G)
+    # The leading values converge fastest (error ~ (σ_{p+1}/σ_i)^(4·passes)); the last few of r
+    # sit where the spectrum is flat and converge slowest.
+    np.testing.assert_allclose(S[:, :6].numpy(), sigma[:, :6], rtol=1e-3)
+    np.testing.assert_allclose(S.numpy(), sigma[:, :12], rtol=0.1)
+    assert (S <= torch.from_numpy(sigma[:, :12]).float() * (1 + 1e-5)).all(), "Ritz values exceed σ_i"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_warm_start_one_pass_tracks_a_drifting_gradient(shape):
+    """GaLore-style refreshes: each from the previous basis, one pass, ≥ 99% energy."""
+    G = power_law(*SHAPES[shape], seed=2)
+    generator = torch.Generator().manual_seed(3)
+    U, S, Vh = lowrank_svd(G.float(), 12, iters=3, generator=generator)
+    for step in range(4):
+        G = drift(G, seed=10 + step)
+        basis = smaller_side(U, Vh)
+        stale = captured_energy(basis, wide(G))  # the pass, not the stale basis, restores the energy
+        U, S, Vh = lowrank_svd(G.float(), 12, init=basis, iters=1, generator=generator)
+        energy = captured_energy(smaller_side(U, Vh), wide(G))
+        assert energy.min() >= 0.99
+        assert (energy > stale).all()
+
+
+def test_warm_start_beats_cold_start_at_one_pass():
+    G0 = power_law(2, 64, 160, seed=4, alpha=0.7)
+    G1 = drift(G0, seed=5)
+    U0 = torch.linalg.svd(G0)[0][..., :16].float()
+    warm = lowrank_svd(G1.float(), 16, init=U0, iters=1, generator=torch.Generator().manual_seed(0))[0]
+    cold = lowrank_svd(G1.float(), 16, iters=1, generator=torch.Generator().manual_seed(0))[0]
+    warm, cold = captured_energy(warm, G1), captured_energy(cold, G1)
+    assert (1 - warm < 0.5 * (1 - cold)).all() and warm.min() >= 0.99
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), m=st.integers(2, 48), n=st.integers(2, 48), rank=st.integers(1, 52),
+       iters=st.integers(1, 3), seed=st.integers(0, 2**16), use_init=st.booleans())
+def test_triplets_are_orthonormal_sorted_and_paired(batch, m, n, rank, iters, seed, use_init):
+    generator = torch.Generator().manual_seed(seed)
+    G = torch.randn(batch, m, n, generator=generator)
+    init = torch.randn(batch, min(m, n), rank, generator=generator) if use_init else None
+    U, S, Vh = lowrank_svd(G, rank, init=init, iters=iters, generator=generator)
+    r = min(rank, m, n)
+    assert U.shape == (batch, m, r) and S.shape == (batch, r) and Vh.shape == (batch, r, n)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    assert_orthonormal(U, 1e-5)
+    assert_orthonormal(Vh.mT, 1e-5)
+    assert (S >= 0).all() and (S[:, :-1] >= S[:, 1:]).all()
+    scale = G.double().norm(dim=(-2, -1))[:, None, None]
+    # Ritz triplets: UᵀGV = diag(S), and no Ritz value exceeds the true σ_i.
+    core = U.double().mT @ G.double() @ Vh.double().mT
+    assert ((core - torch.diag_embed(S.double())).abs() <= 1e-5 * scale).all()
+    sigma = torch.from_numpy(exact_singular_values(G)[:, :r])
+    assert (S.double() <= sigma * (1 + 1e-5) + 1e-6 * scale[:, 0]).all()
+
+
+@pytest.mark.parametrize("shape, rank", [((40, 25), 25), ((25, 40), 100), ((2, 3, 16, 16), 16)])
+def test_rank_at_least_min_dim_is_the_exact_svd(shape, rank):
+    G = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    k = min(shape[-2:])
+    U, S, Vh = lowrank_svd(G, rank)
+    assert U.shape == (*shape[:-1], k) and S.shape == (*shape[:-2], k) and Vh.shape == (*shape[:-2], k, shape[-1])
+    np.testing.assert_allclose(S.reshape(-1, k).numpy(), exact_singular_values(G), rtol=1e-12)
+    torch.testing.assert_close((U * S[..., None, :]) @ Vh, G, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("use_init", [False, True])
+def test_zero_matrix_gives_zero_values_and_orthonormal_bases(use_init):
+    G = torch.zeros(2, 30, 50)
+    init = torch.randn(2, 30, 6) if use_init else None
+    U, S, Vh = lowrank_svd(G, 6, init=init)
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    assert (S == 0).all()
+    assert_orthonormal(U, 1e-6)
+    assert_orthonormal(Vh.mT, 1e-6)
+
+
+def test_rank_deficient_and_mixed_batch():
+    """A rank-3 matrix asked for 8 triplets, next to a zero and a full-rank one in one batch."""
+    g = torch.Generator().manual_seed(7)
+    G = torch.stack([torch.randn(40, 3, generator=g) @ torch.randn(3, 70, generator=g),
+                     torch.zeros(40, 70), torch.randn(40, 70, generator=g)])
+    U, S, Vh = lowrank_svd(G, 8, generator=g)
+    assert torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()
+    assert_orthonormal(U, 1e-5)
+    assert_orthonormal(Vh.mT, 1e-5)
+    sigma = exact_singular_values(G)
+    np.testing.assert_allclose(S[0, :3].numpy(), sigma[0, :3], rtol=1e-4)
+    assert (S[0, 3:] <= 1e-5 * S[0, 0]).all() and (S[1] == 0).all()
+    torch.testing.assert_close((U[0] * S[0]) @ Vh[0], G[0], rtol=0, atol=1e-4)
+    assert captured_energy(U[2:], G[2:]).min() >= 0.9
+
+
+def test_deterministic_given_the_generator():
+    G = power_law(2, 50, 90, seed=8).float()
+    first = lowrank_svd(G, 10, generator=torch.Generator().manual_seed(42))
+    again = lowrank_svd(G, 10, generator=torch.Generator().manual_seed(42))
+    other = lowrank_svd(G, 10, generator=torch.Generator().manual_seed(43))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_one_generator_per_matrix_makes_each_result_independent_of_its_batch():
+    G = power_law(3, 50, 90, seed=8).float()
+    seeds = [5, 6, 7]
+    together = lowrank_svd(G, 10, generator=[torch.Generator().manual_seed(s) for s in seeds])
+    for b, s in enumerate(seeds):
+        alone = lowrank_svd(G[b:b + 1], 10, generator=[torch.Generator().manual_seed(s)])
+        for x, y in zip(together, alone):   # equal up to rounding; another seed moves them by O(1)
+            torch.testing.assert_close(x[b:b + 1], y, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="one per matrix"):
+        lowrank_svd(G, 10, generator=[torch.Generator()])
+
+
+def test_leading_dims_are_flattened_batches():
+    G = torch.randn(2, 3, 30, 20, generator=torch.Generator().manual_seed(9))
+    U, S, Vh = lowrank_svd(G, 5, generator=torch.Generator().manual_seed(0))
+    flat = lowrank_svd(G.reshape(6, 30, 20), 5, generator=torch.Generator().manual_seed(0))
+    assert U.shape == (2, 3, 30, 5) and S.shape == (2, 3, 5) and Vh.shape == (2, 3, 5, 20)
+    for a, b in zip((U, S, Vh), flat):
+        assert torch.equal(a.reshape(b.shape), b)
+
+
+def test_init_side_and_width():
+    G = power_law(1, 90, 40, seed=10)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    for init in (U[..., :12], Vh[..., :12, :].mT, U[..., :3], Vh[..., :30, :].mT):  # left, right, narrow, wide
+        Ur, _, Vhr = lowrank_svd(G.float(), 12, init=init.float(), iters=1, generator=torch.Generator().manual_seed(0))
+        assert captured_energy(Ur, G).min() >= 0.99
+        assert_orthonormal(Vhr.mT, 1e-5)
+    with pytest.raises(ValueError, match="init"):
+        lowrank_svd(G.float(), 12, init=torch.randn(1, 50, 12))
+    with pytest.raises(ValueError, match="init"):
+        lowrank_svd(G.float(), 12, init=torch.randn(2, 90, 12))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_dtypes(dtype):
+    G = power_law(2, 48, 64, seed=11)
+    U, S, Vh = lowrank_svd(G.to(dtype), 8, generator=torch.Generator().manual_seed(0))
+    assert U.dtype == S.dtype == Vh.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 2e-2  # half-precision rounding of the outputs
+    assert_orthonormal(U, tol)
+    assert_orthonormal(Vh.mT, tol)
+    assert captured_energy(U, G).min() >= 0.99
+
+
+def test_orth_falls_back_to_householder_only_for_bad_entries(monkeypatch):
+    """Cholesky-QR2 for well-conditioned entries; Householder for the rank-deficient ones."""
+    conditioned = [with_spectrum(1, 60, 10, torch.logspace(0, -e, 10, dtype=torch.float64), seed=e)[0]
+                   for e in (0, 2, 3)]  # cond(Y) = 1, 1e2, 1e3
+    deficient = with_spectrum(1, 60, 10, torch.tensor([1.0] * 4 + [0.0] * 6, dtype=torch.float64), seed=4)[0]
+    Y = torch.stack([*conditioned, deficient, torch.zeros(60, 10, dtype=torch.float64)]).float()
+    fallback_batches = []
+    householder = torch.linalg.qr
+
+    def counting_qr(X):
+        fallback_batches.append(X.shape[0])
+        return householder(X)
+
+    monkeypatch.setattr(torch.linalg, "qr", counting_qr)
+    Q, R = lowrank_module._orth(Y)
+    assert fallback_batches == [2]
+    assert_orthonormal(Q, 1e-5)
+    torch.testing.assert_close(Q @ R, Y, rtol=0, atol=1e-5 * Y.norm(dim=(-2, -1)).max().item())
+    # Same column space as Householder QR for the full-rank entries.
+    Qh = householder(Y[:3].double())[0]
+    torch.testing.assert_close((Q[:3].double() @ Q[:3].double().mT), Qh @ Qh.mT, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("core_rank", [12, 4])
+def test_core_svd_matches_scipy(core_rank):
+    """Rayleigh-Ritz's eigh route on a p×p core: full-rank and rank-deficient cores."""
+    g = torch.Generator().manual_seed(13)
+    R = torch.randn(3, 12, core_rank, generator=g) @ torch.randn(3, core_rank, 12, generator=g)
+    Uc, S, Vc = lowrank_module._core_svd(R, 8)
+    sigma = exact_singular_values(R)[:, :8]
+    np.testing.assert_allclose(S.numpy(), sigma, rtol=0, atol=1e-5 * sigma.max())
+    assert_orthonormal(Uc, 1e-5)
+    assert_orthonormal(Vc, 1e-5)
+    torch.testing.assert_close(Uc.mT @ R @ Vc, torch.diag_embed(S), rtol=0, atol=1e-5 * sigma.max())
+
+
+def test_bad_arguments_raise_naming_them():
+    G = torch.randn(10, 12)
+    for kwargs, name in [({"rank": 0}, "rank"), ({"rank": 2.0}, "rank"), ({"rank": True}, "rank"),
+                         ({"rank": 2, "iters": 0}, "iters"), ({"rank": 2, "oversample": -1}, "oversample")]:
+        with pytest.raises(ValueError, match=name):
+            lowrank_svd(G, **kwargs)
+    with pytest.raises(ValueError, match="shape"):
+        lowrank_svd(torch.randn(10), 2)
+    with pytest.raises(ValueError, match="backend"):
+        lowrank_svd(G, 2, backend="cuda")
+
+
+def test_forced_triton_backend_runs_the_same_code():
+    G = torch.randn(20, 30)
+    a = lowrank_svd(G, 4, generator=torch.Generator().manual_seed(0), backend="torch")
+    b = lowrank_svd(G, 4, generator=torch.Generator().manual_seed(0), backend="triton")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_benchmark_quick_variant_runs(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks.lowrank import run
+
+    refresh, core = run(quick=True).values()
+    assert len(refresh) == 3 and all(row["cold energy"] >= 0.99 and row["warm energy"] >= 0.99 for row in refresh)
+    assert all(row["svd_lowrank energy"] <= 1 + 1e-9 for row in refresh), "energy is relative to the exact basis"
+    assert all(row["torch.linalg.svd ms"] > 0 and row["eigh + CholQR2 ms"] > 0 for row in core)
