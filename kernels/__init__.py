@@ -4,6 +4,9 @@ Dispatch: Triton for CUDA tensors, PyTorch elsewhere; ``MATRIXOPT_KERNELS=torch|
 or a kernel's ``backend=`` argument forces one.
 """
 from ._dispatch import choose_backend
+from .dct import dct_basis, dct_scores, top_indices
+from .lowrank import lowrank_svd
 from .newton_schulz import newton_schulz, newton_schulz_torch
 
-__all__ = ["choose_backend", "newton_schulz", "newton_schulz_torch"]
+__all__ = ["choose_backend", "dct_basis", "dct_scores", "lowrank_svd", "newton_schulz",
+           "newton_schulz_torch", "top_indices"]
