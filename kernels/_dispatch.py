@@ -19,10 +19,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def choose_backend(x: torch.Tensor, backend: str | None = None) -> str:
+def choose_backend(x: torch.Tensor, backend: str | None = None, *, auto_triton: bool = True) -> str:
     """Resolve ``backend`` (argument, else ``MATRIXOPT_KERNELS``, else "auto") to "torch" or "triton".
 
-    "auto" takes Triton for CUDA tensors when it imports, and the PyTorch twin elsewhere.
+    "auto" takes Triton for CUDA tensors when it imports and the caller says it is the faster
+    choice for this input (``auto_triton``), and the PyTorch twin otherwise.
     Forcing "triton" on a CPU tensor is allowed only under ``TRITON_INTERPRET=1``.
     """
     backend = backend or os.environ.get("MATRIXOPT_KERNELS", "auto")
@@ -30,7 +31,7 @@ def choose_backend(x: torch.Tensor, backend: str | None = None) -> str:
         raise ValueError(f"Invalid backend {backend!r}; expected one of {BACKENDS} "
                          "(argument `backend` or env var MATRIXOPT_KERNELS)")
     if backend == "auto":
-        return "triton" if x.is_cuda and triton_available() else "torch"
+        return "triton" if x.is_cuda and auto_triton and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' requested but triton is not installed")

@@ -1,0 +1,200 @@
+"""Newton-Schulz kernels: speed, accuracy, and the Muon step they serve.
+
+    python -m benchmarks kernels [--quick]      # with the other kernel benchmarks
+    python -m benchmarks.ns [--quick] [--out DIR]
+
+Side by side in one run, all in bf16 with 5 steps:
+
+- speed: the Triton kernels ("ours", :func:`matrixopt.kernels.newton_schulz`), the
+  PyTorch twin (batched torch matmuls) and torch.optim.Muon's own routine (2-D only, so
+  looped over a stack); ms are medians over CUDA events after warm-up (autotuning
+  included in the warm-up). TFLOP/s count the products densely, 4m²n + 2m³ per step for
+  an m×n matrix with m ≤ n (XXᵀ, A², BX), as DESIGN.md's anchor figures do, so the
+  symmetric kernels' saving shows as higher throughput.
+- accuracy: X = U diag(s) Vᵀ with a gradient-like power-law spectrum s_i = i^(-1/2) (random
+  Gaussian matrices have σ_min near 0, which no 5-step schedule lifts); its fp64 polar
+  factor is U Vᵀ. Reported for ours and the twin: ‖O − UVᵀ‖_F / ‖UVᵀ‖_F and O's
+  singular-value band, for the "muon" and "polar_express" schedules.
+- optimizer step on the LLaMA-1B matrix set (16 layers × {4×2048², 2×5632×2048,
+  2048×5632}): matrixopt.Muon with the Triton kernels and with the twin, torch.optim.Muon,
+  fused torch.optim.AdamW (see :mod:`benchmarks.step`).
+
+``quick`` runs tiny sizes on CPU (ours through the Triton interpreter when
+``TRITON_INTERPRET=1``, else left out; the optimizer step without it): it checks the
+code, and its timings say nothing about a GPU.
+"""
+import contextlib
+import os
+import types
+
+import torch
+
+from matrixopt.kernels import newton_schulz, newton_schulz_torch
+from matrixopt.kernels._dispatch import interpreting, triton_available
+from matrixopt.orthogonalize import MUON_COEFFICIENTS, ns_schedule
+
+from .common import module_main
+from .optimizers import ADAMW, TORCH_MUON, Settings
+from .step import SHAPES, add_ratios, llama_matrices, measure, time_steps
+
+STEPS = 5
+# (label, batch, m, n)
+SPEED_CASES = [("1024²", 1, 1024, 1024), ("2048²", 1, 2048, 2048), ("4096²", 1, 4096, 4096),
+               ("8192²", 1, 8192, 8192), ("2048×5632", 1, 2048, 5632), ("4096×11008", 1, 4096, 11008),
+               ("32×1024²", 32, 1024, 1024), ("16×2048²", 16, 2048, 2048)]
+QUICK_SPEED_CASES = [("40×72", 1, 40, 72), ("4×32²", 4, 32, 32)]
+# 1000×3001: sizes off every tile size, so the kernels' masks are checked on the GPU too.
+ACCURACY_SHAPES = [(1024, 1024), (2048, 2048), (4096, 4096), (5632, 2048), (4096, 11008), (1000, 3001)]
+QUICK_ACCURACY_SHAPES = [(72, 40)]
+
+
+def ns_flops(batch: int, m: int, n: int, steps: int = STEPS) -> float:
+    """Dense FLOPs of ``steps`` NS steps on ``batch`` m×n matrices."""
+    m, n = min(m, n), max(m, n)
+    return batch * steps * (4 * m * m * n + 2 * m**3)
+
+
+def torch_muon_routine():
+    """torch.optim.Muon's NS (a private function; None when this torch lacks it)."""
+    try:
+        from torch.optim._muon import _zeropower_via_newtonschulz
+    except ImportError:
+        return None
+    return lambda X: torch.stack([_zeropower_via_newtonschulz(x, MUON_COEFFICIENTS, STEPS, 1e-7) for x in X])
+
+
+def ours_runs(device: torch.device) -> bool:
+    """Whether the Triton kernels run here: on CUDA, or on CPU under the interpreter."""
+    return triton_available() and (device.type == "cuda" or interpreting())
+
+
+def implementations(device: torch.device, schedule_name: str = "muon") -> dict:
+    """name -> NS of a (B, m, n) stack; torch.optim.Muon's routine has the "muon" schedule only."""
+    schedule = ns_schedule(schedule_name, STEPS)
+    impls = {}
+    if ours_runs(device):
+        impls["ours"] = lambda X: newton_schulz(X, schedule, backend="triton")
+    impls["twin"] = lambda X: newton_schulz_torch(X, schedule)
+    if schedule_name != "muon":
+        return impls
+    routine = torch_muon_routine()
+    if routine is not None:
+        impls["torch.optim.Muon"] = routine
+    return impls
+
+
+def time_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median ms of ``repeats`` calls of fn after ``warmup`` (benchmarks.step's timer)."""
+    return time_steps(types.SimpleNamespace(step=fn), device, warmup, repeats)
+
+
+def speed(cases, device, warmup: int, repeats: int) -> list[dict]:
+    impls = implementations(device)
+    rows = []
+    for label, batch, m, n in cases:
+        X = torch.randn(batch, m, n, device=device, dtype=torch.bfloat16)
+        row = {"case": label}
+        outputs = {}
+        for name, fn in impls.items():
+            outputs[name] = fn(X)
+            ms = time_ms(lambda: fn(X), device, warmup, repeats)
+            row[f"{name} ms"] = ms
+            row[f"{name} TFLOP/s"] = ns_flops(batch, m, n) / ms / 1e9
+        for name in impls:
+            if name != "ours" and "ours" in impls:
+                row[f"speedup vs {name}"] = row[f"{name} ms"] / row["ours ms"]
+        if "ours" in outputs:
+            twin = outputs["twin"].double()
+            row["ours vs twin (rel. diff)"] = ((outputs["ours"].double() - twin).norm() / twin.norm()).item()
+        rows.append(row)
+        del X, outputs
+    return rows
+
+
+def gradient_like(m: int, n: int, device, seed: int = 0):
+    """(X, U Vᵀ) in fp64: X = U diag(s) Vᵀ with random orthonormal U, V and s_i = i^(-1/2)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, device=device, dtype=torch.float64, generator=generator)).Q
+    V = torch.linalg.qr(torch.randn(n, k, device=device, dtype=torch.float64, generator=generator)).Q
+    s = torch.arange(1, k + 1, device=device, dtype=torch.float64).rsqrt()
+    return (U * s) @ V.mT, U @ V.mT
+
+
+def accuracy(shapes, device) -> list[dict]:
+    rows = []
+    for m, n in shapes:
+        X, polar = gradient_like(m, n, device)
+        X = X.bfloat16()[None]
+        for schedule_name in ("muon", "polar_express"):
+            impls = implementations(device, schedule_name)
+            impls.pop("torch.optim.Muon", None)  # same schedule and arithmetic as the twin
+            for name, fn in impls.items():
+                O = fn(X)[0].double()
+                small = O @ O.mT if m <= n else O.mT @ O  # its eigenvalues are σ(O)², and it is small
+                sv = torch.linalg.eigvalsh(small).clamp_min(0).sqrt()
+                rows.append({"shape": f"{m}×{n}", "schedule": schedule_name, "impl": name,
+                             "‖O−UVᵀ‖/‖UVᵀ‖": ((O - polar).norm() / polar.norm()).item(),
+                             "σ_min(O)": sv.min().item(), "σ_max(O)": sv.max().item()})
+        del X, polar
+    return rows
+
+
+@contextlib.contextmanager
+def kernels_env(value: str):
+    """MATRIXOPT_KERNELS set to ``value`` inside the block."""
+    old = os.environ.get("MATRIXOPT_KERNELS")
+    os.environ["MATRIXOPT_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MATRIXOPT_KERNELS"]
+        else:
+            os.environ["MATRIXOPT_KERNELS"] = old
+
+
+def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dict]:
+    """ms per step: matrixopt.Muon with our kernels and with the twin, torch.optim.Muon, AdamW."""
+    params = llama_matrices(*SHAPES[set_name], device)
+    settings = Settings()
+    rows = [measure(ADAMW, params, settings, device, warmup, repeats)]
+    if hasattr(torch.optim, "Muon"):
+        rows.append(measure(TORCH_MUON, params, settings, device, warmup, repeats))
+    # Not through the interpreter: a CPU step with it only retests the kernels, slowly.
+    variants = {"ours": "triton", "twin": "torch"} if device.type == "cuda" else {"twin": "torch"}
+    for label, backend in variants.items():
+        with kernels_env(backend):
+            row = measure("matrixopt.Muon", params, settings, device, warmup, repeats)
+        row["optimizer"] = f"matrixopt.Muon ({label})"
+        rows.append(row)
+    add_ratios(rows)
+    torch_muon = next((r["step_ms"] for r in rows if r["optimizer"] == TORCH_MUON), None)
+    return [{"optimizer": r["optimizer"], "step ms": r["step_ms"], "vs AdamW": r["step_vs_adamw"],
+             "speedup vs torch.optim.Muon": torch_muon / r["step_ms"] if torch_muon else None,
+             "GPU peak extra MB": r["gpu_peak_extra_MB"]} for r in rows]
+
+
+def run(quick: bool = False, device=None) -> dict[str, list[dict]]:
+    """The three sections as table rows; ``quick``: tiny sizes, meant for a CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    warmup, repeats = (1, 1) if quick else (3, 20)
+    set_name = "ci" if quick else "1B"
+    note = "" if device.type == "cuda" else " — CPU run: checks the code, GPU figures pending"
+    d, h, layers = SHAPES[set_name]
+    return {
+        f"NS, {STEPS} steps, bf16: ms and dense TFLOP/s{note}":
+            speed(QUICK_SPEED_CASES if quick else SPEED_CASES, device, warmup, repeats),
+        f"NS accuracy against the fp64 polar factor (power-law spectrum){note}":
+            accuracy(QUICK_ACCURACY_SHAPES if quick else ACCURACY_SHAPES, device),
+        f"Optimizer step, {set_name} matrix set ({layers} layers, d={d}, h={h}){note}":
+            optimizer_step(set_name, device, warmup, repeats),
+    }
+
+
+def main(argv=None):
+    return module_main("ns", run, description=__doc__.splitlines()[0], extra={"steps": STEPS}, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
