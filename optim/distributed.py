@@ -1,0 +1,323 @@
+"""Matrix work across ranks: FSDP2-sharded (DTensor ``Shard(0)``) and replicated (DDP) params.
+
+Usage (nothing else in the training loop changes)::
+
+    for block in model.blocks:                       # FSDP2: the params become DTensors,
+        fully_shard(block)                           # which the optimizers detect
+    fully_shard(model)
+    opt = matrixopt.Muon(matrixopt.param_groups(model), lr=3e-4)
+
+    ddp = DistributedDataParallel(model)             # DDP: ask for the split explicitly
+    opt = matrixopt.Muon(matrixopt.param_groups(model), lr=3e-4, distributed="replicated")
+
+    # checkpoints as for any torch.optim optimizer under FSDP2
+    model_sd, optim_sd = get_state_dict(model, opt)  # torch.distributed.checkpoint.state_dict
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+Every rule routes its whole-matrix work (orthogonalization, QR, projector refresh, DCT scores)
+through :meth:`MatrixOptimizer._matrix_map`; this module runs that work on owner ranks so
+that each matrix is computed exactly once and the results equal the single-process run.
+
+**FSDP2** (params are DTensors placed ``(Shard(0),)`` on a 1-D mesh; shards may be uneven
+or empty). Element-wise work (momentum, Adam moments, the AdamW fallback) runs on the local
+shards and its state stays local. For the whole-matrix work of a bucket (same-shape params)
+each matrix gets an owner rank, chosen greedily by FLOPs (m·n·min(m, n) per matrix) so the
+ranks' loads stay balanced across all buckets of the step. Then, per input of the work:
+
+1. one ``all_to_all_single`` sends every rank's row shards of each matrix to its owner,
+   which concatenates them into the whole matrix (no rank holds more than the matrices it
+   owns);
+2. the owner runs the work on the stack of its matrices in one call;
+3. one ``all_to_all_single`` per output returns the rows of each result to the ranks that
+   hold those rows of the param.
+
+A 3-D param (E, m, n) sharded on dim 0 holds whole expert matrices, so its experts are
+computed where they live, without communication; so is a matrix whose rows all sit on one
+rank. A 1-D param routed to the matrix rule is a (1, n) matrix sharded on its columns; it is
+handled like the row case. All ranks agree on which params have non-finite gradients (one
+small all-reduce per group), so they skip the same params and run the same collectives.
+
+Per-matrix state of another shape than the param (a rotation, a projector, selected
+indices) is kept whole and identical on every rank: rules name such inputs and outputs in
+``_matrix_map(..., whole_inputs=, whole_outputs=)``; whole inputs are read from the owner's
+own copy and whole outputs are all-gathered. In the optimizer's ``state_dict`` the state
+sharded like the param (``MatrixOptimizer._sharded_state_shapes``: by default the state
+declared with the param's shape) is a DTensor with the param's placement, so
+``torch.distributed.checkpoint`` saves each shard once; whole state is a plain tensor (a
+replicated value to DCP). A rule opts in to sharded params with ``supports_fsdp = True``
+(Muon, ROOT, ARO, GaLoreAdamW, DCT-AdamW); others refuse them by name at construction.
+
+Low-rank projections between refreshes (GaLore, DCT-AdamW): with G sharded by rows, the
+right projection ``G·V_r`` (or ``G·Q[:, I]``) of each row block is that block of the result,
+so the low-rank moments are row-sharded like the param; GaLoreAdamW computes that projection
+and its back-projection ``L·V_rᵀ`` locally, reading a sharded expert stack's bases through
+:func:`local_matrices`. The left projection ``U_rᵀ·G`` sums over rows: rather than add up
+per-shard partial products (an all-reduce whose summation order would differ from the
+single-process matmul), it is routed through ``_matrix_map`` (computed on the owner of the
+whole gradient, the r×n result all-gathered, the moments whole on every rank), and so is
+its back-projection ``U_r·L`` (rows returned to their ranks); so are refreshes (SVD, DCT
+scores) and ARO's rotation. GaLore's randomized refresh draws each matrix's sketch from a
+seed of its own (see :class:`~matrixopt.GaLoreAdamW`), so owners draw what a single process
+would.
+
+**Replicated** (``distributed="replicated"``, with ``process_group=`` or the default group;
+DDP keeps params identical on every rank): each rank computes a disjoint, FLOP-balanced
+share of the matrices, and the results are all-gathered. Without it, and without DTensor
+params, the optimizers never call a collective.
+
+Collectives are gloo-compatible: ``all_to_all_single`` with uneven splits (gloo supports
+it); an all-gather of uneven pieces is an ``all_to_all_single`` whose send buffer repeats
+the rank's piece for every peer, since ``all_gather`` wants pieces of equal size.
+"""
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
+
+MODES = (None, "replicated")
+
+# dtype codes for the small metadata broadcast (see MatrixWork._output_specs).
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32,
+           torch.int16, torch.int8, torch.uint8, torch.bool)
+_MAX_OUTPUTS, _MAX_NDIM = 8, 4
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The rank's shard of a DTensor; a plain tensor as is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def check_placement(p: Tensor, name: str) -> None:
+    """Reject DTensor layouts other than FSDP2's (``Shard(0)`` on a 1-D mesh), naming ``p``."""
+    if not isinstance(p, DTensor):
+        return
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise ValueError(
+            f"{name} is a DTensor placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; "
+            "matrixopt supports FSDP2's (Shard(dim=0),) on a 1-D mesh (tensor-parallel "
+            "Shard(1), 2-D meshes and Replicate placements are not supported)")
+
+
+def shard_sizes(size: int, world: int) -> list[int]:
+    """Sizes of the ``Shard(0)`` pieces of a dim of ``size`` on ``world`` ranks (torch.chunk)."""
+    chunk = -(-size // world)
+    return [max(0, min(chunk, size - r * chunk)) for r in range(world)]
+
+
+def sharded_axis(p: Tensor) -> int:
+    """Axis of p's (B, m, n) matrix view that holds p's dim 0 (see base.matrix_shape)."""
+    return {1: 2, 3: 0}.get(p.ndim, 1)
+
+
+def local_matrices(p: Tensor, values: Tensor) -> Tensor:
+    """The entries of per-matrix values ``values`` (B, ...) (kept whole on every rank) for the
+    matrices this rank holds rows of: a sharded 3-D param's own experts, else all B."""
+    if not isinstance(p, DTensor) or sharded_axis(p) != 0:
+        return values
+    sizes = shard_sizes(p.shape[0], p.device_mesh.size())
+    rank = p.device_mesh.get_local_rank()
+    return values.narrow(0, sum(sizes[:rank]), sizes[rank])
+
+
+def dtensor_like(p: DTensor, local: Tensor, shape: Sequence[int] | None = None) -> DTensor:
+    """``local`` (p's shard, or a shard of a tensor of global ``shape`` split on dim 0 like p)
+    as a DTensor with p's mesh and placement."""
+    shape = torch.Size(p.shape if shape is None else shape)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+
+
+def agree_finite(finite: Tensor, group) -> Tensor:
+    """Per-param finiteness flags agreed by all ranks (a param is finite only if it is on all)."""
+    flags = finite.to(torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+    return flags.bool()
+
+
+def group_of(params: Sequence[Tensor], replicated_group):
+    """The process group the matrix work of ``params`` spans, or None (single process)."""
+    for p in params:
+        if isinstance(p, DTensor):
+            return p.device_mesh.get_group()
+    return replicated_group
+
+
+class MatrixWork:
+    """The owner split of one bucket's whole-matrix work in one step, and its collectives.
+
+    ``shapes`` are the params' (B, m, n) matrix shapes (all with the same m, n); ``load``
+    (FLOPs per rank so far this step, shared by all buckets) is updated in place.
+    """
+
+    def __init__(self, params: list[Tensor], shapes: list[tuple[int, int, int]], group, load: list[int]):
+        self.group = group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.sharded = isinstance(params[0], DTensor)
+        _, m, n = shapes[0]
+        cost = m * n * min(m, n)
+        self.counts = [b for b, _, _ in shapes]   # matrices per param
+        self.axes, self.splits, self.owners = [], [], []     # per param
+        for p, count in zip(params, self.counts):
+            axis = sharded_axis(p) if self.sharded else None
+            splits = shard_sizes(p.shape[0], self.world) if self.sharded else None
+            if self.sharded and local_tensor(p).shape[0] != splits[self.rank]:
+                raise ValueError(f"Shard of shape {tuple(local_tensor(p).shape)} on rank "
+                                 f"{self.rank} is not the Shard(0) piece of {tuple(p.shape)}")
+            holders = [r for r, k in enumerate(splits) if k] if self.sharded else []
+            owners = []
+            for j in range(count):
+                if axis == 0:             # expert j is a whole matrix: computed where it lives
+                    owner = next(r for r in range(self.world) if j < sum(splits[:r + 1]))
+                elif len(holders) == 1:   # one rank holds every row: nothing to move
+                    owner = holders[0]
+                else:                     # the least loaded rank so far this step
+                    owner = min(range(self.world), key=load.__getitem__)
+                owners.append(owner)
+                load[owner] += cost
+            self.axes.append(axis)
+            self.splits.append(splits)
+            self.owners.append(owners)
+        self.units = [(i, j) for i, owners in enumerate(self.owners) for j, r in enumerate(owners)
+                      if r == self.rank]
+        self.units_of = [sum(o.count(r) for o in self.owners) for r in range(self.world)]
+
+    def _gathered(self, i: int) -> bool:
+        """Whether param i's matrices are split across ranks (so they move to the owner)."""
+        return self.sharded and self.axes[i] != 0
+
+    # -- the map ---------------------------------------------------------------------------------
+    def map(self, fn: Callable, lists: Sequence[list[Tensor]], whole_inputs=(), whole_outputs=()):
+        """``_matrix_map`` on owner ranks; returns per-param lists like the single-process map."""
+        stacks = []
+        for t, tensors in enumerate(lists):
+            whole = t in whole_inputs
+            full = None if whole or not self.sharded else self._to_owners(tensors)
+            pieces = []
+            for i, j in self.units:
+                if whole or not self.sharded:
+                    pieces.append(tensors[i][j])
+                elif self._gathered(i):
+                    pieces.append(full[i][0])
+                else:  # an expert this rank holds; j counts the param's experts globally
+                    pieces.append(tensors[i][j - sum(self.splits[i][:self.rank])])
+            stacks.append(torch.stack(pieces) if pieces else None)
+        out = fn(*stacks) if self.units else None
+        outs = out if isinstance(out, tuple) or out is None else (out,)
+        device = lists[0][0].device
+        as_tuple, specs = self._output_specs(outs, isinstance(out, tuple), device)
+        results = []
+        for k, (dtype, shape) in enumerate(specs):
+            o = outs[k] if self.units else torch.empty((0, *shape), dtype=dtype, device=device)
+            if self.sharded and k not in whole_outputs:
+                results.append(self._to_shards(o))
+            else:
+                results.append(self._all_gather(o, shape))
+        return tuple(results) if as_tuple else results[0]
+
+    # -- collectives -------------------------------------------------------------------------------
+    def _piece_shape(self, i: int, rank: int, shape: Sequence[int]) -> list[int]:
+        """Shape of rank ``rank``'s piece of param i's matrix view, given any piece's ``shape``."""
+        shape = list(shape)
+        shape[self.axes[i]] = self.splits[i][rank]
+        return shape
+
+    def _to_owners(self, tensors: list[Tensor]) -> dict[int, Tensor]:
+        """Whole (1, m, n) matrices of the split params this rank owns, from every rank's shard."""
+        split_params = [i for i in range(len(tensors)) if self._gathered(i)]
+        if not split_params:
+            return {}
+        send = [[] for _ in range(self.world)]
+        for i in split_params:
+            send[self.owners[i][0]].append(tensors[i].reshape(-1))
+        mine = [i for i in split_params if self.owners[i][0] == self.rank]
+        recv_shapes = [[self._piece_shape(i, r, tensors[i].shape) for i in mine] for r in range(self.world)]
+        received = self._exchange(send, [[math.prod(s) for s in shapes] for shapes in recv_shapes],
+                                  tensors[0].dtype, tensors[0].device)
+        return {i: torch.cat([received[r][k].view(recv_shapes[r][k]) for r in range(self.world)],
+                             dim=self.axes[i])
+                for k, i in enumerate(mine)}
+
+    def _to_shards(self, out: Tensor) -> list[Tensor]:
+        """Per param, this rank's shard of the owners' results (``out`` holds this rank's units)."""
+        send = [[] for _ in range(self.world)]
+        local = {}
+        for (i, j), o in zip(self.units, out):
+            if self._gathered(i):
+                for r, piece in enumerate(o.unsqueeze(0).split(self.splits[i], dim=self.axes[i])):
+                    send[r].append(piece.reshape(-1))
+            else:
+                local.setdefault(i, []).append(o)
+        shapes = {i: self._piece_shape(i, self.rank, (1, *out.shape[1:])) for i in range(len(self.counts))
+                  if self._gathered(i)}
+        recv_sizes = [[] for _ in range(self.world)]
+        for i, shape in shapes.items():
+            recv_sizes[self.owners[i][0]].append(math.prod(shape))
+        received = self._exchange(send, recv_sizes, out.dtype, out.device) if shapes else None
+        taken = [0] * self.world
+        results = []
+        for i in range(len(self.counts)):
+            if i in shapes:
+                r = self.owners[i][0]
+                results.append(received[r][taken[r]].view(shapes[i]))
+                taken[r] += 1
+            else:
+                held = local.get(i, [])
+                results.append(torch.stack(held) if held else out.new_empty((0, *out.shape[1:])))
+        return results
+
+    def _all_gather(self, out: Tensor, shape: tuple) -> list[Tensor]:
+        """Every unit's result on every rank, as per-param stacks (B_i, *shape)."""
+        numel = math.prod(shape)
+        flat = out.reshape(-1)
+        received = self._exchange([[flat]] * self.world,
+                                  [[numel] * self.units_of[r] for r in range(self.world)],
+                                  out.dtype, out.device)
+        taken = [0] * self.world
+        results = []
+        for owners in self.owners:
+            rows = []
+            for r in owners:
+                rows.append(received[r][taken[r]].view(shape))
+                taken[r] += 1
+            results.append(torch.stack(rows) if rows else out.new_empty((0, *shape)))
+        return results
+
+    def _exchange(self, send: list[list[Tensor]], recv_sizes: list[list[int]], dtype, device):
+        """One all_to_all_single: ``send[r]`` (flat pieces) to rank r; returns ``recv[r]`` pieces."""
+        flat = [t.to(dtype) for pieces in send for t in pieces]
+        inp = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+        out = torch.empty(sum(map(sum, recv_sizes)), dtype=dtype, device=device)
+        dist.all_to_all_single(out, inp.contiguous(), [sum(s) for s in recv_sizes],
+                               [sum(t.numel() for t in pieces) for pieces in send], group=self.group)
+        chunks = out.split([sum(s) for s in recv_sizes])
+        return [list(chunk.split(sizes)) for chunk, sizes in zip(chunks, recv_sizes)]
+
+    def _output_specs(self, outs, as_tuple: bool, device) -> tuple[bool, list[tuple[torch.dtype, tuple]]]:
+        """(whether fn returned a tuple, each output's dtype and per-matrix shape).
+
+        Ranks that own no matrix did not call fn; they learn the specs from the lowest rank
+        that did (one small broadcast, skipped when every rank owns a matrix).
+        """
+        width = 2 + _MAX_NDIM   # per output: dtype code, ndim, dims
+        code = [0] * (2 + _MAX_OUTPUTS * width)
+        if outs is not None:
+            if len(outs) > _MAX_OUTPUTS:
+                raise ValueError(f"_matrix_map supports at most {_MAX_OUTPUTS} outputs, got {len(outs)}")
+            code[0], code[1] = int(as_tuple), len(outs)
+            for k, o in enumerate(outs):
+                if o.ndim - 1 > _MAX_NDIM:
+                    raise ValueError(f"_matrix_map outputs have at most {_MAX_NDIM} dims per matrix")
+                code[2 + k * width: 4 + k * width + o.ndim - 1] = [_DTYPES.index(o.dtype), o.ndim - 1, *o.shape[1:]]
+        if 0 in self.units_of:
+            # On the work's device: NCCL broadcasts only CUDA tensors.
+            sent = torch.tensor(code, dtype=torch.int64, device=device)
+            dist.broadcast(sent, group=self.group, group_src=next(r for r, k in enumerate(self.units_of) if k))
+            code = sent.tolist()
+        specs = []
+        for k in range(code[1]):
+            dtype, ndim = code[2 + k * width: 4 + k * width]
+            specs.append((_DTYPES[dtype], tuple(code[4 + k * width: 4 + k * width + ndim])))
+        return bool(code[0]), specs

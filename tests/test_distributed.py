@@ -1,0 +1,191 @@
+"""Distributed training: FSDP2 and replicated (DDP) runs equal the single-process run.
+
+One pair of gloo processes (spawning costs seconds) checks every optimizer in turn (GaLoreAdamW
+in two cases, see dist_utils.CASES): under
+DDP with distributed="replicated" and under FSDP2 (fully_shard per block + root; rows that
+split unevenly, an empty shard, 3-D experts) 5 steps end at the single-process params, with
+the matrix work done once and split by FLOPs; a torch.distributed.checkpoint save → load →
+continue equals the uninterrupted run; a NaN in one rank's gradient shard skips the param on
+every rank; unsupported DTensor layouts are refused by name. An optimizer without FSDP2
+support must refuse sharded params by name.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+
+import matrixopt
+from dist_utils import (CASES, WORLD, CountingWork, NoCollectives, assert_params_close, batches,
+                        full_params, gathered, make_optimizer, model, sharded, spawn, train)
+
+CHECKED = [case for case, (name, _) in CASES.items() if name in matrixopt.__all__]
+STEPS = 5
+
+
+def _assert_shared(flops: list[int], total: int, largest: int):
+    """The ranks together did the single-process work once, split within one matrix's FLOPs."""
+    assert sum(flops) == total, (flops, total)
+    assert max(flops) - min(flops) <= largest, flops
+
+
+def _worker(rank, checkpoint_dir):
+    for case in CHECKED:
+        try:
+            _check(case, rank, f"{checkpoint_dir}/{case}")
+        except Exception as e:
+            raise AssertionError(f"{case} on rank {rank}: {e}") from e
+    _check_process_group()
+
+
+def _check_process_group():
+    """process_group= alone asks for the replicated split, over that group."""
+    data = batches(2)
+    ref = model()
+    ref_opt = make_optimizer("Muon", ref)
+    ref_work = CountingWork(ref_opt)
+    train(ref, ref_opt, data)
+    net = model()   # same data on every rank: the grads are replicated without DDP
+    opt = make_optimizer("Muon", net, process_group=dist.new_group(list(range(WORLD))))
+    work = CountingWork(opt)
+    train(net, opt, data)
+    assert_params_close(full_params(net), full_params(ref))
+    assert sum(gathered(work.flops)) == ref_work.flops > work.flops > 0
+
+
+def _check(case, rank, checkpoint_dir):
+    """Every check of one optimizer.
+
+    Every rank trains on the whole batch: FSDP's and DDP's averaged gradients then equal the
+    single-process ones bit for bit, so the comparison sees only the optimizer (ARO amplifies
+    gradient rounding of 1e-7 to 1e-2, so split batches could not test it).
+    """
+    data = batches(STEPS)
+
+    # The single-process reference, run with the process group up: it calls no collective.
+    ref = model()
+    ref_opt = make_optimizer(case, ref)
+    ref_work = CountingWork(ref_opt)
+    with NoCollectives():
+        train(ref, ref_opt, data)
+    want = full_params(ref)
+    largest = max(p.shape[0] * p.shape[1] * min(p.shape[:2]) if p.ndim == 2 else 0
+                  for p in ref.parameters())
+
+    # DDP with replicated params: each rank computes its share, results all-gathered.
+    ddp = DistributedDataParallel(model())
+    opt = make_optimizer(case, ddp.module, distributed="replicated")
+    work = CountingWork(opt)
+    train(ddp, opt, data)
+    assert_params_close(full_params(ddp.module), want)
+    _assert_shared(gathered(work.flops), ref_work.flops, largest)
+
+    cls = getattr(matrixopt, CASES[case][0])
+    if not cls.supports_fsdp:
+        with pytest.raises(NotImplementedError, match=r"FSDP2.* blocks\.0\."):
+            make_optimizer(case, sharded(model()))
+        return
+
+    # FSDP2: sharded params, owner-rank matrix work.
+    net = sharded(model())
+    opt = make_optimizer(case, net)
+    work = CountingWork(opt)
+    train(net, opt, data)
+    assert_params_close(full_params(net), want)
+    _assert_shared(gathered(work.flops), ref_work.flops, largest)
+
+    _check_nonfinite(case, rank, data[0])
+    _check_checkpoint(case, data, checkpoint_dir)
+    _check_layouts(case)
+
+
+def _check_nonfinite(case, rank, tokens):
+    """A NaN in one rank's shard of a gradient skips that param on every rank."""
+    net = sharded(model())
+    opt = make_optimizer(case, net)
+    before = full_params(net)
+    train(net, _NanOn(opt, net.blocks[0].up.weight, rank), [tokens])
+    after = full_params(net)
+    assert opt.nonfinite_skips == 1
+    assert torch.equal(after["blocks.0.up.weight"], before["blocks.0.up.weight"])
+    assert not torch.equal(after["blocks.0.down.weight"], before["blocks.0.down.weight"])
+
+
+class _NanOn:
+    """An optimizer whose step first puts a NaN into rank 1's shard of ``param``'s gradient."""
+
+    def __init__(self, opt, param, rank):
+        self.opt, self.param, self.rank = opt, param, rank
+
+    def zero_grad(self):
+        self.opt.zero_grad()
+
+    def step(self):
+        if self.rank == 1:
+            self.param.grad.to_local()[0, 0] = float("nan")
+        self.opt.step()
+
+
+def _check_checkpoint(case, data, checkpoint_dir):
+    """Distributed checkpoint after 3 steps, resumed in a fresh model and optimizer."""
+    net = sharded(model())
+    opt = make_optimizer(case, net)
+    train(net, opt, data[:3])
+    model_sd, optim_sd = get_state_dict(net, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir)
+    train(net, opt, data[3:])
+    uninterrupted = full_params(net)
+
+    resumed = sharded(model(seed=1))
+    opt = make_optimizer(case, resumed)
+    model_sd, optim_sd = get_state_dict(resumed, opt)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=checkpoint_dir)
+    set_state_dict(resumed, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    train(resumed, opt, data[3:])
+    got = full_params(resumed)
+    for n, p in uninterrupted.items():
+        assert torch.equal(got[n], p), n
+
+
+def _check_layouts(case):
+    """Layouts other than FSDP2's are refused, naming the param and the placement."""
+    cls = getattr(matrixopt, CASES[case][0])
+    mesh = init_device_mesh("cpu", (WORLD,))
+    column = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    with pytest.raises(ValueError, match=r"tp\.weight .*Shard\(dim=1\)"):
+        cls([("tp.weight", column)])
+    mesh_2d = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp"))
+    hybrid = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh_2d, [Replicate(), Shard(0)]))
+    with pytest.raises(ValueError, match=r"hsdp\.weight .*2-D mesh"):
+        cls([("hsdp.weight", hybrid)])
+
+
+def test_fsdp_ddp_and_checkpoint_match_single_process(tmp_path):
+    spawn(_worker, str(tmp_path))
+
+
+def test_benchmark_times_every_mode_on_one_rank():
+    from benchmarks.distributed import MODES, run
+
+    (rows,) = run(quick=True, sets=["ci"], optimizers=("Muon",)).values()
+    (row,) = rows
+    assert all(row[f"{mode}_ms"] > 0 for mode in MODES)
+    assert row["fsdp2_vs_plain"] == row["fsdp2_ms"] / row["plain_ms"]
+    assert not dist.is_initialized()   # the benchmark's 1-rank group is gone
+
+
+def test_replicated_needs_a_process_group():
+    net = model()
+    opt = matrixopt.Muon(net.parameters(), distributed="replicated")
+    next(net.parameters()).grad = torch.ones_like(next(net.parameters()))
+    with pytest.raises(RuntimeError, match="initialized process group"):
+        opt.step()
+
+
+def test_distributed_argument_is_validated():
+    with pytest.raises(ValueError, match="distributed"):
+        matrixopt.Muon(model().parameters(), distributed="fsdp")
