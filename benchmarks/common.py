@@ -1,8 +1,10 @@
 """What every benchmark shares: the stamp, the markdown table, the results files."""
+import argparse
 import datetime
 import json
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -59,16 +61,18 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 
 def write_results(command: str, sections: dict[str, list[dict]], *, extra: dict | None = None,
-                  figure=None, out_dir: Path = RESULTS) -> dict[str, Path]:
+                  figure=None, out_dir: Path = RESULTS, invocation: str | None = None) -> dict[str, Path]:
     """Print and write ``benchmarks/results/<command>-<machine>-<date>.{md,json[,png]}``.
 
     ``sections`` maps a title to its table rows; ``extra`` is added to the JSON (settings,
-    sweeps); ``figure`` is a matplotlib figure saved as the PNG. Returns the paths written.
+    sweeps); ``figure`` is a matplotlib figure saved as the PNG; ``invocation`` is the
+    command line shown as the title (default ``python -m benchmarks <command>``). Returns
+    the paths written.
     """
     meta = stamp()
     out_dir.mkdir(parents=True, exist_ok=True)
     base = out_dir / f"{command}-{meta['machine']}-{meta['date']}"
-    header = (f"# `python -m benchmarks {command}`\n\n{meta['date']} · {meta['device']} "
+    header = (f"# `{invocation or f'python -m benchmarks {command}'}`\n\n{meta['date']} · {meta['device']} "
               f"({meta['cpu_count']} CPUs) · torch {meta['torch']} · triton {meta['triton']} · "
               f"python {meta['python']} · commit {meta['commit']}\n")
     body = "".join(f"\n## {title}\n\n{markdown_table(rows)}" for title, rows in sections.items())
@@ -83,3 +87,17 @@ def write_results(command: str, sections: dict[str, list[dict]], *, extra: dict 
     for p in paths.values():
         print(f"wrote {p}")
     return paths
+
+
+def module_main(command: str, run, *, description: str, extra: dict | None = None, argv=None) -> dict[str, Path]:
+    """The command line of one benchmark module: ``python -m benchmarks.<command> [--quick] [--out DIR]``.
+
+    Calls ``run(quick)`` for its table sections and writes them with :func:`write_results`.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{command}", description=description)
+    parser.add_argument("--quick", action="store_true", help="small sizes, meant for a CPU")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default %(default)s)")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    return write_results(command, run(args.quick), extra={"quick": args.quick, **(extra or {})},
+                         out_dir=args.out, invocation=" ".join([f"python -m benchmarks.{command}", *argv]))

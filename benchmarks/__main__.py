@@ -1,0 +1,91 @@
+"""``python -m benchmarks step|kernels|train``: tables, plots and results files.
+
+    python -m benchmarks train --quick     # the demo: Shakespeare LM, every optimizer, CPU minutes
+    python -m benchmarks step --quick      # step time and optimizer-state memory
+    python -m benchmarks kernels --quick   # Newton-Schulz and low-rank refresh kernels
+
+Each command prints a markdown table and writes
+``benchmarks/results/<command>-<machine>-<date>.{md,json,png}`` (``--out`` elsewhere).
+Without ``--quick`` the sizes are meant for a GPU.
+"""
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+from .common import RESULTS, write_results
+from .step import SHAPES
+
+# Modules with run(quick) -> table sections, gathered by the `kernels` command.
+KERNEL_MODULES = ("ns", "lowrank", "dct")
+
+
+def kernels(quick: bool):
+    """Every kernel benchmark module's sections; a missing module is skipped and noted."""
+    sections, skipped = {}, []
+    for module_name in KERNEL_MODULES:
+        try:
+            module = importlib.import_module(f"{__package__}.{module_name}")
+        except ImportError as error:
+            print(f"kernels: skipping benchmarks.{module_name} ({error})")
+            skipped.append(f"benchmarks.{module_name}: {error}")
+            continue
+        for title, rows in module.run(quick).items():
+            sections[f"{module_name}: {title}"] = rows
+    return sections, {"skipped": skipped}, None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help):
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("--quick", action="store_true", help="small sizes for a CPU")
+        sub.add_argument("--out", type=Path, default=RESULTS, help="results folder (default %(default)s)")
+        return sub
+
+    def add_run_options(sub):
+        sub.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+        sub.add_argument("--threads", type=int,
+                         help="CPU threads for torch (on a busy shared CPU, 1 avoids threads waiting on each other)")
+        sub.add_argument("--optimizers", nargs="+", metavar="NAME",
+                         help="only these (e.g. torch.optim.AdamW matrixopt.Muon); default: all available")
+
+    train = command("train", "Shakespeare character LM: validation loss, tokens/s, memory, lr sweep")
+    train.add_argument("--steps", type=int, help="training steps per run (overrides the size's default)")
+    train.add_argument("--lrs", type=float, nargs="+", help="the lr grid every optimizer is swept over")
+    add_run_options(train)
+    step = command("step", "optimizer step time and state memory on LLaMA-like matrix sets")
+    step.add_argument("--sets", nargs="+", choices=list(SHAPES),
+                      help="parameter sets (default: tiny with --quick; 60M 350M, and 1B on a GPU)")
+    step.add_argument("--warmup", type=int, help="untimed steps first")
+    step.add_argument("--repeats", type=int, help="timed steps (the median is reported)")
+    add_run_options(step)
+    command("kernels", "Newton-Schulz and low-rank refresh kernels")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.command == "train":
+        from .train import run
+
+        sections, extra, fig = run(args.quick, steps=args.steps, lrs=args.lrs, optimizers=args.optimizers,
+                                   device=args.device)
+    elif args.command == "step":
+        from .step import run
+
+        sections, extra, fig = run(args.quick, sets=args.sets, optimizers=args.optimizers, warmup=args.warmup,
+                                   repeats=args.repeats, device=args.device)
+    else:
+        sections, extra, fig = kernels(args.quick)
+    extra.update(quick=args.quick, cpu_threads=torch.get_num_threads())
+    return write_results(args.command, sections, extra=extra, figure=fig, out_dir=args.out,
+                         invocation=" ".join(["python -m benchmarks", *argv]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The optimizers the benchmarks compare, built the same way for every benchmark.
+
+Contenders: ``torch.optim.AdamW`` (fused on CUDA), ``torch.optim.Muon`` on the hidden
+matrices with AdamW for the rest, galore-torch's ``GaLoreAdamW`` when it is installed, and
+every optimizer ``matrixopt`` exports. All get the same weight decay and Adam betas; the
+low-rank ones (GaLore, DCT) the same rank (a fraction of each matrix's smaller side,
+default d/4) and projector refresh gap. Matrices (hidden-layer weights) and the rest
+(embeddings, output head, 1-D params) are split once, by the caller, the same way for all.
+"""
+import inspect
+import sys
+import types
+from dataclasses import dataclass
+from importlib.util import find_spec
+
+import torch
+from torch import Tensor
+
+import matrixopt
+
+ADAMW = "torch.optim.AdamW"
+TORCH_MUON = "torch.optim.Muon"
+GALORE_TORCH = "galore_torch.GaLoreAdamW"
+
+
+@dataclass
+class Settings:
+    """What every contender shares, besides the lr."""
+
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    rank_fraction: float = 0.25
+    update_proj_gap: int = 200
+
+
+# Table order; other matrixopt optimizers follow in export order.
+ORDER = ("Muon", "ROOT", "ARO", "GaLoreAdamW", "DCTAdamW")
+
+
+def matrixopt_classes() -> dict[str, type]:
+    """Every optimizer class matrixopt exports, by benchmark name."""
+    classes = {}
+    for name in sorted(matrixopt.__all__, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        obj = getattr(matrixopt, name)
+        base = matrixopt.MatrixOptimizer
+        if isinstance(obj, type) and issubclass(obj, base) and obj is not base:
+            classes[f"matrixopt.{name}"] = obj
+    return classes
+
+
+def galore_torch_class() -> tuple[type | None, list[str]]:
+    """galore-torch's GaLoreAdamW (None when not installed) and notes on how it was imported.
+
+    galore-torch 1.0 imports ``transformers.utils.versions.require_version`` (only to check
+    torch >= 1.5) and, in its package ``__init__``, bitsandbytes for the 8-bit variant. When
+    those are missing, a no-op ``require_version`` stub is installed and ``galore_torch.adamw``
+    is loaded without the package ``__init__``; the notes say so, for the results.
+    """
+    if "galore_torch" not in sys.modules and find_spec("galore_torch") is None:
+        return None, []
+    notes = []
+    if "transformers" not in sys.modules and find_spec("transformers") is None:
+        for name in ("transformers", "transformers.utils", "transformers.utils.versions"):
+            sys.modules[name] = types.ModuleType(name)
+        sys.modules["transformers.utils.versions"].require_version = lambda requirement, hint=None: None
+        notes.append("galore-torch imported with a no-op stub for transformers.utils.versions."
+                     "require_version (transformers is not installed)")
+    try:
+        from galore_torch import GaLoreAdamW
+    except ImportError:
+        # Its __init__ failed on bitsandbytes after loading .adamw: expose that module
+        # through a package without the __init__.
+        package = types.ModuleType("galore_torch")
+        package.__path__ = list(find_spec("galore_torch").submodule_search_locations)
+        sys.modules["galore_torch"] = package
+        from galore_torch.adamw import AdamW as GaLoreAdamW
+
+        package.GaLoreAdamW = GaLoreAdamW
+        notes.append("galore-torch's GaLoreAdamW loaded from galore_torch.adamw (its package "
+                     "__init__ needs bitsandbytes, which is not installed)")
+    return GaLoreAdamW, notes
+
+
+def contenders(only=None) -> tuple[list[str], list[str]]:
+    """Names of the optimizers available here (those in ``only`` if given), baselines
+    first, and import notes."""
+    galore_cls, notes = galore_torch_class()
+    names = [ADAMW]
+    if hasattr(torch.optim, "Muon"):
+        names.append(TORCH_MUON)
+    if galore_cls is not None:
+        names.append(GALORE_TORCH)
+    names += list(matrixopt_classes())
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise ValueError(f"Unknown optimizers {unknown}; available: {names}")
+        names = [n for n in names if n in only]
+    return names, notes
+
+
+def is_low_rank(name: str) -> bool:
+    """Whether the optimizer projects gradients to a rank (and has a refresh gap)."""
+    if name == GALORE_TORCH:
+        return True
+    cls = matrixopt_classes().get(name)
+    return cls is not None and "rank" in inspect.signature(cls).parameters
+
+
+class Chained:
+    """Several optimizers stepped as one (torch.optim.Muon takes only 2-D params)."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+        self.param_groups = [g for opt in optimizers for g in opt.param_groups]
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_bytes(self) -> int:
+        return sum(state_bytes(opt) for opt in self.optimizers)
+
+
+def build(name: str, matrices: list[tuple[str, Tensor]], others: list[tuple[str, Tensor]],
+          lr: float, settings: Settings):
+    """Optimizer ``name`` over ``matrices`` (matrix rule) and ``others`` (AdamW)."""
+    wd, betas = settings.weight_decay, settings.betas
+    if name == ADAMW:
+        params = [p for _, p in matrices + others]
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd, fused=params[0].is_cuda)
+    if name == TORCH_MUON:
+        # "match_rms_adamw" is torch's name for the same 0.2·sqrt(max(m, n)) scaling as
+        # matrixopt's default, so the two Muons share an lr scale with AdamW.
+        muon = torch.optim.Muon([p for _, p in matrices], lr=lr, weight_decay=wd,
+                                adjust_lr_fn="match_rms_adamw")
+        if not others:
+            return muon
+        return Chained(muon, torch.optim.AdamW([p for _, p in others], lr=lr, betas=betas, weight_decay=wd))
+    if name == GALORE_TORCH:
+        cls, _ = galore_torch_class()
+        # galore-torch takes one int rank per group: one group per smaller-side size.
+        by_side = {}
+        for _, p in matrices:
+            by_side.setdefault(min(p.shape), []).append(p)
+        groups = [{"params": ps, "rank": max(1, round(settings.rank_fraction * k)),
+                   "update_proj_gap": settings.update_proj_gap, "scale": 0.25, "proj_type": "std"}
+                  for k, ps in by_side.items()]
+        if others:
+            groups.append({"params": [p for _, p in others]})
+        return cls(groups, lr=lr, betas=betas, weight_decay=wd, no_deprecation_warning=True)
+    cls = matrixopt_classes()[name]
+    extra = {}
+    if is_low_rank(name):
+        extra = {"rank": settings.rank_fraction, "update_proj_gap": settings.update_proj_gap}
+    groups = [{"params": matrices, "matrix": True}]
+    if others:
+        groups.append({"params": others, "matrix": False})
+    return cls(groups, lr=lr, weight_decay=wd, betas=betas, **extra)
+
+
+def state_bytes(opt) -> int:
+    """Bytes of optimizer state: ``state_bytes()`` where defined, else the state's tensors.
+
+    For torch and galore-torch optimizers the tensors are the state's values and the
+    tensors held by objects in it (galore-torch keeps its projector matrix in a
+    ``GaLoreProjector``); each storage is counted once.
+    """
+    if hasattr(opt, "state_bytes"):
+        return opt.state_bytes()
+    tensors = []
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor):
+                held = [value]
+            else:
+                held = vars(value).values() if hasattr(value, "__dict__") else []
+            tensors += [t for t in held if isinstance(t, Tensor)]
+    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())

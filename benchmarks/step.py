@@ -1,0 +1,166 @@
+"""`python -m benchmarks step`: optimizer step time and state memory on LLaMA-like matrix sets.
+
+A parameter set is the hidden-layer matrices of a LLaMA-style model (per layer wq, wk, wv,
+wo of d×d, w1 and w3 of h×d, w2 of d×h; fp32), with a fixed random gradient. For each
+optimizer: the median time of ``repeats`` steps after ``warmup`` steps (CUDA events on a
+GPU, ``perf_counter`` on CPU), the bytes of optimizer state, and on a GPU the peak memory
+the optimizer adds (``max_memory_allocated`` over the steps minus what was allocated
+before it was built: state plus temporaries). The low-rank optimizers are also timed
+with a projector refresh at every step (``update_proj_gap=1``), giving the refresh step's
+cost and the step cost amortized over the refresh gap.
+"""
+import gc
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+from tqdm import tqdm
+
+from .optimizers import ADAMW, Settings, build, contenders, is_low_rank, state_bytes
+
+# name: (d, h, layers). 60M and 350M as in the GaLore paper; 1B is the 822M-param matrix set
+# (16 layers, h = 5632) of DESIGN.md's anchor figures; "tiny" is the quick CPU set and "ci"
+# one small enough for the tests.
+SHAPES = {
+    "ci": (64, 176, 1),
+    "tiny": (256, 688, 4),
+    "60M": (512, 1376, 8),
+    "350M": (1024, 2736, 24),
+    "1B": (2048, 5632, 16),
+}
+QUICK_SETS = ("tiny",)
+# Table columns; ratios are to torch.optim.AdamW; refresh/amortized only for low-rank ones.
+COLUMNS = ("optimizer", "step_ms", "step_vs_adamw", "refresh_step_ms", "amortized_ms", "state_MB",
+           "state_vs_adamw", "gpu_peak_extra_MB")
+
+
+def default_sets(quick: bool, cuda: bool) -> list[str]:
+    if quick:
+        return list(QUICK_SETS)
+    return ["60M", "350M", "1B"] if cuda else ["60M", "350M"]
+
+
+def llama_matrices(d: int, h: int, layers: int, device) -> list[tuple[str, torch.Tensor]]:
+    """The named hidden-layer matrices of a LLaMA-style model, with fixed random gradients."""
+    shapes = {"wq": (d, d), "wk": (d, d), "wv": (d, d), "wo": (d, d), "w1": (h, d), "w3": (h, d), "w2": (d, h)}
+    generator = torch.Generator().manual_seed(0)
+    params = []
+    for layer in range(layers):
+        for name, shape in shapes.items():
+            p = torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(device))
+            p.grad = (torch.randn(shape, generator=generator) * 1e-3).to(device)
+            params.append((f"layers.{layer}.{name}.weight", p))
+    return params
+
+
+def time_steps(opt, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``repeats`` optimizer steps after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        opt.step()
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            opt.step()
+            end.record()
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            opt.step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(name: str, params, settings: Settings, device, warmup: int, repeats: int) -> dict:
+    """One optimizer on one parameter set: step time, state bytes, GPU peak."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    opt = build(name, params, [], lr=1e-4, settings=settings)
+    row = dict.fromkeys(COLUMNS)
+    row.update(optimizer=name, step_ms=time_steps(opt, device, warmup, repeats), state_MB=state_bytes(opt) / 2**20)
+    if cuda:
+        row["gpu_peak_extra_MB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    del opt
+    if is_low_rank(name):
+        # One warm-up step refreshes anyway; few repeats, since a refresh can take seconds.
+        opt = build(name, params, [], lr=1e-4, settings=replace(settings, update_proj_gap=1))
+        row["refresh_step_ms"] = time_steps(opt, device, 1, min(repeats, 3))
+        row["amortized_ms"] = row["step_ms"] + (row["refresh_step_ms"] - row["step_ms"]) / settings.update_proj_gap
+        del opt
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def run(quick: bool = False, sets=None, optimizers=None, warmup: int | None = None,
+        repeats: int | None = None, device=None, settings: Settings | None = None):
+    """Measure every optimizer on every set; returns (table sections, extra JSON, figure)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sets = sets or default_sets(quick, device.type == "cuda")
+    warmup = warmup if warmup is not None else (2 if quick else 5)
+    repeats = repeats if repeats is not None else (5 if quick else 20)
+    settings = settings or Settings()
+    names, notes = contenders(optimizers)
+    sections = {}
+    progress = tqdm(total=len(sets) * len(names), desc="step", unit="opt")
+    for set_name in sets:
+        d, h, layers = SHAPES[set_name]
+        params = llama_matrices(d, h, layers, device)
+        count = sum(p.numel() for _, p in params)
+        rows = []
+        for name in names:
+            progress.set_postfix_str(f"{set_name} {name}")
+            rows.append(measure(name, params, settings, device, warmup, repeats))
+            progress.update()
+        add_ratios(rows)
+        title = f"{set_name}: {len(params)} matrices, {count / 1e6:.1f}M params (d={d}, h={h}, {layers} layers)"
+        sections[title] = rows
+        del params
+    progress.close()
+    extra = {"settings": {"device": str(device), "warmup": warmup, "repeats": repeats, "dtype": "float32",
+                          **vars(settings)},
+             "notes": notes + ["state_MB counts each storage held by the state once: galore-torch's "
+                               "projector is a view of the full SVD factor, so the whole factor counts",
+                               "torch.optim.Muon orthogonalizes in bf16 everywhere; matrixopt in bf16 on "
+                               "CUDA and fp32 elsewhere (its ns_dtype default)"]}
+    return sections, extra, figure(sections)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Step time and state memory relative to torch.optim.AdamW, when it was measured."""
+    base = next((r for r in rows if r["optimizer"] == ADAMW), None)
+    for r in rows:
+        r["step_vs_adamw"] = r["step_ms"] / base["step_ms"] if base else None
+        r["state_vs_adamw"] = r["state_MB"] / base["state_MB"] if base else None
+
+
+def figure(sections: dict):
+    """Bars of step time and state memory per optimizer for the largest set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title, rows = list(sections.items())[-1]
+    names = [r["optimizer"] for r in rows]
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.5), sharey=True)
+    ax_time.barh(names, [r["amortized_ms"] or r["step_ms"] for r in rows], color="tab:gray",
+                 label="amortized over the refresh gap")
+    ax_time.barh(names, [r["step_ms"] for r in rows], color="tab:blue", label="step")
+    ax_time.set_xlabel("ms per step")
+    ax_time.legend(loc="lower right", fontsize=8)
+    ax_mem.barh(names, [r["state_MB"] for r in rows], color="tab:orange")
+    ax_mem.set_xlabel("optimizer state (MB)")
+    ax_time.invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

