@@ -28,7 +28,7 @@ import matrixopt
 from .common import module_main
 from .step import SHAPES, llama_matrices
 
-OPTIMIZERS = ("Muon", "ROOT", "ARO", "DCTAdamW")
+OPTIMIZERS = ("Muon", "ROOT", "ARO", "GaLoreAdamW", "DCTAdamW")
 MODES = ("plain", "replicated", "fsdp2")
 
 
