@@ -86,9 +86,11 @@ def betas_in_unit_interval(name, value):
 def rank_spec(name, value):
     """An int >= 1, or a fraction in (0, 1] of min(m, n)."""
     if isinstance(value, float):
-        real(0.0, 1.0, lo_open=True)(name, value)
+        ok = 0.0 < value <= 1.0
     else:
-        integer(1)(name, value)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 1 or a fraction in (0, 1]")
 
 
 def resolve_rank(rank: int | float, m: int, n: int) -> int:
@@ -206,9 +208,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if names:
             return names[index]
         p = group["params"][index]
+        return f"param_groups[{self._group_index(group)}]['params'][{index}] (shape {tuple(p.shape)})"
+
+    def _group_index(self, group: dict) -> int:
+        """``group``'s index in param_groups (len(param_groups) if it is not there yet)."""
         # By identity: list.index would compare the groups' dicts, and with them their tensors.
-        g = next((gi for gi, other in enumerate(self.param_groups) if other is group), len(self.param_groups))
-        return f"param_groups[{g}]['params'][{index}] (shape {tuple(p.shape)})"
+        return next((gi for gi, other in enumerate(self.param_groups) if other is group), len(self.param_groups))
 
     @staticmethod
     def is_matrix(group: dict, p: Tensor) -> bool:
@@ -261,8 +266,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _drop_nonfinite(self, group: dict, indices: list[int]) -> list[int]:
         """Indices whose gradients are all finite; applies the group's non-finite policy."""
         params = group["params"]
-        # One device sync for the whole group rather than one per param.
-        finite = torch.stack([local_tensor(params[i].grad).isfinite().all() for i in indices])
+        # One device sync for the whole group rather than one per param (a group may span
+        # devices, so the flags meet on the first param's).
+        grads = [local_tensor(params[i].grad) for i in indices]
+        finite = torch.stack([g.isfinite().all().to(grads[0].device) for g in grads])
         process_group = group_of([params[i] for i in indices], self._replicated_group())
         if process_group is not None:  # every rank must skip the same params
             finite = agree_finite(finite, process_group)
@@ -274,18 +281,26 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if group["nonfinite"] == "raise":
             raise FloatingPointError(f"Non-finite gradient in {', '.join(names)}")
         self.nonfinite_skips += len(bad)
-        new = [n for n in names if n not in self._nonfinite_warned]
-        if new:
-            self._nonfinite_warned.update(new)
-            warnings.warn(f"Non-finite gradient in {', '.join(new)}: skipped this step, its "
-                          "weights and state left unchanged (nonfinite='skip'; counted in "
-                          "nonfinite_skips; warned once per param)", RuntimeWarning,
-                          stacklevel=5)  # the caller of step(), past torch.optim's two wrappers
+        self._warn_once(self._nonfinite_warned, names,
+                        "Non-finite gradient in {}: skipped this step, its weights and state left "
+                        "unchanged (nonfinite='skip'; counted in nonfinite_skips; warned once per param)",
+                        depth=1)
         return [i for i, ok in zip(indices, finite) if ok]
 
     @staticmethod
+    def _warn_once(seen: set[str], names: list[str], message: str, depth: int) -> None:
+        """One RuntimeWarning ``message`` (``{}``: the names) for the ``names`` not yet in
+        ``seen``, which records them. ``depth``: frames from the caller of this up to step()
+        (1 when step() calls it), so the warning points at the caller of step() (past
+        torch.optim's two wrappers of step)."""
+        new = [n for n in names if n not in seen]
+        if new:
+            seen.update(new)
+            warnings.warn(message.format(", ".join(new)), RuntimeWarning, stacklevel=depth + 5)
+
+    @staticmethod
     def _buckets(params: list[Tensor]) -> list[list[Tensor]]:
-        """Group params whose matrices share (m, n, dtype, device), in first-seen order.
+        """Group params whose matrices share (m, n, dtype, device, device mesh), in first-seen order.
 
         A bucket holds at most MAX_BUCKET_ELEMENTS elements (a single larger param makes a
         bucket of its own): stacking copies the bucket several times over, and matrices that

@@ -1,7 +1,7 @@
 """DCTAdamW: Adam in a low-rank subspace picked from a fixed DCT basis (no SVD)."""
 from .base import (MatrixOptimizer, apply_update, as_matrices, choice, integer, matrix_shape, rank_spec, real,
                    resolve_rank)
-from .projectors import DCTProjector, lowrank_adam, stored_shape
+from .projectors import DCTProjector, lowrank_adam, stored_shape, work_dtype
 
 
 class DCTAdamW(MatrixOptimizer):
@@ -100,7 +100,7 @@ class DCTAdamW(MatrixOptimizer):
                 # Right side: moments have the gradient's rows, so they live where its rows
                 # do (local shards under FSDP2); left side: r×n, whole on every rank.
                 low = proj.low_shape(matrix_shape(p)[0]) if proj.left else (*w.shape[:2], proj.rank)
-                low, dtype = stored_shape(p, low), proj.work_dtype(w.dtype)
+                low, dtype = stored_shape(p, low), work_dtype(w.dtype)
                 s.update(step=0, exp_avg=w.new_zeros(low, dtype=dtype), exp_avg_sq=w.new_zeros(low, dtype=dtype))
         exp_avgs = [as_matrices(s["exp_avg"]) for s in states]
         exp_avg_sqs = [as_matrices(s["exp_avg_sq"]) for s in states]
@@ -115,12 +115,16 @@ class DCTAdamW(MatrixOptimizer):
             fresh = dict(zip(due, fresh))
             # A param's first refresh has no moments to carry.
             moved = [i for i in due if group["rotate_states"] and "indices" in states[i]]
-            for moments in (exp_avgs, exp_avg_sqs) if moved else ():
-                carried = self._matrix_map(proj.carry, [moments[i] for i in moved],
-                                           [self._indices(states[i]) for i in moved], [fresh[i] for i in moved],
-                                           whole_inputs=(*low_whole, 1, 2), whole_outputs=low_whole)
-                for i, c in zip(moved, carried):
-                    moments[i].copy_(c)
+            if moved:
+                moments_whole = (0, 1) if proj.left else ()
+                carried = self._matrix_map(
+                    lambda M, V, old, new: (proj.carry(M, old, new), proj.carry(V, old, new)),
+                    [exp_avgs[i] for i in moved], [exp_avg_sqs[i] for i in moved],
+                    [self._indices(states[i]) for i in moved], [fresh[i] for i in moved],
+                    whole_inputs=(*moments_whole, 2, 3), whole_outputs=moments_whole)
+                for i, M, V in zip(moved, *carried):
+                    exp_avgs[i].copy_(M)
+                    exp_avg_sqs[i].copy_(V)
             for i, low in zip(due, fresh_lows):
                 # A copy, so each param owns its indices rather than a view of the batch.
                 states[i]["indices"] = fresh[i].reshape(stored_shape(params[i], fresh[i].shape)).clone()

@@ -69,6 +69,8 @@ Collectives are gloo-compatible: ``all_to_all_single`` with uneven splits (gloo 
 it); an all-gather of uneven pieces is an ``all_to_all_single`` whose send buffer repeats
 the rank's piece for every peer, since ``all_gather`` wants pieces of equal size.
 """
+import bisect
+import itertools
 import math
 from typing import Callable, Sequence
 
@@ -167,10 +169,11 @@ class MatrixWork:
                 raise ValueError(f"Shard of shape {tuple(local_tensor(p).shape)} on rank "
                                  f"{self.rank} is not the Shard(0) piece of {tuple(p.shape)}")
             holders = [r for r, k in enumerate(splits) if k] if self.sharded else []
+            ends = list(itertools.accumulate(splits)) if axis == 0 else None   # of each rank's experts
             owners = []
             for j in range(count):
                 if axis == 0:             # expert j is a whole matrix: computed where it lives
-                    owner = next(r for r in range(self.world) if j < sum(splits[:r + 1]))
+                    owner = bisect.bisect_right(ends, j)
                 elif len(holders) == 1:   # one rank holds every row: nothing to move
                     owner = holders[0]
                 else:                     # the least loaded rank so far this step
@@ -182,7 +185,10 @@ class MatrixWork:
             self.owners.append(owners)
         self.units = [(i, j) for i, owners in enumerate(self.owners) for j, r in enumerate(owners)
                       if r == self.rank]
-        self.units_of = [sum(o.count(r) for o in self.owners) for r in range(self.world)]
+        self.units_of = [0] * self.world   # matrices each rank owns
+        for owners in self.owners:
+            for r in owners:
+                self.units_of[r] += 1
 
     def _gathered(self, i: int) -> bool:
         """Whether param i's matrices are split across ranks (so they move to the owner)."""

@@ -1,13 +1,11 @@
 """GaLoreAdamW: Adam with its moments kept in a low-rank projection of each gradient."""
-import warnings
-
 import numpy as np
 import torch
 
 from .base import (MatrixOptimizer, apply_update, as_matrices, choice, integer, matrix_shape, rank_spec,
                    real, resolve_rank)
 from .distributed import local_matrices
-from .projectors import PROJ_TYPES, SVDProjector, lowrank_adam, stored_shape
+from .projectors import PROJ_TYPES, SVDProjector, lowrank_adam, stored_shape, work_dtype
 
 
 class GaLoreAdamW(MatrixOptimizer):
@@ -126,8 +124,7 @@ class GaLoreAdamW(MatrixOptimizer):
         proj = self._projector(group, params[0])
         whole = self._whole_low(proj)
         states = [self.state[p] for p in params]
-        # fp32 state and projections (fp64 for fp64 params).
-        dtype = torch.promote_types(weights[0].dtype, torch.float32)
+        dtype = work_dtype(weights[0].dtype)
         for p, w, s in zip(params, weights, states):
             if not s:
                 batch = matrix_shape(p)[0]
@@ -176,7 +173,9 @@ class GaLoreAdamW(MatrixOptimizer):
         warm = all(s["step"] > 0 for s in states)
 
         def refresh(G, seeds, *previous):
-            generators = [torch.Generator(G.device).manual_seed(seed) for seed in seeds.tolist()]
+            # Only the randomized SVD draws a sketch.
+            generators = None if proj.svd == "exact" else [torch.Generator(G.device).manual_seed(seed)
+                                                           for seed in seeds.tolist()]
             return proj.refresh(G, *previous, warm=warm, generator=generators)
 
         *bases, ok = self._matrix_map(refresh, grads, self._sketch_seeds(group, params),
@@ -197,7 +196,12 @@ class GaLoreAdamW(MatrixOptimizer):
             for key, basis in new.items():
                 s[key].copy_(basis)
         refreshed = torch.stack([o.all() for o in ok]).tolist()
-        self._warn_failed_refresh(group, [p for p, good in zip(params, refreshed) if not good])
+        failed = [p for p, good in zip(params, refreshed) if not good]
+        if failed:
+            place = {id(q): i for i, q in enumerate(group["params"])}
+            self._warn_once(self._refresh_warned, [self._param_name(group, place[id(p)]) for p in failed],
+                            "GaLore projector refresh failed for {} (all-zero gradient or SVD did not "
+                            "converge): kept the previous projector (warned once per param)", depth=3)
 
     def _sketch_seeds(self, group, params) -> list[torch.Tensor]:
         """Per param, a (B,) seed for each matrix's randomized sketch at this refresh.
@@ -206,7 +210,7 @@ class GaLoreAdamW(MatrixOptimizer):
         count) only, so every split of the refreshes (one batch, DDP shares, FSDP2 owners)
         and every resumed run draws the same numbers for a matrix.
         """
-        g = next(k for k, other in enumerate(self.param_groups) if other is group)
+        g = self._group_index(group)
         place = {id(p): i for i, p in enumerate(group["params"])}
         seeds = []
         for p in params:
@@ -215,13 +219,3 @@ class GaLoreAdamW(MatrixOptimizer):
             seeds.append(torch.tensor([int(np.random.SeedSequence(group["seed"], spawn_key=key).generate_state(1)[0])
                                        for key in keys], dtype=torch.int64))
         return seeds
-
-    def _warn_failed_refresh(self, group, failed):
-        names = [self._param_name(group, next(i for i, q in enumerate(group["params"]) if q is p))
-                 for p in failed]
-        new = [n for n in names if n not in self._refresh_warned]
-        if new:
-            self._refresh_warned.update(new)
-            warnings.warn(f"GaLore projector refresh failed for {', '.join(new)} (all-zero gradient "
-                          "or SVD did not converge): kept the previous projector (warned once per "
-                          "param)", RuntimeWarning, stacklevel=4)

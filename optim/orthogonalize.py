@@ -68,15 +68,15 @@ def ns_schedule(coefficients, steps: int) -> list[tuple[float, float, float]]:
             raise ValueError(f"Invalid ns_coefficients: {coefficients!r}; expected one of "
                              f"{sorted(NAMED_SCHEDULES)}, a triple (a, b, c) or a list of triples")
         return NAMED_SCHEDULES[coefficients](steps)
-    if _is_triple(coefficients):
-        return [tuple(float(v) for v in coefficients)] * steps
-    if isinstance(coefficients, (tuple, list)) and coefficients and all(_is_triple(t) for t in coefficients):
-        if len(coefficients) == 1:
-            return [tuple(float(v) for v in coefficients[0])] * steps
-        if len(coefficients) != steps:
-            raise ValueError(f"Invalid ns_coefficients: {len(coefficients)} triples given for "
+    triples = [coefficients] if _is_triple(coefficients) else coefficients
+    if isinstance(triples, (tuple, list)) and triples and all(_is_triple(t) for t in triples):
+        triples = [tuple(float(v) for v in t) for t in triples]
+        if len(triples) == 1:
+            return triples * steps
+        if len(triples) != steps:
+            raise ValueError(f"Invalid ns_coefficients: {len(triples)} triples given for "
                              f"ns_steps={steps}; give one triple per step or a single triple")
-        return [tuple(float(v) for v in t) for t in coefficients]
+        return triples
     raise ValueError(f"Invalid ns_coefficients: {coefficients!r}; expected a schedule name, "
                      "a triple (a, b, c) or a list of triples")
 

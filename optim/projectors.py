@@ -16,6 +16,11 @@ from matrixopt import kernels
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of low-rank state and projections for params of ``dtype``: fp32, or fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _sides(proj_type: str, m: int, n: int) -> tuple[str, ...]:
     """Which side(s) of an m×n gradient ``proj_type`` projects (galore-torch's convention)."""
     if proj_type == "std":
@@ -174,10 +179,6 @@ class DCTProjector:
     def basis_shapes(self, batch: int) -> dict[str, tuple[int, int]]:
         return {"indices": (batch, self.rank)}
 
-    @staticmethod
-    def work_dtype(dtype: torch.dtype) -> torch.dtype:
-        return torch.promote_types(dtype, torch.float32)
-
     def basis(self, device, dtype: torch.dtype) -> torch.Tensor:
         """The shared Q (k×k) these projections use."""
         return kernels.dct_basis(self.k, device, dtype)
@@ -192,7 +193,7 @@ class DCTProjector:
 
     def project(self, G: torch.Tensor, state) -> torch.Tensor:
         """Low-rank gradient of G (B, m, n); ``state`` maps "indices" to (B, r)."""
-        X = self._tall(G.to(self.work_dtype(G.dtype)))
+        X = self._tall(G.to(work_dtype(G.dtype)))
         return self._tall(X @ self._columns(state, G.device, X.dtype))
 
     def project_back(self, L: torch.Tensor, state) -> torch.Tensor:
@@ -201,7 +202,7 @@ class DCTProjector:
 
     def refresh(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """New ``indices`` (B, r) int32 for the stack G (B, m, n), and its low-rank gradient."""
-        X = self._tall(G.to(self.work_dtype(G.dtype)))
+        X = self._tall(G.to(work_dtype(G.dtype)))
         S, scores = kernels.dct_scores(X, self.score_norm, self.method)
         indices = kernels.top_indices(scores, self.rank)
         low = S.gather(-1, indices[:, None, :].expand(-1, S.shape[-2], -1))

@@ -260,9 +260,10 @@ def test_svd_failure_keeps_projector_and_warns_once(monkeypatch, svd):
 
     monkeypatch.setattr(torch.linalg, "svd", fail)
     monkeypatch.setattr(kernels, "lowrank_svd", fail)
-    with pytest.warns(RuntimeWarning, match="w .*kept the previous projector"):
+    with pytest.warns(RuntimeWarning, match="w .*kept the previous projector") as record:
         W.grad = torch.randn(12, 8)
         opt.step()
+    assert [w.filename for w in record if "projector" in str(w.message)] == [__file__]  # at opt.step()
     with mock.patch("warnings.warn") as warn:
         W.grad = torch.randn(12, 8)
         opt.step()
