@@ -11,11 +11,9 @@ Without ``--quick`` the sizes are meant for a GPU.
 import argparse
 import importlib
 import sys
-from pathlib import Path
-
 import torch
 
-from .common import RESULTS, write_results
+from .common import add_common_arguments, write_results
 from .step import SHAPES
 
 # Modules with run(quick) -> table sections, gathered by the `kernels` command.
@@ -41,14 +39,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name, help):
+    def command(name, help, *, device=True):
         sub = commands.add_parser(name, help=help)
-        sub.add_argument("--quick", action="store_true", help="small sizes for a CPU")
-        sub.add_argument("--out", type=Path, default=RESULTS, help="results folder (default %(default)s)")
+        add_common_arguments(sub, device=device)
         return sub
 
     def add_run_options(sub):
-        sub.add_argument("--device", help="cuda or cpu (default: cuda when available)")
         sub.add_argument("--threads", type=int,
                          help="CPU threads for torch (on a busy shared CPU, 1 avoids threads waiting on each other)")
         sub.add_argument("--optimizers", nargs="+", metavar="NAME",
@@ -64,7 +60,7 @@ def main(argv=None):
     step.add_argument("--warmup", type=int, help="untimed steps first")
     step.add_argument("--repeats", type=int, help="timed steps (the median is reported)")
     add_run_options(step)
-    command("kernels", "Newton-Schulz and low-rank refresh kernels")
+    command("kernels", "Newton-Schulz and low-rank refresh kernels", device=False)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 

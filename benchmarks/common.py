@@ -2,9 +2,12 @@
 import argparse
 import datetime
 import json
+import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -16,8 +19,6 @@ def machine() -> str:
     """A short machine label for file names: the GPU's name, else 'cpu<cores>'."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-").lower()
-    import os
-
     return f"cpu{os.cpu_count()}"
 
 
@@ -37,13 +38,46 @@ def stamp() -> dict:
     return {
         "machine": machine(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,
         "commit": commit,
         "date": datetime.date.today().isoformat(),
     }
+
+
+def default_device(device=None) -> torch.device:
+    """``device`` as a torch.device; None means cuda when available, else cpu."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def cpu_note(device: torch.device) -> str:
+    """Appended to the section titles of a GPU benchmark run on a CPU."""
+    return "" if device.type == "cuda" else " — CPU run: checks the code, GPU figures pending"
+
+
+def median_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones:
+    CUDA events on a GPU (synchronized once, after the last call), ``perf_counter`` elsewhere."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
@@ -89,15 +123,28 @@ def write_results(command: str, sections: dict[str, list[dict]], *, extra: dict 
     return paths
 
 
-def module_main(command: str, run, *, description: str, extra: dict | None = None, argv=None) -> dict[str, Path]:
-    """The command line of one benchmark module: ``python -m benchmarks.<command> [--quick] [--out DIR]``.
-
-    Calls ``run(quick)`` for its table sections and writes them with :func:`write_results`.
-    """
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{command}", description=description)
+def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool) -> None:
+    """The flags every benchmark command shares: ``--quick``, ``--out`` and, if asked, ``--device``."""
     parser.add_argument("--quick", action="store_true", help="small sizes, meant for a CPU")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default %(default)s)")
+    if device:
+        parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+
+
+def module_main(command: str, run, *, description: str, extra: dict | None = None, argv=None,
+                options=None) -> dict[str, Path]:
+    """The command line of one benchmark module: ``python -m benchmarks.<command> [--quick] [--device D]
+    [--out DIR]``, plus the flags ``options(parser)`` adds.
+
+    Calls ``run(quick, device=..., **flags)`` for its table sections (``flags``: those ``options``
+    added, also recorded in the JSON) and writes them with :func:`write_results`.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{command}", description=description)
+    add_common_arguments(parser, device=True)
+    if options is not None:
+        options(parser)
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    return write_results(command, run(args.quick), extra={"quick": args.quick, **(extra or {})},
-                         out_dir=args.out, invocation=" ".join([f"python -m benchmarks.{command}", *argv]))
+    flags = vars(parser.parse_args(argv))
+    quick, out, device = flags.pop("quick"), flags.pop("out"), flags.pop("device")
+    return write_results(command, run(quick, device=device, **flags), extra={"quick": quick, **flags, **(extra or {})},
+                         out_dir=out, invocation=" ".join([f"python -m benchmarks.{command}", *argv]))

@@ -1,22 +1,19 @@
 """DCT scores by matmul vs by FFT: where the FFT gets faster (sets kernels/dct.py's FFT_MIN_SIZE).
 
-    python -m benchmarks.dct [--quick] [--device cuda] [--out DIR]
+    python -m benchmarks.dct [--quick] [--device cuda] [--rows N] [--out DIR]
 
 Times the orthonormal DCT of ``rows``×k fp32 matrices both ways (after a warm-up that builds
 the basis and the FFT plan), for smooth and prime k, and the whole DCT-AdamW refresh
 (scores + top-r at r = k/4) through the path ``method="auto"`` picks. Writes
 benchmarks/results/dct-<machine>-<date>.{md,json}.
 """
-import argparse
-from pathlib import Path
-
 import torch
 from torch.utils.benchmark import Timer
 
 from matrixopt.kernels import dct_scores, top_indices
-from matrixopt.kernels.dct import FFT_MIN_SIZE, dct_basis, dct_fft, dct_matmul, use_fft
+from matrixopt.kernels.dct import FFT_MIN_SIZE, dct_fft, dct_matmul, use_fft
 
-from .common import RESULTS, write_results
+from .common import default_device, module_main
 
 QUICK_SIZES = (64, 128, 192, 256, 257, 384, 509, 512, 768, 1024, 2048, 4096)
 FULL_SIZES = QUICK_SIZES + (5632, 8192, 11008)
@@ -34,12 +31,11 @@ def refresh(x):
 
 def run(quick: bool = False, device=None, rows: int = 1024) -> dict[str, list[dict]]:
     """One table: per k, matmul and FFT times, their ratio, and the auto refresh's time."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     min_run_time = 0.2 if quick else 1.0
     table = []
     for k in QUICK_SIZES if quick else FULL_SIZES:
         x = torch.randn(rows, k, device=device)
-        dct_basis(k, device)
         t_mm, t_fft = seconds(dct_matmul, x, min_run_time), seconds(dct_fft, x, min_run_time)
         table.append({"k": k, "matmul ms": t_mm * 1e3, "fft ms": t_fft * 1e3, "matmul/fft": t_mm / t_fft,
                       "auto picks": "fft" if use_fft(k, device) else "matmul",
@@ -49,14 +45,10 @@ def run(quick: bool = False, device=None, rows: int = 1024) -> dict[str, list[di
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="sizes up to 4096, short timings")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--rows", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    return write_results("dct", run(args.quick, args.device, args.rows),
-                         extra={"quick": args.quick, "rows": args.rows}, out_dir=args.out)
+    def options(parser):
+        parser.add_argument("--rows", type=int, default=1024, help="rows of every matrix (default %(default)s)")
+
+    return module_main("dct", run, description=__doc__.splitlines()[0], options=options, argv=argv)
 
 
 if __name__ == "__main__":

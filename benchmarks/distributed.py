@@ -25,7 +25,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 import matrixopt
 
-from .common import module_main
+from .common import default_device, module_main
 from .step import SHAPES, llama_matrices
 
 OPTIMIZERS = ("Muon", "ROOT", "ARO", "GaLoreAdamW", "DCTAdamW")
@@ -63,7 +63,7 @@ def _median_ms(opts: dict, device, warmup: int, repeats: int) -> dict[str, float
 
 def run(quick: bool = False, sets=None, optimizers=OPTIMIZERS, device=None):
     """Step times per optimizer and mode on a 1-rank process group; returns table sections."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     sets = sets or (["ci", "tiny"] if quick else ["60M", "350M"])
     warmup, repeats = (2, 5) if quick else (3, 10)
     started = not dist.is_initialized()

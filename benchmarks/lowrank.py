@@ -9,17 +9,14 @@ computed the same way as the numerator, in fp64, so GEMM rounding cancels; worst
 Times are medians of CUDA-event timings on GPU (wall clock on CPU). The "core" section
 times Rayleigh-Ritz on the p×p core (p = r + 8): ``torch.linalg.svd`` against ours.
 
-    python -m benchmarks.lowrank [--quick] [--out DIR]   # --quick: tiny CPU sizes (what the tests run)
+    python -m benchmarks.lowrank [--quick] [--device cuda] [--out DIR]   # --quick: tiny CPU sizes (what the tests run)
 """
-import statistics
-import time
-
 import torch
 
 from matrixopt.kernels import lowrank_svd
 from matrixopt.kernels.lowrank import _core_svd
 
-from .common import module_main
+from .common import cpu_note, default_device, median_ms, module_main
 
 FULL_CASES = [(1, 2048, 5632, 128), (1, 2048, 5632, 512), (1, 4096, 4096, 128), (1, 4096, 4096, 512),
               (1, 4096, 11008, 128), (1, 4096, 11008, 512), (16, 2048, 2048, 512)]
@@ -29,21 +26,14 @@ OVERSAMPLE = 8
 
 def timed(fn, reps, device):
     """Median milliseconds of ``fn()`` over ``reps`` runs after one warm-up; returns (ms, last result)."""
-    out = fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times), out
+    result = None
+
+    def call():
+        nonlocal result
+        result = fn()
+
+    ms = median_ms(call, device, 1, reps)
+    return ms, result
 
 
 def gradient_pair(batch, m, n, device, generator):
@@ -108,9 +98,9 @@ def core_rows(cases, device, reps):
 
 def run(quick: bool = False, device=None) -> dict[str, list[dict]]:
     """The refresh and core tables; ``quick``: tiny sizes, meant for a CPU."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     cases, reps = (QUICK_CASES, 3) if quick else (FULL_CASES, 5)
-    note = "" if device.type == "cuda" else " — CPU run: checks the code, GPU figures pending"
+    note = cpu_note(device)
     return {f"refresh: time (ms) and captured energy{note}": refresh_rows(cases, device, reps),
             f"Rayleigh-Ritz core (ms){note}": core_rows(cases, device, reps)}
 

@@ -1,7 +1,7 @@
 """Newton-Schulz kernels: speed, accuracy, and the Muon step they serve.
 
     python -m benchmarks kernels [--quick]      # with the other kernel benchmarks
-    python -m benchmarks.ns [--quick] [--out DIR]
+    python -m benchmarks.ns [--quick] [--device cuda] [--out DIR]
 
 Side by side in one run, all in bf16 with 5 steps:
 
@@ -23,9 +23,8 @@ Side by side in one run, all in bf16 with 5 steps:
 ``TRITON_INTERPRET=1``, else left out; the optimizer step without it): it checks the
 code, and its timings say nothing about a GPU.
 """
-import contextlib
 import os
-import types
+from unittest import mock
 
 import torch
 
@@ -33,9 +32,9 @@ from matrixopt.kernels import newton_schulz, newton_schulz_torch
 from matrixopt.kernels._dispatch import interpreting, triton_available
 from matrixopt.orthogonalize import MUON_COEFFICIENTS, ns_schedule
 
-from .common import module_main
+from .common import cpu_note, default_device, median_ms, module_main
 from .optimizers import ADAMW, TORCH_MUON, Settings
-from .step import SHAPES, add_ratios, llama_matrices, measure, time_steps
+from .step import SHAPES, add_ratios, llama_matrices, measure
 
 STEPS = 5
 # (label, batch, m, n)
@@ -83,11 +82,6 @@ def implementations(device: torch.device, schedule_name: str = "muon") -> dict:
     return impls
 
 
-def time_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median ms of ``repeats`` calls of fn after ``warmup`` (benchmarks.step's timer)."""
-    return time_steps(types.SimpleNamespace(step=fn), device, warmup, repeats)
-
-
 def speed(cases, device, warmup: int, repeats: int) -> list[dict]:
     impls = implementations(device)
     rows = []
@@ -97,7 +91,7 @@ def speed(cases, device, warmup: int, repeats: int) -> list[dict]:
         outputs = {}
         for name, fn in impls.items():
             outputs[name] = fn(X)
-            ms = time_ms(lambda: fn(X), device, warmup, repeats)
+            ms = median_ms(lambda: fn(X), device, warmup, repeats)
             row[f"{name} ms"] = ms
             row[f"{name} TFLOP/s"] = ns_flops(batch, m, n) / ms / 1e9
         for name in impls:
@@ -140,20 +134,6 @@ def accuracy(shapes, device) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def kernels_env(value: str):
-    """MATRIXOPT_KERNELS set to ``value`` inside the block."""
-    old = os.environ.get("MATRIXOPT_KERNELS")
-    os.environ["MATRIXOPT_KERNELS"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MATRIXOPT_KERNELS"]
-        else:
-            os.environ["MATRIXOPT_KERNELS"] = old
-
-
 def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dict]:
     """ms per step: matrixopt.Muon with our kernels and with the twin, torch.optim.Muon, AdamW."""
     params = llama_matrices(*SHAPES[set_name], device)
@@ -164,7 +144,7 @@ def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dic
     # Not through the interpreter: a CPU step with it only retests the kernels, slowly.
     variants = {"ours": "triton", "twin": "torch"} if device.type == "cuda" else {"twin": "torch"}
     for label, backend in variants.items():
-        with kernels_env(backend):
+        with mock.patch.dict(os.environ, MATRIXOPT_KERNELS=backend):
             row = measure("matrixopt.Muon", params, settings, device, warmup, repeats)
         row["optimizer"] = f"matrixopt.Muon ({label})"
         rows.append(row)
@@ -177,10 +157,10 @@ def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dic
 
 def run(quick: bool = False, device=None) -> dict[str, list[dict]]:
     """The three sections as table rows; ``quick``: tiny sizes, meant for a CPU."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     warmup, repeats = (1, 1) if quick else (3, 20)
     set_name = "ci" if quick else "1B"
-    note = "" if device.type == "cuda" else " — CPU run: checks the code, GPU figures pending"
+    note = cpu_note(device)
     d, h, layers = SHAPES[set_name]
     return {
         f"NS, {STEPS} steps, bf16: ms and dense TFLOP/s{note}":

@@ -10,13 +10,12 @@ with a projector refresh at every step (``update_proj_gap=1``), giving the refre
 cost and the step cost amortized over the refresh gap.
 """
 import gc
-import statistics
-import time
 from dataclasses import replace
 
 import torch
 from tqdm import tqdm
 
+from .common import default_device, median_ms
 from .optimizers import ADAMW, Settings, build, contenders, is_low_rank, state_bytes
 
 # name: (d, h, layers). 60M and 350M as in the GaLore paper; 1B is the 822M-param matrix set
@@ -54,28 +53,6 @@ def llama_matrices(d: int, h: int, layers: int, device) -> list[tuple[str, torch
     return params
 
 
-def time_steps(opt, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median milliseconds of ``repeats`` optimizer steps after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        opt.step()
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
-        for start, end in events:
-            start.record()
-            opt.step()
-            end.record()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            opt.step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def measure(name: str, params, settings: Settings, device, warmup: int, repeats: int) -> dict:
     """One optimizer on one parameter set: step time, state bytes, GPU peak."""
     cuda = device.type == "cuda"
@@ -85,14 +62,14 @@ def measure(name: str, params, settings: Settings, device, warmup: int, repeats:
         before = torch.cuda.memory_allocated()
     opt = build(name, params, [], lr=1e-4, settings=settings)
     row = dict.fromkeys(COLUMNS)
-    row.update(optimizer=name, step_ms=time_steps(opt, device, warmup, repeats), state_MB=state_bytes(opt) / 2**20)
+    row.update(optimizer=name, step_ms=median_ms(opt.step, device, warmup, repeats), state_MB=state_bytes(opt) / 2**20)
     if cuda:
         row["gpu_peak_extra_MB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     del opt
     if is_low_rank(name):
         # One warm-up step refreshes anyway; few repeats, since a refresh can take seconds.
         opt = build(name, params, [], lr=1e-4, settings=replace(settings, update_proj_gap=1))
-        row["refresh_step_ms"] = time_steps(opt, device, 1, min(repeats, 3))
+        row["refresh_step_ms"] = median_ms(opt.step, device, 1, min(repeats, 3))
         row["amortized_ms"] = row["step_ms"] + (row["refresh_step_ms"] - row["step_ms"]) / settings.update_proj_gap
         del opt
     gc.collect()
@@ -104,7 +81,7 @@ def measure(name: str, params, settings: Settings, device, warmup: int, repeats:
 def run(quick: bool = False, sets=None, optimizers=None, warmup: int | None = None,
         repeats: int | None = None, device=None, settings: Settings | None = None):
     """Measure every optimizer on every set; returns (table sections, extra JSON, figure)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     sets = sets or default_sets(quick, device.type == "cuda")
     warmup = warmup if warmup is not None else (2 if quick else 5)
     repeats = repeats if repeats is not None else (5 if quick else 20)

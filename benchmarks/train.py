@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import matrixopt
 
+from .common import default_device
 from .data import batches, eval_windows, load_shakespeare
 from .model import ModelConfig, Transformer
 from .optimizers import ADAMW, Settings, build, contenders, state_bytes
@@ -135,7 +136,7 @@ def run(quick: bool = False, steps: int | None = None, lrs=None, optimizers=None
         cfg = replace(cfg, steps=steps, eval_every=max(1, min(cfg.eval_every, steps // 4)))
     if lrs:
         cfg = replace(cfg, lrs=tuple(lrs))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     corpus = load_shakespeare()
     names, notes = contenders(optimizers)
 

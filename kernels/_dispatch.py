@@ -1,4 +1,5 @@
 """Choosing between a kernel's Triton implementation and its PyTorch twin."""
+import functools
 import os
 
 import torch
@@ -6,7 +7,9 @@ import torch
 BACKENDS = ("auto", "torch", "triton")
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Whether triton imports (checked once: a failed import is not cached by Python)."""
     try:
         import triton  # noqa: F401
     except ImportError:

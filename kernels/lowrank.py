@@ -80,6 +80,11 @@ def _core_svd(R, rank):
     return Uc.gather(-1, order.expand_as(Uc)), S, (Vc * sign[:, None, :]).gather(-1, order.expand_as(Vc))
 
 
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an int >= {minimum})")
+
+
 def lowrank_svd(G, rank, *, init=None, iters=2, oversample=8, generator=None, backend=None):
     """Top-``rank`` singular triplets of every matrix in G (shape (..., m, n)).
 
@@ -110,12 +115,9 @@ def lowrank_svd(G, rank, *, init=None, iters=2, oversample=8, generator=None, ba
     """
     if G.ndim < 2 or G.is_complex():
         raise ValueError(f"lowrank_svd needs a real G of shape (..., m, n), got {tuple(G.shape)} {G.dtype}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"Invalid rank: {rank!r} (expected an int >= 1)")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"Invalid iters: {iters!r} (expected an int >= 1)")
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise ValueError(f"Invalid oversample: {oversample!r} (expected an int >= 0)")
+    _check_int("rank", rank, 1)
+    _check_int("iters", iters, 1)
+    _check_int("oversample", oversample, 0)
     choose_backend(G, backend)
     *batch, m, n = G.shape
     k = min(m, n)

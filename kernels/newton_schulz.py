@@ -21,22 +21,31 @@ TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TRITON_MIN_SIDE = 4096
 
 
+def _wide_unit_stack(X, eps):
+    """X as a stack (B, m, n) in the wide orientation (m ≤ n, transposed if needed), each
+    matrix divided by its Frobenius norm; and whether it was transposed."""
+    X = X.reshape(-1, *X.shape[-2:])
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    return X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(eps), transposed
+
+
+def _restore(X, transposed, shape, out_dtype):
+    """Undo :func:`_wide_unit_stack`'s layout: X back to ``shape``, in ``out_dtype``."""
+    return (X.mT if transposed else X).reshape(shape).to(out_dtype)
+
+
 def newton_schulz_torch(X, coefficients, *, eps=1e-7, out_dtype=None):
     """PyTorch twin: batched matmuls in X's dtype (fp32 accumulation inside matmul)."""
     out_dtype = out_dtype or X.dtype
     shape = X.shape
-    X = X.reshape(-1, *shape[-2:])
-    transposed = X.size(-2) > X.size(-1)
-    if transposed:
-        X = X.mT
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
+    X, transposed = _wide_unit_stack(X, eps)
     for a, b, c in coefficients:
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
-    if transposed:
-        X = X.mT
-    return X.reshape(shape).to(out_dtype)
+    return _restore(X, transposed, shape, out_dtype)
 
 
 def newton_schulz(X, coefficients, *, eps=1e-7, out_dtype=None, backend=None):

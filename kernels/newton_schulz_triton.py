@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreting
-from .newton_schulz import TRITON_DTYPES
+from .newton_schulz import TRITON_DTYPES, _restore, _wide_unit_stack
 
 
 def _configs(names, candidates, interpreted):
@@ -231,12 +231,10 @@ def newton_schulz_triton(X, coefficients, *, eps=1e-7, out_dtype=None):
     if X.numel() == 0:
         return X.to(out_dtype)
     shape = X.shape
-    X = X.reshape(-1, *shape[-2:])
-    transposed = X.size(-2) > X.size(-1)
-    if transposed:
-        X = X.mT
-    # Normalizing also makes the wide, contiguous working copy the kernels read row-wise.
-    X = (X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)).contiguous()
+    X, transposed = _wide_unit_stack(X, eps)
+    # The kernels read the wide orientation row-wise; a tall X's normalized copy is still
+    # laid out transposed, so it takes one more copy here.
+    X = X.contiguous()
     batch, m, _ = X.shape
     A = X.new_empty(batch, m, m)
     B = torch.empty_like(A)
@@ -245,6 +243,4 @@ def newton_schulz_triton(X, coefficients, *, eps=1e-7, out_dtype=None):
         xxt(X, out=A)
         ba_plus_ca2(A, b, c, out=B)
         X, spare = ax_plus_bx(X, B, a, out=spare), X
-    if transposed:
-        X = X.mT
-    return X.reshape(shape).to(out_dtype)
+    return _restore(X, transposed, shape, out_dtype)
