@@ -2,13 +2,13 @@
 import numpy as np
 import torch
 
-from .base import (MatrixOptimizer, apply_update, as_matrices, choice, integer, matrix_shape, rank_spec,
-                   real, resolve_rank)
+from .base import as_matrices, choice, integer, matrix_shape, resolve_rank
 from .distributed import local_matrices
-from .projectors import PROJ_TYPES, SVDProjector, lowrank_adam, stored_shape, work_dtype
+from .lowrank import LowRankAdamW
+from .projectors import PROJ_TYPES, SVDProjector
 
 
-class GaLoreAdamW(MatrixOptimizer):
+class GaLoreAdamW(LowRankAdamW):
     r"""GaLore (Zhao et al. 2024): AdamW on the gradient projected onto its top singular subspace.
 
     For a matrix W (m×n) with gradient G at step t (counted from 0), lr η, weight decay λ:
@@ -38,24 +38,16 @@ class GaLoreAdamW(MatrixOptimizer):
     unchanged when the basis is, and follows sign flips and reorderings of singular vectors.
     Directions new to the subspace start with (near) zero moments, like fresh Adam state.
 
-    Params that are not matrices (see :class:`~matrixopt.base.MatrixOptimizer`) get AdamW
-    with ``betas`` and ``eps`` and the group's lr and weight decay.
-
-    Args:
-        params: tensors, (name, tensor) pairs or param-group dicts (every argument below
-            can be overridden per group; ``matrix=True/False`` forces the routing).
-        lr: learning rate (default 1e-3).
-        betas: (β₁, β₂) (default (0.9, 0.999)).
+    Args (the others, and the AdamW fallback for params that are not matrices, as for
+    :class:`~matrixopt.lowrank.LowRankAdamW`: params, lr, betas, weight_decay, rank (default
+    128), nonfinite):
         eps: ε (default 1e-6, galore-torch's).
-        weight_decay: decoupled weight decay λ (default 0).
-        rank: r, an int or a fraction of min(m, n); capped at min(m, n) (default 128).
         update_proj_gap: T, steps between projector refreshes (default 200).
         scale: s, the factor on the projected-back step (default 0.25).
         proj_type: "std" (default), "reverse_std", "left", "right" or "full".
         svd: "randomized" (default; :func:`matrixopt.kernels.lowrank_svd`, warm-started from
             the previous basis) or "exact" (``torch.linalg.svd`` in fp32, as galore-torch).
         reproject_states: carry the moments into the new basis on refresh (default False).
-        nonfinite: "skip" (default) or "raise" on NaN/Inf gradients.
         seed: seed of the randomized refresh: the sketch of each matrix at each refresh is
             drawn from a generator seeded by (seed, the param's place in the optimizer, the
             matrix's index in a 3-D param, the refresh count), so it depends on nothing else
@@ -70,11 +62,8 @@ class GaLoreAdamW(MatrixOptimizer):
             are the bases. See :mod:`matrixopt.distributed`.
     """
 
-    supports_fsdp = True
     hyperparameters = {
-        "rank": rank_spec,
-        "update_proj_gap": integer(1),
-        "scale": real(0.0),
+        **LowRankAdamW.hyperparameters,
         "proj_type": choice(*PROJ_TYPES),
         "svd": choice("exact", "randomized"),
         "reproject_states": choice(True, False),
@@ -84,11 +73,10 @@ class GaLoreAdamW(MatrixOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, rank=128,
                  update_proj_gap=200, scale=0.25, proj_type="std", svd="randomized",
                  reproject_states=False, nonfinite="skip", seed=0, *, distributed=None, process_group=None):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
-                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-                        reproject_states=reproject_states, nonfinite=nonfinite, seed=seed)
         self._refresh_warned: set[str] = set()
-        super().__init__(params, defaults, distributed=distributed, process_group=process_group)
+        super().__init__(params, lr, betas, eps, weight_decay, rank, update_proj_gap, scale,
+                         proj_type=proj_type, svd=svd, reproject_states=reproject_states,
+                         nonfinite=nonfinite, seed=seed, distributed=distributed, process_group=process_group)
 
     def __getstate__(self):
         return {**super().__getstate__(), "_refresh_warned": self._refresh_warned}
@@ -98,66 +86,26 @@ class GaLoreAdamW(MatrixOptimizer):
         _, m, n = matrix_shape(p)
         return SVDProjector(group["proj_type"], resolve_rank(group["rank"], m, n), m, n, group["svd"])
 
-    @staticmethod
-    def _whole_low(proj: SVDProjector) -> bool:
-        """Whether the low-rank gradient and moments are whole per matrix (a left projection
-        sums over G's rows; a single row may be a 1-D param split on its columns), rather
-        than having G's rows (and being sharded like them under FSDP2)."""
-        return "proj_left" in proj.keys or proj.m == 1
+    def _initial_bases(self, proj, batch, device, dtype):
+        return proj.initial(batch, device, dtype)
 
-    def _matrix_state_shapes(self, p, group):
-        batch = matrix_shape(p)[0]
-        proj = self._projector(group, p)
-        low = stored_shape(p, proj.low_shape(batch))
-        return {"exp_avg": low, "exp_avg_sq": low, **proj.basis_shapes(batch)}
+    def _basis_shapes(self, p, proj):
+        return proj.basis_shapes(matrix_shape(p)[0])
 
-    def _sharded_state_shapes(self, p, group):
-        if not self.is_matrix(group, p):
-            return super()._sharded_state_shapes(p, group)
-        # The bases are whole on every rank, even where their shape happens to equal p's.
-        if self._whole_low(self._projector(group, p)):
-            return {}
-        low = self._matrix_state_shapes(p, group)["exp_avg"]
-        return {"exp_avg": low, "exp_avg_sq": low}
-
-    def _update_matrices(self, group, params, weights, grads):
-        proj = self._projector(group, params[0])
-        whole = self._whole_low(proj)
-        states = [self.state[p] for p in params]
-        dtype = work_dtype(weights[0].dtype)
-        for p, w, s in zip(params, weights, states):
-            if not s:
-                batch = matrix_shape(p)[0]
-                # Right side: the moments have the gradient's rows, so they live where its
-                # rows do (local shards under FSDP2).
-                low = stored_shape(p, proj.low_shape(batch) if whole else (*w.shape[:2], proj.rank))
-                s.update(step=0, exp_avg=w.new_zeros(low, dtype=dtype), exp_avg_sq=w.new_zeros(low, dtype=dtype),
-                         **proj.initial(batch, w.device, dtype))
-        due = [i for i, s in enumerate(states) if s["step"] % group["update_proj_gap"] == 0]
+    def _project(self, group, proj, params, grads, due):
         if due:
             self._refresh(group, proj, [params[i] for i in due], [grads[i] for i in due])
+        if self._whole_low(proj):
+            # Uᵀ·G sums over G's rows: the owner of the whole gradient projects.
+            return self._project_on_owners(proj.project, proj, grads, params, whole_in=False, whole_out=True)
+        # G·V: each block of G's rows gives the same rows of the result, so shards project
+        # (and project back) locally.
+        return [proj.project(g, self._local_entries(proj, p, self.state[p])) for p, g in zip(params, grads)]
 
-        exp_avgs = [as_matrices(s["exp_avg"]) for s in states]
-        exp_avg_sqs = [as_matrices(s["exp_avg_sq"]) for s in states]
-        if whole:
-            # Uᵀ·G sums over G's rows: the owner of the whole gradient projects, and projects
-            # the step back.
-            bases = [[s[key] for s in states] for key in proj.keys]
-            basis_args = tuple(range(1, 1 + len(bases)))
-            lows = self._matrix_map(lambda G, *P: proj.project(G, dict(zip(proj.keys, P))),
-                                    grads, *bases, whole_inputs=basis_args, whole_outputs=(0,))
-            steps = lowrank_adam(exp_avgs, exp_avg_sqs, lows, states, group["betas"], group["eps"])
-            updates = self._matrix_map(lambda L, *P: proj.project_back(L, dict(zip(proj.keys, P))),
-                                       steps, *bases, whole_inputs=(0, *basis_args))
-        else:
-            # G·V: each block of G's rows gives the same rows of the result, so shards
-            # project (and project back) locally.
-            bases = [self._local_entries(proj, p, s) for p, s in zip(params, states)]
-            lows = [proj.project(g, b) for g, b in zip(grads, bases)]
-            steps = lowrank_adam(exp_avgs, exp_avg_sqs, lows, states, group["betas"], group["eps"])
-            updates = [proj.project_back(x, b) for x, b in zip(steps, bases)]
-        apply_update(weights, updates, lr=group["lr"], weight_decay=group["weight_decay"],
-                     scale=group["scale"])
+    def _project_back(self, proj, params, steps):
+        if self._whole_low(proj):
+            return self._project_on_owners(proj.project_back, proj, steps, params, whole_in=True, whole_out=False)
+        return [proj.project_back(x, self._local_entries(proj, p, self.state[p])) for p, x in zip(params, steps)]
 
     @staticmethod
     def _local_entries(proj, p, values) -> dict:
@@ -199,9 +147,10 @@ class GaLoreAdamW(MatrixOptimizer):
         failed = [p for p, good in zip(params, refreshed) if not good]
         if failed:
             place = {id(q): i for i, q in enumerate(group["params"])}
+            # depth 4: _refresh ← _project ← _update_matrices ← _step_bucket ← step.
             self._warn_once(self._refresh_warned, [self._param_name(group, place[id(p)]) for p in failed],
                             "GaLore projector refresh failed for {} (all-zero gradient or SVD did not "
-                            "converge): kept the previous projector (warned once per param)", depth=3)
+                            "converge): kept the previous projector (warned once per param)", depth=4)
 
     def _sketch_seeds(self, group, params) -> list[torch.Tensor]:
         """Per param, a (B,) seed for each matrix's randomized sketch at this refresh.

@@ -60,6 +60,7 @@ class SVDProjector:
 
     def __init__(self, proj_type: str, rank: int, m: int, n: int, svd: str = "randomized"):
         self.sides = _sides(proj_type, m, n)
+        self.left = "left" in self.sides   # projects the left side (alone, or with "full")
         self.rank, self.m, self.n, self.svd = rank, m, n, svd
         self.keys = tuple(f"proj_{side}" for side in self.sides)
 
