@@ -7,6 +7,7 @@ PyTorch elsewhere).
 """
 import functools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,8 @@ NAMED_SCHEDULES = {
 
 
 def _is_triple(t) -> bool:
-    return isinstance(t, (tuple, list)) and len(t) == 3 and all(isinstance(v, (int, float)) for v in t)
+    return (isinstance(t, (tuple, list)) and len(t) == 3
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in t))
 
 
 def ns_schedule(coefficients, steps: int) -> list[tuple[float, float, float]]:

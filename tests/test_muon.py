@@ -128,6 +128,7 @@ INVALID = [
     ("lr", -1e-3), ("lr", float("nan")), ("lr", float("inf")), ("momentum", 1.0), ("momentum", -0.1),
     ("ns_steps", 0), ("ns_steps", 2.5), ("ns_coefficients", "newton"),
     ("ns_coefficients", [(3.0, -4.0, 2.0)] * 2), ("ns_coefficients", (1.0, 2.0)),
+    ("ns_coefficients", (3.0, float("nan"), 2.0)), ("ns_coefficients", [(3.0, -4.0, float("inf"))] * 5),
     ("lr_scaling", "adamw"), ("betas", (1.0, 0.9)), ("betas", (0.9, -0.1)), ("betas", 0.9),
     ("eps", 0.0), ("eps", -1e-8), ("weight_decay", -0.1), ("weight_decay", float("inf")),
     ("nonfinite", "ignore"),
