@@ -2,7 +2,7 @@
 
     python -m benchmarks train --quick     # the demo: Shakespeare LM, every optimizer, CPU minutes
     python -m benchmarks step --quick      # step time and optimizer-state memory
-    python -m benchmarks kernels --quick   # Newton-Schulz and low-rank refresh kernels
+    python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
 
 Each command prints a markdown table and writes
 ``benchmarks/results/<command>-<machine>-<date>.{md,json,png}`` (``--out`` elsewhere).
@@ -17,7 +17,7 @@ from .common import add_common_arguments, write_results
 from .step import SHAPES
 
 # Modules with run(quick) -> table sections, gathered by the `kernels` command.
-KERNEL_MODULES = ("ns", "lowrank", "dct")
+KERNEL_MODULES = ("ns", "lowrank", "projection", "dct")
 
 
 def kernels(quick: bool):

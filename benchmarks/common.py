@@ -123,6 +123,22 @@ def write_results(command: str, sections: dict[str, list[dict]], *, extra: dict 
     return paths
 
 
+def cpu_peak_bytes(fn) -> int:
+    """Peak bytes of CPU tensors ``fn()`` allocates beyond what was allocated before it
+    (its temporaries, and what it leaves allocated), from the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()  # negative for frees
+        peak = max(peak, current)
+    return peak
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool) -> None:
     """The flags every benchmark command shares: ``--quick``, ``--out`` and, if asked, ``--device``."""
     parser.add_argument("--quick", action="store_true", help="small sizes, meant for a CPU")

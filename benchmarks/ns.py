@@ -152,7 +152,7 @@ def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dic
     torch_muon = next((r["step_ms"] for r in rows if r["optimizer"] == TORCH_MUON), None)
     return [{"optimizer": r["optimizer"], "step ms": r["step_ms"], "vs AdamW": r["step_vs_adamw"],
              "speedup vs torch.optim.Muon": torch_muon / r["step_ms"] if torch_muon else None,
-             "GPU peak extra MB": r["gpu_peak_extra_MB"]} for r in rows]
+             "peak extra MB": r["peak_extra_MB"]} for r in rows]
 
 
 def run(quick: bool = False, device=None) -> dict[str, list[dict]]:

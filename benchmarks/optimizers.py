@@ -35,6 +35,8 @@ class Settings:
 
 # Table order; other matrixopt optimizers follow in export order.
 ORDER = ("Muon", "ROOT", "ARO", "GaLoreAdamW", "DCTAdamW")
+# Extra contenders for the step benchmark: (optimizer, non-default arguments).
+VARIANTS = {"matrixopt.GaLoreAdamW (proj_dtype=bf16)": ("matrixopt.GaLoreAdamW", {"proj_dtype": torch.bfloat16})}
 
 
 def matrixopt_classes() -> dict[str, type]:
@@ -81,9 +83,9 @@ def galore_torch_class() -> tuple[type | None, list[str]]:
     return GaLoreAdamW, notes
 
 
-def contenders(only=None) -> tuple[list[str], list[str]]:
+def contenders(only=None, variants: bool = False) -> tuple[list[str], list[str]]:
     """Names of the optimizers available here (those in ``only`` if given), baselines
-    first, and import notes."""
+    first, then (with ``variants``) the VARIANTS, and import notes."""
     galore_cls, notes = galore_torch_class()
     names = [ADAMW]
     if hasattr(torch.optim, "Muon"):
@@ -91,6 +93,8 @@ def contenders(only=None) -> tuple[list[str], list[str]]:
     if galore_cls is not None:
         names.append(GALORE_TORCH)
     names += list(matrixopt_classes())
+    if variants:
+        names += [name for name, (base, _) in VARIANTS.items() if base in names]
     if only:
         unknown = sorted(set(only) - set(names))
         if unknown:
@@ -103,7 +107,7 @@ def is_low_rank(name: str) -> bool:
     """Whether the optimizer projects gradients to a rank (and has a refresh gap)."""
     if name == GALORE_TORCH:
         return True
-    cls = matrixopt_classes().get(name)
+    cls = matrixopt_classes().get(VARIANTS.get(name, (name,))[0])
     return cls is not None and "rank" in inspect.signature(cls).parameters
 
 
@@ -153,10 +157,10 @@ def build(name: str, matrices: list[tuple[str, Tensor]], others: list[tuple[str,
         if others:
             groups.append({"params": [p for _, p in others]})
         return cls(groups, lr=lr, betas=betas, weight_decay=wd, no_deprecation_warning=True)
-    cls = matrixopt_classes()[name]
-    extra = {}
+    base, extra = VARIANTS.get(name, (name, {}))
+    cls = matrixopt_classes()[base]
     if is_low_rank(name):
-        extra = {"rank": settings.rank_fraction, "update_proj_gap": settings.update_proj_gap}
+        extra = {**extra, "rank": settings.rank_fraction, "update_proj_gap": settings.update_proj_gap}
     groups = [{"params": matrices, "matrix": True}]
     if others:
         groups.append({"params": others, "matrix": False})

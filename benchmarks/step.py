@@ -3,9 +3,10 @@
 A parameter set is the hidden-layer matrices of a LLaMA-style model (per layer wq, wk, wv,
 wo of d×d, w1 and w3 of h×d, w2 of d×h; fp32), with a fixed random gradient. For each
 optimizer: the median time of ``repeats`` steps after ``warmup`` steps (CUDA events on a
-GPU, ``perf_counter`` on CPU), the bytes of optimizer state, and on a GPU the peak memory
-the optimizer adds (``max_memory_allocated`` over the steps minus what was allocated
-before it was built: state plus temporaries). The low-rank optimizers are also timed
+GPU, ``perf_counter`` on CPU), the bytes of optimizer state, and the peak memory the
+optimizer adds, state plus a step's temporaries (on a GPU ``max_memory_allocated`` over the
+steps minus what was allocated before it was built; on CPU the state plus the peak of one
+step's allocations, from the profiler). The low-rank optimizers are also timed
 with a projector refresh at every step (``update_proj_gap=1``), giving the refresh step's
 cost and the step cost amortized over the refresh gap.
 """
@@ -15,7 +16,7 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
-from .common import default_device, median_ms
+from .common import cpu_peak_bytes, default_device, median_ms
 from .optimizers import ADAMW, Settings, build, contenders, is_low_rank, state_bytes
 
 # name: (d, h, layers). 60M and 350M as in the GaLore paper; 1B is the 822M-param matrix set
@@ -31,7 +32,7 @@ SHAPES = {
 QUICK_SETS = ("tiny",)
 # Table columns; ratios are to torch.optim.AdamW; refresh/amortized only for low-rank ones.
 COLUMNS = ("optimizer", "step_ms", "step_vs_adamw", "refresh_step_ms", "amortized_ms", "state_MB",
-           "state_vs_adamw", "gpu_peak_extra_MB")
+           "state_vs_adamw", "peak_extra_MB")
 
 
 def default_sets(quick: bool, cuda: bool) -> list[str]:
@@ -64,7 +65,9 @@ def measure(name: str, params, settings: Settings, device, warmup: int, repeats:
     row = dict.fromkeys(COLUMNS)
     row.update(optimizer=name, step_ms=median_ms(opt.step, device, warmup, repeats), state_MB=state_bytes(opt) / 2**20)
     if cuda:
-        row["gpu_peak_extra_MB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        row["peak_extra_MB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        row["peak_extra_MB"] = (state_bytes(opt) + cpu_peak_bytes(opt.step)) / 2**20
     del opt
     if is_low_rank(name):
         # One warm-up step refreshes anyway; few repeats, since a refresh can take seconds.
@@ -86,7 +89,7 @@ def run(quick: bool = False, sets=None, optimizers=None, warmup: int | None = No
     warmup = warmup if warmup is not None else (2 if quick else 5)
     repeats = repeats if repeats is not None else (5 if quick else 20)
     settings = settings or Settings()
-    names, notes = contenders(optimizers)
+    names, notes = contenders(optimizers, variants=True)
     sections = {}
     progress = tqdm(total=len(sets) * len(names), desc="step", unit="opt")
     for set_name in sets:

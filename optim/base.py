@@ -121,9 +121,10 @@ def as_matrices(t: Tensor) -> Tensor:
 
 
 def apply_update(weights, updates, *, lr: float, weight_decay: float, scale: float):
-    """W ← W·(1 - lr·weight_decay) - lr·scale·U for each W and its update U."""
+    """W ← W·(1 - lr·weight_decay) - lr·scale·U for each W and its update U (U may have
+    another dtype than W: it is converted element by element, never copied whole)."""
     torch._foreach_mul_(weights, 1 - lr * weight_decay)
-    torch._foreach_add_(weights, [u.to(w.dtype) for u, w in zip(updates, weights)], alpha=-lr * scale)
+    torch._foreach_add_(weights, updates, alpha=-lr * scale)
 
 
 # -- the optimizer base ----------------------------------------------------------------------
@@ -409,10 +410,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-        for w, m, v, s in zip(work, exp_avgs, exp_avg_sqs, states):
-            step = s["step"]
-            denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-            w.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, [math.sqrt(1 - beta2 ** s["step"]) for s in states])
+        torch._foreach_add_(denominators, eps)
+        torch._foreach_addcdiv_(work, exp_avgs, denominators, [-lr / (1 - beta1 ** s["step"]) for s in states])
         for t, w in zip(shards, work):
             if w is not t:
                 t.copy_(w)

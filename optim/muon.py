@@ -5,7 +5,7 @@ import torch
 
 from .base import MatrixOptimizer, apply_update, choice, integer, matrix_shape, real
 from .distributed import local_tensor
-from .orthogonalize import ns_schedule, orthogonalize
+from .orthogonalize import default_ns_dtype, ns_schedule, orthogonalize
 
 LR_SCALINGS = ("match_adamw", "original", "spectral", "none")
 NS_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -112,10 +112,13 @@ class Muon(MatrixOptimizer):
         bufs = [self.state[p]["momentum_buffer"].view_as(w) for p, w in zip(params, weights)]
         torch._foreach_lerp_(bufs, grads, 1 - mu)
         inputs = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        # Stacked (and, distributed, sent to owners) already in the NS dtype: a bf16 stack
+        # is half an fp32 one, and NS would round to bf16 first anyway.
+        dtype = group["ns_dtype"] or default_ns_dtype(weights[0].device)
+        inputs = [x.to(dtype) for x in inputs]
 
         _, m, n = matrix_shape(params[0])
         schedule = self._ns_schedule(group, m, n)
-        updates = self._matrix_map(
-            lambda X: orthogonalize(self._ns_input(group, X), schedule, dtype=group["ns_dtype"]), inputs)
+        updates = self._matrix_map(lambda X: orthogonalize(self._ns_input(group, X), schedule, dtype=dtype), inputs)
         apply_update(weights, updates, lr=group["lr"], weight_decay=group["weight_decay"],
                      scale=update_scale(m, n, group["lr_scaling"]))

@@ -90,13 +90,15 @@ def default_ns_dtype(device: torch.device) -> torch.dtype:
 
 def orthogonalize(X: torch.Tensor, schedule, *, dtype: torch.dtype | None = None,
                   eps: float = 1e-7) -> torch.Tensor:
-    """Orthogonalize a stack X of shape (B, m, n); returns fp32 of the same shape.
+    """Orthogonalize a stack X of shape (B, m, n); returns the same shape in ``dtype``.
 
     ``schedule`` is a list of (a, b, c) triples (see :func:`ns_schedule`); the iteration
-    runs in ``dtype`` (default: :func:`default_ns_dtype`).
+    runs in ``dtype`` (default: :func:`default_ns_dtype`). The result stays in that dtype:
+    an fp32 copy of a bf16 update would only double its memory before it is added to the
+    weights.
     """
     dtype = dtype or default_ns_dtype(X.device)
-    return newton_schulz(X.to(dtype), schedule, eps=eps, out_dtype=torch.float32)
+    return newton_schulz(X.to(dtype), schedule, eps=eps)
 
 
 # -- ROOT's per-shape coefficients ----------------------------------------------------------
@@ -110,6 +112,12 @@ ROOT_RELEASED_COEFFICIENTS = {
     (2048, 8192): (2.9794, -3.6674, 1.6207),
     (2048, 16384): (3.1943, -3.8221, 1.5322),
 }
+
+#: "auto" takes a triple only if its composed polynomial stays below this on [0, 1] (Muon's
+#: reaches 1.20, the shipped fits at most 1.27): the released 2048×2048 triple maps σ ≈ 0.56
+#: to 3.3 after 5 steps, so a momentum with singular values there would get an update 3×
+#: too large in those directions.
+MAX_PEAK = 1.5
 
 #: Model widths d of the LLaMA-style shapes whose fitted triples ship in data/.
 LLAMA_WIDTHS = (512, 768, 1024, 2048, 4096)
@@ -159,6 +167,16 @@ def ns_deviation(coefficients, sigma: np.ndarray, steps: int = 5) -> float:
     return float(np.max(np.abs(x - 1)))
 
 
+def ns_peak(coefficients, steps: int = 5) -> float:
+    """max of p^steps(σ) over σ in [0, 1]: the largest singular value NS can output."""
+    a, b, c = coefficients
+    x = np.linspace(0.0, 1.0, 100_001)
+    for _ in range(steps):
+        x2 = x * x
+        x = x * (a + x2 * (b + c * x2))
+    return float(np.max(x))
+
+
 def fit_ns_coefficients(m: int, n: int, steps: int = 5) -> tuple[float, float, float]:
     """The (a, b, c) that, repeated ``steps`` times, best orthogonalizes m×n momenta.
 
@@ -194,10 +212,11 @@ _fit_once = functools.lru_cache(maxsize=None)(fit_ns_coefficients)
 
 
 def root_coefficients(m: int, n: int, steps: int = 5) -> tuple[float, float, float]:
-    """ROOT's triple for m×n: the released one, else the shipped fit, else a fit now (cached)."""
+    """ROOT's triple for m×n: the released one unless it overshoots (peak > MAX_PEAK), else
+    the shipped fit, else a fit now (cached)."""
     key = (min(m, n), max(m, n))
     if steps == _TABLE_STEPS:
-        if key in ROOT_RELEASED_COEFFICIENTS:
+        if key in ROOT_RELEASED_COEFFICIENTS and ns_peak(ROOT_RELEASED_COEFFICIENTS[key], steps) <= MAX_PEAK:
             return ROOT_RELEASED_COEFFICIENTS[key]
         if key in _shipped_table():
             return _shipped_table()[key]

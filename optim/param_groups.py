@@ -1,7 +1,14 @@
 """param_groups(model): which params get the matrix rule and which the AdamW fallback."""
+import re
+
 from torch import nn
 
+from .base import matrix_shape
+
 HEAD_NAMES = ("lm_head", "output", "classifier", "head")
+# Params registered directly on a module (not an Embedding's weight) that are tables of
+# vectors, not linear maps: positional embeddings, class/mask/register tokens.
+VECTOR_TABLE = re.compile(r"emb|^wpe$|^wte$|tokens?$")
 
 
 def _head_linears(model: nn.Module) -> set[str]:
@@ -39,8 +46,11 @@ def param_groups(model: nn.Module, *, fallback: dict | None = None, **overrides)
     - AdamW fallback (``matrix=False``): ``nn.Embedding``/``nn.EmbeddingBag`` weights, the
       output head (a Linear named ``lm_head``/``output``/``classifier``/``head``, or the last
       Linear whose weight is tied to an embedding's, or, when no head is named or tied, the
-      last Linear shaped like an embedding's weight), and every param with ``ndim < 2``
-      (biases, norms' gains, scalars).
+      last Linear shaped like an embedding's weight), every param with ``ndim < 2``
+      (biases, norms' gains, scalars), every param whose matrices are vectors (a side of 1,
+      e.g. a (1, 1, d) class token), and params whose own name says they are embedding or
+      token tables (containing "emb", ending in "token(s)", or ``wpe``/``wte``; e.g. a
+      ViT's ``pos_embed`` registered as a bare ``nn.Parameter``).
 
     ``overrides`` (e.g. ``weight_decay=0.0``) go into both groups; ``fallback`` into the
     fallback group only (e.g. ``fallback={"lr": 3e-4}``). Params are given as (name, tensor)
@@ -54,8 +64,9 @@ def param_groups(model: nn.Module, *, fallback: dict | None = None, **overrides)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        on_fallback = p.ndim < 2 or owner in heads or owner in embedding_modules
+        owner, _, leaf = name.rpartition(".")
+        on_fallback = (p.ndim < 2 or owner in heads or owner in embedding_modules
+                       or min(matrix_shape(p)[1:]) == 1 or VECTOR_TABLE.search(leaf.lower()) is not None)
         (other if on_fallback else matrix).append((name, p))
     groups = []
     if matrix:

@@ -14,6 +14,8 @@ from matrixopt import kernels
 
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+# What SVDProjector.refresh did with each matrix.
+REFRESHED, ZERO_GRADIENT, SVD_FAILED = 0, 1, 2
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,21 +49,26 @@ class SVDProjector:
     "reverse_std" the larger, "left"/"right"/"full" as named. ``rank`` must already be
     capped at min(m, n).
 
+    Projections multiply in ``dtype`` (None: the bases' dtype) and return the bases' dtype:
+    bf16 operands (fp32 accumulation inside the matmul) run on tensor cores at ~1e-3
+    relative error, fp32 ones at ~1e-7 (``python -m benchmarks.projection``).
+
     :meth:`refresh` recomputes the bases from a stack of gradients, in the bases' dtype
     (fp32, or fp64): ``svd="exact"`` takes them from ``torch.linalg.svd`` (galore-torch's
     refresh), ``svd="randomized"`` from :func:`matrixopt.kernels.lowrank_svd`, warm-started
     from the previous basis (the left one for "full") or cold with ``warm=False``. A batch
     entry whose gradient is all zeros, or whose new basis is not finite, keeps its previous
     basis, and so does the whole batch when the SVD raises ``LinAlgError``
-    (non-convergence); ``refresh`` reports which entries were refreshed. Before the first
+    (non-convergence); ``refresh`` reports what it did with each entry. Before the first
     refresh the bases are :meth:`initial` ones, the first r coordinate axes (an identity
     slice): that is what a failed first refresh leaves in place.
     """
 
-    def __init__(self, proj_type: str, rank: int, m: int, n: int, svd: str = "randomized"):
+    def __init__(self, proj_type: str, rank: int, m: int, n: int, svd: str = "randomized",
+                 dtype: torch.dtype | None = None):
         self.sides = _sides(proj_type, m, n)
         self.left = "left" in self.sides   # projects the left side (alone, or with "full")
-        self.rank, self.m, self.n, self.svd = rank, m, n, svd
+        self.rank, self.m, self.n, self.svd, self.dtype = rank, m, n, svd, dtype
         self.keys = tuple(f"proj_{side}" for side in self.sides)
 
     def low_shape(self, batch: int) -> tuple[int, int, int]:
@@ -82,20 +89,25 @@ class SVDProjector:
     def project(self, G: torch.Tensor, bases) -> torch.Tensor:
         """Low-rank gradient of G (B, m, n), in the bases' dtype; ``bases`` maps this
         projector's keys to tensors."""
-        L = G.to(bases[self.keys[0]].dtype)
+        L = G
         if "proj_left" in self.keys:
-            L = bases["proj_left"].mT @ L
+            L = self._matmul(bases["proj_left"].mT, L)
         if "proj_right" in self.keys:
-            L = L @ bases["proj_right"]
-        return L
+            L = self._matmul(L, bases["proj_right"])
+        return L.to(bases[self.keys[0]].dtype)
 
     def project_back(self, L: torch.Tensor, bases) -> torch.Tensor:
-        """Map a low-rank step L back to (B, m, n)."""
+        """Map a low-rank step L back to (B, m, n), in the bases' dtype."""
+        work = L.dtype
         if "proj_left" in self.keys:
-            L = bases["proj_left"] @ L
+            L = self._matmul(bases["proj_left"], L)
         if "proj_right" in self.keys:
-            L = L @ bases["proj_right"].mT
-        return L
+            L = self._matmul(L, bases["proj_right"].mT)
+        return L.to(work)
+
+    def _matmul(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype or torch.promote_types(A.dtype, B.dtype)
+        return A.to(dtype) @ B.to(dtype)
 
     def transition(self, old, new) -> dict[str, torch.Tensor]:
         """Change of basis R = P_newᵀ P_old (B, r, r) per side, for carrying low-rank state."""
@@ -112,19 +124,20 @@ class SVDProjector:
 
     def refresh(self, G: torch.Tensor, *previous: torch.Tensor, warm: bool = True,
                 generator=None) -> tuple[torch.Tensor, ...]:
-        """New bases for the stack G (B, m, n), in the order of ``self.keys``, then a (B,) bool
-        tensor saying which entries were refreshed (the others keep ``previous``).
+        """New bases for the stack G (B, m, n), in the order of ``self.keys``, then a (B,) int8
+        status per entry: ``REFRESHED``, or why it kept ``previous`` (``ZERO_GRADIENT``,
+        ``SVD_FAILED``: no convergence or a non-finite basis).
         ``generator`` (a ``torch.Generator`` or one per matrix) draws the randomized sketch."""
-        nonzero = G.flatten(1).abs().amax(dim=1) > 0
+        zero = G.flatten(1).abs().amax(dim=1) == 0
+        status = torch.where(zero, ZERO_GRADIENT, REFRESHED).to(torch.int8)
         try:
             fresh = self._bases(G.to(previous[0].dtype), previous if warm else None, generator)
         except torch.linalg.LinAlgError:
-            return (*previous, torch.zeros_like(nonzero))
-        ok = nonzero
-        for P in fresh:
-            ok = ok & P.isfinite().flatten(1).all(dim=1)
-        keep = ok[:, None, None]
-        return (*(torch.where(keep, P, old) for P, old in zip(fresh, previous)), ok)
+            return (*previous, status.masked_fill(~zero, SVD_FAILED))
+        finite = torch.stack([P.isfinite().flatten(1).all(dim=1) for P in fresh]).all(dim=0)
+        status = status.masked_fill(~zero & ~finite, SVD_FAILED)
+        keep = (status == REFRESHED)[:, None, None]
+        return (*(torch.where(keep, P, old) for P, old in zip(fresh, previous)), status)
 
     def _bases(self, G, previous, generator):
         r, init = self.rank, previous[0] if previous else None
@@ -241,9 +254,12 @@ def lowrank_adam(exp_avgs, exp_avg_sqs, lows, states, betas, eps) -> list[torch.
     torch._foreach_lerp_(exp_avgs, lows, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, lows, lows, value=1 - beta2)
-    steps = []
-    for m, v, s in zip(exp_avgs, exp_avg_sqs, states):
+    step_sizes = []
+    for s in states:
         s["step"] += 1
-        step_size = math.sqrt(1 - beta2 ** s["step"]) / (1 - beta1 ** s["step"])
-        steps.append(m / (v.sqrt() + eps) * step_size)
+        step_sizes.append(math.sqrt(1 - beta2 ** s["step"]) / (1 - beta1 ** s["step"]))
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denominators, eps)
+    steps = torch._foreach_div(exp_avgs, denominators)
+    torch._foreach_mul_(steps, step_sizes)
     return steps

@@ -54,7 +54,8 @@ class ROOT(Muon):
     The outlier part (entries beyond the per-matrix quantile ε) is dropped, so a few large
     entries cannot dominate the orthogonalized direction. NS is Muon's, with a coefficient
     triple chosen for the matrix's shape (``ns_coefficients="auto"``): ROOT's released
-    triples for its four shapes, else the fitted triples shipped for LLaMA shapes
+    triples for its four shapes (bar the 2048×2048 one, which overshoots: see
+    :data:`~matrixopt.orthogonalize.MAX_PEAK`), else the fitted triples shipped for LLaMA shapes
     (``data/ns_coefficients.json``), else one fitted now by
     :func:`~matrixopt.orthogonalize.fit_ns_coefficients` and cached for the process.
     ``s`` is as for :class:`~matrixopt.Muon` (default "match_adamw").

@@ -205,13 +205,13 @@ def test_step_command(tmp_path):
                                "--threads", "1", "--out", str(tmp_path)]))
     (title, rows), = result["sections"].items()
     assert title.startswith("ci: 7 matrices")
-    names, _ = optimizers.contenders()
-    assert [r["optimizer"] for r in rows] == names
+    names, _ = optimizers.contenders(variants=True)
+    assert [r["optimizer"] for r in rows] == names and "matrixopt.GaLoreAdamW (proj_dtype=bf16)" in names
     d, h, layers = step.SHAPES["ci"]
     numel = layers * (4 * d * d + 3 * d * h)
     for row in rows:
         assert set(row) == set(step.COLUMNS)
-        assert row["step_ms"] > 0
+        assert row["step_ms"] > 0 and row["peak_extra_MB"] >= row["state_MB"]
         low_rank = optimizers.is_low_rank(row["optimizer"])
         assert (row["refresh_step_ms"] is not None) == low_rank == (row["amortized_ms"] is not None)
     adamw = rows[0]

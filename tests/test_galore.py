@@ -1,5 +1,6 @@
 """GaLoreAdamW and SVDProjector against galore-torch 1.0 and a float64 re-implementation."""
 import io
+import json
 import math
 import sys
 import types
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 import matrixopt
 from matrixopt import kernels
-from matrixopt.projectors import PROJ_TYPES, SVDProjector
+from matrixopt.projectors import PROJ_TYPES, REFRESHED, SVDProjector
 
 SHAPES = {"tall": (24, 12), "wide": (12, 24), "square": (16, 16)}
 HYPER = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-6, scale=0.25)
@@ -214,7 +215,7 @@ def test_randomized_refresh_finds_exact_subspace(shape, proj_type):
     cold = fast.refresh(G, *fast.initial(2).values(), warm=False, generator=g)
     warm = fast.refresh(G + 1e-3 * torch.randn(G.shape, generator=g), *cold[:-1], generator=g)
     for got in (cold, warm):
-        assert got[-1].all()
+        assert (got[-1] == REFRESHED).all()
         for P, Q in zip(want[:-1], got[:-1]):
             torch.testing.assert_close(Q @ Q.mT, P @ P.mT, atol=2e-3, rtol=0)
 
@@ -229,7 +230,7 @@ def test_zero_gradient_keeps_projector_and_warns_once():
     G = torch.randn(3, 10, 6)
     W.grad = G.clone()
     W.grad[1] = 0
-    with pytest.warns(RuntimeWarning, match="experts"):
+    with pytest.warns(RuntimeWarning, match="projector of experts: its gradient is all zeros"):
         opt.step()
     P = opt.state[W]["proj_right"]
     torch.testing.assert_close(P[1], torch.eye(6, 2))
@@ -260,7 +261,7 @@ def test_svd_failure_keeps_projector_and_warns_once(monkeypatch, svd):
 
     monkeypatch.setattr(torch.linalg, "svd", fail)
     monkeypatch.setattr(kernels, "lowrank_svd", fail)
-    with pytest.warns(RuntimeWarning, match="w .*kept the previous projector") as record:
+    with pytest.warns(RuntimeWarning, match="kept the previous projector of w: the SVD did not converge") as record:
         W.grad = torch.randn(12, 8)
         opt.step()
     assert [w.filename for w in record if "projector" in str(w.message)] == [__file__]  # at opt.step()
@@ -294,6 +295,95 @@ def test_same_shape_matrices_refresh_as_one_batch(monkeypatch):
     assert calls[:2] == [(6, 9, 7), (1, 5, 5)]
     for p, q in zip(params, solo):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std"])
+def test_same_shape_matrices_project_as_one_batch(proj_type):
+    """Every projection and back-projection of a bucket is one batched call, on either side."""
+    shapes = [(9, 7), (9, 7), (4, 9, 7)]
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    opt = matrixopt.GaLoreAdamW(params, rank=2, proj_type=proj_type)
+    calls = []
+    for name in ("project", "project_back"):
+        method = getattr(SVDProjector, name)
+
+        def record(self, X, bases, method=method, name=name):
+            calls.append((name, X.shape[0]))
+            return method(self, X, bases)
+
+        setattr(opt, "_spy_" + name, record)
+    with mock.patch.object(SVDProjector, "project", opt._spy_project), \
+            mock.patch.object(SVDProjector, "project_back", opt._spy_project_back):
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape)
+            opt.step()
+    assert calls == [("project", 6), ("project_back", 6)] * 2
+
+
+def projection_error(dtype, proj_type, shape=(48, 80), rank=12):
+    """Relative errors of project and project_back with ``proj_dtype`` against float64."""
+    g = torch.Generator().manual_seed(1)
+    G = power_law_matrix(*shape, g)
+    proj = SVDProjector(proj_type, rank, *shape, svd="exact", dtype=dtype)
+    bases = dict(zip(proj.keys, proj.refresh(G[None], *proj.initial(1).values())))
+    exact = {k: v.double() for k, v in bases.items()}
+    reference = SVDProjector(proj_type, rank, *shape, svd="exact")  # float64 in, float64 out
+    want_low = reference.project(G[None].double(), exact)
+    low = proj.project(G[None], bases)
+    want_back = reference.project_back(want_low, exact)
+    back = proj.project_back(want_low.float(), bases)
+    rel = lambda x, y: ((x.double() - y).norm() / y.norm()).item()
+    return low.dtype, back.dtype, rel(low, want_low), rel(back, want_back)
+
+
+def power_law_matrix(m, n, g):
+    U = torch.linalg.qr(torch.randn(m, m, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(n, n, generator=g))[0]
+    k = min(m, n)
+    return (U[:, :k] / torch.arange(1, k + 1)) @ V[:, :k].T
+
+
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+def test_proj_dtype_sets_projection_precision(proj_type):
+    """fp32 (the default) projects to ~1e-7 of float64, bf16 operands to bf16's rounding
+    (~1e-3, never 1e-1); both return the state's fp32."""
+    *dtypes, err_low, err_back = projection_error(None, proj_type)
+    assert dtypes == [torch.float32, torch.float32] and err_low < 1e-5 and err_back < 1e-5
+    *dtypes, err_low, err_back = projection_error(torch.bfloat16, proj_type)
+    assert dtypes == [torch.float32, torch.float32]
+    assert 1e-4 < err_low < 1e-2 and 1e-4 < err_back < 1e-2
+
+
+def test_bf16_projections_train_like_fp32():
+    """Over 20 steps with refreshes, bf16 projections move the weights as fp32 ones do, to
+    within a percent of the movement."""
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(24, 16, generator=g)
+    grads = [torch.randn(24, 16, generator=g) for _ in range(20)]
+    finals = []
+    for dtype in (None, torch.bfloat16):
+        W = torch.nn.Parameter(W0.clone())
+        opt = matrixopt.GaLoreAdamW([W], lr=1e-2, rank=4, update_proj_gap=5, svd="exact", proj_dtype=dtype)
+        for G in grads:
+            W.grad = G.clone()
+            opt.step()
+        finals.append(W.detach() - W0)
+    assert ((finals[1] - finals[0]).norm() / finals[0].norm()).item() < 1e-2
+
+
+def test_zero_gradient_warning_does_not_silence_svd_failure(monkeypatch):
+    """torch.distributed.checkpoint initializes state with a zero-gradient step: its warning
+    must not hide a later SVD failure of the same param."""
+    W = torch.nn.Parameter(torch.randn(12, 8))
+    opt = matrixopt.GaLoreAdamW([("w", W)], rank=3, update_proj_gap=1, svd="exact")
+    W.grad = torch.zeros(12, 8)
+    with pytest.warns(RuntimeWarning, match="all zeros"):
+        opt.step()
+    monkeypatch.setattr(torch.linalg, "svd", mock.Mock(side_effect=torch.linalg.LinAlgError("no")))
+    W.grad = torch.randn(12, 8)
+    with pytest.warns(RuntimeWarning, match="projector of w: the SVD did not converge"):
+        opt.step()
 
 
 def one_matrix_at_a_time(matrix_map):
@@ -435,6 +525,7 @@ def test_state_bytes_is_the_true_footprint_and_under_40_percent_of_adamw():
     (dict(rank=0), "rank"), (dict(rank=1.5), "rank"), (dict(update_proj_gap=0), "update_proj_gap"),
     (dict(scale=-1.0), "scale"), (dict(proj_type="upper"), "proj_type"), (dict(svd="qr"), "svd"),
     (dict(reproject_states=1), "reproject_states"), (dict(eps=0.0), "eps"), (dict(seed=-1), "seed"),
+    (dict(proj_dtype="bf16"), "proj_dtype"), (dict(proj_dtype=torch.int8), "proj_dtype"),
 ])
 def test_bad_hyperparameters_raise(kwargs, name):
     with pytest.raises(ValueError, match=f"Invalid {name}"):
@@ -481,3 +572,19 @@ def test_trains_digits_mlp_with_and_without_reprojection():
         assert losses[-1] < 0.25 * losses[0]
     print(f"digits MLP final loss: reproject_states=False {plain[-1]:.4f}, True {carried[-1]:.4f}")
     assert carried[-1] <= 1.1 * plain[-1]
+
+
+def test_projection_benchmark_reports_errors_per_proj_dtype(tmp_path):
+    """benchmarks/projection.py at the quick sizes: one row per bucket and proj_dtype, with
+    fp32 at float32's rounding and bf16 at bf16's."""
+    from benchmarks import projection
+
+    paths = projection.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    (rows,) = json.loads(paths["json"].read_text())["sections"].values()
+    assert [(r["shape"], r["proj_dtype"]) for r in rows] == [
+        (f"{count}×{m}×{n}", name) for count, m, n in projection.buckets("tiny") for name in projection.DTYPES]
+    for row in rows:
+        bound = (1e-6, 1e-5) if row["proj_dtype"] == "fp32" else (1e-4, 1e-2)
+        assert bound[0] / 100 < row["project rel. err"] < bound[1]
+        assert bound[0] / 100 < row["project_back rel. err"] < bound[1]
+        assert row["batched ms"] > 0 and row["per-matrix ms"] > 0

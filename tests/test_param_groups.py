@@ -102,6 +102,28 @@ def test_head_found_by_shape_without_a_head_name():
     assert "unembed.weight" in names_of(fallback)
 
 
+class VisionMoE(nn.Module):
+    """Bare-Parameter tables (ViT's pos_embed, cls_token), MoE experts, a 1-output value head."""
+
+    def __init__(self, d=8, patches=5, experts=3):
+        super().__init__()
+        self.patch = nn.Linear(12, d)
+        self.pos_embed = nn.Parameter(torch.zeros(1, patches + 1, d))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.register_tokens = nn.Parameter(torch.zeros(4, d))
+        self.experts = nn.Parameter(torch.randn(experts, d, 2 * d))
+        self.value = nn.Linear(d, 1)
+
+
+def test_vector_tables_and_single_output_heads_go_to_the_fallback():
+    """Matrices are linear maps: embedding/token tables registered as bare Parameters and
+    maps with a side of 1 are AdamW's; a 3-D expert stack stays a matrix param."""
+    matrix, fallback = matrixopt.param_groups(VisionMoE())
+    assert sorted(names_of(matrix)) == ["experts", "patch.weight"]
+    assert sorted(names_of(fallback)) == sorted(["patch.bias", "pos_embed", "cls_token", "register_tokens",
+                                                 "value.weight", "value.bias"])
+
+
 def test_frozen_params_left_out_and_empty_groups_dropped():
     model = Transformer()
     for p in model.blocks.parameters():

@@ -8,8 +8,8 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import matrixopt
-from matrixopt.orthogonalize import (LLAMA_WIDTHS, MUON_COEFFICIENTS, ROOT_RELEASED_COEFFICIENTS,
-                                     _shipped_table, llama_shapes, ns_deviation, orthogonalize,
+from matrixopt.orthogonalize import (LLAMA_WIDTHS, MAX_PEAK, MUON_COEFFICIENTS, ROOT_RELEASED_COEFFICIENTS,
+                                     _shipped_table, llama_shapes, ns_deviation, ns_peak, orthogonalize,
                                      root_coefficients, spectrum_floor)
 from matrixopt.root import abs_quantile
 from test_training import digits
@@ -123,12 +123,28 @@ def test_llama_shapes():
 
 
 def test_auto_lookup_order():
-    for (k, K), triple in ROOT_RELEASED_COEFFICIENTS.items():
-        assert root_coefficients(k, K) == triple == root_coefficients(K, k)
     table = _shipped_table()
+    for (k, K), triple in ROOT_RELEASED_COEFFICIENTS.items():
+        expected = triple if (k, K) != (2048, 2048) else table[(k, K)]
+        assert root_coefficients(k, K) == expected == root_coefficients(K, k)
     assert {(min(s), max(s)) for d in LLAMA_WIDTHS for s in llama_shapes(d)} <= set(table)
     assert root_coefficients(1536, 512) == table[(512, 1536)]
     assert root_coefficients(512, 1536, 4) == matrixopt.fit_ns_coefficients(512, 1536, 4)
+
+
+def test_auto_never_overshoots():
+    """No triple "auto" picks lifts any σ in [0, 1] above MAX_PEAK after 5 steps; the released
+    2048×2048 one would (σ ≈ 0.56 → 3.3), checked on a matrix against the fitted triple."""
+    shapes = [*ROOT_RELEASED_COEFFICIENTS, *_shipped_table()]
+    assert all(ns_peak(root_coefficients(*shape)) <= MAX_PEAK for shape in shapes)
+    assert ns_peak(ROOT_RELEASED_COEFFICIENTS[(2048, 2048)]) > 3
+    U, V = (torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))[0] for _ in range(2))
+    sigma = torch.full((64,), ((1 - 0.56**2) / 63) ** 0.5, dtype=torch.float64)
+    sigma[0] = 0.56  # Frobenius norm 1: NS sees σ₁ = 0.56
+    X = (U * sigma) @ V.T
+    released, fitted = ROOT_RELEASED_COEFFICIENTS[(2048, 2048)], root_coefficients(2048, 2048)
+    assert torch.linalg.svdvals(ns_reference(X, released))[0].item() > 3
+    assert torch.linalg.svdvals(ns_reference(X, fitted))[0].item() < MAX_PEAK
 
 
 def test_shipped_table_is_reproduced_by_the_fit():

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every GPU figure the open work waits for, in one call on a GPU machine (about 9 minutes on
+# an H200), most wanted first, each benchmark under its own time limit so one that overruns
+# does not cost the others:
+#
+#   bash benchmarks/gpu_session.sh [OUT]       # from the repo root; OUT: benchmarks/results
+#
+# 1. projection: GaLore's projection error against float64 and time, fp32 vs bf16 operands,
+#    batched vs per matrix (issue 4: pick the precision by measured accuracy);
+# 2. step --sets 1B: every optimizer's step, refresh and peak memory on the LLaMA-1B matrix
+#    set (issue 4: GaLore amortized <= 2x fused AdamW; issue 6: Muon vs torch.optim.Muon);
+#    galore-torch is in the table only where it is installed (pure Python: carry its wheel);
+# 3. lowrank: refresh time and captured energy, ours vs torch.linalg.svd/svd_lowrank (issue 7);
+# 4. ns: Newton-Schulz kernels vs the torch twin and torch.optim.Muon, accuracy, Muon step
+#    (issue 6).
+# Results land in OUT as <command>-<machine>-<date>.{md,json,png}, and all of them in
+# OUT/gpu-results.tar.gz (one file to bring back).
+set -u
+out=${1:-benchmarks/results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps -e . >/dev/null 2>&1 || echo "!! pip install -e . failed; using the tree as is"
+
+run() {
+    local limit=$1
+    shift
+    echo "== $* (limit ${limit} s)"
+    timeout "$limit" "$@" || echo "!! exit $? from: $*"
+}
+
+run 90 python3 -m benchmarks.projection --out "$out"
+run 240 python3 -m benchmarks step --sets 1B --repeats 10 --out "$out"
+run 120 python3 -m benchmarks.lowrank --out "$out"
+run 180 python3 -m benchmarks.ns --out "$out"
+(cd "$out" && tar czf gpu-results.tar.gz --exclude=gpu-results.tar.gz -- *.md *.json *.png 2>/dev/null)
+echo "== bundled into $out/gpu-results.tar.gz"
