@@ -7,14 +7,19 @@ factor perturbed by 0.1·Gaussian/√dim, singular values rescaled by up to ±10
 Captured energy is ‖U_rᵀG‖²_F / ‖U*_rᵀG‖²_F with U* from the exact SVD (= Σ_{i≤r} σ_i², but
 computed the same way as the numerator, in fp64, so GEMM rounding cancels; worst batch entry).
 Times are medians of CUDA-event timings on GPU (wall clock on CPU). The "core" section
-times Rayleigh-Ritz on the p×p core (p = r + 8): ``torch.linalg.svd`` against ours.
+times Rayleigh-Ritz on Y = A·Q₂ (min(m, n)×p, p = r + 8): ``torch.linalg.svd`` against ours.
+The "launches" section counts, with ``torch.profiler`` (aten ops), the small factorizations
+and host syncs one refresh makes: on a GPU these, not the GEMMs, set a refresh's latency.
 
     python -m benchmarks.lowrank [--quick] [--device cuda] [--out DIR]   # --quick: tiny CPU sizes (what the tests run)
 """
+from collections import Counter
+
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from matrixopt.kernels import lowrank_svd
-from matrixopt.kernels.lowrank import _core_svd
+from matrixopt.kernels.lowrank import _rayleigh_ritz
 
 from .common import cpu_note, default_device, median_ms, module_main
 
@@ -22,6 +27,11 @@ FULL_CASES = [(1, 2048, 5632, 128), (1, 2048, 5632, 512), (1, 4096, 4096, 128), 
               (1, 4096, 11008, 128), (1, 4096, 11008, 512), (16, 2048, 2048, 512)]
 QUICK_CASES = [(1, 96, 160, 8), (1, 160, 96, 32), (4, 64, 64, 16)]
 OVERSAMPLE = 8
+# What a refresh launches, by aten op: cuSOLVER/cuBLAS factorizations, and host syncs (a
+# device value read on the host: .item()/bool(), nonzero's size, linalg's info checks).
+LAUNCHES = {"cholesky": ("aten::linalg_cholesky_ex",), "solve_triangular": ("aten::linalg_solve_triangular",),
+            "eigh": ("aten::linalg_eigh",), "qr": ("aten::linalg_qr",), "svd": ("aten::linalg_svd",),
+            "host syncs": ("aten::_local_scalar_dense", "aten::nonzero")}
 
 
 def timed(fn, reps, device):
@@ -82,27 +92,49 @@ def refresh_rows(cases, device, reps):
 
 
 def core_rows(cases, device, reps):
-    """Rayleigh-Ritz on the p×p core: torch.linalg.svd vs ours (eigh of RRᵀ + Cholesky-QR2)."""
+    """Rayleigh-Ritz on Y = A·Q₂: torch.linalg.svd vs ours (eigh of YᵀY + Cholesky-QR2 of YṼ)."""
     rows = []
-    for batch, rank in sorted({(b, r) for b, _, _, r in cases}):
+    for batch, a, rank in sorted({(b, min(m, n), r) for b, m, n, r in cases}):
         p = rank + OVERSAMPLE
-        R = torch.linalg.qr(torch.randn(batch, 2 * p, p, device=device))[1]
-        row = {"batch×p": f"{batch}×{p}", "rank": rank,
-               "torch.linalg.svd ms": timed(lambda: torch.linalg.svd(R), reps, device)[0],
-               "eigh + CholQR2 ms": timed(lambda: _core_svd(R, rank), reps, device)[0]}
+        Y = torch.randn(batch, a, p, device=device) / torch.arange(1, p + 1, device=device)
+        row = {"batch×a×p": f"{batch}×{a}×{p}", "rank": rank,
+               "torch.linalg.svd ms": timed(lambda: torch.linalg.svd(Y, full_matrices=False), reps, device)[0],
+               "eigh + CholQR2 ms": timed(lambda: _rayleigh_ritz(Y, rank), reps, device)[0]}
         row["speedup"] = row["torch.linalg.svd ms"] / row["eigh + CholQR2 ms"]
         rows.append(row)
         print(row, flush=True)
     return rows
 
 
+def launch_counts(fn):
+    """How many ops of each ``LAUNCHES`` kind ``fn()`` runs (torch.profiler's aten events)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = Counter(event.name for event in prof.events())
+    return {kind: sum(names[op] for op in ops) for kind, ops in LAUNCHES.items()}
+
+
+def launch_rows(device):
+    """Launches per refresh of one 1×256×704 matrix at r = 32 (counts do not depend on the size)."""
+    rows = []
+    generator = torch.Generator(device).manual_seed(0)
+    previous, G = gradient_pair(1, 256, 704, device, generator)
+    basis = torch.linalg.svd(previous, full_matrices=False)[0][..., :32]
+    for name, init, iters in [("warm", basis, 1), ("cold", None, 2)]:
+        counts = launch_counts(lambda: lowrank_svd(G, 32, init=init, iters=iters, generator=generator))
+        rows.append({"refresh": name, "iters": iters, **counts})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def run(quick: bool = False, device=None) -> dict[str, list[dict]]:
-    """The refresh and core tables; ``quick``: tiny sizes, meant for a CPU."""
+    """The refresh, core and launch tables; ``quick``: tiny sizes, meant for a CPU."""
     device = default_device(device)
     cases, reps = (QUICK_CASES, 3) if quick else (FULL_CASES, 5)
     note = cpu_note(device)
     return {f"refresh: time (ms) and captured energy{note}": refresh_rows(cases, device, reps),
-            f"Rayleigh-Ritz core (ms){note}": core_rows(cases, device, reps)}
+            f"Rayleigh-Ritz core (ms){note}": core_rows(cases, device, reps),
+            "launches per refresh (aten op counts)": launch_rows(device)}
 
 
 def main(argv=None):

@@ -1,83 +1,134 @@
 r"""Batched low-rank SVD by warm-started subspace iteration, for refreshing projectors.
 
-For one matrix A (a×b) and p = r + oversample, start from Q = orth([Q_init, AΩ]) (the
+For one matrix A (a×b) and p = r + oversample, start from the sketch [Q_init, AΩ] (the
 previous basis, if any, filled up to p columns by the randomized range finder, Ω Gaussian
-b×(p - c)), then run ``iters`` passes:
+b×(p - c)), Q = orth₁(sketch), then run ``iters`` passes:
 
 .. math::
-    Q_2 &= \mathrm{orth}(A^\top Q), \quad Q R = A Q_2 \qquad \text{(one pass, repeated)} \\
-    R &= \tilde U S \tilde V^\top \qquad \text{(SVD of the small } p\times p \text{ core)} \\
-    A &\approx A Q_2 Q_2^\top = (Q \tilde U)\, S\, (Q_2 \tilde V)^\top,
-    \ \text{keep the top } r.
+    Q_2 &= \mathrm{orth}(A^\top Q), \quad Y = A Q_2, \quad Q = \mathrm{orth}_1(Y)
+        \ \text{(not after the last pass)} \\
+    Y &= \tilde U S \tilde V^\top: \quad \mathrm{eigh}(Y^\top Y) = \tilde V S^2 \tilde V^\top, \quad
+        \tilde U S = \mathrm{QR}(Y \tilde V) \qquad \text{(Rayleigh-Ritz)} \\
+    A &\approx A Q_2 Q_2^\top = \tilde U\, S\, (Q_2 \tilde V)^\top, \ \text{keep the top } r.
 
 Each pass multiplies the basis by AAᵀ, so the angle between the computed and the true
 top-r subspace shrinks by about (σ_{p+1}/σ_r)² per pass (cold: tan θ ~ (σ_{p+1}/σ_r)^(2·iters+1)).
 A gradient's top subspace drifts slowly between refreshes, so starting from the previous
 basis (``init``), already at a small angle, needs one pass where a cold start needs two.
 
-Orthonormalization ``orth`` is Cholesky-QR2: twice ``W = YᵀY; W = LLᵀ; Y ← Y L⁻ᵀ`` in
-fp32 (fp64 for fp64 input). A shift of ``eps·tr(W)`` on the first Gram keeps rounding from
-making it indefinite. Cholesky-QR is accurate while cond(Y) ≲ eps^(-1/2); a batch entry
-whose Cholesky fails, or whose second Gram has a small pivot (Y numerically rank-deficient:
-zero or low-rank input, a sketch wider than the rank), is redone with Householder QR
-(``torch.linalg.qr``), which returns an orthonormal basis whatever the rank.
+Orthonormalization is shifted Cholesky-QR in fp32 (fp64 for fp64 input): ``W = YᵀY
++ eps·tr(YᵀY)·I = LLᵀ; Y ← Y L⁻ᵀ``. One round leaves ‖QᵀQ - I‖ ≈ eps·cond(Y)², a second
+makes it eps. The intermediate bases (``orth₁``: the sketch's, and the left one between passes)
+only have to be well conditioned, so they get one round; the two returned (Q₂, and Ũ from
+the Rayleigh-Ritz step) get two. Measured on CPU in fp32 (σ_i = 1/i, 1024×2816 and 2048×5632
+at r = 128, 1024×1024 and 2048×5632 at r = 512, cold and warm): one-round intermediates give
+the same captured energy to 5 digits as two-round ones, while one round for Q₂ or Ũ leaves
+‖QᵀQ - I‖ = 3e-3 (r = 128) to 8e-2 (r = 512) against 3e-7 to 4e-6 with two.
 
-Rayleigh-Ritz needs the SVD of the p×p core R. ``torch.linalg.svd`` of it is the slow step
-on a GPU (cuSOLVER's Jacobi SVD), so the core goes through ``eigh(RRᵀ) = Ũ S² Ũᵀ`` for the
-left vectors and a Cholesky-QR of ŨᵀR's rows (= S_i ṽ_iᵀ) for the right ones: on an H200,
-20 ms → 6.7 ms for one 520×520 core and 316 ms → 88 ms for 16 of them
-(``python -m benchmarks.lowrank``). Squaring R costs accuracy only in singular vectors with
-σ_i ≲ √eps·σ_1 (never the top ones a projector keeps), and both U and Vh stay orthonormal
-for any input, rank-deficient ones included.
+Rayleigh-Ritz squares Y (eigh of YᵀY), like the previous design's eigh of the p×p RRᵀ: it
+costs accuracy only in the pairs with σ_i ≲ √eps·σ_1 (never the top ones a projector keeps),
+and U, Vh stay orthonormal (Ũ by Cholesky-QR2, Ṽ from eigh). It replaces torch.linalg.svd of
+the core, the slow step on a GPU (cuSOLVER's Jacobi SVD: 20 ms for one 520×520 core on an
+H200 against 6.7 ms for the previous eigh route).
+
+Failures are collected, not checked as they happen: every Cholesky's ``info``, the second
+rounds' pivots (a squared pivot < 0.1 means the input lost numerical rank: zero or low-rank
+input, a sketch wider than the rank, cond ≳ eps^(-1/2)), and Y's finiteness give per-entry
+flags that are read on the host once, at the end. The entries that failed anywhere are redone
+from the same sketch (same Ω) with Householder QR (``torch.linalg.qr``) for every
+orthonormalization and ``torch.linalg.svd`` of the p×p core, which are right whatever the rank;
+the other entries keep the fast path's bits. Spectra with σ_1/σ_p beyond about 1e3-5e3
+(fp32, by the spectrum's shape) take the robust path, as the previous design fell back then
+too; one-round intermediates move that edge a little either way (measured: a cold start on
+σ_i = i^-1.6 at p = 136 now falls back where it did not; on a geometric spectrum at p = 72
+it falls back less).
+
+Launches per call (``python -m benchmarks.lowrank``, aten op counts): a warm refresh (iters = 1)
+runs 5 Cholesky + 5 triangular solves + 1 eigh and syncs with the host twice (our check and
+torch.linalg.eigh's own info check), a cold one (iters = 2) 7 + 7 + 1 and 2; the previous
+design ran 8 + 8 + 1 with 5 syncs, and 12 + 12 + 1 with 7. On an H200 that design spent
+3.4 ms of a 3.8 ms warm refresh of 2048×5632 at r = 128 in such small factorizations.
 
 Backends: both resolve to this PyTorch implementation. Every step is a GEMM (``AᵀQ``,
 ``AQ₂``, the Grams) or a small batched factorization (Cholesky, triangular solve, p×p
-eigh) that cuBLAS/cuSOLVER run through torch. Profiled on an H200 (4096×11008, r = 512,
-one warm pass: 12 ms), the GEMMs take ~2.5 ms and the factorizations the rest, so a fused
-Triton sketch/Gram kernel could save at most the Gram GEMMs (~0.4 ms); none is written.
-Each orthonormalization checks its batch for fallback entries on the host (one sync).
+eigh) that cuBLAS/cuSOLVER run through torch. Profiled on an H200 (previous design,
+4096×11008, r = 512, one warm pass: 12 ms), the GEMMs take ~2.5 ms and the factorizations
+the rest, so a fused Triton sketch/Gram kernel could save at most the Gram GEMMs (~0.4 ms);
+none is written.
 """
 import torch
 
 from ._dispatch import choose_backend
 
-# Second-round Cholesky pivots below this (squared) mean the sketch lost rank: the
+# Second-round Cholesky pivots below this (squared) mean the input lost rank: the
 # orthogonality error of Cholesky-QR grows like eps·cond(W), cond(W) ≈ 1/pivot².
 _MIN_PIVOT2 = 0.1
 
 
-def _orth(Y):
-    """Q, R with Y = QR, QᵀQ = I for a stack Y (B, a, p), a ≥ p: Cholesky-QR2, Householder fallback."""
-    eps = torch.finfo(Y.dtype).eps
-    eye = torch.eye(Y.size(-1), dtype=Y.dtype, device=Y.device)
-    W = Y.mT @ Y
-    W = W + eps * W.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None] * eye
-    L1, info1 = torch.linalg.cholesky_ex(W)
-    Q = torch.linalg.solve_triangular(L1.mT, Y, upper=True, left=False)
-    L2, info2 = torch.linalg.cholesky_ex(Q.mT @ Q)
-    Q = torch.linalg.solve_triangular(L2.mT, Q, upper=True, left=False)
-    R = L2.mT @ L1.mT
-    ok = (info1 == 0) & (info2 == 0) & (L2.diagonal(dim1=-2, dim2=-1).square().amin(-1) > _MIN_PIVOT2)
-    ok &= Q.isfinite().all(-1).all(-1) & R.isfinite().all(-1).all(-1)
-    bad = ~ok
-    if bad.any():
-        Q[bad], R[bad] = torch.linalg.qr(Y[bad])
-    return Q, R
+def _cholqr(Y, rounds):
+    """Shifted Cholesky-QR of a stack Y (B, a, p), a ≥ p, in ``rounds`` (1 or 2) rounds.
 
-
-def _core_svd(R, rank):
-    """Top-``rank`` SVD of a stack of p×p cores R, (Ũ, S, Ṽ), via eigh (see the module docstring).
-
-    eigh(RRᵀ) = Ũ S² Ũᵀ gives the left vectors; the rows of ŨᵀR are S_i·ṽ_iᵀ, so their
-    QR gives Ṽ, with S as the diagonal of the triangular factor.
+    Returns Q = Y R⁻¹, the diagonal of the upper triangular R, and per-entry success flags,
+    without reading anything back to the host. One round leaves ‖QᵀQ - I‖ ≈ eps·cond(Y)²
+    (a well-conditioned basis); the second makes it eps. Flags: Cholesky succeeded and, after
+    two rounds, the second Gram's pivots show Y had full numerical rank.
     """
-    Uc = torch.linalg.eigh(R @ R.mT)[1].flip(-1)[..., :rank]
-    Vc, T = _orth(R.mT @ Uc)
-    S = T.diagonal(dim1=-2, dim2=-1)
-    sign = torch.where(S < 0, -1.0, 1.0).to(S.dtype)  # a Householder fallback may flip columns
-    S, order = (S * sign).sort(dim=-1, descending=True)
+    eps = torch.finfo(Y.dtype).eps
+    W = Y.mT @ Y
+    # The shift keeps rounding from making W indefinite; Y = QR holds whatever it is.
+    W.diagonal(dim1=-2, dim2=-1).add_(eps * W.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True))
+    L, info = torch.linalg.cholesky_ex(W)
+    Q = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)
+    diag, ok = L.diagonal(dim1=-2, dim2=-1), info == 0
+    if rounds == 2:
+        L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
+        Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
+        pivots = L.diagonal(dim1=-2, dim2=-1)
+        diag = diag * pivots  # diag(L₂ᵀL₁ᵀ) of the two triangular factors
+        ok = ok & (info == 0) & (pivots.square().amin(-1) > _MIN_PIVOT2)
+    return Q, diag, ok
+
+
+def _rayleigh_ritz(Y, rank):
+    """Top-``rank`` SVD Y ≈ Ũ S Ṽᵀ of a stack Y (B, a, p), a ≥ p: (Ũ, S, Ṽ, per-entry success flags).
+
+    eigh(YᵀY) gives Ṽ; the columns of YṼ are S_i·ũ_i, nearly orthogonal, so their
+    Cholesky-QR2 returns Ũ and, as its R's diagonal, S.
+    """
+    Vc = torch.linalg.eigh(Y.mT @ Y)[1].flip(-1)[..., :rank]
+    U, S, ok = _cholqr(Y @ Vc, rounds=2)
+    S, order = S.sort(dim=-1, descending=True)
     order = order[:, None, :]
-    return Uc.gather(-1, order.expand_as(Uc)), S, (Vc * sign[:, None, :]).gather(-1, order.expand_as(Vc))
+    return U.gather(-1, order.expand_as(U)), S, Vc.gather(-1, order.expand_as(Vc)), ok
+
+
+def _fast(A, sketch, iters, rank):
+    """Subspace iteration from ``sketch`` by Cholesky-QR: (U, S, Vh, per-entry success flags)."""
+    Q, _, ok = _cholqr(sketch, rounds=1)
+    for i in range(iters):
+        # Intermediate bases only need to be well conditioned; the last right basis
+        # Q₂ is returned (inside Vh), so it gets the second round.
+        last = i == iters - 1
+        Q2, _, ok_right = _cholqr(A.mT @ Q, rounds=2 if last else 1)
+        Y = A @ Q2
+        ok = ok & ok_right
+        if not last:
+            Q, _, ok_left = _cholqr(Y, rounds=1)
+            ok = ok & ok_left
+    # A failed entry is redone anyway; zeroing it keeps eigh (which raises on NaN) going.
+    ok = ok & Y.isfinite().all(-1).all(-1)
+    U, S, Vc, ok_core = _rayleigh_ritz(torch.where(ok[:, None, None], Y, 0), rank)
+    return U, S, Vc.mT @ Q2.mT, ok & ok_core
+
+
+def _robust(A, sketch, iters, rank):
+    """The same iteration with Householder QR and an SVD of the core: for any rank, any conditioning."""
+    Q = torch.linalg.qr(sketch)[0]
+    for _ in range(iters):
+        Q2 = torch.linalg.qr(A.mT @ Q)[0]
+        Q, R = torch.linalg.qr(A @ Q2)
+    Uc, S, Vch = torch.linalg.svd(R)
+    return Q @ Uc[..., :rank], S[..., :rank], Vch[..., :rank, :] @ Q2.mT
 
 
 def _check_int(name, value, minimum):
@@ -95,7 +146,7 @@ def lowrank_svd(G, rank, *, init=None, iters=2, oversample=8, generator=None, ba
     ``torch.linalg.svd``.
 
     Args:
-        G: (..., m, n) real tensor.
+        G: (..., m, n) real tensor; a non-finite matrix in it raises ``torch.linalg.LinAlgError``.
         rank: number of triplets r ≥ 1.
         init: optional previous basis to warm-start from, (..., m, c) for the left singular
             vectors (the previous ``U``) or (..., n, c) for the right ones (the previous
@@ -147,14 +198,11 @@ def lowrank_svd(G, rank, *, init=None, iters=2, oversample=8, generator=None, ba
         omega = torch.stack([torch.randn(size, device=G.device, dtype=dtype, generator=g) for g in generator])
     else:
         omega = torch.randn(A.size(0), *size, device=G.device, dtype=dtype, generator=generator)
-    Q = torch.cat([Q, A @ omega], dim=-1)
-    Q, _ = _orth(Q)
-
-    for _ in range(iters):
-        Q2, _ = _orth(A.mT @ Q)
-        Q, R = _orth(A @ Q2)
-    Uc, S, Vc = _core_svd(R, rank)  # A Q₂Q₂ᵀ = Q R Q₂ᵀ: Rayleigh-Ritz on the core
-    U, Vh = Q @ Uc, Vc.mT @ Q2.mT
+    sketch = torch.cat([Q, A @ omega], dim=-1)
+    U, S, Vh, ok = _fast(A, sketch, iters, rank)
+    failed = (~ok).nonzero().squeeze(-1)  # the one host sync
+    if len(failed):  # redone from the same sketch (same Ω); the other entries keep their bits
+        U[failed], S[failed], Vh[failed] = _robust(A[failed], sketch[failed], iters, rank)
     if not left:
         U, Vh = Vh.mT, U.mT
     return (U.reshape(*batch, m, rank).to(G.dtype).contiguous(), S.reshape(*batch, rank).to(G.dtype),

@@ -75,9 +75,18 @@ def wide(G):
     return G if G.shape[-2] <= G.shape[-1] else G.mT
 
 
+@pytest.fixture
+def fast_path_only(monkeypatch):
+    """The accuracy a test asserts is the Cholesky-QR path's: no entry may be redone robustly."""
+    def robust(*args):
+        raise AssertionError("an entry left the fast path")
+
+    monkeypatch.setattr(lowrank_module, "_robust", robust)
+
+
 @pytest.mark.parametrize("spectrum", SPECTRA)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cold_start_captures_99_percent_and_matches_top_singular_values(spectrum, shape):
+def test_cold_start_captures_99_percent_and_matches_top_singular_values(spectrum, shape, fast_path_only):
     G = SPECTRA[spectrum](*SHAPES[shape], seed=0)
     U, S, Vh = lowrank_svd(G.float(), 12, generator=torch.Generator().manual_seed(1))
     assert U.shape == (*G.shape[:-1], 12) and S.shape == (G.shape[0], 12) and Vh.shape == (G.shape[0], 12, G.shape[-1])
@@ -91,7 +100,7 @@ def test_cold_start_captures_99_percent_and_matches_top_singular_values(spectrum
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_warm_start_one_pass_tracks_a_drifting_gradient(shape):
+def test_warm_start_one_pass_tracks_a_drifting_gradient(shape, fast_path_only):
     """GaLore-style refreshes: each from the previous basis, one pass, ≥ 99% energy."""
     G = power_law(*SHAPES[shape], seed=2)
     generator = torch.Generator().manual_seed(3)
@@ -106,7 +115,7 @@ def test_warm_start_one_pass_tracks_a_drifting_gradient(shape):
         assert (energy > stale).all()
 
 
-def test_warm_start_beats_cold_start_at_one_pass():
+def test_warm_start_beats_cold_start_at_one_pass(fast_path_only):
     G0 = power_law(2, 64, 160, seed=4, alpha=0.7)
     G1 = drift(G0, seed=5)
     U0 = torch.linalg.svd(G0)[0][..., :16].float()
@@ -136,6 +145,27 @@ def test_triplets_are_orthonormal_sorted_and_paired(batch, m, n, rank, iters, se
     assert ((core - torch.diag_embed(S.double())).abs() <= 1e-5 * scale).all()
     sigma = torch.from_numpy(exact_singular_values(G)[:, :r])
     assert (S.double() <= sigma * (1 + 1e-5) + 1e-6 * scale[:, 0]).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), m=st.integers(2, 120), n=st.integers(2, 120), rank=st.integers(1, 40),
+       iters=st.integers(1, 3), alpha=st.floats(0, 4), zero_tail=st.booleans(), warm=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_orthonormal_whatever_the_spectrum(batch, m, n, rank, iters, alpha, zero_tail, warm, seed):
+    """σ_i = i^-α, optionally exactly 0 past i = 3: fast spectra and lost rank reach the robust path."""
+    k = min(m, n)
+    sigma = torch.arange(1, k + 1, dtype=torch.float64) ** -alpha
+    if zero_tail:
+        sigma[3:] = 0
+    G = with_spectrum(batch, m, n, sigma, seed)
+    init = smaller_side(*torch.linalg.svd(drift(G, seed), full_matrices=False)[::2])[..., :rank] if warm else None
+    U, S, Vh = lowrank_svd(G.float(), rank, init=None if init is None else init.float(), iters=iters,
+                           generator=torch.Generator().manual_seed(seed))
+    assert torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()
+    assert_orthonormal(U, 1e-5)
+    assert_orthonormal(Vh.mT, 1e-5)
+    assert (S >= 0).all() and (S[:, :-1] >= S[:, 1:]).all()
+    assert (S[:, 0].double() <= sigma[0] * (1 + 1e-5)).all()
 
 
 @pytest.mark.parametrize("shape, rank", [((40, 25), 25), ((25, 40), 100), ((2, 3, 16, 16), 16)])
@@ -205,7 +235,7 @@ def test_leading_dims_are_flattened_batches():
         assert torch.equal(a.reshape(b.shape), b)
 
 
-def test_init_side_and_width():
+def test_init_side_and_width(fast_path_only):
     G = power_law(1, 90, 40, seed=10)
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     for init in (U[..., :12], Vh[..., :12, :].mT, U[..., :3], Vh[..., :30, :].mT):  # left, right, narrow, wide
@@ -219,7 +249,7 @@ def test_init_side_and_width():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_dtypes(dtype):
+def test_dtypes(dtype, fast_path_only):
     G = power_law(2, 48, 64, seed=11)
     U, S, Vh = lowrank_svd(G.to(dtype), 8, generator=torch.Generator().manual_seed(0))
     assert U.dtype == S.dtype == Vh.dtype == dtype
@@ -229,40 +259,84 @@ def test_dtypes(dtype):
     assert captured_energy(U, G).min() >= 0.99
 
 
-def test_orth_falls_back_to_householder_only_for_bad_entries(monkeypatch):
-    """Cholesky-QR2 for well-conditioned entries; Householder for the rank-deficient ones."""
+def test_cholqr_one_round_conditions_two_rounds_orthonormalize_and_flag_rank_loss():
+    """Against Householder QR in float64: cond(Y) = 1, 1e2, 1e3, then rank 4 of 10, then zero."""
     conditioned = [with_spectrum(1, 60, 10, torch.logspace(0, -e, 10, dtype=torch.float64), seed=e)[0]
-                   for e in (0, 2, 3)]  # cond(Y) = 1, 1e2, 1e3
+                   for e in (0, 2, 3)]
     deficient = with_spectrum(1, 60, 10, torch.tensor([1.0] * 4 + [0.0] * 6, dtype=torch.float64), seed=4)[0]
     Y = torch.stack([*conditioned, deficient, torch.zeros(60, 10, dtype=torch.float64)]).float()
-    fallback_batches = []
-    householder = torch.linalg.qr
+    Qh, Rh = torch.linalg.qr(Y[:3].double())
+    eps = torch.finfo(torch.float32).eps
+    Q1, _, ok1 = lowrank_module._cholqr(Y, rounds=1)
+    assert ok1[:3].all() and not ok1[4]  # one round only checks that Cholesky ran
+    for Q, cond in zip(Q1[:3].double(), (1.0, 1e2, 1e3)):  # well conditioned: ‖QᵀQ - I‖ ≲ eps·cond²
+        assert_orthonormal(Q, 10 * eps * cond**2 + 1e-6)
+    torch.testing.assert_close(Q1[:3].double() - Qh @ (Qh.mT @ Q1[:3].double()), torch.zeros(3, 60, 10,
+                               dtype=torch.float64), rtol=0, atol=1e-5)  # same column space
+    Q2, diag, ok2 = lowrank_module._cholqr(Y, rounds=2)
+    assert ok2.tolist() == [True, True, True, False, False]
+    assert_orthonormal(Q2[:3], 1e-5)
+    torch.testing.assert_close(Q2[:3].double() @ Q2[:3].double().mT, Qh @ Qh.mT, rtol=0, atol=1e-5)
+    torch.testing.assert_close(diag[:3].double(), Rh.diagonal(dim1=-2, dim2=-1).abs(), rtol=1e-4, atol=0)
+
+
+def test_failed_entries_are_redone_robustly_from_the_same_sketch_and_the_others_keep_their_bits(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    rank_3 = torch.randn(40, 3, generator=g) @ torch.randn(3, 70, generator=g)
+    G = torch.stack([torch.randn(40, 70, generator=g), rank_3, power_law(1, 40, 70, seed=8)[0].float(),
+                     torch.zeros(40, 70)])
+    fast, householder, recorded, qr_batches = lowrank_module._fast, torch.linalg.qr, {}, []
+
+    def recording_fast(A, sketch, iters, rank):
+        recorded["sketch"], recorded["out"] = sketch.clone(), fast(A, sketch, iters, rank)
+        return tuple(t.clone() for t in recorded["out"])
 
     def counting_qr(X):
-        fallback_batches.append(X.shape[0])
+        qr_batches.append(X.shape[0])
         return householder(X)
 
+    monkeypatch.setattr(lowrank_module, "_fast", recording_fast)
     monkeypatch.setattr(torch.linalg, "qr", counting_qr)
-    Q, R = lowrank_module._orth(Y)
-    assert fallback_batches == [2]
-    assert_orthonormal(Q, 1e-5)
-    torch.testing.assert_close(Q @ R, Y, rtol=0, atol=1e-5 * Y.norm(dim=(-2, -1)).max().item())
-    # Same column space as Householder QR for the full-rank entries.
-    Qh = householder(Y[:3].double())[0]
-    torch.testing.assert_close((Q[:3].double() @ Q[:3].double().mT), Qh @ Qh.mT, rtol=0, atol=1e-5)
+    out = lowrank_svd(G, 8, iters=2, generator=[torch.Generator().manual_seed(s) for s in range(4)])
+    *fast_out, ok = recorded["out"]
+    assert ok.tolist() == [True, False, True, False]
+    assert qr_batches == [2] * 5  # every orthonormalization of the two failed entries, and only them
+    robust_out = lowrank_module._robust(G[[1, 3]], recorded["sketch"][[1, 3]], 2, 8)
+    for x, f, r in zip(out, fast_out, robust_out):
+        assert torch.equal(x[[0, 2]], f[[0, 2]]) and torch.equal(x[[1, 3]], r)
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3])
+def test_a_refresh_syncs_once_and_runs_two_cholesky_qr_rounds_only_where_needed(iters, monkeypatch):
+    """Fast path: one round per intermediate basis, two for the returned ones, one host sync of ours."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks.lowrank import launch_counts
+
+    G = power_law(2, 40, 70, seed=12).float()
+    init = torch.linalg.svd(G)[0][..., :8]
+    counts = launch_counts(lambda: lowrank_svd(G, 8, init=init, iters=iters))
+    eigh_syncs = launch_counts(lambda: torch.linalg.eigh(torch.eye(16).expand(2, 16, 16)))["host syncs"]
+    rounds = 1 + 2 * (iters - 1) + 2 + 2  # sketch, intermediate pairs, last right basis, Rayleigh-Ritz
+    assert counts == {"cholesky": rounds, "solve_triangular": rounds, "eigh": 1, "qr": 0, "svd": 0,
+                      "host syncs": 1 + eigh_syncs}
 
 
 @pytest.mark.parametrize("core_rank", [12, 4])
-def test_core_svd_matches_scipy(core_rank):
-    """Rayleigh-Ritz's eigh route on a p×p core: full-rank and rank-deficient cores."""
+def test_rayleigh_ritz_matches_scipy(core_rank):
+    """The eigh route on Y (40×12): full-rank, and rank-deficient (flagged for the robust path)."""
     g = torch.Generator().manual_seed(13)
-    R = torch.randn(3, 12, core_rank, generator=g) @ torch.randn(3, core_rank, 12, generator=g)
-    Uc, S, Vc = lowrank_module._core_svd(R, 8)
-    sigma = exact_singular_values(R)[:, :8]
+    Y = torch.randn(3, 40, core_rank, generator=g) @ torch.randn(3, core_rank, 12, generator=g)
+    U, S, Vc, ok = lowrank_module._rayleigh_ritz(Y, 8)
+    sigma = exact_singular_values(Y)[:, :8]
+    if core_rank < 8:
+        assert not ok.any()
+        np.testing.assert_allclose(S[:, :core_rank].numpy(), sigma[:, :core_rank], rtol=0, atol=1e-5 * sigma.max())
+        return
+    assert ok.all()
     np.testing.assert_allclose(S.numpy(), sigma, rtol=0, atol=1e-5 * sigma.max())
-    assert_orthonormal(Uc, 1e-5)
+    assert_orthonormal(U, 1e-5)
     assert_orthonormal(Vc, 1e-5)
-    torch.testing.assert_close(Uc.mT @ R @ Vc, torch.diag_embed(S), rtol=0, atol=1e-5 * sigma.max())
+    torch.testing.assert_close(U.mT @ Y @ Vc, torch.diag_embed(S), rtol=0, atol=1e-5 * sigma.max())
 
 
 def test_bad_arguments_raise_naming_them():
@@ -275,6 +349,9 @@ def test_bad_arguments_raise_naming_them():
         lowrank_svd(torch.randn(10), 2)
     with pytest.raises(ValueError, match="backend"):
         lowrank_svd(G, 2, backend="cuda")
+    G[3, 4] = float("nan")
+    with pytest.raises(torch.linalg.LinAlgError):
+        lowrank_svd(G, 2)
 
 
 def test_forced_triton_backend_runs_the_same_code():
@@ -288,7 +365,8 @@ def test_benchmark_quick_variant_runs(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     from benchmarks.lowrank import run
 
-    refresh, core = run(quick=True).values()
+    refresh, core, launches = run(quick=True).values()
     assert len(refresh) == 3 and all(row["cold energy"] >= 0.99 and row["warm energy"] >= 0.99 for row in refresh)
     assert all(row["svd_lowrank energy"] <= 1 + 1e-9 for row in refresh), "energy is relative to the exact basis"
     assert all(row["torch.linalg.svd ms"] > 0 and row["eigh + CholQR2 ms"] > 0 for row in core)
+    assert [row["refresh"] for row in launches] == ["warm", "cold"] and all(row["qr"] == 0 for row in launches)
