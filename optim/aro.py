@@ -6,6 +6,8 @@ import torch
 
 from .base import MatrixOptimizer, apply_update, as_matrices, choice, integer, matrix_shape, real
 from .distributed import local_tensor
+from .muon import NS_DTYPES
+from .orthogonalize import default_ns_dtype
 
 BASE_MAPS = ("sinkhorn", "row_norm", "sign")
 ROTATE_SIDES = ("smaller", "rows", "cols")
@@ -61,24 +63,41 @@ def _cholesky_qr(C: torch.Tensor, shift: float):
     return Q, L, (info == 0) & Q.isfinite().all(-1).all(-1)
 
 
+def _orthogonal_enough(L: torch.Tensor) -> torch.Tensor:
+    """Whether Q = Y·L⁻ᵀ from a Cholesky-QR pass is orthogonal: it is to about κ(Y)²·u,
+    and diag(L) bounds κ(Y) from below."""
+    d = L.diagonal(dim1=-2, dim2=-1).abs()
+    return (d.amax(-1) / d.amin(-1)).square() * torch.finfo(L.dtype).eps < ORTHOGONALITY_TOL
+
+
 def orthogonal_factor(C: torch.Tensor, method: str = "shifted_cholesky") -> torch.Tensor:
     """The orthogonal factor Q of C = QR for a stack C (B, k, k), batched.
 
     "householder": ``torch.linalg.qr``. "shifted_cholesky": shifted Cholesky QR
     (P = CᵀC + s·I, s = 1e-7·‖C‖²_F, Cholesky, triangular solve), then one unshifted
     Cholesky QR pass (CholeskyQR2), which restores the orthogonality the shift costs.
-    Entries where a Cholesky fails, produces non-finite values, or is too ill-conditioned
-    for an orthogonal result (rank-deficient or badly scaled C) fall back to Householder.
+    Where C is ill-conditioned enough that this is not yet orthogonal (the C of a square
+    momentum has κ ~ 1e5: a third of a LLaMA layer set's matrices), a third pass finishes
+    the job (shifted CholeskyQR3, Fukaya et al. 2020). Entries where a Cholesky fails,
+    produces non-finite values, or that are still not orthogonal (C numerically
+    rank-deficient) fall back to Householder.
     """
     if method == "householder":
         return torch.linalg.qr(C).Q
     Q1, _, ok1 = _cholesky_qr(C, CHOLESKY_SHIFT)
     Q, L, ok2 = _cholesky_qr(Q1, 0.0)
-    # Q is orthogonal to about κ(Q1)²·u; diag(L) bounds κ(Q1) from below.
-    d = L.diagonal(dim1=-2, dim2=-1).abs()
-    ok = ok1 & ok2 & ((d.amax(-1) / d.amin(-1)).square() * torch.finfo(C.dtype).eps < ORTHOGONALITY_TOL)
-    if not ok.all():
-        Q[~ok] = torch.linalg.qr(C[~ok]).Q
+    ok = ok1 & ok2
+    done = ok & _orthogonal_enough(L)
+    if done.all():
+        return Q
+    again = ok & ~done
+    if again.any():
+        Q3, L3, ok3 = _cholesky_qr(Q[again], 0.0)
+        fixed = ok3 & _orthogonal_enough(L3)
+        Q[again] = torch.where(fixed[:, None, None], Q3, Q[again])
+        done[again] = fixed
+    if not done.all():
+        Q[~done] = torch.linalg.qr(C[~done]).Q
     return Q
 
 
@@ -98,7 +117,10 @@ class ARO(MatrixOptimizer):
     (default), row_norm or sign. The rotation chases the basis in which f of the momentum
     best aligns with the momentum. Acting on the columns means doing the above with Mᵀ.
     QR is :func:`orthogonal_factor` (shifted Cholesky QR, Householder fallback). Same-shape
-    matrices are rotated as one batch. The momentum and R are kept in fp32.
+    matrices are rotated as one batch. The momentum and R are kept in fp32, and so are f
+    and the QR; the four products with M (RᵀM twice, M·f(·)ᵀ, R·f(·)) take their operands
+    in ``matmul_dtype`` with fp32 results: bf16 on a GPU puts them on tensor cores (C's
+    rounding only picks a slightly different rotation, which the QR keeps orthogonal).
 
     Args:
         params: tensors, (name, tensor) pairs or param-group dicts (every argument below
@@ -114,6 +136,8 @@ class ARO(MatrixOptimizer):
         lr_scaling: "match_adamw" (default: the update has RMS 0.2, like AdamW's, so
             AdamW's lr and weight decay carry over) or "none" (U as is; f already gives
             entries of RMS ≈ 1 and R preserves it).
+        matmul_dtype: operand dtype of the products with M (default: bf16 on CUDA, fp32
+            elsewhere, like Muon's ``ns_dtype``).
         betas, eps: the AdamW fallback's (defaults (0.9, 0.95), 1e-8).
         nonfinite: "skip" (default) or "raise" on NaN/Inf gradients.
         distributed, process_group: as for :class:`~matrixopt.Muon`.
@@ -127,15 +151,17 @@ class ARO(MatrixOptimizer):
         "rotate_side": choice(*ROTATE_SIDES),
         "qr": choice("shifted_cholesky", "householder"),
         "lr_scaling": choice("match_adamw", "none"),
+        "matmul_dtype": choice(*NS_DTYPES),
     }
 
     def __init__(self, params, lr=1e-3, momentum=0.95, weight_decay=0.1, base="sinkhorn",
                  sinkhorn_iters=5, rotate_side="smaller", qr="shifted_cholesky",
-                 lr_scaling="match_adamw", betas=(0.9, 0.95), eps=1e-8, nonfinite="skip", *,
-                 distributed=None, process_group=None):
+                 lr_scaling="match_adamw", betas=(0.9, 0.95), eps=1e-8, nonfinite="skip",
+                 matmul_dtype=None, *, distributed=None, process_group=None):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, base=base,
                         sinkhorn_iters=sinkhorn_iters, rotate_side=rotate_side, qr=qr,
-                        lr_scaling=lr_scaling, betas=betas, eps=eps, nonfinite=nonfinite)
+                        lr_scaling=lr_scaling, betas=betas, eps=eps, nonfinite=nonfinite,
+                        matmul_dtype=matmul_dtype)
         super().__init__(params, defaults, distributed=distributed, process_group=process_group)
 
     @staticmethod
@@ -157,8 +183,14 @@ class ARO(MatrixOptimizer):
     def _rotate(self, group, M: torch.Tensor, R: torch.Tensor):
         """One ARO rotation for a stack of momenta M (B, k, l) and rotations R (B, k, k)."""
         f = functools.partial(base_map, kind=group["base"], sinkhorn_iters=group["sinkhorn_iters"])
-        R = orthogonal_factor(M @ f(R.mT @ M).mT, group["qr"])
-        return R @ f(R.mT @ M), R
+        dtype = group["matmul_dtype"] or default_ns_dtype(M.device)
+        Mc = M.to(dtype)
+
+        def mm(A, B):
+            return (A.to(dtype) @ B.to(dtype)).to(M.dtype)
+
+        R = orthogonal_factor(mm(Mc, f(mm(R.mT, Mc)).mT), group["qr"])
+        return mm(R, f(mm(R.mT, Mc))), R
 
     def _update_matrices(self, group, params, weights, grads):
         _, m, n = matrix_shape(params[0])

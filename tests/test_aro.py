@@ -7,7 +7,9 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import matrixopt
-from matrixopt.aro import base_map, orthogonal_factor
+from matrixopt.aro import ORTHOGONALITY_TOL, base_map, orthogonal_factor
+import functools
+
 from test_root import bf16_steps, digits_losses
 
 
@@ -52,6 +54,22 @@ def test_hard_inputs_fall_back_and_stay_orthogonal():
     # Each entry of the batch is handled as it would be alone.
     for c, q in zip(C, Q):
         torch.testing.assert_close(orthogonal_factor(c[None])[0], q, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kappa", [1e4, 1e5, 1e6])
+def test_ill_conditioned_c_stays_on_cholesky_qr(kappa, monkeypatch):
+    """C with κ up to 1e6 and a flat spectrum (like the C of a square momentum, κ ~ 1e5)
+    needs no Householder QR (CholeskyQR2 alone sent κ ≥ 1e5 to it): a third Cholesky pass
+    makes Q orthogonal to the accepted tolerance."""
+    g = torch.Generator().manual_seed(0)
+    k = 128
+    U, V = (torch.linalg.qr(torch.randn(4, k, k, dtype=torch.float64, generator=g))[0] for _ in range(2))
+    C = ((U * torch.linspace(1, 1 / kappa, k, dtype=torch.float64)) @ V.mT).float()
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: pytest.fail("fell back to Householder"))
+    Q = orthogonal_factor(C)
+    assert max(orthogonality_error(q) for q in Q) < ORTHOGONALITY_TOL
+    R = Q.mT.double() @ C.double()  # upper triangular when Q is C's Q factor
+    assert R.tril(-1).abs().max().item() < 1e-4 * R.abs().max().item()
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
@@ -165,7 +183,8 @@ def test_bf16_params():
 
 
 @pytest.mark.parametrize("name,value", [("base", "svd"), ("sinkhorn_iters", 0), ("rotate_side", "both"),
-                                        ("qr", "cholesky"), ("lr_scaling", "original"), ("momentum", 1.0)])
+                                        ("qr", "cholesky"), ("lr_scaling", "original"), ("momentum", 1.0),
+                                        ("matmul_dtype", "bf16")])
 def test_invalid_hyperparameters(name, value):
     with pytest.raises(ValueError, match=name):
         matrixopt.ARO([nn.Parameter(torch.zeros(4, 4))], **{name: value})
@@ -173,4 +192,29 @@ def test_invalid_hyperparameters(name, value):
 
 def test_mlp_on_digits():
     start, end = digits_losses(matrixopt.ARO)
+    assert end < 0.1 * start
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_bf16_matmuls_keep_rotation_orthogonal_and_update_close(shape):
+    """With bf16 operands R is still orthogonal to fp32 rounding (the QR is fp32), and over 5
+    steps the weights move within a few percent of the fp32 run (bf16's rounding, not more)."""
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(shape, generator=g)
+    grads = [torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) for _ in range(5)]
+    moves, rotations = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        p = nn.Parameter(W0.clone())
+        opt = matrixopt.ARO([p], lr=0.05, matmul_dtype=dtype)
+        for G in grads:
+            p.grad = G.clone()
+            opt.step()
+        moves.append(p.detach() - W0)
+        rotations.append(opt.state[p]["rotation"][0])
+    assert orthogonality_error(rotations[1]) < 1e-5
+    assert 1e-4 < ((moves[1] - moves[0]).norm() / moves[0].norm()).item() < 5e-2
+
+
+def test_mlp_on_digits_with_bf16_matmuls():
+    start, end = digits_losses(functools.partial(matrixopt.ARO, matmul_dtype=torch.bfloat16))
     assert end < 0.1 * start
