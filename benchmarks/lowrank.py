@@ -1,7 +1,9 @@
 """Projector refresh: ``lowrank_svd`` (cold and warm) vs ``torch.linalg.svd`` vs ``torch.svd_lowrank``.
 
 Every method gets the same gradient-like matrix (singular values σ_i = 1/i, random singular
-vectors) in fp32. "warm" refreshes after a step of drift: the previous matrix's exact top-r
+vectors) in fp32; a second table repeats some shapes with a steep spectrum, σ_i = i^-2
+(σ₁/σ_p ~ 1e4 at r = 128: the case where two Cholesky-QR rounds fail and the retry with three
+runs). "warm" refreshes after a step of drift: the previous matrix's exact top-r
 left basis is the ``init``, and the singular vectors of the current one moved by ~0.1 (each
 factor perturbed by 0.1·Gaussian/√dim, singular values rescaled by up to ±10%).
 Captured energy is ‖U_rᵀG‖²_F / ‖U*_rᵀG‖²_F with U* from the exact SVD (= Σ_{i≤r} σ_i², but
@@ -26,6 +28,9 @@ from .common import cpu_note, default_device, median_ms, module_main
 FULL_CASES = [(1, 2048, 5632, 128), (1, 2048, 5632, 512), (1, 4096, 4096, 128), (1, 4096, 4096, 512),
               (1, 4096, 11008, 128), (1, 4096, 11008, 512), (16, 2048, 2048, 512)]
 QUICK_CASES = [(1, 96, 160, 8), (1, 160, 96, 32), (4, 64, 64, 16)]
+STEEP_FULL_CASES = [(1, 2048, 5632, 128), (1, 4096, 11008, 512)]
+STEEP_QUICK_CASES = [(1, 96, 160, 32)]
+STEEP = 2.0
 OVERSAMPLE = 8
 # What a refresh launches, by aten op: cuSOLVER/cuBLAS factorizations, and host syncs (a
 # device value read on the host: .item()/bool(), nonzero's size, linalg's info checks).
@@ -46,12 +51,12 @@ def timed(fn, reps, device):
     return ms, result
 
 
-def gradient_pair(batch, m, n, device, generator):
-    """(previous, current) fp32 matrices with σ_i = 1/i whose singular vectors drift by ~0.1."""
+def gradient_pair(batch, m, n, device, generator, alpha=1.0):
+    """(previous, current) fp32 matrices with σ_i = i^-alpha whose singular vectors drift by ~0.1."""
     k = min(m, n)
     U, _ = torch.linalg.qr(torch.randn(batch, m, k, device=device, generator=generator))
     V, _ = torch.linalg.qr(torch.randn(batch, n, k, device=device, generator=generator))
-    s = 1.0 / torch.arange(1, k + 1, device=device)
+    s = torch.arange(1, k + 1, device=device, dtype=torch.float32) ** -alpha
     previous = (U * s) @ V.mT
     U = U + 0.1 * torch.randn(U.shape, device=device, generator=generator) / m ** 0.5
     V = V + 0.1 * torch.randn(V.shape, device=device, generator=generator) / n ** 0.5
@@ -66,11 +71,11 @@ def captured_energy(U, G, exact_U):
     return (energy / (exact_U[..., :U.size(-1)].double().mT @ G).square().sum((-2, -1))).min().item()
 
 
-def refresh_rows(cases, device, reps):
+def refresh_rows(cases, device, reps, alpha=1.0):
     rows = []
     generator = torch.Generator(device).manual_seed(0)
     for batch, m, n, rank in cases:
-        previous, G = gradient_pair(batch, m, n, device, generator)
+        previous, G = gradient_pair(batch, m, n, device, generator, alpha)
         svd_ms, (exact_U, _, _) = timed(lambda: torch.linalg.svd(G, full_matrices=False), max(1, reps // 2), device)
         init = torch.linalg.svd(previous, full_matrices=False)[0 if m <= n else 2]
         init = init[..., :rank] if m <= n else init[..., :rank, :].mT
@@ -99,7 +104,7 @@ def core_rows(cases, device, reps):
         Y = torch.randn(batch, a, p, device=device) / torch.arange(1, p + 1, device=device)
         row = {"batch×a×p": f"{batch}×{a}×{p}", "rank": rank,
                "torch.linalg.svd ms": timed(lambda: torch.linalg.svd(Y, full_matrices=False), reps, device)[0],
-               "eigh + CholQR2 ms": timed(lambda: _rayleigh_ritz(Y, rank), reps, device)[0]}
+               "eigh + CholQR2 ms": timed(lambda: _rayleigh_ritz(Y, rank, rounds=2), reps, device)[0]}
         row["speedup"] = row["torch.linalg.svd ms"] / row["eigh + CholQR2 ms"]
         rows.append(row)
         print(row, flush=True)
@@ -115,14 +120,16 @@ def launch_counts(fn):
 
 
 def launch_rows(device):
-    """Launches per refresh of one 1×256×704 matrix at r = 32 (counts do not depend on the size)."""
+    """Launches per refresh of one 1×256×704 matrix at r = 32 (counts do not depend on the size),
+    on a gentle and on a steep spectrum."""
     rows = []
     generator = torch.Generator(device).manual_seed(0)
-    previous, G = gradient_pair(1, 256, 704, device, generator)
-    basis = torch.linalg.svd(previous, full_matrices=False)[0][..., :32]
-    for name, init, iters in [("warm", basis, 1), ("cold", None, 2)]:
-        counts = launch_counts(lambda: lowrank_svd(G, 32, init=init, iters=iters, generator=generator))
-        rows.append({"refresh": name, "iters": iters, **counts})
+    for alpha in (1.0, 3.0):  # σ₁/σ_p = 40 and 6e4: the second needs the three-round retry
+        previous, G = gradient_pair(1, 256, 704, device, generator, alpha)
+        basis = torch.linalg.svd(previous, full_matrices=False)[0][..., :32]
+        for name, init, iters in [("warm", basis, 1), ("cold", None, 2)]:
+            counts = launch_counts(lambda: lowrank_svd(G, 32, init=init, iters=iters, generator=generator))
+            rows.append({"refresh": name, "spectrum": f"i^-{alpha:g}", "iters": iters, **counts})
         print(rows[-1], flush=True)
     return rows
 
@@ -131,8 +138,10 @@ def run(quick: bool = False, device=None) -> dict[str, list[dict]]:
     """The refresh, core and launch tables; ``quick``: tiny sizes, meant for a CPU."""
     device = default_device(device)
     cases, reps = (QUICK_CASES, 3) if quick else (FULL_CASES, 5)
+    steep = STEEP_QUICK_CASES if quick else STEEP_FULL_CASES
     note = cpu_note(device)
     return {f"refresh: time (ms) and captured energy{note}": refresh_rows(cases, device, reps),
+            f"refresh, steep spectrum σ_i = i^-{STEEP:g}{note}": refresh_rows(steep, device, reps, STEEP),
             f"Rayleigh-Ritz core (ms){note}": core_rows(cases, device, reps),
             "launches per refresh (aten op counts)": launch_rows(device)}
 

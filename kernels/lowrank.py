@@ -31,17 +31,17 @@ and U, Vh stay orthonormal (Ũ by Cholesky-QR2, Ṽ from eigh). It replaces torc
 the core, the slow step on a GPU (cuSOLVER's Jacobi SVD: 20 ms for one 520×520 core on an
 H200 against 6.7 ms for the previous eigh route).
 
-Failures are collected, not checked as they happen: every Cholesky's ``info``, the second
-rounds' pivots (a squared pivot < 0.1 means the input lost numerical rank: zero or low-rank
-input, a sketch wider than the rank, cond ≳ eps^(-1/2)), and Y's finiteness give per-entry
-flags that are read on the host once, at the end. The entries that failed anywhere are redone
-from the same sketch (same Ω) with Householder QR (``torch.linalg.qr``) for every
-orthonormalization and ``torch.linalg.svd`` of the p×p core, which are right whatever the rank;
-the other entries keep the fast path's bits. Spectra with σ_1/σ_p beyond about 1e3-5e3
-(fp32, by the spectrum's shape) take the robust path, as the previous design fell back then
-too; one-round intermediates move that edge a little either way (measured: a cold start on
-σ_i = i^-1.6 at p = 136 now falls back where it did not; on a geometric spectrum at p = 72
-it falls back less).
+Failures are collected, not checked as they happen: every Cholesky's ``info``, the last
+rounds' pivots (a squared pivot < 0.1 means the round's input was far from orthonormal:
+for two rounds, cond(Y) ≳ eps^(-1/2) ≈ 3e3 in fp32), and Y's finiteness give per-entry flags
+that are read on the host once, at the end. The entries that failed anywhere are redone
+from the same sketch (same Ω), first with three rounds for the returned bases (shifted
+CholeskyQR3: good to cond(Y) ~ 1e6 in fp32, which steep spectra need — σ_i = i^-2 at
+p = 136 has σ₁/σ_p = 2e4 and used to send every entry to Householder — and rank-deficient
+G whose extra directions are rounding noise), then, for what still fails (G = 0,
+non-finite), with Householder QR (``torch.linalg.qr``) for every orthonormalization and
+``torch.linalg.svd`` of the p×p core, which are right whatever the rank. Every entry keeps
+the bits of the first path that succeeded for it; a retry costs one more host sync.
 
 Launches per call (``python -m benchmarks.lowrank``, aten op counts): a warm refresh (iters = 1)
 runs 5 Cholesky + 5 triangular solves + 1 eigh and syncs with the host twice (our check and
@@ -66,50 +66,57 @@ _MIN_PIVOT2 = 0.1
 
 
 def _cholqr(Y, rounds):
-    """Shifted Cholesky-QR of a stack Y (B, a, p), a ≥ p, in ``rounds`` (1 or 2) rounds.
+    """Shifted Cholesky-QR of a stack Y (B, a, p), a ≥ p, in ``rounds`` rounds.
 
     Returns Q = Y R⁻¹, the diagonal of the upper triangular R, and per-entry success flags,
-    without reading anything back to the host. One round leaves ‖QᵀQ - I‖ ≈ eps·cond(Y)²
-    (a well-conditioned basis); the second makes it eps. Flags: Cholesky succeeded and, after
-    two rounds, the second Gram's pivots show Y had full numerical rank.
+    without reading anything back to the host. The first round's shift lets its Cholesky
+    through whatever cond(Y) is and leaves cond(Q) ≲ √eps·cond(Y) (when that is > 1); each
+    further round takes the orthogonality error from eps·cond(Q)² to about eps. So one
+    round gives a well-conditioned basis for cond(Y) ≲ 1/eps, two an orthonormal one for
+    cond(Y) ≲ eps^(-1/2) (~3e3 in fp32), three for cond(Y) ≲ ~1e6 in fp32 (shifted
+    CholeskyQR3, Fukaya et al. 2020). Flags: every Cholesky succeeded and, with more than
+    one round, the last round's pivots show its input was nearly orthonormal (else Y had
+    lost numerical rank for this many rounds).
     """
     eps = torch.finfo(Y.dtype).eps
-    W = Y.mT @ Y
-    # The shift keeps rounding from making W indefinite; Y = QR holds whatever it is.
-    W.diagonal(dim1=-2, dim2=-1).add_(eps * W.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True))
-    L, info = torch.linalg.cholesky_ex(W)
-    Q = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)
-    diag, ok = L.diagonal(dim1=-2, dim2=-1), info == 0
-    if rounds == 2:
-        L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
+    Q, diag, ok = Y, 1.0, torch.ones(Y.shape[0], dtype=torch.bool, device=Y.device)
+    for i in range(rounds):
+        W = Q.mT @ Q
+        if i == 0:
+            # The shift keeps rounding from making W indefinite; Y = QR holds whatever it is.
+            W.diagonal(dim1=-2, dim2=-1).add_(eps * W.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True))
+        L, info = torch.linalg.cholesky_ex(W)
         Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
         pivots = L.diagonal(dim1=-2, dim2=-1)
-        diag = diag * pivots  # diag(L₂ᵀL₁ᵀ) of the two triangular factors
-        ok = ok & (info == 0) & (pivots.square().amin(-1) > _MIN_PIVOT2)
+        diag, ok = diag * pivots, ok & (info == 0)  # diag(R) = product of the rounds' diag(Lᵀ)
+    if rounds > 1:
+        ok = ok & (pivots.square().amin(-1) > _MIN_PIVOT2)
     return Q, diag, ok
 
 
-def _rayleigh_ritz(Y, rank):
+def _rayleigh_ritz(Y, rank, rounds):
     """Top-``rank`` SVD Y ≈ Ũ S Ṽᵀ of a stack Y (B, a, p), a ≥ p: (Ũ, S, Ṽ, per-entry success flags).
 
     eigh(YᵀY) gives Ṽ; the columns of YṼ are S_i·ũ_i, nearly orthogonal, so their
-    Cholesky-QR2 returns Ũ and, as its R's diagonal, S.
+    Cholesky-QR (``rounds`` rounds) returns Ũ and, as its R's diagonal, S.
     """
     Vc = torch.linalg.eigh(Y.mT @ Y)[1].flip(-1)[..., :rank]
-    U, S, ok = _cholqr(Y @ Vc, rounds=2)
+    U, S, ok = _cholqr(Y @ Vc, rounds)
     S, order = S.sort(dim=-1, descending=True)
     order = order[:, None, :]
     return U.gather(-1, order.expand_as(U)), S, Vc.gather(-1, order.expand_as(Vc)), ok
 
 
-def _fast(A, sketch, iters, rank):
-    """Subspace iteration from ``sketch`` by Cholesky-QR: (U, S, Vh, per-entry success flags)."""
+def _fast(A, sketch, iters, rank, rounds=2):
+    """Subspace iteration from ``sketch`` by Cholesky-QR: (U, S, Vh, per-entry success flags).
+
+    ``rounds``: Cholesky-QR rounds for the two bases that are returned (Q₂ and Ũ)."""
     Q, _, ok = _cholqr(sketch, rounds=1)
     for i in range(iters):
         # Intermediate bases only need to be well conditioned; the last right basis
-        # Q₂ is returned (inside Vh), so it gets the second round.
+        # Q₂ is returned (inside Vh), so it gets the full ``rounds``.
         last = i == iters - 1
-        Q2, _, ok_right = _cholqr(A.mT @ Q, rounds=2 if last else 1)
+        Q2, _, ok_right = _cholqr(A.mT @ Q, rounds=rounds if last else 1)
         Y = A @ Q2
         ok = ok & ok_right
         if not last:
@@ -117,7 +124,7 @@ def _fast(A, sketch, iters, rank):
             ok = ok & ok_left
     # A failed entry is redone anyway; zeroing it keeps eigh (which raises on NaN) going.
     ok = ok & Y.isfinite().all(-1).all(-1)
-    U, S, Vc, ok_core = _rayleigh_ritz(torch.where(ok[:, None, None], Y, 0), rank)
+    U, S, Vc, ok_core = _rayleigh_ritz(torch.where(ok[:, None, None], Y, 0), rank, rounds)
     return U, S, Vc.mT @ Q2.mT, ok & ok_core
 
 
@@ -200,9 +207,15 @@ def lowrank_svd(G, rank, *, init=None, iters=2, oversample=8, generator=None, ba
         omega = torch.randn(A.size(0), *size, device=G.device, dtype=dtype, generator=generator)
     sketch = torch.cat([Q, A @ omega], dim=-1)
     U, S, Vh, ok = _fast(A, sketch, iters, rank)
-    failed = (~ok).nonzero().squeeze(-1)  # the one host sync
-    if len(failed):  # redone from the same sketch (same Ω); the other entries keep their bits
-        U[failed], S[failed], Vh[failed] = _robust(A[failed], sketch[failed], iters, rank)
+    failed = (~ok).nonzero().squeeze(-1)  # the one host sync, unless something failed
+    if len(failed):
+        # Redone from the same sketch (same Ω); the other entries keep their bits. A steep
+        # spectrum (σ₁/σ_p ≳ 3e3) defeats two Cholesky-QR rounds but not three; what three
+        # cannot do (a rank-deficient G) goes to Householder QR.
+        U[failed], S[failed], Vh[failed], ok = _fast(A[failed], sketch[failed], iters, rank, rounds=3)
+        failed = failed[~ok]
+        if len(failed):
+            U[failed], S[failed], Vh[failed] = _robust(A[failed], sketch[failed], iters, rank)
     if not left:
         U, Vh = Vh.mT, U.mT
     return (U.reshape(*batch, m, rank).to(G.dtype).contiguous(), S.reshape(*batch, rank).to(G.dtype),

@@ -287,9 +287,10 @@ def test_failed_entries_are_redone_robustly_from_the_same_sketch_and_the_others_
                      torch.zeros(40, 70)])
     fast, householder, recorded, qr_batches = lowrank_module._fast, torch.linalg.qr, {}, []
 
-    def recording_fast(A, sketch, iters, rank):
-        recorded["sketch"], recorded["out"] = sketch.clone(), fast(A, sketch, iters, rank)
-        return tuple(t.clone() for t in recorded["out"])
+    def recording_fast(A, sketch, iters, rank, rounds=2):
+        out = fast(A, sketch, iters, rank, rounds)
+        recorded[rounds] = sketch.clone(), out
+        return tuple(t.clone() for t in out)
 
     def counting_qr(X):
         qr_batches.append(X.shape[0])
@@ -298,12 +299,34 @@ def test_failed_entries_are_redone_robustly_from_the_same_sketch_and_the_others_
     monkeypatch.setattr(lowrank_module, "_fast", recording_fast)
     monkeypatch.setattr(torch.linalg, "qr", counting_qr)
     out = lowrank_svd(G, 8, iters=2, generator=[torch.Generator().manual_seed(s) for s in range(4)])
-    *fast_out, ok = recorded["out"]
+    sketch, (*two_rounds, ok) = recorded[2]
     assert ok.tolist() == [True, False, True, False]
-    assert qr_batches == [2] * 5  # every orthonormalization of the two failed entries, and only them
-    robust_out = lowrank_module._robust(G[[1, 3]], recorded["sketch"][[1, 3]], 2, 8)
-    for x, f, r in zip(out, fast_out, robust_out):
-        assert torch.equal(x[[0, 2]], f[[0, 2]]) and torch.equal(x[[1, 3]], r)
+    *three_rounds, ok = recorded[3][1]  # the retry of entries 1 and 3
+    assert ok.tolist() == [True, False]  # three rounds orthonormalize rank 3 + rounding noise, not zero
+    assert qr_batches == [1] * 5  # every orthonormalization of the zero matrix, and only it
+    robust_out = lowrank_module._robust(G[[3]], sketch[[3]], 2, 8)
+    for x, f, t, r in zip(out, two_rounds, three_rounds, robust_out):
+        assert torch.equal(x[[0, 2]], f[[0, 2]]) and torch.equal(x[1], t[0]) and torch.equal(x[[3]], r)
+    U, S, Vh = out
+    assert_orthonormal(U[1], 1e-5) and assert_orthonormal(Vh[1].mT, 1e-5)
+    torch.testing.assert_close((U[1] * S[1]) @ Vh[1], G[1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 2.5])
+def test_steep_spectra_take_a_third_cholesky_qr_round_not_householder(alpha, monkeypatch):
+    """σ_i = i^-α with σ₁/σ_p ~ 1e4-1e5 (p = 20): two Cholesky-QR rounds flag it, three
+    succeed, so no Householder QR; the result is orthonormal and captures the energy, and a
+    gentle matrix in the same batch keeps the two-round result bit for bit."""
+    G = torch.cat([power_law(2, 60, 150, seed=21, alpha=alpha), power_law(1, 60, 150, seed=22)]).float()
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: pytest.fail("fell back to Householder"))
+    generators = lambda: [torch.Generator().manual_seed(s) for s in range(3)]
+    for init, iters in ((None, 2), (torch.linalg.svd(G)[0][..., :12], 1)):
+        U, S, Vh = lowrank_svd(G, 12, init=init, iters=iters, generator=generators())
+        assert_orthonormal(U, 1e-5)
+        assert_orthonormal(Vh.mT, 1e-5)
+        assert captured_energy(U, G).min() >= 0.99
+        alone = lowrank_svd(G[2:], 12, init=None if init is None else init[2:], iters=iters, generator=generators()[2:])
+        assert all(torch.equal(x[2:], y) for x, y in zip((U, S, Vh), alone))
 
 
 @pytest.mark.parametrize("iters", [1, 2, 3])
@@ -326,7 +349,7 @@ def test_rayleigh_ritz_matches_scipy(core_rank):
     """The eigh route on Y (40×12): full-rank, and rank-deficient (flagged for the robust path)."""
     g = torch.Generator().manual_seed(13)
     Y = torch.randn(3, 40, core_rank, generator=g) @ torch.randn(3, core_rank, 12, generator=g)
-    U, S, Vc, ok = lowrank_module._rayleigh_ritz(Y, 8)
+    U, S, Vc, ok = lowrank_module._rayleigh_ritz(Y, 8, rounds=2)
     sigma = exact_singular_values(Y)[:, :8]
     if core_rank < 8:
         assert not ok.any()
@@ -365,8 +388,14 @@ def test_benchmark_quick_variant_runs(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     from benchmarks.lowrank import run
 
-    refresh, core, launches = run(quick=True).values()
-    assert len(refresh) == 3 and all(row["cold energy"] >= 0.99 and row["warm energy"] >= 0.99 for row in refresh)
+    refresh, steep, core, launches = run(quick=True).values()
+    assert len(refresh) == 3 and len(steep) == 1
+    assert all(row["cold energy"] >= 0.99 and row["warm energy"] >= 0.99 for row in refresh + steep)
     assert all(row["svd_lowrank energy"] <= 1 + 1e-9 for row in refresh), "energy is relative to the exact basis"
     assert all(row["torch.linalg.svd ms"] > 0 and row["eigh + CholQR2 ms"] > 0 for row in core)
-    assert [row["refresh"] for row in launches] == ["warm", "cold"] and all(row["qr"] == 0 for row in launches)
+    gentle, hard = launches[:2], launches[2:]
+    assert [(row["refresh"], row["spectrum"]) for row in launches] == [
+        ("warm", "i^-1"), ("cold", "i^-1"), ("warm", "i^-3"), ("cold", "i^-3")]
+    assert all(row["qr"] == 0 and row["eigh"] == 1 for row in gentle)
+    # The warm steep refresh is rescued by the three-round retry (a second eigh), no Householder.
+    assert hard[0]["qr"] == 0 and hard[0]["eigh"] == 2
