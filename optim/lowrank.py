@@ -40,6 +40,11 @@ class LowRankAdamW(MatrixOptimizer):
 
     supports_fsdp = True
     hyperparameters = {"rank": rank_spec, "update_proj_gap": integer(1), "scale": real(0.0)}
+    #: A bucket's projection stacks its gradients and its back-projected steps (full size);
+    #: these optimizers exist to save memory, so a bucket is about one large matrix (2^22
+    #: elements: one 2048², or 64 of 256²), where batching stops paying on a GPU anyway.
+    #: (At 2^26, 24 matrices of 2048×1024 made 360 MB of temporaries for 120 MB of state.)
+    max_bucket_elements = 1 << 22
 
     def __init__(self, params, lr, betas, eps, weight_decay, rank, update_proj_gap, scale, *,
                  distributed, process_group, **rule):

@@ -588,3 +588,19 @@ def test_projection_benchmark_reports_errors_per_proj_dtype(tmp_path):
         assert bound[0] / 100 < row["project rel. err"] < bound[1]
         assert bound[0] / 100 < row["project_back rel. err"] < bound[1]
         assert row["batched ms"] > 0 and row["per-matrix ms"] > 0
+
+
+def test_step_temporaries_are_bounded_by_the_bucket_cap():
+    """A step stacks (copies) gradients and back-projected steps bucket by bucket, so its
+    temporaries stay within a few buckets of max_bucket_elements (one 2048² matrix), not the
+    size of all same-shape params (they were 1.9× the params with 2^26-element buckets)."""
+    from benchmarks.common import cpu_peak_bytes
+
+    params = [torch.nn.Parameter(torch.randn(2048, 1024) * 0.02) for _ in range(6)]
+    for p in params:
+        p.grad = torch.randn(p.shape) * 1e-3
+    opt = matrixopt.GaLoreAdamW(params, rank=256, update_proj_gap=100)
+    opt.step()  # the refresh
+    bucket_bytes = 4 * matrixopt.GaLoreAdamW.max_bucket_elements
+    assert bucket_bytes < 6 * 2048 * 1024 * 4 / 2  # several buckets
+    assert cpu_peak_bytes(opt.step) < 2 * bucket_bytes

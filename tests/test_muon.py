@@ -316,8 +316,7 @@ def test_same_shape_matrices_batched_like_separately():
 
 
 def test_buckets_are_capped_in_size(monkeypatch):
-    """Same-shape matrices beyond MAX_BUCKET_ELEMENTS go to further batches, same result."""
-    import matrixopt.base as base
+    """Same-shape matrices beyond max_bucket_elements go to further batches, same result."""
     import matrixopt.muon as muon
 
     g = torch.Generator().manual_seed(3)
@@ -335,7 +334,7 @@ def test_buckets_are_capped_in_size(monkeypatch):
     batches = []
     orthogonalize = muon.orthogonalize
     monkeypatch.setattr(muon, "orthogonalize", lambda X, *a, **k: batches.append(X.shape[0]) or orthogonalize(X, *a, **k))
-    monkeypatch.setattr(base, "MAX_BUCKET_ELEMENTS", 2 * 35)
+    monkeypatch.setattr(matrixopt.Muon, "max_bucket_elements", 2 * 35)
     capped = run()
     assert batches == [2, 2, 1]
     for a, b in zip(whole, capped):
