@@ -1,5 +1,6 @@
 """Muon against its references: torch.optim.Muon, torch.optim.AdamW, the Polar Express paper."""
 import re
+import warnings
 
 import pytest
 import torch
@@ -363,3 +364,21 @@ def test_bf16_step_temporaries_stay_small(nesterov):
     opt.step()  # momentum buffers exist from here on
     bucket = sum(p.numel() for p in params) * 4
     assert cpu_peak_bytes(opt.step) < 3.5 * bucket
+
+
+def test_large_finite_half_gradients_are_not_taken_for_nonfinite():
+    """The check sums |g| in fp32: an fp16 gradient whose sum passes fp16's 65504 is finite;
+    +inf and -inf together (a sum that cancels to NaN) and a lone NaN are not."""
+    W = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.float16))
+    opt = matrixopt.Muon([{"params": [W], "matrix": False}])
+    W.grad = torch.full((64, 64), 1000.0, dtype=torch.float16)  # Σ|g| = 4.1e6
+    opt.step()
+    assert opt.nonfinite_skips == 0 and W.abs().sum() > 0
+    before = W.detach().clone()
+    for bad in ([float("inf"), -float("inf")], [float("nan"), 1.0]):
+        W.grad = torch.ones(64, 64, dtype=torch.float16)
+        W.grad[0, :2] = torch.tensor(bad, dtype=torch.float16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+    assert opt.nonfinite_skips == 2 and torch.equal(W, before)
