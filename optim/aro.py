@@ -4,9 +4,8 @@ import math
 
 import torch
 
-from .base import MatrixOptimizer, apply_update, as_matrices, choice, integer, matrix_shape, real
+from .base import MatrixOptimizer, apply_update, as_matrices, choice, compute_dtype, integer, matrix_shape, real
 from .distributed import local_tensor
-from .muon import NS_DTYPES
 from .orthogonalize import default_ns_dtype
 
 BASE_MAPS = ("sinkhorn", "row_norm", "sign")
@@ -151,7 +150,7 @@ class ARO(MatrixOptimizer):
         "rotate_side": choice(*ROTATE_SIDES),
         "qr": choice("shifted_cholesky", "householder"),
         "lr_scaling": choice("match_adamw", "none"),
-        "matmul_dtype": choice(*NS_DTYPES),
+        "matmul_dtype": compute_dtype,
     }
 
     def __init__(self, params, lr=1e-3, momentum=0.95, weight_decay=0.1, base="sinkhorn",

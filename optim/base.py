@@ -77,6 +77,11 @@ def choice(*options) -> Validator:
     return check
 
 
+def compute_dtype(name, value):
+    """None (the rule's default) or a floating dtype a rule runs its matrix products in."""
+    choice(None, torch.float64, torch.float32, torch.bfloat16, torch.float16)(name, value)
+
+
 def betas_in_unit_interval(name, value):
     if not (isinstance(value, (tuple, list)) and len(value) == 2):
         raise ValueError(f"Invalid {name}: {value!r}; expected a pair (beta1, beta2)")

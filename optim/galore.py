@@ -2,13 +2,10 @@
 import numpy as np
 import torch
 
-from .base import as_matrices, choice, integer, matrix_shape, resolve_rank
+from .base import as_matrices, choice, compute_dtype, integer, matrix_shape, resolve_rank
 from .distributed import local_matrices
 from .lowrank import LowRankAdamW
 from .projectors import PROJ_TYPES, SVD_FAILED, ZERO_GRADIENT, SVDProjector
-
-# Dtypes the projection matmuls may take their operands in (None: the state's fp32/fp64).
-PROJ_DTYPES = (None, torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 class GaLoreAdamW(LowRankAdamW):
@@ -77,7 +74,7 @@ class GaLoreAdamW(LowRankAdamW):
         "proj_type": choice(*PROJ_TYPES),
         "svd": choice("exact", "randomized"),
         "reproject_states": choice(True, False),
-        "proj_dtype": choice(*PROJ_DTYPES),
+        "proj_dtype": compute_dtype,
         "seed": integer(0),
     }
 

@@ -3,12 +3,11 @@ import math
 
 import torch
 
-from .base import MatrixOptimizer, apply_update, choice, integer, matrix_shape, real
+from .base import MatrixOptimizer, apply_update, choice, compute_dtype, integer, matrix_shape, real
 from .distributed import local_tensor
 from .orthogonalize import default_ns_dtype, ns_schedule, orthogonalize
 
 LR_SCALINGS = ("match_adamw", "original", "spectral", "none")
-NS_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def update_scale(m: int, n: int, lr_scaling: str) -> float:
@@ -75,7 +74,7 @@ class Muon(MatrixOptimizer):
         "nesterov": choice(True, False),
         "ns_steps": integer(1, 100),
         "lr_scaling": choice(*LR_SCALINGS),
-        "ns_dtype": choice(*NS_DTYPES),
+        "ns_dtype": compute_dtype,
     }
 
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1,
