@@ -35,7 +35,7 @@ class DCTAdamW(LowRankAdamW):
 
     Args (the others, and the AdamW fallback for params that are not matrices, as for
     :class:`~matrixopt.lowrank.LowRankAdamW`: params, lr, betas, weight_decay, rank (default
-    128), nonfinite):
+    128), proj_dtype, nonfinite):
         eps: ε (default 1e-8).
         update_proj_gap: T, steps between refreshes of the selection (default 200).
         scale: s, the factor on the projected-back step (default 1).
@@ -53,16 +53,17 @@ class DCTAdamW(LowRankAdamW):
     }
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128,
-                 update_proj_gap=200, scale=1.0, score_norm=1, rotate_states=False, nonfinite="skip", *,
-                 distributed=None, process_group=None):
+                 update_proj_gap=200, scale=1.0, score_norm=1, rotate_states=False, nonfinite="skip",
+                 proj_dtype=None, *, distributed=None, process_group=None):
         super().__init__(params, lr, betas, eps, weight_decay, rank, update_proj_gap, scale,
                          score_norm=score_norm, rotate_states=rotate_states, nonfinite=nonfinite,
-                         distributed=distributed, process_group=process_group)
+                         proj_dtype=proj_dtype, distributed=distributed, process_group=process_group)
 
     @staticmethod
     def _projector(group, p) -> DCTProjector:
         _, m, n = matrix_shape(p)
-        return DCTProjector(resolve_rank(group["rank"], m, n), m, n, group["score_norm"])
+        return DCTProjector(resolve_rank(group["rank"], m, n), m, n, group["score_norm"],
+                            dtype=group["proj_dtype"])
 
     def _basis_shapes(self, p, proj):
         return {"indices": stored_shape(p, (matrix_shape(p)[0], proj.rank))}

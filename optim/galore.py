@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from .base import as_matrices, choice, compute_dtype, integer, matrix_shape, resolve_rank
+from .base import as_matrices, choice, integer, matrix_shape, resolve_rank
 from .distributed import local_matrices
 from .lowrank import LowRankAdamW
 from .projectors import PROJ_TYPES, SVD_FAILED, ZERO_GRADIENT, SVDProjector
@@ -41,7 +41,7 @@ class GaLoreAdamW(LowRankAdamW):
 
     Args (the others, and the AdamW fallback for params that are not matrices, as for
     :class:`~matrixopt.lowrank.LowRankAdamW`: params, lr, betas, weight_decay, rank (default
-    128), nonfinite):
+    128), proj_dtype, nonfinite):
         eps: ε (default 1e-6, galore-torch's).
         update_proj_gap: T, steps between projector refreshes (default 200).
         scale: s, the factor on the projected-back step (default 0.25).
@@ -49,12 +49,6 @@ class GaLoreAdamW(LowRankAdamW):
         svd: "randomized" (default; :func:`matrixopt.kernels.lowrank_svd`, warm-started from
             the previous basis) or "exact" (``torch.linalg.svd`` in fp32, as galore-torch).
         reproject_states: carry the moments into the new basis on refresh (default False).
-        proj_dtype: dtype of the projection matmuls' operands (G with the bases, the step
-            with the bases); None (default) keeps the state's fp32. ``torch.bfloat16`` runs
-            them on a GPU's tensor cores with fp32 accumulation, at a relative error of the
-            projected gradient of ~1e-3 against ~1e-7 for fp32 (``python -m
-            benchmarks.projection``), far below the noise of a stochastic gradient; moments
-            and bases stay fp32. TF32 is not offered: it is a process-wide torch setting.
         seed: seed of the randomized refresh: the sketch of each matrix at each refresh is
             drawn from a generator seeded by (seed, the param's place in the optimizer, the
             matrix's index in a 3-D param, the refresh count), so it depends on nothing else
@@ -74,7 +68,6 @@ class GaLoreAdamW(LowRankAdamW):
         "proj_type": choice(*PROJ_TYPES),
         "svd": choice("exact", "randomized"),
         "reproject_states": choice(True, False),
-        "proj_dtype": compute_dtype,
         "seed": integer(0),
     }
 

@@ -23,6 +23,12 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _matmul(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A @ B with both operands in ``dtype`` (None: their promoted dtype)."""
+    dtype = dtype or torch.promote_types(A.dtype, B.dtype)
+    return A.to(dtype) @ B.to(dtype)
+
+
 def _sides(proj_type: str, m: int, n: int) -> tuple[str, ...]:
     """Which side(s) of an m×n gradient ``proj_type`` projects (galore-torch's convention)."""
     if proj_type == "std":
@@ -91,23 +97,19 @@ class SVDProjector:
         projector's keys to tensors."""
         L = G
         if "proj_left" in self.keys:
-            L = self._matmul(bases["proj_left"].mT, L)
+            L = _matmul(bases["proj_left"].mT, L, self.dtype)
         if "proj_right" in self.keys:
-            L = self._matmul(L, bases["proj_right"])
+            L = _matmul(L, bases["proj_right"], self.dtype)
         return L.to(bases[self.keys[0]].dtype)
 
     def project_back(self, L: torch.Tensor, bases) -> torch.Tensor:
         """Map a low-rank step L back to (B, m, n), in the bases' dtype."""
         work = L.dtype
         if "proj_left" in self.keys:
-            L = self._matmul(bases["proj_left"], L)
+            L = _matmul(bases["proj_left"], L, self.dtype)
         if "proj_right" in self.keys:
-            L = self._matmul(L, bases["proj_right"].mT)
+            L = _matmul(L, bases["proj_right"].mT, self.dtype)
         return L.to(work)
-
-    def _matmul(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        dtype = self.dtype or torch.promote_types(A.dtype, B.dtype)
-        return A.to(dtype) @ B.to(dtype)
 
     def transition(self, old, new) -> dict[str, torch.Tensor]:
         """Change of basis R = P_newᵀ P_old (B, r, r) per side, for carrying low-rank state."""
@@ -176,15 +178,17 @@ class DCTProjector:
     :meth:`refresh` scores a whole stack at once (one batched matmul or FFT, see
     :func:`matrixopt.kernels.dct_scores`) and returns the low-rank gradient S[:, I] with the
     indices, so a refresh step needs no second matmul. Work is in fp32 (fp64 for fp64
-    gradients).
+    gradients); ``project`` and ``project_back`` multiply in ``dtype`` when it is given
+    (as :class:`SVDProjector` does).
     """
 
     keys = ("indices",)
 
-    def __init__(self, rank: int, m: int, n: int, score_norm: int = 1, method: str = "auto"):
+    def __init__(self, rank: int, m: int, n: int, score_norm: int = 1, method: str = "auto",
+                 dtype: torch.dtype | None = None):
         self.rank, self.m, self.n = rank, m, n
         self.left, self.k = m < n, min(m, n)
-        self.score_norm, self.method = score_norm, method
+        self.score_norm, self.method, self.dtype = score_norm, method, dtype
 
     def low_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of the projected gradient of a (batch, m, n) stack."""
@@ -207,12 +211,14 @@ class DCTProjector:
 
     def project(self, G: torch.Tensor, state) -> torch.Tensor:
         """Low-rank gradient of G (B, m, n); ``state`` maps "indices" to (B, r)."""
-        X = self._tall(G.to(work_dtype(G.dtype)))
-        return self._tall(X @ self._columns(state, G.device, X.dtype))
+        work = work_dtype(G.dtype)
+        low = _matmul(self._tall(G), self._columns(state, G.device, work), self.dtype)
+        return self._tall(low.to(work))
 
     def project_back(self, L: torch.Tensor, state) -> torch.Tensor:
-        """Map a low-rank step L back to (B, m, n)."""
-        return self._tall(self._tall(L) @ self._columns(state, L.device, L.dtype).mT)
+        """Map a low-rank step L back to (B, m, n), in L's dtype."""
+        back = _matmul(self._tall(L), self._columns(state, L.device, L.dtype).mT, self.dtype)
+        return self._tall(back.to(L.dtype))
 
     def refresh(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """New ``indices`` (B, r) int32 for the stack G (B, m, n), and its low-rank gradient."""

@@ -263,11 +263,30 @@ def test_state_dict_round_trip_continues_identically():
 @pytest.mark.parametrize("kwargs, name", [
     (dict(rank=0), "rank"), (dict(rank=1.5), "rank"), (dict(update_proj_gap=0), "update_proj_gap"),
     (dict(score_norm=3), "score_norm"), (dict(rotate_states=1), "rotate_states"),
-    (dict(scale=-1.0), "scale"), (dict(eps=0.0), "eps"),
+    (dict(scale=-1.0), "scale"), (dict(eps=0.0), "eps"), (dict(proj_dtype="bf16"), "proj_dtype"),
 ])
 def test_bad_hyperparameters_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         matrixopt.DCTAdamW([torch.zeros(3, 3, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)], ids=["left", "right"])
+def test_proj_dtype_sets_projection_precision(shape):
+    """fp32 (default) projections match float64 to fp32 rounding, bf16 operands to bf16's
+    (~1e-3); both return fp32."""
+    g = torch.Generator().manual_seed(2)
+    G = torch.randn(2, *shape, generator=g, dtype=torch.float64)
+    indices, _ = DCTProjector(12, *shape).refresh(G)
+    state = {"indices": indices}
+    reference = DCTProjector(12, *shape)  # float64 in, float64 out
+    want_low = reference.project(G, state)
+    want_back = reference.project_back(want_low, state)
+    rel = lambda x, y: ((x.double() - y).norm() / y.norm()).item()
+    for dtype, bounds in ((None, (0, 1e-6)), (torch.bfloat16, (1e-4, 1e-2))):
+        proj = DCTProjector(12, *shape, dtype=dtype)
+        low, back = proj.project(G.float(), state), proj.project_back(want_low.float(), state)
+        assert low.dtype == back.dtype == torch.float32
+        assert bounds[0] <= rel(low, want_low) < bounds[1] and bounds[0] <= rel(back, want_back) < bounds[1]
 
 
 # -- memory ----------------------------------------------------------------------------------
