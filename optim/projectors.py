@@ -103,13 +103,13 @@ class SVDProjector:
         return L.to(bases[self.keys[0]].dtype)
 
     def project_back(self, L: torch.Tensor, bases) -> torch.Tensor:
-        """Map a low-rank step L back to (B, m, n), in the bases' dtype."""
-        work = L.dtype
+        """Map a low-rank step L back to (B, m, n), in the matmuls' dtype (the update is
+        added to the weights as it is: a bf16 one needs no fp32 copy)."""
         if "proj_left" in self.keys:
             L = _matmul(bases["proj_left"], L, self.dtype)
         if "proj_right" in self.keys:
             L = _matmul(L, bases["proj_right"].mT, self.dtype)
-        return L.to(work)
+        return L
 
     def transition(self, old, new) -> dict[str, torch.Tensor]:
         """Change of basis R = P_newᵀ P_old (B, r, r) per side, for carrying low-rank state."""
@@ -216,9 +216,8 @@ class DCTProjector:
         return self._tall(low.to(work))
 
     def project_back(self, L: torch.Tensor, state) -> torch.Tensor:
-        """Map a low-rank step L back to (B, m, n), in L's dtype."""
-        back = _matmul(self._tall(L), self._columns(state, L.device, L.dtype).mT, self.dtype)
-        return self._tall(back.to(L.dtype))
+        """Map a low-rank step L back to (B, m, n), in the matmul's dtype."""
+        return self._tall(_matmul(self._tall(L), self._columns(state, L.device, L.dtype).mT, self.dtype))
 
     def refresh(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """New ``indices`` (B, r) int32 for the stack G (B, m, n), and its low-rank gradient."""
