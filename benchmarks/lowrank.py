@@ -111,6 +111,31 @@ def core_rows(cases, device, reps):
     return rows
 
 
+def eigh_rows(cases, device, reps):
+    """The p×p symmetric eigensolver Rayleigh-Ritz needs, the step that dominates a GPU refresh
+    at r = 512: torch.linalg.eigh on the device (cuSOLVER), with MAGMA where torch has it,
+    and on the host (copies included), to pick the fastest on a GPU."""
+    rows = []
+    for batch, rank in sorted({(b, r) for b, _, _, r in cases}):
+        p = rank + OVERSAMPLE
+        Y = torch.randn(batch, 2 * p, p, device=device)
+        W = Y.mT @ Y
+        row = {"batch×p": f"{batch}×{p}", "eigh ms": timed(lambda: torch.linalg.eigh(W), reps, device)[0]}
+        if device.type == "cuda":
+            row["host eigh ms"] = timed(lambda: [t.to(device) for t in torch.linalg.eigh(W.cpu())], reps, device)[0]
+            previous = torch.backends.cuda.preferred_linalg_library()
+            try:
+                torch.backends.cuda.preferred_linalg_library("magma")
+                row["magma eigh ms"] = timed(lambda: torch.linalg.eigh(W), reps, device)[0]
+            except RuntimeError as error:  # a torch build without MAGMA
+                row["magma eigh ms"] = f"n/a ({str(error).splitlines()[0][:60]})"
+            finally:
+                torch.backends.cuda.preferred_linalg_library(previous)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def launch_counts(fn):
     """How many ops of each ``LAUNCHES`` kind ``fn()`` runs (torch.profiler's aten events)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -143,6 +168,7 @@ def run(quick: bool = False, device=None) -> dict[str, list[dict]]:
     return {f"refresh: time (ms) and captured energy{note}": refresh_rows(cases, device, reps),
             f"refresh, steep spectrum σ_i = i^-{STEEP:g}{note}": refresh_rows(steep, device, reps, STEEP),
             f"Rayleigh-Ritz core (ms){note}": core_rows(cases, device, reps),
+            f"p×p eigh: device vs host vs MAGMA (ms){note}": eigh_rows(cases, device, reps),
             "launches per refresh (aten op counts)": launch_rows(device)}
 
 

@@ -388,7 +388,8 @@ def test_benchmark_quick_variant_runs(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     from benchmarks.lowrank import run
 
-    refresh, steep, core, launches = run(quick=True).values()
+    refresh, steep, core, eigh, launches = run(quick=True).values()
+    assert [row["batch×p"] for row in eigh] == ["1×16", "1×40", "4×24"] and all(row["eigh ms"] > 0 for row in eigh)
     assert len(refresh) == 3 and len(steep) == 1
     assert all(row["cold energy"] >= 0.99 and row["warm energy"] >= 0.99 for row in refresh + steep)
     assert all(row["svd_lowrank energy"] <= 1 + 1e-9 for row in refresh), "energy is relative to the exact basis"
