@@ -139,6 +139,37 @@ def test_rotation_matters(base):
     assert (update - unrotated).norm() > 0.1 * unrotated.norm()
 
 
+def sinkhorn_reference(X, iters):
+    """The Sinkhorn map as defined, rewriting X each half-round, in float64: rows to norm
+    sqrt(l), then columns to sqrt(k); slices below sqrt(u_fp32) of the largest go to 0."""
+    X = X.double()
+    k, l = X.shape[-2:]
+    floor = torch.finfo(torch.float32).eps ** 0.5
+
+    def normalize(X, dim, target):
+        norm = X.norm(dim=dim, keepdim=True)
+        keep = norm > norm.amax(dim=(-2, -1), keepdim=True) * floor
+        return torch.where(keep, X / norm * target, 0.0)
+
+    for _ in range(iters):
+        X = normalize(normalize(X, -1, l ** 0.5), -2, k ** 0.5)
+    return X
+
+
+@pytest.mark.parametrize("iters", [1, 5])
+def test_sinkhorn_scaling_form_matches_the_definition(iters):
+    """diag(r)·X·diag(c) with r, c from matrix-vector products equals rewriting X each
+    half-round, also with zero rows and columns (which stay zero)."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(3, 12, 30, generator=g) * torch.rand(3, 12, 1, generator=g) * torch.rand(3, 1, 30, generator=g)
+    X[0, 3] = 0
+    X[1, :, 7] = 0
+    X[2, 5] = 1e-6 * X[2, 5]  # below rounding level relative to the others: mapped to 0
+    Y = base_map(X, "sinkhorn", iters)
+    torch.testing.assert_close(Y.double(), sinkhorn_reference(X, iters), atol=1e-5, rtol=1e-5)
+    assert (Y[0, 3] == 0).all() and (Y[1, :, 7] == 0).all() and (Y[2, 5] == 0).all()
+
+
 def test_sinkhorn_balances_rows_and_columns():
     X = torch.randn(3, 8, 20) * torch.rand(3, 8, 1)
     Y = base_map(X, "sinkhorn", 50)
