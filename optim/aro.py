@@ -27,9 +27,12 @@ def _significant(size: torch.Tensor) -> torch.Tensor:
     return size > floor
 
 
-def _rescale(norm: torch.Tensor, target: float) -> torch.Tensor:
-    """The factors taking slices of these norms to norm ``target`` (0 for insignificant ones)."""
-    return torch.where(_significant(norm), target / norm, 0.0)
+def _normalize(X: torch.Tensor, dim: int, target: float) -> torch.Tensor:
+    """X with each slice along ``dim`` rescaled to Euclidean norm ``target`` (see _significant)."""
+    norm = X.norm(dim=dim, keepdim=True)
+    # The factor is formed on the (small) norms, so X is read once and written once: the
+    # Sinkhorn map runs this 2·sinkhorn_iters times, twice a step, over every momentum.
+    return X * torch.where(_significant(norm), target / norm, 0.0)
 
 
 def base_map(X: torch.Tensor, kind: str, sinkhorn_iters: int = 5) -> torch.Tensor:
@@ -39,23 +42,15 @@ def base_map(X: torch.Tensor, kind: str, sinkhorn_iters: int = 5) -> torch.Tenso
     sqrt(l), then columns to norm sqrt(k). "sign": sign(X). None of these commutes with
     rotations of the rows, which is what gives the rotation its effect. Rows, columns and
     entries at rounding level of the largest are mapped to 0.
-
-    Sinkhorn keeps the result as diag(r)·X·diag(c) and updates only r and c: the row norms
-    of that matrix are r∘sqrt((X∘X)(c∘c)) and its column norms c∘sqrt((X∘X)ᵀ(r∘r)), so a
-    round is two matrix-vector products with X∘X (reads only) instead of rewriting X twice.
     """
     k, l = X.shape[-2:]
     if kind == "sign":
         return torch.where(_significant(X.abs()), X.sign(), 0.0)
     if kind == "row_norm":
-        return X * _rescale(X.norm(dim=-1, keepdim=True), math.sqrt(l))
-    S = X.square()
-    r = X.new_ones(*X.shape[:-1], 1)
-    c = X.new_ones(*X.shape[:-2], l, 1)
+        return _normalize(X, -1, math.sqrt(l))
     for _ in range(sinkhorn_iters):
-        r = r * _rescale(r * (S @ c.square()).sqrt(), math.sqrt(l))
-        c = c * _rescale(c * (S.mT @ r.square()).sqrt(), math.sqrt(k))
-    return r * X * c.mT
+        X = _normalize(_normalize(X, -1, math.sqrt(l)), -2, math.sqrt(k))
+    return X
 
 
 def _cholesky_qr(C: torch.Tensor, shift: float):
