@@ -9,7 +9,9 @@
 #    batched vs per matrix (issue 4: pick the precision by measured accuracy);
 # 2. step --sets 1B: every optimizer's step, refresh and peak memory on the LLaMA-1B matrix
 #    set (issue 4: GaLore amortized <= 2x fused AdamW; issue 6: Muon vs torch.optim.Muon);
-#    galore-torch is in the table only where it is installed (pure Python: carry its wheel);
+#    galore-torch is in the table only where it is installed: it is pure Python, so carry its
+#    wheel (`pip download --no-deps galore-torch==1.0 -d .whl` here); a .whl/ folder in the
+#    repo root is installed first;
 # 3. lowrank: refresh time and captured energy, ours vs torch.linalg.svd/svd_lowrank (issue 7);
 # 4. ns: Newton-Schulz kernels vs the torch twin and torch.optim.Muon, accuracy, Muon step
 #    (issue 6).
@@ -20,6 +22,9 @@ out=${1:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps -e . >/dev/null 2>&1 || echo "!! pip install -e . failed; using the tree as is"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps .whl/*.whl || echo "!! could not install the carried wheels"
+fi
 
 run() {
     local limit=$1
