@@ -21,7 +21,17 @@ set -u
 out=${1:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps -e . >/dev/null 2>&1 || echo "!! pip install -e . failed; using the tree as is"
+# Offline: no build isolation (it would fetch setuptools). If pip cannot install at all,
+# import the tree through a package folder of links (optim/ is matrixopt, kernels/ its .kernels).
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+if ! python3 -c "import matrixopt.kernels" 2>/dev/null; then
+    site=$(mktemp -d)
+    mkdir "$site/matrixopt"
+    ln -s "$PWD"/optim/* "$site/matrixopt/"
+    ln -s "$PWD/kernels" "$site/matrixopt/kernels"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    python3 -c "import matrixopt.kernels" || { echo "!! cannot import matrixopt"; exit 1; }
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps .whl/*.whl || echo "!! could not install the carried wheels"
 fi
