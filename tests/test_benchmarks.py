@@ -231,3 +231,24 @@ def test_kernels_command_skips_a_missing_module(tmp_path, monkeypatch):
     assert result["sections"] == {"fake_kernel: timings": [{"size": 8, "ms": 1.0, "quick": True}]}
     assert len(result["skipped"]) == 1 and "benchmarks.no_such_module" in result["skipped"][0]
     assert "fake_kernel: timings" in paths["md"].read_text()
+
+
+def test_gpu_session_script_parses_and_runs_modules_that_exist():
+    """benchmarks/gpu_session.sh is only run on a GPU machine: check here that bash accepts
+    it and that every `python3 -m benchmarks.X` / `benchmarks CMD` it calls exists."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(cli.__file__).with_name("gpu_session.sh")
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    modules = re.findall(r"python3 -m benchmarks\.(\w+)", text)
+    commands = re.findall(r"python3 -m benchmarks (\w+)", text)
+    assert modules and commands
+    for name in modules:
+        assert Path(cli.__file__).with_name(f"{name}.py").exists(), name
+    for command in commands:  # argparse exits 0 on --help of a command it knows, 2 otherwise
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([command, "--help"])
+        assert exit_.value.code == 0, command
