@@ -97,15 +97,14 @@ class DCTAdamW(LowRankAdamW):
                 lows[i] = low
         rest = [i for i in range(len(params)) if lows[i] is None]
         if rest:
-            projected = self._project_on_owners(proj.project, proj, [grads[i] for i in rest],
-                                                [params[i] for i in rest], whole_in=False, whole_out=whole)
+            projected = self._projected(proj.project, proj, [grads[i] for i in rest], [params[i] for i in rest],
+                                        back=False)
             for i, low in zip(rest, projected):
                 lows[i] = low
         return lows
 
     def _project_back(self, proj, params, steps):
-        return self._project_on_owners(proj.project_back, proj, steps, params,
-                                       whole_in=self._whole_low(proj), whole_out=False)
+        return self._projected(proj.project_back, proj, steps, params, back=True)
 
     def _shared_state_tensors(self):
         """The DCT bases the matrices in state use, once per (size, device, dtype)."""

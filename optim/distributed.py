@@ -49,9 +49,9 @@ replicated value to DCP). A rule opts in to sharded params with ``supports_fsdp 
 
 Low-rank projections between refreshes (GaLore, DCT-AdamW): with G sharded by rows, the
 right projection ``G·V_r`` (or ``G·Q[:, I]``) of each row block is that block of the result,
-so the low-rank moments are row-sharded like the param; GaLoreAdamW computes that projection
-and its back-projection ``L·V_rᵀ`` locally, reading a sharded expert stack's bases through
-:func:`local_matrices`. The left projection ``U_rᵀ·G`` sums over rows: rather than add up
+so the low-rank moments are row-sharded like the param; both compute that projection and
+its back-projection ``L·V_rᵀ`` locally, reading a sharded expert stack's bases (or DCT
+indices) through :func:`local_matrices`. The left projection ``U_rᵀ·G`` sums over rows: rather than add up
 per-shard partial products (an all-reduce whose summation order would differ from the
 single-process matmul), it is routed through ``_matrix_map`` (computed on the owner of the
 whole gradient, the r×n result all-gathered, the moments whole on every rank), and so is

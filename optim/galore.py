@@ -3,7 +3,6 @@ import numpy as np
 import torch
 
 from .base import as_matrices, choice, integer, matrix_shape, resolve_rank
-from .distributed import local_matrices
 from .lowrank import LowRankAdamW
 from .projectors import PROJ_TYPES, SVD_FAILED, ZERO_GRADIENT, SVDProjector
 
@@ -99,32 +98,10 @@ class GaLoreAdamW(LowRankAdamW):
     def _project(self, group, proj, params, grads, due):
         if due:
             self._refresh(group, proj, [params[i] for i in due], [grads[i] for i in due])
-        if self._whole_low(proj):
-            # Uᵀ·G sums over G's rows: the owner of the whole gradient projects.
-            return self._project_on_owners(proj.project, proj, grads, params, whole_in=False, whole_out=True)
-        # G·V: each block of G's rows gives the same rows of the result, so shards project
-        # (and project back) locally.
-        return self._project_locally(proj.project, proj, grads, params)
+        return self._projected(proj.project, proj, grads, params, back=False)
 
     def _project_back(self, proj, params, steps):
-        if self._whole_low(proj):
-            return self._project_on_owners(proj.project_back, proj, steps, params, whole_in=True, whole_out=False)
-        return self._project_locally(proj.project_back, proj, steps, params)
-
-    def _project_locally(self, fn, proj, tensors, params):
-        """``fn(X, bases)`` on each param's local rows: one batched call for the bucket,
-        unless FSDP2 left the params' shards with different row counts."""
-        bases = [self._local_entries(proj, p, self.state[p]) for p in params]
-        if len(tensors) == 1 or len({x.shape[1:] for x in tensors}) > 1:
-            return [fn(x, b) for x, b in zip(tensors, bases)]
-        stacked = {key: torch.cat([b[key] for b in bases]) for key in proj.keys}
-        return list(fn(torch.cat(tensors), stacked).split([x.shape[0] for x in tensors]))
-
-    @staticmethod
-    def _local_entries(proj, p, values) -> dict:
-        """p's per-matrix ``values`` (its bases, or their transitions) for the matrices this
-        rank holds rows of (see :func:`~matrixopt.distributed.local_matrices`)."""
-        return {key: local_matrices(p, values[key]) for key in proj.keys}
+        return self._projected(proj.project_back, proj, steps, params, back=True)
 
     def _refresh(self, group, proj, params, grads):
         """New bases for ``params`` from their gradients, as one batch per shape."""

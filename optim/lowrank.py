@@ -14,7 +14,10 @@ projector (:mod:`matrixopt.projectors`) and how it is refreshed. This base keeps
 and their state shapes, runs the Adam step (:func:`~matrixopt.projectors.lowrank_adam`) and
 the update; a subclass gives its projector, its refresh and its projections.
 """
+import torch
+
 from .base import MatrixOptimizer, apply_update, as_matrices, compute_dtype, integer, matrix_shape, rank_spec, real
+from .distributed import local_matrices
 from .projectors import lowrank_adam, stored_shape, work_dtype
 
 
@@ -137,6 +140,33 @@ class LowRankAdamW(MatrixOptimizer):
     def _bases(self, proj, state) -> dict:
         """A param's basis state per key, as (B, ...) (a 2-D param may store it without B)."""
         return {key: state[key].view(-1, *shape[1:]) for key, shape in proj.basis_shapes(1).items()}
+
+    def _projected(self, fn, proj, tensors, params, *, back: bool):
+        """``fn(X, bases)`` — a projection, or with ``back`` its back-projection — for each
+        param's tensor in ``tensors``.
+
+        A right projection G·V (and L·Vᵀ back) maps each block of G's rows to the same rows of
+        the result, so under FSDP2 each rank projects its own shards; a left one UᵀG sums over
+        G's rows, so the owner of the whole matrix computes it (see :meth:`_project_on_owners`).
+        """
+        if self._whole_low(proj):
+            return self._project_on_owners(fn, proj, tensors, params, whole_in=back, whole_out=not back)
+        return self._project_locally(fn, proj, tensors, params)
+
+    def _project_locally(self, fn, proj, tensors, params):
+        """``fn(X, bases)`` on each param's local rows: one batched call for the bucket,
+        unless FSDP2 left the params' shards with different row counts."""
+        bases = [self._local_entries(proj, p, self._bases(proj, self.state[p])) for p in params]
+        if len(tensors) == 1 or len({x.shape[1:] for x in tensors}) > 1:
+            return [fn(x, b) for x, b in zip(tensors, bases)]
+        stacked = {key: torch.cat([b[key] for b in bases]) for key in proj.keys}
+        return list(fn(torch.cat(tensors), stacked).split([x.shape[0] for x in tensors]))
+
+    @staticmethod
+    def _local_entries(proj, p, values) -> dict:
+        """p's per-matrix ``values`` (its bases, or their transitions) for the matrices this
+        rank holds rows of (see :func:`~matrixopt.distributed.local_matrices`)."""
+        return {key: local_matrices(p, values[key]) for key in proj.keys}
 
     def _project_on_owners(self, fn, proj, tensors, params, *, whole_in: bool, whole_out: bool):
         """``fn(X, bases)`` (a projection or its back-projection) per param, through
