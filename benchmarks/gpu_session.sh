@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU figure the open work waits for, in one call on a GPU machine (about 9 minutes on
-# an H200), most wanted first, each benchmark under its own time limit so one that overruns
-# does not cost the others:
+# Every GPU figure the open work waits for, in one call on a GPU machine (expected under 10
+# minutes on an H200), most wanted first, each benchmark under its own time limit so one that
+# overruns does not cost the others:
 #
 #   bash benchmarks/gpu_session.sh [OUT]       # from the repo root; OUT: benchmarks/results
 #
@@ -14,9 +14,13 @@
 #    repo root is installed first;
 # 3. lowrank: refresh time and captured energy, ours vs torch.linalg.svd/svd_lowrank (issue 7);
 # 4. ns: Newton-Schulz kernels vs the torch twin and torch.optim.Muon, accuracy, Muon step
-#    (issue 6).
+#    (issue 6);
+# 5. dct: matmul vs FFT DCT scores on CUDA (FFT_MIN_SIZE has no CUDA entry yet);
+# 6. distributed: what the DDP/FSDP2 code path costs on one GPU (world size 1, NCCL).
 # Results land in OUT as <command>-<machine>-<date>.{md,json,png}, and all of them in
-# OUT/gpu-results.tar.gz (one file to bring back).
+# OUT/gpu-results.tar.gz (one file to bring back), refreshed after each benchmark. The limits
+# add up to ~12 min, more than one 10-minute device command: the order is by priority, so a
+# command cut at its limit loses only the last ones.
 set -u
 out=${1:-benchmarks/results}
 mkdir -p "$out"
@@ -36,16 +40,23 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps .whl/*.whl || echo "!! could not install the carried wheels"
 fi
 
+# After each benchmark, so that a call cut short still brings back what finished.
+bundle() {
+    (cd "$out" && tar czf gpu-results.tar.gz --exclude=gpu-results.tar.gz -- *.md *.json *.png 2>/dev/null)
+}
+
 run() {
     local limit=$1
     shift
     echo "== $* (limit ${limit} s)"
     timeout "$limit" "$@" || echo "!! exit $? from: $*"
+    bundle
 }
 
 run 90 python3 -m benchmarks.projection --out "$out"
 run 240 python3 -m benchmarks step --sets 1B --repeats 10 --out "$out"
 run 120 python3 -m benchmarks.lowrank --out "$out"
-run 180 python3 -m benchmarks.ns --out "$out"
-(cd "$out" && tar czf gpu-results.tar.gz --exclude=gpu-results.tar.gz -- *.md *.json *.png 2>/dev/null)
+run 150 python3 -m benchmarks.ns --out "$out"
+run 45 python3 -m benchmarks.dct --out "$out"
+run 60 python3 -m benchmarks.distributed --out "$out"
 echo "== bundled into $out/gpu-results.tar.gz"
