@@ -185,6 +185,20 @@ def test_benchmark_runs_quick_on_cpu(tmp_path):
     by_impl = {(r["shape"], r["schedule"], r["impl"]): r for r in accuracy}
     for (shape, schedule, impl), row in by_impl.items():
         twin = by_impl[shape, schedule, "twin"]
-        assert row["‖O−UVᵀ‖/‖UVᵀ‖"] == pytest.approx(twin["‖O−UVᵀ‖/‖UVᵀ‖"], abs=1e-2)
-        assert row["σ_min(O)"] == pytest.approx(twin["σ_min(O)"], abs=1e-2)
+        # The Gram candidate carries A = XXᵀ in bf16 instead of recomputing it: a little less
+        # accurate (the table is there to say how much), never a different band.
+        tol = 3e-2 if impl == "gram" else 1e-2
+        assert row["‖O−UVᵀ‖/‖UVᵀ‖"] == pytest.approx(twin["‖O−UVᵀ‖/‖UVᵀ‖"], abs=tol)
+        assert row["σ_min(O)"] == pytest.approx(twin["σ_min(O)"], abs=tol)
     assert {r["optimizer"] for r in step} >= {"torch.optim.AdamW", "matrixopt.Muon (twin)"}
+
+
+@pytest.mark.parametrize("shape", [(3, 12, 40), (1, 40, 12), (2, 16, 16)])
+def test_gram_candidate_equals_the_twin_in_float64(shape):
+    """benchmarks/ns.py's Gram formulation is the same iteration: equal to the twin in float64."""
+    from benchmarks.ns import gram_newton_schulz
+
+    X = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    schedule = ns_schedule("polar_express", 5)
+    torch.testing.assert_close(gram_newton_schulz(X, schedule), newton_schulz_torch(X, schedule),
+                               rtol=0, atol=1e-10)
