@@ -28,8 +28,8 @@ class GaLoreAdamW(LowRankAdamW):
     are fp32 (fp64 for fp64 params); see :class:`~matrixopt.projectors.SVDProjector` for the
     projection sides (``proj_type``) and how a refresh that fails (an all-zero gradient, or
     an SVD that does not converge) keeps the previous basis — such a param is named in one
-    warning per cause (so the all-zero gradients of ``torch.distributed.checkpoint``'s
-    state-initializing step do not silence a later SVD failure).
+    warning per cause, so an all-zero gradient does not silence a later SVD failure; none
+    at lr 0, the zero-gradient step ``torch.distributed.checkpoint`` runs to build state.
 
     ``reproject_states=True`` carries the moments into the new basis on refresh, where
     galore-torch reuses them as they are (its issue #54). With R = P_newᵀ P_old,
@@ -136,8 +136,10 @@ class GaLoreAdamW(LowRankAdamW):
         # Per param, the worst thing that happened to one of its matrices.
         worst = torch.stack([s.amax() for s in status]).tolist()
         place = {id(q): i for i, q in enumerate(group["params"])}
-        for cause, what in ((ZERO_GRADIENT, "its gradient is all zeros"),
-                            (SVD_FAILED, "the SVD did not converge or was not finite")):
+        causes = [(SVD_FAILED, "the SVD did not converge or was not finite")]
+        if group["lr"] != 0:  # lr 0 with zero gradients: torch.distributed.checkpoint building state
+            causes.append((ZERO_GRADIENT, "its gradient is all zeros"))
+        for cause, what in causes:
             kept = [self._param_name(group, place[id(p)]) for p, w in zip(params, worst) if w == cause]
             if kept:
                 # depth 4: _refresh ← _project ← _update_matrices ← _step_bucket ← step.

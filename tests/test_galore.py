@@ -374,11 +374,16 @@ def test_bf16_projections_train_like_fp32():
 
 
 def test_zero_gradient_warning_does_not_silence_svd_failure(monkeypatch):
-    """torch.distributed.checkpoint initializes state with a zero-gradient step: its warning
-    must not hide a later SVD failure of the same param."""
+    """A zero-gradient warning must not hide a later SVD failure of the same param; and
+    torch.distributed.checkpoint's state-building step (zero gradients at lr 0) warns not at all."""
     W = torch.nn.Parameter(torch.randn(12, 8))
     opt = matrixopt.GaLoreAdamW([("w", W)], rank=3, update_proj_gap=1, svd="exact")
     W.grad = torch.zeros(12, 8)
+    opt.param_groups[0]["lr"] = 0.0
+    with mock.patch("warnings.warn") as warn:
+        opt.step()
+    warn.assert_not_called()
+    opt.param_groups[0]["lr"] = 1e-3
     with pytest.warns(RuntimeWarning, match="all zeros"):
         opt.step()
     monkeypatch.setattr(torch.linalg, "svd", mock.Mock(side_effect=torch.linalg.LinAlgError("no")))
