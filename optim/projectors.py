@@ -55,9 +55,10 @@ class SVDProjector:
     "reverse_std" the larger, "left"/"right"/"full" as named. ``rank`` must already be
     capped at min(m, n).
 
-    Projections multiply in ``dtype`` (None: the bases' dtype) and return the bases' dtype:
-    bf16 operands (fp32 accumulation inside the matmul) run on tensor cores at ~1e-3
-    relative error, fp32 ones at ~1e-7 (``python -m benchmarks.projection``).
+    Projections multiply in ``dtype`` (None: the bases' dtype); ``project`` returns the
+    bases' dtype (the moments'), ``project_back`` the matmul's. bf16 operands (fp32
+    accumulation inside the matmul) run on tensor cores at ~2e-3 relative error, fp32 ones
+    at ~2e-7 (``python -m benchmarks.projection``).
 
     :meth:`refresh` recomputes the bases from a stack of gradients, in the bases' dtype
     (fp32, or fp64): ``svd="exact"`` takes them from ``torch.linalg.svd`` (galore-torch's
