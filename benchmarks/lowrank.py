@@ -114,10 +114,22 @@ def core_rows(cases, device, reps):
     return rows
 
 
+def cupy_syevj():
+    """cuSOLVER's Jacobi eigensolver (syevj) through CuPy, for a stack of symmetric CUDA
+    tensors, one matrix at a time (its batched form stops at 32×32); None without CuPy."""
+    try:
+        import cupy
+        import cupyx.cusolver
+    except ImportError:
+        return None
+    return lambda W: [cupyx.cusolver.syevj(cupy.from_dlpack(w)) for w in W]
+
+
 def eigh_rows(cases, device, reps):
     """The p×p symmetric eigensolver Rayleigh-Ritz needs, the step that dominates a GPU refresh
-    at r = 512: torch.linalg.eigh on the device (cuSOLVER), with MAGMA where torch has it,
-    and on the host (copies included), to pick the fastest on a GPU."""
+    at r = 512: torch.linalg.eigh on the device (cuSOLVER's syevd), with MAGMA where torch
+    has it, on the host (copies included), and cuSOLVER's Jacobi syevj where CuPy is
+    installed, to pick the fastest on a GPU."""
     rows = []
     for batch, rank in sorted({(b, r) for b, _, _, r in cases}):
         p = rank + OVERSAMPLE
@@ -134,6 +146,12 @@ def eigh_rows(cases, device, reps):
                 row["magma eigh ms"] = f"n/a ({str(error).splitlines()[0][:60]})"
             finally:
                 torch.backends.cuda.preferred_linalg_library(previous)
+            syevj = cupy_syevj()
+            if syevj is not None:
+                try:
+                    row["cupy syevj ms"] = timed(lambda: syevj(W), reps, device)[0]
+                except Exception as error:  # CuPy built for another CUDA, no device, ...
+                    row["cupy syevj ms"] = f"n/a ({type(error).__name__})"
         rows.append(row)
         print(row, flush=True)
     return rows
