@@ -126,6 +126,16 @@ def as_matrices(t: Tensor) -> Tensor:
     return t.reshape(matrix_shape(t))
 
 
+def stacked_call(fn: Callable, *lists: list[Tensor]):
+    """``fn`` on the concatenations along dim 0 of ``lists`` (each one (B_i, ...) tensor per
+    param), its stack (or tuple of stacks) split back per param."""
+    sizes = [t.shape[0] for t in lists[0]]
+    out = fn(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in lists))
+    if isinstance(out, tuple):
+        return tuple(list(o.split(sizes)) for o in out)
+    return list(out.split(sizes))
+
+
 def apply_update(weights, updates, *, lr: float, weight_decay: float, scale: float):
     """W ← W·(1 - lr·weight_decay) - lr·scale·U for each W and its update U (U may have
     another dtype than W: it is converted element by element, never copied whole)."""
@@ -380,11 +390,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """
         if self._work is not None:
             return self._work.map(fn, lists, whole_inputs, whole_outputs)
-        sizes = [t.shape[0] for t in lists[0]]
-        out = fn(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in lists))
-        if isinstance(out, tuple):
-            return tuple(list(o.split(sizes)) for o in out)
-        return list(out.split(sizes))
+        return stacked_call(fn, *lists)
 
     def _update_matrices(self, group: dict, params: list[Tensor], weights: list[Tensor],
                          grads: list[Tensor]) -> None:

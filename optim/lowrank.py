@@ -14,9 +14,8 @@ projector (:mod:`matrixopt.projectors`) and how it is refreshed. This base keeps
 and their state shapes, runs the Adam step (:func:`~matrixopt.projectors.lowrank_adam`) and
 the update; a subclass gives its projector, its refresh and its projections.
 """
-import torch
-
-from .base import MatrixOptimizer, apply_update, as_matrices, compute_dtype, integer, matrix_shape, rank_spec, real
+from .base import (MatrixOptimizer, apply_update, as_matrices, compute_dtype, integer, matrix_shape, rank_spec,
+                   real, stacked_call)
 from .distributed import local_matrices
 from .projectors import lowrank_adam, stored_shape, work_dtype
 
@@ -157,10 +156,14 @@ class LowRankAdamW(MatrixOptimizer):
         """``fn(X, bases)`` on each param's local rows: one batched call for the bucket,
         unless FSDP2 left the params' shards with different row counts."""
         bases = [self._local_entries(proj, p, self._bases(proj, self.state[p])) for p in params]
-        if len(tensors) == 1 or len({x.shape[1:] for x in tensors}) > 1:
+        if len({x.shape[1:] for x in tensors}) > 1:
             return [fn(x, b) for x, b in zip(tensors, bases)]
-        stacked = {key: torch.cat([b[key] for b in bases]) for key in proj.keys}
-        return list(fn(torch.cat(tensors), stacked).split([x.shape[0] for x in tensors]))
+        return stacked_call(self._with_bases(fn, proj), tensors, *([b[key] for b in bases] for key in proj.keys))
+
+    @staticmethod
+    def _with_bases(fn, proj):
+        """``fn(X, bases)`` as a function of X and the bases' stacks in ``proj.keys`` order."""
+        return lambda X, *stacks: fn(X, dict(zip(proj.keys, stacks)))
 
     @staticmethod
     def _local_entries(proj, p, values) -> dict:
@@ -175,7 +178,7 @@ class LowRankAdamW(MatrixOptimizer):
         they have the param's rows); the bases are whole."""
         bases = [self._bases(proj, self.state[p]) for p in params]
         basis_args = tuple(range(1, 1 + len(proj.keys)))
-        return self._matrix_map(lambda X, *P: fn(X, dict(zip(proj.keys, P))), tensors,
+        return self._matrix_map(self._with_bases(fn, proj), tensors,
                                 *([b[key] for b in bases] for key in proj.keys),
                                 whole_inputs=(*((0,) if whole_in else ()), *basis_args),
                                 whole_outputs=(0,) if whole_out else ())
