@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from .base import MatrixOptimizer, apply_update, as_matrices, choice, compute_dtype, integer, matrix_shape, real
+from .base import (MatrixOptimizer, apply_update, as_matrices, choice, compute_dtype, integer, matmul_in,
+                   matrix_shape, real)
 from .distributed import local_tensor
 from .orthogonalize import default_ns_dtype
 
@@ -185,10 +186,10 @@ class ARO(MatrixOptimizer):
         """One ARO rotation for a stack of momenta M (B, k, l) and rotations R (B, k, k)."""
         f = functools.partial(base_map, kind=group["base"], sinkhorn_iters=group["sinkhorn_iters"])
         dtype = group["matmul_dtype"] or default_ns_dtype(M.device)
-        Mc = M.to(dtype)
+        Mc = M.to(dtype)  # cast once: it is in three of the four products
 
         def mm(A, B):
-            return (A.to(dtype) @ B.to(dtype)).to(M.dtype)
+            return matmul_in(A, B, dtype).to(M.dtype)
 
         R = orthogonal_factor(mm(Mc, f(mm(R.mT, Mc)).mT), group["qr"])
         return mm(R, f(mm(R.mT, Mc))), R

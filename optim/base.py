@@ -126,6 +126,13 @@ def as_matrices(t: Tensor) -> Tensor:
     return t.reshape(matrix_shape(t))
 
 
+def matmul_in(A: Tensor, B: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """A @ B with both operands in ``dtype`` (a rule's ``compute_dtype``; None: their
+    promoted dtype)."""
+    dtype = dtype or torch.promote_types(A.dtype, B.dtype)
+    return A.to(dtype) @ B.to(dtype)
+
+
 def stacked_call(fn: Callable, *lists: list[Tensor]):
     """``fn`` on the concatenations along dim 0 of ``lists`` (each one (B_i, ...) tensor per
     param), its stack (or tuple of stacks) split back per param."""

@@ -12,6 +12,8 @@ import torch
 
 from matrixopt import kernels
 
+from .base import matmul_in
+
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 # What SVDProjector.refresh did with each matrix.
@@ -21,12 +23,6 @@ REFRESHED, ZERO_GRADIENT, SVD_FAILED = 0, 1, 2
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of low-rank state and projections for params of ``dtype``: fp32, or fp64."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _matmul(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A @ B with both operands in ``dtype`` (None: their promoted dtype)."""
-    dtype = dtype or torch.promote_types(A.dtype, B.dtype)
-    return A.to(dtype) @ B.to(dtype)
 
 
 def _sides(proj_type: str, m: int, n: int) -> tuple[str, ...]:
@@ -98,18 +94,18 @@ class SVDProjector:
         projector's keys to tensors."""
         L = G
         if "proj_left" in self.keys:
-            L = _matmul(bases["proj_left"].mT, L, self.dtype)
+            L = matmul_in(bases["proj_left"].mT, L, self.dtype)
         if "proj_right" in self.keys:
-            L = _matmul(L, bases["proj_right"], self.dtype)
+            L = matmul_in(L, bases["proj_right"], self.dtype)
         return L.to(bases[self.keys[0]].dtype)
 
     def project_back(self, L: torch.Tensor, bases) -> torch.Tensor:
         """Map a low-rank step L back to (B, m, n), in the matmuls' dtype (the update is
         added to the weights as it is: a bf16 one needs no fp32 copy)."""
         if "proj_left" in self.keys:
-            L = _matmul(bases["proj_left"], L, self.dtype)
+            L = matmul_in(bases["proj_left"], L, self.dtype)
         if "proj_right" in self.keys:
-            L = _matmul(L, bases["proj_right"].mT, self.dtype)
+            L = matmul_in(L, bases["proj_right"].mT, self.dtype)
         return L
 
     def transition(self, old, new) -> dict[str, torch.Tensor]:
@@ -213,12 +209,12 @@ class DCTProjector:
     def project(self, G: torch.Tensor, state) -> torch.Tensor:
         """Low-rank gradient of G (B, m, n); ``state`` maps "indices" to (B, r)."""
         work = work_dtype(G.dtype)
-        low = _matmul(self._tall(G), self._columns(state, G.device, work), self.dtype)
+        low = matmul_in(self._tall(G), self._columns(state, G.device, work), self.dtype)
         return self._tall(low.to(work))
 
     def project_back(self, L: torch.Tensor, state) -> torch.Tensor:
         """Map a low-rank step L back to (B, m, n), in the matmul's dtype."""
-        return self._tall(_matmul(self._tall(L), self._columns(state, L.device, L.dtype).mT, self.dtype))
+        return self._tall(matmul_in(self._tall(L), self._columns(state, L.device, L.dtype).mT, self.dtype))
 
     def refresh(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """New ``indices`` (B, r) int32 for the stack G (B, m, n), and its low-rank gradient."""
