@@ -17,6 +17,7 @@ from matrixopt.kernels import lowrank_svd
 from matrixopt.projectors import SVDProjector
 
 from .common import cpu_note, default_device, median_ms, module_main
+from .lowrank import gradient_pair
 from .step import SHAPES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -28,13 +29,6 @@ def buckets(set_name: str) -> list[tuple[int, int, int]]:
     return [(4 * layers, d, d), (2 * layers, h, d), (layers, d, h)]
 
 
-def gradient_like(batch: int, m: int, n: int, device, generator) -> torch.Tensor:
-    k = min(m, n)
-    U = torch.linalg.qr(torch.randn(batch, m, k, device=device, generator=generator))[0]
-    V = torch.linalg.qr(torch.randn(batch, n, k, device=device, generator=generator))[0]
-    return (U / torch.arange(1, k + 1, device=device)) @ V.mT * 1e-3
-
-
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     return ((x.double() - reference).norm() / reference.norm()).item()
 
@@ -42,7 +36,7 @@ def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
 def rows_for(batch: int, m: int, n: int, device, repeats: int) -> list[dict]:
     generator = torch.Generator(device).manual_seed(0)
     rank = min(m, n) // 4
-    G = gradient_like(batch, m, n, device, generator)
+    G = gradient_pair(batch, m, n, device, generator)[0]
     reference = SVDProjector("std", rank, m, n)
     U, _, Vh = lowrank_svd(G, rank, generator=generator)
     bases = {"proj_left": U} if reference.left else {"proj_right": Vh.mT}

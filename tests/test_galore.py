@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import matrixopt
 from matrixopt import kernels
 from matrixopt.projectors import PROJ_TYPES, REFRESHED, SVDProjector
+from test_lowrank import power_law
 
 SHAPES = {"tall": (24, 12), "wide": (12, 24), "square": (16, 16)}
 HYPER = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-6, scale=0.25)
@@ -304,16 +305,17 @@ def test_same_shape_matrices_project_as_one_batch(proj_type):
     params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
     opt = matrixopt.GaLoreAdamW(params, rank=2, proj_type=proj_type)
     calls = []
-    for name in ("project", "project_back"):
+
+    def spy(name):
         method = getattr(SVDProjector, name)
 
-        def record(self, X, bases, method=method, name=name):
+        def record(self, X, bases):
             calls.append((name, X.shape[0]))
             return method(self, X, bases)
+        return record
 
-        setattr(opt, "_spy_" + name, record)
-    with mock.patch.object(SVDProjector, "project", opt._spy_project), \
-            mock.patch.object(SVDProjector, "project_back", opt._spy_project_back):
+    with mock.patch.object(SVDProjector, "project", spy("project")), \
+            mock.patch.object(SVDProjector, "project_back", spy("project_back")):
         for _ in range(2):
             for p in params:
                 p.grad = torch.randn(p.shape)
@@ -323,8 +325,7 @@ def test_same_shape_matrices_project_as_one_batch(proj_type):
 
 def projection_error(dtype, proj_type, shape=(48, 80), rank=12):
     """Relative errors of project and project_back with ``proj_dtype`` against float64."""
-    g = torch.Generator().manual_seed(1)
-    G = power_law_matrix(*shape, g)
+    G = power_law(1, *shape, seed=1)[0].float()
     proj = SVDProjector(proj_type, rank, *shape, svd="exact", dtype=dtype)
     bases = dict(zip(proj.keys, proj.refresh(G[None], *proj.initial(1).values())))
     exact = {k: v.double() for k, v in bases.items()}
@@ -335,13 +336,6 @@ def projection_error(dtype, proj_type, shape=(48, 80), rank=12):
     back = proj.project_back(want_low.float(), bases)
     rel = lambda x, y: ((x.double() - y).norm() / y.norm()).item()
     return low.dtype, back.dtype, rel(low, want_low), rel(back, want_back)
-
-
-def power_law_matrix(m, n, g):
-    U = torch.linalg.qr(torch.randn(m, m, generator=g))[0]
-    V = torch.linalg.qr(torch.randn(n, n, generator=g))[0]
-    k = min(m, n)
-    return (U[:, :k] / torch.arange(1, k + 1)) @ V[:, :k].T
 
 
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
