@@ -106,6 +106,8 @@ class GaLoreAdamW(LowRankAdamW):
     def _refresh(self, group, proj, params, grads):
         """New bases for ``params`` from their gradients, as one batch per shape."""
         states = [self.state[p] for p in params]
+        index = {id(q): i for i, q in enumerate(group["params"])}
+        places = [index[id(p)] for p in params]  # in the group: the sketches' seeds and the warnings name them
         old = [{key: s[key] for key in proj.keys} for s in states]
         # A cold start at a param's first refresh: its identity-slice basis is no estimate.
         warm = all(s["step"] > 0 for s in states)
@@ -116,7 +118,7 @@ class GaLoreAdamW(LowRankAdamW):
                                                            for seed in seeds.tolist()]
             return proj.refresh(G, *previous, warm=warm, generator=generators)
 
-        *bases, status = self._matrix_map(refresh, grads, self._sketch_seeds(group, params),
+        *bases, status = self._matrix_map(refresh, grads, self._sketch_seeds(group, params, places),
                                       *([o[key] for o in old] for key in proj.keys),
                                       whole_inputs=tuple(range(1, 2 + len(proj.keys))),
                                       whole_outputs=tuple(range(1 + len(proj.keys))))
@@ -135,31 +137,30 @@ class GaLoreAdamW(LowRankAdamW):
                 s[key].copy_(basis)
         # Per param, the worst thing that happened to one of its matrices.
         worst = torch.stack([s.amax() for s in status]).tolist()
-        place = {id(q): i for i, q in enumerate(group["params"])}
         causes = [(SVD_FAILED, "the SVD did not converge or was not finite")]
         if group["lr"] != 0:  # lr 0 with zero gradients: torch.distributed.checkpoint building state
             causes.append((ZERO_GRADIENT, "its gradient is all zeros"))
         for cause, what in causes:
-            kept = [self._param_name(group, place[id(p)]) for p, w in zip(params, worst) if w == cause]
+            kept = [self._param_name(group, i) for i, w in zip(places, worst) if w == cause]
             if kept:
                 # depth 4: _refresh ← _project ← _update_matrices ← _step_bucket ← step.
                 self._warn_once(self._refresh_warned[cause], kept,
                                 f"GaLore kept the previous projector of {{}}: {what} at its refresh "
                                 "(warned once per param)", depth=4)
 
-    def _sketch_seeds(self, group, params) -> list[torch.Tensor]:
-        """Per param, a (B,) seed for each matrix's randomized sketch at this refresh.
+    def _sketch_seeds(self, group, params, places) -> list[torch.Tensor]:
+        """Per param (at ``places`` in the group), a (B,) seed for each matrix's randomized
+        sketch at this refresh.
 
         A function of (``seed``, the param's place in the optimizer, the matrix, the refresh
         count) only, so every split of the refreshes (one batch, DDP shares, FSDP2 owners)
         and every resumed run draws the same numbers for a matrix.
         """
         g = self._group_index(group)
-        place = {id(p): i for i, p in enumerate(group["params"])}
         seeds = []
-        for p in params:
+        for p, place in zip(params, places):
             count = self.state[p]["step"] // group["update_proj_gap"]
-            keys = [(g, place[id(p)], j, count) for j in range(matrix_shape(p)[0])]
+            keys = [(g, place, j, count) for j in range(matrix_shape(p)[0])]
             seeds.append(torch.tensor([int(np.random.SeedSequence(group["seed"], spawn_key=key).generate_state(1)[0])
                                        for key in keys], dtype=torch.int64))
         return seeds
