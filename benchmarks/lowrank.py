@@ -16,6 +16,7 @@ and host syncs one refresh makes: on a GPU these, not the GEMMs, set a refresh's
     python -m benchmarks.lowrank [--quick] [--device cuda] [--out DIR]   # --quick: tiny CPU sizes (what the tests run)
 """
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -125,17 +126,46 @@ def cupy_syevj():
     return lambda W: [cupyx.cusolver.syevj(cupy.from_dlpack(w)) for w in W]
 
 
+def eigh_in_threads(W, on_host: bool):
+    """torch.linalg.eigh of each matrix of the stack W in a thread of its own: on the host
+    (``on_host``: LAPACK, the results copied back) or on W's GPU, each thread on a CUDA stream
+    of its own. cuSOLVER's syevd runs a stack one matrix after another, each latency-bound
+    at p = 520 and ending in a host sync (its info check); threads overlap those."""
+    current = torch.cuda.current_stream(W.device) if W.is_cuda and not on_host else None
+    streams = [torch.cuda.Stream(W.device) for _ in W] if current is not None else [None] * len(W)
+
+    def one(w, stream):
+        if on_host:
+            return [t.to(W.device) for t in torch.linalg.eigh(w.cpu())]
+        if stream is None:
+            return torch.linalg.eigh(w)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            return torch.linalg.eigh(w)
+
+    with ThreadPoolExecutor(len(W)) as pool:
+        results = list(pool.map(one, W, streams))
+    for stream in streams:
+        if stream is not None:
+            current.wait_stream(stream)
+    return results
+
+
 def eigh_rows(cases, device, reps):
     """The p×p symmetric eigensolver Rayleigh-Ritz needs, the step that dominates a GPU refresh
     at r = 512: torch.linalg.eigh on the device (cuSOLVER's syevd), with MAGMA where torch
     has it, on the host (copies included), and cuSOLVER's Jacobi syevj where CuPy is
-    installed, to pick the fastest on a GPU."""
+    installed; for a stack also one matrix per thread, on the device or on the host
+    (:func:`eigh_in_threads`); to pick the fastest on a GPU."""
     rows = []
     for batch, rank in sorted({(b, r) for b, _, _, r in cases}):
         p = rank + OVERSAMPLE
         Y = torch.randn(batch, 2 * p, p, device=device)
         W = Y.mT @ Y
         row = {"batch×p": f"{batch}×{p}", "eigh ms": timed(lambda: torch.linalg.eigh(W), reps, device)[0]}
+        if batch > 1:
+            row["eigh, thread+stream each ms"] = timed(lambda: eigh_in_threads(W, False), reps, device)[0]
+            row["host eigh, thread each ms"] = timed(lambda: eigh_in_threads(W, True), reps, device)[0]
         if device.type == "cuda":
             row["host eigh ms"] = timed(lambda: [t.to(device) for t in torch.linalg.eigh(W.cpu())], reps, device)[0]
             previous = torch.backends.cuda.preferred_linalg_library()

@@ -7,17 +7,20 @@ Side by side in one run, all in bf16 with 5 steps:
 
 - speed: the Triton kernels ("ours", :func:`matrixopt.kernels.newton_schulz`), the
   PyTorch twin (batched torch matmuls), torch.optim.Muon's own routine (2-D only, so
-  looped over a stack) and, for rectangular cases, a candidate Gram formulation in torch
-  matmuls (:func:`gram_newton_schulz`); ms are medians over CUDA events after warm-up (autotuning
+  looped over a stack), for rectangular cases a candidate Gram formulation in torch
+  matmuls (:func:`gram_newton_schulz`), and a candidate that computes the symmetric products
+  on their upper block triangle with cuBLAS (:func:`symmetric_blocks_newton_schulz`, at
+  its default block size and at ``SPEED_SYM_BLOCKS``); ms are medians over CUDA events after warm-up (autotuning
   included in the warm-up). TFLOP/s count the products densely, 4m²n + 2m³ per step for
   an m×n matrix with m ≤ n (XXᵀ, A², BX), as DESIGN.md's anchor figures do, so the
   symmetric kernels' saving shows as higher throughput.
 - accuracy: X = U diag(s) Vᵀ with a gradient-like power-law spectrum s_i = i^(-1/2) (random
   Gaussian matrices have σ_min near 0, which no 5-step schedule lifts); its fp64 polar
-  factor is U Vᵀ. Reported for ours, the twin and the Gram candidate: ‖O − UVᵀ‖_F / ‖UVᵀ‖_F and O's
+  factor is U Vᵀ. Reported for ours, the twin and the two candidates: ‖O − UVᵀ‖_F / ‖UVᵀ‖_F and O's
   singular-value band, for the "muon" and "polar_express" schedules.
 - optimizer step on the LLaMA-1B matrix set (16 layers × {4×2048², 2×5632×2048,
-  2048×5632}): matrixopt.Muon with the Triton kernels and with the twin, torch.optim.Muon,
+  2048×5632}): matrixopt.Muon with the Triton kernels, with the twin and with the
+  sym-blocks candidate, torch.optim.Muon,
   fused torch.optim.AdamW (see :mod:`benchmarks.step`).
 
 ``quick`` runs tiny sizes on CPU (ours through the Triton interpreter when
@@ -44,6 +47,8 @@ SPEED_CASES = [("1024²", 1, 1024, 1024), ("2048²", 1, 2048, 2048), ("4096²", 
                ("8192²", 1, 8192, 8192), ("2048×5632", 1, 2048, 5632), ("4096×11008", 1, 4096, 11008),
                ("32×1024²", 32, 1024, 1024), ("16×2048²", 16, 2048, 2048)]
 QUICK_SPEED_CASES = [("24×72", 1, 24, 72), ("4×32²", 4, 32, 32)]
+#: Block sizes the speed table also tries for the sym-blocks candidate (beside :func:`sym_block`'s).
+SPEED_SYM_BLOCKS = (256, 1024)
 # 1000×3001: sizes off every tile size, so the kernels' masks are checked on the GPU too.
 ACCURACY_SHAPES = [(1024, 1024), (2048, 2048), (4096, 4096), (5632, 2048), (4096, 11008), (1000, 3001)]
 QUICK_ACCURACY_SHAPES = [(72, 40)]
@@ -87,6 +92,51 @@ def gram_newton_schulz(X, coefficients, *, eps=1e-7):
     return _restore(Q @ X, transposed, shape, out_dtype)
 
 
+def _symmetric_product(Y, out, block, base=None, beta=0.0, alpha=1.0):
+    """out = beta·base + alpha·YYᵀ for a stack Y (B, m, k), computed one block row at a time
+    from the diagonal block rightwards, the lower triangle mirrored from the upper."""
+    m = Y.size(-2)
+    for r0 in range(0, m, block):
+        r1 = min(r0 + block, m)
+        right = Y[:, r0:].mT
+        rows = Y[:, r0:r1] @ right if base is None else \
+            torch.baddbmm(base[:, r0:r1, r0:], Y[:, r0:r1], right, beta=beta, alpha=alpha)
+        out[:, r0:r1, r0:] = rows
+        out[:, r1:, r0:r1] = rows[:, :, r1 - r0:].mT
+    return out
+
+
+def sym_block(m: int) -> int:
+    """Block rows for :func:`symmetric_blocks_newton_schulz` on an m×m Gram matrix: at most 8
+    block rows (so 56% of the dense FLOPs of a symmetric product at best), at least 512 each (a
+    GEMM that cuBLAS runs near its peak)."""
+    return max(512, m // 8)
+
+
+def symmetric_blocks_newton_schulz(X, coefficients, *, eps=1e-7, block=None):
+    """Candidate (issue 6): the twin with its two symmetric products cut to their upper block
+    triangle, all in cuBLAS GEMMs instead of Triton kernels.
+
+    With k block rows of the wide m×n X, A = XXᵀ costs (1 + 1/k)·m²n FLOPs instead of 2m²n and
+    B = bA + cA² (= bA + c·AAᵀ, A symmetric) (1 + 1/k)·m³ instead of 2m³; X ← aX + BX stays a
+    full GEMM. At k = 8 a square step is 4.25m³ against 6m³ (1.41× at equal GEMM throughput,
+    against our Triton kernels' 1.12× measured at 4096²). Each product is k GEMMs (one per
+    block row) plus the copies that mirror it. Equal to the twin up to rounding (tested in
+    float64); on this repo's 2-core CPU it takes 1024² fp32 NS from 156 to 137 ms (block 512)
+    or 122 ms (block 128). ``block``: rows per block (default :func:`sym_block`).
+    """
+    shape, out_dtype = X.shape, X.dtype
+    X, transposed = _wide_unit_stack(X, eps)
+    block = block or sym_block(X.size(-2))
+    A = X.new_empty(X.size(0), X.size(-2), X.size(-2))
+    B = torch.empty_like(A)
+    for a, b, c in coefficients:
+        _symmetric_product(X, A, block)
+        _symmetric_product(A, B, block, base=A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    return _restore(X, transposed, shape, out_dtype)
+
+
 def ours_runs(device: torch.device) -> bool:
     """Whether the Triton kernels run here: on CUDA, or on CPU under the interpreter."""
     return triton_available() and (device.type == "cuda" or interpreting())
@@ -100,6 +150,7 @@ def implementations(device: torch.device, schedule_name: str = "muon") -> dict:
         impls["ours"] = lambda X: newton_schulz(X, schedule, backend="triton")
     impls["twin"] = lambda X: newton_schulz_torch(X, schedule)
     impls["gram"] = lambda X: gram_newton_schulz(X, schedule)
+    impls["sym-blocks"] = lambda X: symmetric_blocks_newton_schulz(X, schedule)
     if schedule_name != "muon":
         return impls
     routine = torch_muon_routine()
@@ -110,6 +161,9 @@ def implementations(device: torch.device, schedule_name: str = "muon") -> dict:
 
 def speed(cases, device, warmup: int, repeats: int) -> list[dict]:
     impls = implementations(device)
+    schedule = ns_schedule("muon", STEPS)
+    for block in SPEED_SYM_BLOCKS:  # how much the candidate's block size matters
+        impls[f"sym-blocks/{block}"] = lambda X, block=block: symmetric_blocks_newton_schulz(X, schedule, block=block)
     rows = []
     for label, batch, m, n in cases:
         X = torch.randn(batch, m, n, device=device, dtype=torch.bfloat16)
@@ -118,6 +172,9 @@ def speed(cases, device, warmup: int, repeats: int) -> list[dict]:
         for name, fn in impls.items():
             if name == "gram" and max(m, n) < 2 * min(m, n):  # it does more work there
                 continue
+            block = int(name.split("/")[1]) if name.startswith("sym-blocks/") else None
+            if block is not None and (block == sym_block(min(m, n)) or block >= min(m, n)):
+                continue  # the default block size's column, or no blocking at all
             outputs[name] = fn(X)
             ms = median_ms(lambda: fn(X), device, warmup, repeats)
             row[f"{name} ms"] = ms
@@ -125,6 +182,7 @@ def speed(cases, device, warmup: int, repeats: int) -> list[dict]:
         for name in outputs:
             if name != "ours" and "ours" in outputs:
                 row[f"speedup vs {name}"] = row[f"{name} ms"] / row["ours ms"]
+        row["sym-blocks speedup vs twin"] = row["twin ms"] / row["sym-blocks ms"]
         if "ours" in outputs:
             twin = outputs["twin"].double()
             row["ours vs twin (rel. diff)"] = ((outputs["ours"].double() - twin).norm() / twin.norm()).item()
@@ -176,6 +234,10 @@ def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dic
             row = measure("matrixopt.Muon", params, settings, device, warmup, repeats)
         row["optimizer"] = f"matrixopt.Muon ({label})"
         rows.append(row)
+    with mock.patch("matrixopt.orthogonalize.newton_schulz", symmetric_blocks_newton_schulz):
+        row = measure("matrixopt.Muon", params, settings, device, warmup, repeats)
+    row["optimizer"] = "matrixopt.Muon (sym-blocks)"
+    rows.append(row)
     add_ratios(rows)
     torch_muon = next((r["step_ms"] for r in rows if r["optimizer"] == TORCH_MUON), None)
     return [{"optimizer": r["optimizer"], "step ms": r["step_ms"], "vs AdamW": r["step_vs_adamw"],

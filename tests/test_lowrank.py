@@ -390,6 +390,7 @@ def test_benchmark_quick_variant_runs(monkeypatch):
 
     refresh, steep, core, eigh, launches = run(quick=True).values()
     assert [row["batch×p"] for row in eigh] == ["1×16", "1×40", "4×24"] and all(row["eigh ms"] > 0 for row in eigh)
+    assert eigh[-1]["host eigh, thread each ms"] > 0 and eigh[-1]["eigh, thread+stream each ms"] > 0
     assert len(refresh) == 3 and len(steep) == 1
     assert all(row["cold energy"] >= 0.99 and row["warm energy"] >= 0.99 for row in refresh + steep)
     assert all(row["svd_lowrank energy"] <= 1 + 1e-9 for row in refresh), "energy is relative to the exact basis"
@@ -400,3 +401,17 @@ def test_benchmark_quick_variant_runs(monkeypatch):
     assert all(row["qr"] == 0 and row["eigh"] == 1 for row in gentle)
     # The warm steep refresh is rescued by the three-round retry (a second eigh), no Householder.
     assert hard[0]["qr"] == 0 and hard[0]["eigh"] == 2
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_benchmark_eigh_in_threads_is_eigh_per_matrix(monkeypatch, on_host):
+    """The benchmark's threaded eigh candidates return what torch.linalg.eigh of the stack does."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks.lowrank import eigh_in_threads
+
+    Y = torch.randn(3, 12, 6, generator=torch.Generator().manual_seed(0))
+    W = Y.mT @ Y
+    expected = torch.linalg.eigh(W)
+    for i, (values, vectors) in enumerate(eigh_in_threads(W, on_host)):
+        torch.testing.assert_close(values, expected.eigenvalues[i])
+        torch.testing.assert_close(vectors.abs(), expected.eigenvectors[i].abs())

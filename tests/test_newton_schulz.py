@@ -190,7 +190,8 @@ def test_benchmark_runs_quick_on_cpu(tmp_path):
         tol = 3e-2 if impl == "gram" else 1e-2
         assert row["‖O−UVᵀ‖/‖UVᵀ‖"] == pytest.approx(twin["‖O−UVᵀ‖/‖UVᵀ‖"], abs=tol)
         assert row["σ_min(O)"] == pytest.approx(twin["σ_min(O)"], abs=tol)
-    assert {r["optimizer"] for r in step} >= {"torch.optim.AdamW", "matrixopt.Muon (twin)"}
+    assert {r["optimizer"] for r in step} >= {"torch.optim.AdamW", "matrixopt.Muon (twin)",
+                                              "matrixopt.Muon (sym-blocks)"}
 
 
 @pytest.mark.parametrize("shape", [(3, 12, 40), (1, 40, 12), (2, 16, 16)])
@@ -202,3 +203,15 @@ def test_gram_candidate_equals_the_twin_in_float64(shape):
     schedule = ns_schedule("polar_express", 5)
     torch.testing.assert_close(gram_newton_schulz(X, schedule), newton_schulz_torch(X, schedule),
                                rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape, block", [((3, 12, 40), 5), ((1, 40, 12), 4), ((2, 16, 16), 16), ((1, 17, 17), 8)])
+def test_symmetric_blocks_candidate_equals_the_twin_in_float64(shape, block):
+    """benchmarks/ns.py's block-triangle candidate computes the same products: equal to the twin
+    in float64, with blocks that do and do not divide the side, and one block (no mirroring)."""
+    from benchmarks.ns import symmetric_blocks_newton_schulz
+
+    X = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    schedule = ns_schedule("polar_express", 5)
+    torch.testing.assert_close(symmetric_blocks_newton_schulz(X, schedule, block=block),
+                               newton_schulz_torch(X, schedule), rtol=0, atol=1e-10)
