@@ -2,6 +2,7 @@
 and the PyTorch twin. The interpreter uses 32×32 tiles, so sizes 33..70 span several tiles
 and end in partial ones."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -191,7 +192,7 @@ def test_benchmark_runs_quick_on_cpu(tmp_path):
         assert row["‖O−UVᵀ‖/‖UVᵀ‖"] == pytest.approx(twin["‖O−UVᵀ‖/‖UVᵀ‖"], abs=tol)
         assert row["σ_min(O)"] == pytest.approx(twin["σ_min(O)"], abs=tol)
     assert {r["optimizer"] for r in step} >= {"torch.optim.AdamW", "matrixopt.Muon (twin)",
-                                              "matrixopt.Muon (sym-blocks)"}
+                                              "matrixopt.Muon (sym-blocks)", "matrixopt.Muon (minimax, 4 steps)"}
 
 
 @pytest.mark.parametrize("shape", [(3, 12, 40), (1, 40, 12), (2, 16, 16)])
@@ -215,3 +216,22 @@ def test_symmetric_blocks_candidate_equals_the_twin_in_float64(shape, block):
     schedule = ns_schedule("polar_express", 5)
     torch.testing.assert_close(symmetric_blocks_newton_schulz(X, schedule, block=block),
                                newton_schulz_torch(X, schedule), rtol=0, atol=1e-10)
+
+
+def test_minimax_candidate_schedule_keeps_its_band_in_one_step_fewer():
+    """benchmarks/ns.py's 4-step schedule maps [3e-3, 1] into [0.79, 1.21] (Muon's five steps:
+    [0.68, 1.14] from ~1.5e-3), where Polar Express's first four triples leave [0.44, 1.56]."""
+    from benchmarks.ns import MINIMAX_STEPS_FLOOR, minimax_schedule
+
+    steps, floor = MINIMAX_STEPS_FLOOR
+
+    def band(schedule):  # NS acts on each singular value alone: run it on scalars
+        x = torch.logspace(math.log10(floor), 0, 4001, dtype=torch.float64)
+        for a, b, c in schedule:
+            x = a * x + b * x**3 + c * x**5
+        return x.min().item(), x.max().item()
+
+    lo, hi = band(minimax_schedule(steps, floor))
+    assert 0.79 < lo and hi < 1.21
+    lo, hi = band(ns_schedule("polar_express", steps))
+    assert lo < 0.5 and hi > 1.5
