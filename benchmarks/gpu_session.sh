@@ -12,9 +12,10 @@
 #    galore-torch is in the table only where it is installed: it is pure Python, so carry its
 #    wheel (`pip download --no-deps galore-torch==1.0 -d .whl` here); a .whl/ folder in the
 #    repo root is installed first;
-# 3. lowrank: refresh time and captured energy, ours vs torch.linalg.svd/svd_lowrank (issue 7);
-# 4. ns: Newton-Schulz kernels vs the torch twin and torch.optim.Muon, accuracy, Muon step
-#    (issue 6);
+# 3. lowrank: refresh time and captured energy, ours vs torch.linalg.svd/svd_lowrank, and the
+#    p×p eigh candidates (device, host, MAGMA, one thread/stream per matrix) (issue 7);
+# 4. ns: Newton-Schulz kernels vs the torch twin and torch.optim.Muon, accuracy, Muon step,
+#    with the candidates: symmetric products by cuBLAS block rows, a 4-step schedule (issue 6);
 # 5. dct: matmul vs FFT DCT scores on CUDA (FFT_MIN_SIZE has no CUDA entry yet);
 # 6. distributed: what the DDP/FSDP2 code path costs on one GPU (world size 1, NCCL).
 # Results land in OUT as <command>-<machine>-<date>.{md,json,png}, and all of them in
