@@ -8,7 +8,9 @@ left basis is the ``init``, and the singular vectors of the current one moved by
 factor perturbed by 0.1·Gaussian/√dim, singular values rescaled by up to ±10%).
 Captured energy is ‖U_rᵀG‖²_F / ‖U*_rᵀG‖²_F with U* from the exact SVD (= Σ_{i≤r} σ_i², but
 computed the same way as the numerator, in fp64, so GEMM rounding cancels; worst batch entry).
-Times are medians of CUDA-event timings on GPU (wall clock on CPU). The "core" section
+Times are medians of CUDA-event timings on GPU (wall clock on CPU); on a GPU, refreshes
+whose core ``lowrank_svd`` diagonalizes on the host (p ≤ ``HOST_EIGH_MAX_P``) are also timed
+with it on the device. The "core" section
 times Rayleigh-Ritz on Y = A·Q₂ (min(m, n)×p, p = r + 8): ``torch.linalg.svd`` against ours.
 The "launches" section counts, with ``torch.profiler`` (aten ops), the small factorizations
 and host syncs one refresh makes: on a GPU these, not the GEMMs, set a refresh's latency.
@@ -17,11 +19,12 @@ and host syncs one refresh makes: on a GPU these, not the GEMMs, set a refresh's
 """
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from matrixopt.kernels import lowrank_svd
+from matrixopt.kernels import lowrank, lowrank_svd
 from matrixopt.kernels.lowrank import _rayleigh_ritz
 
 from .common import cpu_note, default_device, median_ms, module_main
@@ -89,6 +92,11 @@ def refresh_rows(cases, device, reps, alpha=1.0):
         for name, fn in methods.items():
             ms, (U, _, _) = timed(fn, reps, device)
             row[f"{name} ms"], row[f"{name} energy"] = ms, captured_energy(U[..., :rank], G, exact_U)
+        if device.type == "cuda" and rank + OVERSAMPLE <= lowrank.HOST_EIGH_MAX_P:
+            # The same refresh with its core diagonalized on the device, to check the rule.
+            with mock.patch.object(lowrank, "HOST_EIGH_MAX_P", 0):
+                for name in ("cold", "warm"):
+                    row[f"{name}, device eigh ms"] = timed(methods[name], reps, device)[0]
         row["svd/warm"] = svd_ms / row["warm ms"]
         row["svd_lowrank/warm"] = row["svd_lowrank ms"] / row["warm ms"]
         row["svd_lowrank/cold"] = row["svd_lowrank ms"] / row["cold ms"]

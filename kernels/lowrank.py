@@ -45,7 +45,8 @@ the bits of the first path that succeeded for it; a retry costs one more host sy
 
 Launches per call (``python -m benchmarks.lowrank``, aten op counts): a warm refresh (iters = 1)
 runs 5 Cholesky + 5 triangular solves + 1 eigh and syncs with the host twice (our check and
-torch.linalg.eigh's own info check), a cold one (iters = 2) 7 + 7 + 1 and 2; the previous
+torch.linalg.eigh's own info check, or, for a core small enough to be diagonalized on the
+host, its copy there), a cold one (iters = 2) 7 + 7 + 1 and 2; the previous
 design ran 8 + 8 + 1 with 5 syncs, and 12 + 12 + 1 with 7. On an H200 that design spent
 3.4 ms of a 3.8 ms warm refresh of 2048×5632 at r = 128 in such small factorizations.
 
@@ -63,6 +64,15 @@ from ._dispatch import choose_backend
 # Second-round Cholesky pivots below this (squared) mean the input lost rank: the
 # orthogonality error of Cholesky-QR grows like eps·cond(W), cond(W) ≈ 1/pivot².
 _MIN_PIVOT2 = 0.1
+
+#: On a GPU, Rayleigh-Ritz cores up to this size (p = rank + oversample) are diagonalized on
+#: the host. cuSOLVER's eigensolvers are latency-bound at such sizes: on an H200 the whole
+#: Rayleigh-Ritz step of a p = 136 core took 3.4 ms (benchmarks/results/lowrank-h200-*), while
+#: LAPACK's eigh of 136×136 takes 0.67 ms on one core of this repo's 2-core CPU (2.9 ms at
+#: 264, 14 ms at 520, growing like p³). The copies are a 74 KB read-back, in place of the
+#: host sync eigh's own info check makes anyway. `python -m benchmarks.lowrank` times the
+#: refreshes this rule sends to the host both ways, and the eigh alone on device and host.
+HOST_EIGH_MAX_P = 256
 
 
 def _cholqr(Y, rounds):
@@ -94,13 +104,21 @@ def _cholqr(Y, rounds):
     return Q, diag, ok
 
 
+def _eigenvectors(W):
+    """Eigenvectors of the symmetric p×p stack W (ascending eigenvalues), on the host for a
+    small p on a GPU (see ``HOST_EIGH_MAX_P``)."""
+    if W.is_cuda and W.size(-1) <= HOST_EIGH_MAX_P:
+        return torch.linalg.eigh(W.cpu()).eigenvectors.to(W.device)
+    return torch.linalg.eigh(W).eigenvectors
+
+
 def _rayleigh_ritz(Y, rank, rounds):
     """Top-``rank`` SVD Y ≈ Ũ S Ṽᵀ of a stack Y (B, a, p), a ≥ p: (Ũ, S, Ṽ, per-entry success flags).
 
     eigh(YᵀY) gives Ṽ; the columns of YṼ are S_i·ũ_i, nearly orthogonal, so their
     Cholesky-QR (``rounds`` rounds) returns Ũ and, as its R's diagonal, S.
     """
-    Vc = torch.linalg.eigh(Y.mT @ Y)[1].flip(-1)[..., :rank]
+    Vc = _eigenvectors(Y.mT @ Y).flip(-1)[..., :rank]
     U, S, ok = _cholqr(Y @ Vc, rounds)
     S, order = S.sort(dim=-1, descending=True)
     order = order[:, None, :]

@@ -344,6 +344,22 @@ def test_a_refresh_syncs_once_and_runs_two_cholesky_qr_rounds_only_where_needed(
                       "host syncs": 1 + eigh_syncs}
 
 
+@pytest.mark.parametrize("offset, on_host", [(0, True), (1, False)])
+def test_small_cores_on_a_gpu_are_diagonalized_on_the_host(monkeypatch, offset, on_host):
+    """On a GPU tensor, p ≤ HOST_EIGH_MAX_P goes through the host (one copy there), larger p
+    stays on the device; the eigenvectors are the same either way. (A CPU tensor posing as a
+    CUDA one: the copies are no-ops here, the routing is what is checked.)"""
+    p = lowrank_module.HOST_EIGH_MAX_P + offset
+    Y = torch.randn(2, p + 3, p, generator=torch.Generator().manual_seed(2))
+    W = Y.mT @ Y
+    copies, to_cpu = [], torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self: copies.append(self.shape) or to_cpu(self))
+    V = lowrank_module._eigenvectors(W)
+    assert copies == ([W.shape] if on_host else [])
+    torch.testing.assert_close(V.abs(), torch.linalg.eigh(W).eigenvectors.abs())
+
+
 @pytest.mark.parametrize("core_rank", [12, 4])
 def test_rayleigh_ritz_matches_scipy(core_rank):
     """The eigh route on Y (40×12): full-rank, and rank-deficient (flagged for the robust path)."""
