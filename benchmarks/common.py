@@ -81,10 +81,11 @@ def median_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """rows (dicts) as a markdown table; floats get 4 significant digits."""
+    """rows (dicts) as a markdown table; floats get 4 significant digits. Columns: every key
+    of any row, in first-seen order (a row without one leaves its cell empty)."""
     if not rows:
         return "(no rows)\n"
-    columns = columns or list(rows[0])
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
 
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))

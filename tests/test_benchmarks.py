@@ -252,3 +252,13 @@ def test_gpu_session_script_parses_and_runs_modules_that_exist():
         with pytest.raises(SystemExit) as exit_:
             cli.main([command, "--help"])
         assert exit_.value.code == 0, command
+
+
+def test_markdown_table_keeps_columns_only_later_rows_have():
+    """Rows of one table may differ (a rectangular case has a Gram column, a square one not):
+    every column shows, in first-seen order, empty where a row has no value."""
+    from benchmarks.common import markdown_table
+
+    table = markdown_table([{"case": "1024²", "ms": 1.0}, {"case": "2048×5632", "gram ms": 2.5, "ms": 3.0}])
+    assert table.splitlines() == ["| case | ms | gram ms |", "|---|---|---|",
+                                  "| 1024² | 1 |  |", "| 2048×5632 | 3 | 2.5 |"]
