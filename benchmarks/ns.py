@@ -17,10 +17,11 @@ Side by side in one run, all in bf16 with 5 steps:
 - accuracy: X = U diag(s) Vᵀ with a gradient-like power-law spectrum s_i = i^(-1/2) (random
   Gaussian matrices have σ_min near 0, which no 5-step schedule lifts); its fp64 polar
   factor is U Vᵀ. Reported for ours, the twin and the two candidates: ‖O − UVᵀ‖_F / ‖UVᵀ‖_F and O's
-  singular-value band, for the "muon" and "polar_express" schedules.
+  singular-value band, for the "muon" and "polar_express" schedules and a 4-step one
+  (:func:`minimax_schedule`).
 - optimizer step on the LLaMA-1B matrix set (16 layers × {4×2048², 2×5632×2048,
-  2048×5632}): matrixopt.Muon with the Triton kernels, with the twin and with the
-  sym-blocks candidate, torch.optim.Muon,
+  2048×5632}): matrixopt.Muon with the Triton kernels, with the twin, with the
+  sym-blocks candidate and with the 4-step schedule, torch.optim.Muon,
   fused torch.optim.AdamW (see :mod:`benchmarks.step`).
 
 ``quick`` runs tiny sizes on CPU (ours through the Triton interpreter when
@@ -152,7 +153,7 @@ def minimax_schedule(steps: int, floor: float) -> list[tuple[float, float, float
     steps map [3e-3, 1] into [0.80, 1.20]; on this benchmark's 1024×1024 and 1024×2816 matrices
     (σ_min/‖X‖_F ≈ 0.011) that is 0.149 from the polar factor in bf16 against 0.167 for Muon's
     five steps (CPU): the same accuracy for 4/5 of the FLOPs, on spectra whose normalized σ
-    stay above ~3e-3 (directions below it are left short of 1, as Muon leaves those below ~1e-3).
+    stay above ~3e-3 (directions below it are left short of 1, as Muon's leave those below ~1.5e-3).
     The fit is Nelder-Mead on 2000 log-spaced σ per step, from fixed starts (deterministic).
     """
     lo, hi, schedule = floor, 1.0, []

@@ -220,7 +220,7 @@ def test_symmetric_blocks_candidate_equals_the_twin_in_float64(shape, block):
 
 def test_minimax_candidate_schedule_keeps_its_band_in_one_step_fewer():
     """benchmarks/ns.py's 4-step schedule maps [3e-3, 1] into [0.79, 1.21] (Muon's five steps:
-    [0.68, 1.14] from ~1.5e-3), where Polar Express's first four triples leave [0.44, 1.56]."""
+    [0.68, 1.20] from ~1.5e-3), where Polar Express's first four triples leave [0.44, 1.56]."""
     from benchmarks.ns import MINIMAX_STEPS_FLOOR, minimax_schedule
 
     steps, floor = MINIMAX_STEPS_FLOOR
