@@ -41,7 +41,7 @@ from matrixopt.kernels.newton_schulz import _restore, _wide_unit_stack
 from matrixopt.orthogonalize import MUON_COEFFICIENTS, ns_schedule
 
 from .common import cpu_note, default_device, median_ms, module_main
-from .optimizers import ADAMW, TORCH_MUON, VARIANTS, Settings
+from .optimizers import ADAMW, TORCH_MUON, VARIANTS, Settings, Variant
 from .step import SHAPES, add_ratios, llama_matrices, measure
 
 STEPS = 5
@@ -287,7 +287,7 @@ def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dic
     steps, floor = MINIMAX_STEPS_FLOOR
     label = f"matrixopt.Muon ({MINIMAX})"
     minimax = {"ns_steps": steps, "ns_coefficients": minimax_schedule(steps, floor)}
-    with mock.patch.dict(VARIANTS, {label: ("matrixopt.Muon", minimax)}):
+    with mock.patch.dict(VARIANTS, {label: Variant("matrixopt.Muon", minimax)}):
         rows.append(measure(label, params, settings, device, warmup, repeats))
     add_ratios(rows)
     torch_muon = next((r["step_ms"] for r in rows if r["optimizer"] == TORCH_MUON), None)

@@ -221,6 +221,14 @@ def test_step_command(tmp_path):
     assert muon["state_MB"] * 2**20 == 4 * numel  # one fp32 momentum buffer
 
 
+def test_variants_set_their_arguments_and_attributes_on_the_instance():
+    name = "matrixopt.GaLoreAdamW (proj_dtype=bf16, 2^25-element buckets)"
+    opt = optimizers.build(name, [("w", torch.nn.Parameter(torch.randn(8, 4)))], [], lr=1e-3,
+                           settings=optimizers.Settings())
+    assert type(opt) is matrixopt.GaLoreAdamW and opt.param_groups[0]["proj_dtype"] == torch.bfloat16
+    assert opt.max_bucket_elements == 1 << 25 != matrixopt.GaLoreAdamW.max_bucket_elements
+
+
 def test_kernels_command_skips_a_missing_module(tmp_path, monkeypatch):
     fake = types.ModuleType("benchmarks.fake_kernel")
     fake.run = lambda quick: {"timings": [{"size": 8, "ms": 1.0, "quick": quick}]}
