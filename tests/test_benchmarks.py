@@ -270,3 +270,16 @@ def test_markdown_table_keeps_columns_only_later_rows_have():
     table = markdown_table([{"case": "1024²", "ms": 1.0}, {"case": "2048×5632", "gram ms": 2.5, "ms": 3.0}])
     assert table.splitlines() == ["| case | ms | gram ms |", "|---|---|---|",
                                   "| 1024² | 1 |  |", "| 2048×5632 | 3 | 2.5 |"]
+
+
+@pytest.mark.parametrize("slow_s, refresh_repeats", [(1e9, 3), (0.0, 1)])
+def test_a_slow_refresh_is_timed_once_more_not_three_times(monkeypatch, slow_s, refresh_repeats):
+    """galore-torch's refresh of the 1B set takes ~25 s: four of them would eat the GPU run."""
+    calls = []
+    real = step.median_ms
+    monkeypatch.setattr(step, "median_ms", lambda fn, device, warmup, repeats: calls.append(repeats)
+                        or real(fn, device, warmup, repeats))
+    monkeypatch.setattr(step, "SLOW_REFRESH_S", slow_s)
+    params = step.llama_matrices(*step.SHAPES["ci"], torch.device("cpu"))
+    step.measure("matrixopt.GaLoreAdamW", params, optimizers.Settings(), torch.device("cpu"), 1, 5)
+    assert calls == [5, 1, refresh_repeats]  # the steps, the refresh's warm-up, the refreshes
