@@ -21,7 +21,7 @@ Side by side in one run, all in bf16 with 5 steps:
   (:func:`minimax_schedule`).
 - optimizer step on the LLaMA-1B matrix set (16 layers × {4×2048², 2×5632×2048,
   2048×5632}): matrixopt.Muon with the Triton kernels, with the twin, with the
-  sym-blocks candidate and with the 4-step schedule, torch.optim.Muon,
+  sym-blocks candidate, the 4-step schedule and both, torch.optim.Muon,
   fused torch.optim.AdamW (see :mod:`benchmarks.step`).
 
 ``quick`` runs tiny sizes on CPU (ours through the Triton interpreter when
@@ -267,7 +267,8 @@ def accuracy(shapes, device) -> list[dict]:
 
 
 def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dict]:
-    """ms per step: matrixopt.Muon with our kernels and with the twin, torch.optim.Muon, AdamW."""
+    """ms per step: matrixopt.Muon with our kernels, with the twin and with the candidates
+    (sym-blocks NS, the 4-step schedule, both), torch.optim.Muon, AdamW."""
     params = llama_matrices(*SHAPES[set_name], device)
     settings = Settings()
     rows = [measure(ADAMW, params, settings, device, warmup, repeats)]
@@ -280,15 +281,15 @@ def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dic
             row = measure("matrixopt.Muon", params, settings, device, warmup, repeats)
         row["optimizer"] = f"matrixopt.Muon ({label})"
         rows.append(row)
-    with mock.patch("matrixopt.orthogonalize.newton_schulz", symmetric_blocks_newton_schulz):
-        row = measure("matrixopt.Muon", params, settings, device, warmup, repeats)
-    row["optimizer"] = "matrixopt.Muon (sym-blocks)"
-    rows.append(row)
     steps, floor = MINIMAX_STEPS_FLOOR
-    label = f"matrixopt.Muon ({MINIMAX})"
-    minimax = {"ns_steps": steps, "ns_coefficients": minimax_schedule(steps, floor)}
-    with mock.patch.dict(VARIANTS, {label: Variant("matrixopt.Muon", minimax)}):
-        rows.append(measure(label, params, settings, device, warmup, repeats))
+    minimax = Variant("matrixopt.Muon", {"ns_steps": steps, "ns_coefficients": minimax_schedule(steps, floor)})
+    candidates = {"sym-blocks": (symmetric_blocks_newton_schulz, Variant("matrixopt.Muon", {})),
+                  MINIMAX: (newton_schulz, minimax),
+                  f"sym-blocks, {MINIMAX}": (symmetric_blocks_newton_schulz, minimax)}
+    for label, (ns, variant) in candidates.items():
+        name = f"matrixopt.Muon ({label})"
+        with mock.patch("matrixopt.orthogonalize.newton_schulz", ns), mock.patch.dict(VARIANTS, {name: variant}):
+            rows.append(measure(name, params, settings, device, warmup, repeats))
     add_ratios(rows)
     torch_muon = next((r["step_ms"] for r in rows if r["optimizer"] == TORCH_MUON), None)
     return [{"optimizer": r["optimizer"], "step ms": r["step_ms"], "vs AdamW": r["step_vs_adamw"],

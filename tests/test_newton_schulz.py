@@ -192,7 +192,8 @@ def test_benchmark_runs_quick_on_cpu(tmp_path):
         assert row["‖O−UVᵀ‖/‖UVᵀ‖"] == pytest.approx(twin["‖O−UVᵀ‖/‖UVᵀ‖"], abs=tol)
         assert row["σ_min(O)"] == pytest.approx(twin["σ_min(O)"], abs=tol)
     assert {r["optimizer"] for r in step} >= {"torch.optim.AdamW", "matrixopt.Muon (twin)",
-                                              "matrixopt.Muon (sym-blocks)", "matrixopt.Muon (minimax, 4 steps)"}
+                                              "matrixopt.Muon (sym-blocks)", "matrixopt.Muon (minimax, 4 steps)",
+                                              "matrixopt.Muon (sym-blocks, minimax, 4 steps)"}
 
 
 @pytest.mark.parametrize("shape", [(3, 12, 40), (1, 40, 12), (2, 16, 16)])
