@@ -9,7 +9,7 @@ factor perturbed by 0.1·Gaussian/√dim, singular values rescaled by up to ±10
 Captured energy is ‖U_rᵀG‖²_F / ‖U*_rᵀG‖²_F with U* from the exact SVD (= Σ_{i≤r} σ_i², but
 computed the same way as the numerator, in fp64, so GEMM rounding cancels; worst batch entry).
 Times are medians of CUDA-event timings on GPU (wall clock on CPU); on a GPU, refreshes
-whose core ``lowrank_svd`` diagonalizes on the host (p ≤ ``HOST_EIGH_MAX_P``) are also timed
+whose core ``lowrank_svd`` diagonalizes on the host (``eigh_on_host``) are also timed
 with it on the device. The "core" section
 times Rayleigh-Ritz on Y = A·Q₂ (min(m, n)×p, p = r + 8): ``torch.linalg.svd`` against ours.
 The "launches" section counts, with ``torch.profiler`` (aten ops), the small factorizations
@@ -92,7 +92,7 @@ def refresh_rows(cases, device, reps, alpha=1.0):
         for name, fn in methods.items():
             ms, (U, _, _) = timed(fn, reps, device)
             row[f"{name} ms"], row[f"{name} energy"] = ms, captured_energy(U[..., :rank], G, exact_U)
-        if device.type == "cuda" and rank + OVERSAMPLE <= lowrank.HOST_EIGH_MAX_P:
+        if device.type == "cuda" and lowrank.eigh_on_host(batch, rank + OVERSAMPLE):
             # The same refresh with its core diagonalized on the device, to check the rule.
             with mock.patch.object(lowrank, "HOST_EIGH_MAX_P", 0):
                 for name in ("cold", "warm"):

@@ -65,13 +65,15 @@ from ._dispatch import choose_backend
 # orthogonality error of Cholesky-QR grows like eps·cond(W), cond(W) ≈ 1/pivot².
 _MIN_PIVOT2 = 0.1
 
-#: On a GPU, Rayleigh-Ritz cores up to this size (p = rank + oversample) are diagonalized on
-#: the host. cuSOLVER's eigensolvers are latency-bound at such sizes: on an H200 the whole
-#: Rayleigh-Ritz step of a p = 136 core took 3.4 ms (benchmarks/results/lowrank-h200-*), while
-#: LAPACK's eigh of 136×136 takes 0.67 ms on one core of this repo's 2-core CPU (2.9 ms at
-#: 264, 14 ms at 520, growing like p³). The copies are a 74 KB read-back, in place of the
-#: host sync eigh's own info check makes anyway. `python -m benchmarks.lowrank` times the
-#: refreshes this rule sends to the host both ways, and the eigh alone on device and host.
+#: On a GPU, a stack of Rayleigh-Ritz cores (p = rank + oversample) is diagonalized on the
+#: host when the host's work, batch·p³, is at most one eigh of this size. cuSOLVER's
+#: eigensolvers are latency-bound at such sizes: on an H200 the whole Rayleigh-Ritz step of
+#: one p = 136 core took 3.4 ms (benchmarks/results/lowrank-h200-*), while LAPACK's eigh of
+#: 136×136 takes 0.67 ms on one core of this repo's 2-core CPU (2.9 ms at 264, 14 ms at 520,
+#: growing like p³). Larger stacks stay on the device, whose batched solvers may win there.
+#: The copy to the host replaces the host sync eigh's own info check makes anyway.
+#: `python -m benchmarks.lowrank` times the refreshes this rule sends to the host both ways,
+#: and the eigh alone on device and host.
 HOST_EIGH_MAX_P = 256
 
 
@@ -104,10 +106,15 @@ def _cholqr(Y, rounds):
     return Q, diag, ok
 
 
+def eigh_on_host(batch: int, p: int) -> bool:
+    """Whether a GPU stack of ``batch`` p×p cores is diagonalized on the host (``HOST_EIGH_MAX_P``)."""
+    return batch * p**3 <= HOST_EIGH_MAX_P**3
+
+
 def _eigenvectors(W):
     """Eigenvectors of the symmetric p×p stack W (ascending eigenvalues), on the host for a
-    small p on a GPU (see ``HOST_EIGH_MAX_P``)."""
-    if W.is_cuda and W.size(-1) <= HOST_EIGH_MAX_P:
+    small stack on a GPU (see :func:`eigh_on_host`)."""
+    if W.is_cuda and eigh_on_host(W.size(0), W.size(-1)):
         return torch.linalg.eigh(W.cpu()).eigenvectors.to(W.device)
     return torch.linalg.eigh(W).eigenvectors
 

@@ -344,13 +344,14 @@ def test_a_refresh_syncs_once_and_runs_two_cholesky_qr_rounds_only_where_needed(
                       "host syncs": 1 + eigh_syncs}
 
 
-@pytest.mark.parametrize("offset, on_host", [(0, True), (1, False)])
-def test_small_cores_on_a_gpu_are_diagonalized_on_the_host(monkeypatch, offset, on_host):
-    """On a GPU tensor, p ≤ HOST_EIGH_MAX_P goes through the host (one copy there), larger p
-    stays on the device; the eigenvectors are the same either way. (A CPU tensor posing as a
-    CUDA one: the copies are no-ops here, the routing is what is checked.)"""
+@pytest.mark.parametrize("batch, offset, on_host", [(1, 0, True), (1, 1, False), (8, -128, True), (9, -128, False)])
+def test_small_cores_on_a_gpu_are_diagonalized_on_the_host(monkeypatch, batch, offset, on_host):
+    """On a GPU tensor, a stack whose host work batch·p³ is at most HOST_EIGH_MAX_P³ goes
+    through the host (one copy there), a larger one stays on the device; the eigenvectors are
+    the same either way. (A CPU tensor posing as a CUDA one: the copies are no-ops here, the
+    routing is what is checked.)"""
     p = lowrank_module.HOST_EIGH_MAX_P + offset
-    Y = torch.randn(2, p + 3, p, generator=torch.Generator().manual_seed(2))
+    Y = torch.randn(batch, p + 3, p, generator=torch.Generator().manual_seed(2))
     W = Y.mT @ Y
     copies, to_cpu = [], torch.Tensor.cpu
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
