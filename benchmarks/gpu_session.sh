@@ -5,23 +5,25 @@
 #
 #   bash benchmarks/gpu_session.sh [OUT]       # from the repo root; OUT: benchmarks/results
 #
-# 1. projection: GaLore's projection error against float64 and time, fp32 vs bf16 operands,
-#    batched vs per matrix (issue 4: pick the precision by measured accuracy);
-# 2. step --sets 1B: every optimizer's step, refresh and peak memory on the LLaMA-1B matrix
-#    set (issue 4: GaLore amortized <= 2x fused AdamW; issue 6: Muon vs torch.optim.Muon);
-#    galore-torch is in the table only where it is installed: it is pure Python, so carry its
-#    wheel (`pip download --no-deps galore-torch==1.0 -d .whl` here); a .whl/ folder in the
-#    repo root is installed first;
-# 3. lowrank: refresh time and captured energy, ours vs torch.linalg.svd/svd_lowrank, and the
-#    p×p eigh candidates (device, host, MAGMA, one thread/stream per matrix) (issue 7);
-# 4. ns: Newton-Schulz kernels vs the torch twin and torch.optim.Muon, accuracy, Muon step,
+# 1. step --sets 1B: every optimizer's step, refresh and peak memory on the LLaMA-1B matrix
+#    set (issue 4: GaLore amortized <= 2x fused AdamW, fp32/bf16 projections, two bucket caps;
+#    issue 6: Muon vs torch.optim.Muon); galore-torch is in the table only where it is
+#    installed: it is pure Python, so carry its wheel (`pip download --no-deps galore-torch==1.0
+#    -d .whl` here); a .whl/ folder in the repo root is installed first;
+# 2. lowrank: refresh time and captured energy, ours vs torch.linalg.svd/svd_lowrank, the
+#    refreshes whose eigh runs on the host also with it on the device, and the p×p eigh
+#    candidates (device, host, MAGMA, one thread/stream per matrix) (issue 7);
+# 3. ns: Newton-Schulz kernels vs the torch twin and torch.optim.Muon, accuracy, Muon step,
 #    with the candidates: symmetric products by cuBLAS block rows, a 4-step schedule (issue 6);
+# 4. projection: GaLore's projection error against float64 and time, fp32 vs bf16 operands,
+#    batched vs per matrix (issue 4; the errors are already measured on CPU, so it comes after
+#    the figures only a GPU gives);
 # 5. dct: matmul vs FFT DCT scores on CUDA (FFT_MIN_SIZE has no CUDA entry yet);
 # 6. distributed: what the DDP/FSDP2 code path costs on one GPU (world size 1, NCCL).
 # Results land in OUT as <command>-<machine>-<date>.{md,json,png}, and all of them in
 # OUT/gpu-results.tar.gz (one file to bring back), refreshed after each benchmark. The limits
 # add up to ~12 min, more than one 10-minute device command: the order is by priority, so a
-# command cut at its limit loses only the last ones.
+# command cut at its limit loses only the last ones (the first three fit in 9 min).
 set -u
 out=${1:-benchmarks/results}
 mkdir -p "$out"
@@ -54,10 +56,10 @@ run() {
     bundle
 }
 
-run 90 python3 -m benchmarks.projection --out "$out"
 run 240 python3 -m benchmarks step --sets 1B --repeats 10 --out "$out"
 run 120 python3 -m benchmarks.lowrank --out "$out"
-run 150 python3 -m benchmarks.ns --out "$out"
+run 180 python3 -m benchmarks.ns --out "$out"
+run 90 python3 -m benchmarks.projection --out "$out"
 run 45 python3 -m benchmarks.dct --out "$out"
 run 60 python3 -m benchmarks.distributed --out "$out"
 echo "== bundled into $out/gpu-results.tar.gz"
