@@ -5,6 +5,11 @@
 #
 #   bash benchmarks/gpu_session.sh [OUT]       # from the repo root; OUT: benchmarks/results
 #
+# OUT receives two files only (the device tool brings back at most 8): gpu-results.tar.gz,
+# every benchmark's <command>-<machine>-<date>.{md,json,png}, refreshed after each one, and
+# gpu-session.log, everything printed, written as it goes — the rows a benchmark prints
+# survive it being cut at its limit, when its own files are never written.
+#
 # 1. step --sets 1B: every optimizer's step, refresh and peak memory on the LLaMA-1B matrix
 #    set (issue 4: GaLore amortized <= 2x fused AdamW, fp32/bf16 projections, two bucket caps;
 #    issue 6: Muon vs torch.optim.Muon); galore-torch is in the table only where it is
@@ -20,13 +25,15 @@
 #    the figures only a GPU gives);
 # 5. dct: matmul vs FFT DCT scores on CUDA (FFT_MIN_SIZE has no CUDA entry yet);
 # 6. distributed: what the DDP/FSDP2 code path costs on one GPU (world size 1, NCCL).
-# Results land in OUT as <command>-<machine>-<date>.{md,json,png}, and all of them in
-# OUT/gpu-results.tar.gz (one file to bring back), refreshed after each benchmark. The limits
-# add up to ~12 min, more than one 10-minute device command: the order is by priority, so a
+# The limits add up to ~12 min, more than one 10-minute device command: the order is by priority, so a
 # command cut at its limit loses only the last ones (the first three fit in 9 min).
 set -u
-out=${1:-benchmarks/results}
-mkdir -p "$out"
+shopt -s nullglob
+dest=${1:-benchmarks/results}
+mkdir -p "$dest"
+dest=$(cd "$dest" && pwd)
+out=$(mktemp -d)   # the benchmarks' own files, bundled into $dest
+exec > >(tee -a "$dest/gpu-session.log") 2>&1
 export PYTHONUNBUFFERED=1
 # Offline: no build isolation (it would fetch setuptools). If pip cannot install at all,
 # import the tree through a package folder of links (optim/ is matrixopt, kernels/ its .kernels).
@@ -45,7 +52,10 @@ fi
 
 # After each benchmark, so that a call cut short still brings back what finished.
 bundle() {
-    (cd "$out" && tar czf gpu-results.tar.gz --exclude=gpu-results.tar.gz -- *.md *.json *.png 2>/dev/null)
+    local files=("$out"/*.md "$out"/*.json "$out"/*.png)
+    ((${#files[@]})) || return 0
+    tar czf "$dest/gpu-results.tar.gz.part" -C "$out" "${files[@]##*/}" &&
+        mv "$dest/gpu-results.tar.gz.part" "$dest/gpu-results.tar.gz"
 }
 
 run() {
@@ -62,4 +72,4 @@ run 180 python3 -m benchmarks.ns --out "$out"
 run 90 python3 -m benchmarks.projection --out "$out"
 run 45 python3 -m benchmarks.dct --out "$out"
 run 60 python3 -m benchmarks.distributed --out "$out"
-echo "== bundled into $out/gpu-results.tar.gz"
+echo "== bundled into $dest/gpu-results.tar.gz"

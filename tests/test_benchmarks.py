@@ -2,6 +2,7 @@
 commands end to end (small, writing to tmp_path, with the network blocked)."""
 import json
 import math
+import os
 import socket
 import sys
 import types
@@ -283,3 +284,38 @@ def test_a_slow_refresh_is_timed_once_more_not_three_times(monkeypatch, slow_s, 
     params = step.llama_matrices(*step.SHAPES["ci"], torch.device("cpu"))
     step.measure("matrixopt.GaLoreAdamW", params, optimizers.Settings(), torch.device("cpu"), 1, 5)
     assert calls == [5, 1, refresh_repeats]  # the steps, the refresh's warm-up, the refreshes
+
+
+def test_gpu_session_script_brings_back_two_files_whatever_fails(tmp_path):
+    """With a stand-in python3 whose benchmarks write their files (one fails), OUT holds only
+    the bundle and the log (the device tool returns at most 8 files), the bundle has every
+    finished benchmark's files, and the log what they all printed."""
+    import subprocess
+    import tarfile
+    from pathlib import Path
+
+    root = Path(cli.__file__).resolve().parents[1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text("""#!/usr/bin/env bash
+# pip and import checks succeed; `-m benchmarks[.]X ... --out DIR` writes X.md/X.json there
+[ "$1" = "-m" ] || exit 0
+case "$2" in pip) exit 0 ;; esac
+name=${2#benchmarks.}; [ "$name" = benchmarks ] && name=$3
+out=${@: -1}
+echo "row of $name"
+[ "$name" = lowrank ] && exit 3
+echo "# $name" > "$out/$name.md"; echo "{}" > "$out/$name.json"
+""")
+    fake.chmod(0o755)
+    dest = tmp_path / "OUT"
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), str(dest)], cwd=root, env=env,
+                   check=True, capture_output=True, timeout=60)
+    assert sorted(p.name for p in dest.iterdir()) == ["gpu-results.tar.gz", "gpu-session.log"]
+    with tarfile.open(dest / "gpu-results.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert names == {f"{n}.{ext}" for n in ("step", "ns", "projection", "dct", "distributed") for ext in ("md", "json")}
+    log = (dest / "gpu-session.log").read_text()
+    assert "row of lowrank" in log and "!! exit 3 from: python3 -m benchmarks.lowrank" in log
