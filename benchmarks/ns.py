@@ -232,6 +232,7 @@ def speed(cases, device, warmup: int, repeats: int) -> list[dict]:
             twin = outputs["twin"].double()
             row["ours vs twin (rel. diff)"] = ((outputs["ours"].double() - twin).norm() / twin.norm()).item()
         rows.append(row)
+        print(row, flush=True)
         X = outputs = None  # freed before the next case's matrices are made
     return rows
 
@@ -262,6 +263,7 @@ def accuracy(shapes, device) -> list[dict]:
                 rows.append({"shape": f"{m}×{n}", "schedule": schedule_name, "impl": name,
                              "‖O−UVᵀ‖/‖UVᵀ‖": ((O - polar).norm() / polar.norm()).item(),
                              "σ_min(O)": sv.min().item(), "σ_max(O)": sv.max().item()})
+                print(rows[-1], flush=True)
         del X, polar
     return rows
 
@@ -271,16 +273,21 @@ def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dic
     (sym-blocks NS, the 4-step schedule, both), torch.optim.Muon, AdamW."""
     params = llama_matrices(*SHAPES[set_name], device)
     settings = Settings()
-    rows = [measure(ADAMW, params, settings, device, warmup, repeats)]
+    rows = []
+
+    def add(name, label=None):
+        rows.append(measure(name, params, settings, device, warmup, repeats))
+        rows[-1]["optimizer"] = label or name
+        print(rows[-1], flush=True)
+
+    add(ADAMW)
     if hasattr(torch.optim, "Muon"):
-        rows.append(measure(TORCH_MUON, params, settings, device, warmup, repeats))
+        add(TORCH_MUON)
     # Not through the interpreter: a CPU step with it only retests the kernels, slowly.
     variants = {"ours": "triton", "twin": "torch"} if device.type == "cuda" else {"twin": "torch"}
     for label, backend in variants.items():
         with mock.patch.dict(os.environ, MATRIXOPT_KERNELS=backend):
-            row = measure("matrixopt.Muon", params, settings, device, warmup, repeats)
-        row["optimizer"] = f"matrixopt.Muon ({label})"
-        rows.append(row)
+            add("matrixopt.Muon", f"matrixopt.Muon ({label})")
     steps, floor = MINIMAX_STEPS_FLOOR
     minimax = Variant("matrixopt.Muon", {"ns_steps": steps, "ns_coefficients": minimax_schedule(steps, floor)})
     candidates = {"sym-blocks": (symmetric_blocks_newton_schulz, Variant("matrixopt.Muon", {})),
@@ -289,7 +296,7 @@ def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dic
     for label, (ns, variant) in candidates.items():
         name = f"matrixopt.Muon ({label})"
         with mock.patch("matrixopt.orthogonalize.newton_schulz", ns), mock.patch.dict(VARIANTS, {name: variant}):
-            rows.append(measure(name, params, settings, device, warmup, repeats))
+            add(name)
     add_ratios(rows)
     torch_muon = next((r["step_ms"] for r in rows if r["optimizer"] == TORCH_MUON), None)
     return [{"optimizer": r["optimizer"], "step ms": r["step_ms"], "vs AdamW": r["step_vs_adamw"],

@@ -104,6 +104,7 @@ def run(quick: bool = False, sets=None, optimizers=None, warmup: int | None = No
         for name in names:
             progress.set_postfix_str(f"{set_name} {name}")
             rows.append(measure(name, params, settings, device, warmup, repeats))
+            tqdm.write(str(rows[-1]))  # as it comes: a run cut short still shows what it measured
             progress.update()
         add_ratios(rows)
         title = f"{set_name}: {len(params)} matrices, {count / 1e6:.1f}M params (d={d}, h={h}, {layers} layers)"
