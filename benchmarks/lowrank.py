@@ -137,8 +137,9 @@ def cupy_syevj():
 def eigh_in_threads(W, on_host: bool):
     """torch.linalg.eigh of each matrix of the stack W in a thread of its own: on the host
     (``on_host``: LAPACK, the results copied back) or on W's GPU, each thread on a CUDA stream
-    of its own. cuSOLVER's syevd runs a stack one matrix after another, each latency-bound
-    at p = 520 and ending in a host sync (its info check); threads overlap those."""
+    of its own. On the H200 a 16×520 stack took about 16 times one matrix's time, as if solved
+    one after another, each latency-bound and ending in a host sync (eigh's info check);
+    threads would overlap those."""
     current = torch.cuda.current_stream(W.device) if W.is_cuda and not on_host else None
     streams = [torch.cuda.Stream(W.device) for _ in W] if current is not None else [None] * len(W)
 
