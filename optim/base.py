@@ -143,11 +143,17 @@ def stacked_call(fn: Callable, *lists: list[Tensor]):
     return list(out.split(sizes))
 
 
+def decay_weights(weights, *, lr: float, weight_decay: float):
+    """Decoupled weight decay W ← W·(1 - lr·weight_decay); no pass over the weights when the
+    factor is 1 (as torch.optim.AdamW)."""
+    if lr * weight_decay:
+        torch._foreach_mul_(weights, 1 - lr * weight_decay)
+
+
 def apply_update(weights, updates, *, lr: float, weight_decay: float, scale: float):
     """W ← W·(1 - lr·weight_decay) - lr·scale·U for each W and its update U (U may have
     another dtype than W: it is converted element by element, never copied whole)."""
-    if lr * weight_decay:  # as torch.optim.AdamW: no pass over the weights to multiply by 1
-        torch._foreach_mul_(weights, 1 - lr * weight_decay)
+    decay_weights(weights, lr=lr, weight_decay=weight_decay)
     torch._foreach_add_(weights, updates, alpha=-lr * scale)
 
 
@@ -432,8 +438,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         grads = [local_tensor(p.grad).float() for p in params]
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        if lr * wd:
-            torch._foreach_mul_(work, 1 - lr * wd)
+        decay_weights(work, lr=lr, weight_decay=wd)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
