@@ -28,6 +28,7 @@ Side by side in one run, all in bf16 with 5 steps:
 ``TRITON_INTERPRET=1``, else left out; the optimizer step without it): it checks the
 code, and its timings say nothing about a GPU.
 """
+import functools
 import os
 from unittest import mock
 
@@ -143,6 +144,7 @@ def symmetric_blocks_newton_schulz(X, coefficients, *, eps=1e-7, block=None):
     return _restore(X, transposed, shape, out_dtype)
 
 
+@functools.cache  # ~2 s of fitting; the accuracy and step tables both use it
 def minimax_schedule(steps: int, floor: float) -> list[tuple[float, float, float]]:
     """Polar Express's construction (Amsel et al. 2025) from another floor: step by step, the
     odd quintic closest to 1 in the worst case over the interval [lo, hi] the singular values

@@ -11,8 +11,8 @@ import inspect
 import sys
 import types
 from dataclasses import dataclass
-from typing import NamedTuple
 from importlib.util import find_spec
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,6 +36,8 @@ class Settings:
 
 # Table order; other matrixopt optimizers follow in export order.
 ORDER = ("Muon", "ROOT", "ARO", "GaLoreAdamW", "DCTAdamW")
+
+
 class Variant(NamedTuple):
     """An extra contender: a matrixopt optimizer with non-default arguments and, set on the
     instance, non-default class attributes (e.g. ``max_bucket_elements``)."""
