@@ -50,7 +50,7 @@ host, its copy there), a cold one (iters = 2) 7 + 7 + 1 and 2; the previous
 design ran 8 + 8 + 1 with 5 syncs, and 12 + 12 + 1 with 7. On an H200 that design spent
 3.4 ms of a 3.8 ms warm refresh of 2048×5632 at r = 128 in such small factorizations.
 
-Backends: both resolve to this PyTorch implementation. Every step is a GEMM (``AᵀQ``,
+There is one implementation, in PyTorch, on every device. Every step is a GEMM (``AᵀQ``,
 ``AQ₂``, the Grams) or a small batched factorization (Cholesky, triangular solve, p×p
 eigh) that cuBLAS/cuSOLVER run through torch. Profiled on an H200 (previous design,
 4096×11008, r = 512, one warm pass: 12 ms), the GEMMs take ~2.5 ms and the factorizations
@@ -58,8 +58,6 @@ the rest, so a fused Triton sketch/Gram kernel could save at most the Gram GEMMs
 none is written.
 """
 import torch
-
-from ._dispatch import choose_backend
 
 # Second-round Cholesky pivots below this (squared) mean the input lost rank: the
 # orthogonality error of Cholesky-QR grows like eps·cond(W), cond(W) ≈ 1/pivot².
@@ -168,7 +166,7 @@ def _check_int(name, value, minimum):
         raise ValueError(f"Invalid {name}: {value!r} (expected an int >= {minimum})")
 
 
-def lowrank_svd(G, rank, *, init=None, iters=2, oversample=8, generator=None, backend=None):
+def lowrank_svd(G, rank, *, init=None, iters=2, oversample=8, generator=None):
     """Top-``rank`` singular triplets of every matrix in G (shape (..., m, n)).
 
     Returns ``(U, S, Vh)`` with U (..., m, r), S (..., r) sorted descending, Vh (..., r, n),
@@ -193,15 +191,12 @@ def lowrank_svd(G, rank, *, init=None, iters=2, oversample=8, generator=None, ba
             the global RNG), or a sequence of them, one per matrix of G's flattened batch,
             each drawing its own matrix's Ω (so a matrix's result does not depend on the
             batch it is computed in). Given the generators' states the result is deterministic.
-        backend: None/"auto", "torch" or "triton" (validated; both run the PyTorch
-            implementation, see the module docstring).
     """
     if G.ndim < 2 or G.is_complex():
         raise ValueError(f"lowrank_svd needs a real G of shape (..., m, n), got {tuple(G.shape)} {G.dtype}")
     _check_int("rank", rank, 1)
     _check_int("iters", iters, 1)
     _check_int("oversample", oversample, 0)
-    choose_backend(G, backend)
     *batch, m, n = G.shape
     k = min(m, n)
     dtype = torch.float64 if G.dtype == torch.float64 else torch.float32

@@ -1,12 +1,23 @@
 """matrixopt: memory-efficient, matrix-aware optimizers that drop in for torch.optim.AdamW."""
 from .aro import ARO
-from .base import MatrixOptimizer
+from .base import MatrixOptimizer, State
 from .dct import DCTAdamW
+from .fallback import AdamW as AdamWFallback
 from .galore import GaLoreAdamW
+from .lowrank import LowRankAdamW
 from .muon import Muon
-from .orthogonalize import fit_ns_coefficients
 from .param_groups import param_groups
 from .root import ROOT
 
-__all__ = ["ARO", "DCTAdamW", "GaLoreAdamW", "MatrixOptimizer", "Muon", "ROOT", "fit_ns_coefficients", "param_groups"]
+__all__ = ["ARO", "AdamWFallback", "DCTAdamW", "GaLoreAdamW", "LowRankAdamW", "MatrixOptimizer", "Muon", "ROOT",
+           "State", "fit_ns_coefficients", "param_groups"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The coefficient fitter needs numpy and scipy, which nothing else imports.
+    if name == "fit_ns_coefficients":
+        from .ns_fit import fit_ns_coefficients
+
+        return fit_ns_coefficients
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

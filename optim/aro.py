@@ -1,13 +1,13 @@
 """ARO: adaptively rotated optimization for hidden-layer matrices."""
 import functools
 import math
+from typing import Callable
 
 import torch
 
-from .base import (MatrixOptimizer, apply_update, as_matrices, choice, compute_dtype, integer, matmul_in,
-                   matrix_shape, real)
-from .distributed import local_tensor
-from .orthogonalize import default_ns_dtype
+from .base import (MatrixOptimizer, Out, Rows, State, Whole, apply_update, as_matrices,
+                   default_compute_dtype, local_map, matmul_in, matrix_shape)
+from .validation import choice, compute_dtype, integer, real
 
 BASE_MAPS = ("sinkhorn", "row_norm", "sign")
 ROTATE_SIDES = ("smaller", "rows", "cols")
@@ -103,6 +103,50 @@ def orthogonal_factor(C: torch.Tensor, method: str = "shifted_cholesky") -> torc
     return Q
 
 
+def rotate(M: torch.Tensor, R: torch.Tensor, *, base: str, sinkhorn_iters: int, qr: str,
+           matmul_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ARO rotation for a stack of momenta M (B, k, l) and rotations R (B, k, k):
+    R' = Q(QR(M·f(RᵀM)ᵀ)) and U = R'·f(R'ᵀM); returns (U, R')."""
+    f = functools.partial(base_map, kind=base, sinkhorn_iters=sinkhorn_iters)
+    Mc = M.to(matmul_dtype)  # cast once: it is in three of the four products
+
+    def mm(A, B):
+        return matmul_in(A, B, matmul_dtype).to(M.dtype)
+
+    R = orthogonal_factor(mm(Mc, f(mm(R.mT, Mc)).mT), qr)
+    return mm(R, f(mm(R.mT, Mc))), R
+
+
+def _rotated_update(M, R, *, rows: bool, rms: float | None, **rotation):
+    """(U, R') for a stack of momenta (B, m, n): the rotation acts on M's rows, or on its
+    columns (through Mᵀ); U rescaled to RMS ``rms`` unless it is None."""
+    U, R = rotate(M if rows else M.mT, R, **rotation)
+    U = U if rows else U.mT
+    if rms is not None:
+        norm = U.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
+        U = U / norm * (rms * math.sqrt(U.shape[-2] * U.shape[-1]))
+    return U, R
+
+
+def aro(weights, grads, momenta, rotations, *, lr: float, momentum: float, weight_decay: float,
+        rows: bool, rms: float | None, base: str, sinkhorn_iters: int, qr: str, matmul_dtype: torch.dtype,
+        shape: tuple[int, int] | None = None, matrix_map: Callable = local_map) -> None:
+    r"""One ARO step over lists of same-shape (B, m, n) weights, gradients and fp32 momenta,
+    and the (B, k, k) rotations (updated in place); see :class:`ARO` for the math. Under
+    FSDP2 the weights, gradients and momenta are local rows and ``shape`` is the whole
+    matrices' (m, n)."""
+    torch._foreach_lerp_(momenta, [g.float() for g in grads], 1 - momentum)
+    m, n = shape or momenta[0].shape[1:]
+    k = rotations[0].shape[-1]
+    step = functools.partial(_rotated_update, rows=rows, rms=rms, base=base, sinkhorn_iters=sinkhorn_iters,
+                             qr=qr, matmul_dtype=matmul_dtype)
+    updates, new_rotations = matrix_map(step, [Rows(momenta), Whole(rotations)],
+                                        [Out((m, n), torch.float32), Out((k, k), torch.float32, whole=True)])
+    for R, new in zip(rotations, new_rotations):
+        R.copy_(new)
+    apply_update(weights, updates, lr=lr, weight_decay=weight_decay, scale=1.0)
+
+
 class ARO(MatrixOptimizer):
     r"""ARO (arXiv 2602.09006): momentum through a base map f in an adaptively rotated basis.
 
@@ -119,7 +163,8 @@ class ARO(MatrixOptimizer):
     (default), row_norm or sign. The rotation chases the basis in which f of the momentum
     best aligns with the momentum. Acting on the columns means doing the above with Mᵀ.
     QR is :func:`orthogonal_factor` (shifted Cholesky QR, Householder fallback). Same-shape
-    matrices are rotated as one batch. The momentum and R are kept in fp32, and so are f
+    matrices are rotated as one batch (:func:`aro`). The momentum (sharded like the param) and
+    R (whole per matrix) are kept in fp32, and so are f
     and the QR; the four products with M (RᵀM twice, M·f(·)ᵀ, R·f(·)) take their operands
     in ``matmul_dtype`` with fp32 results: bf16 on a GPU puts them on tensor cores (C's
     rounding only picks a slightly different rotation, which the QR keeps orthogonal).
@@ -142,10 +187,9 @@ class ARO(MatrixOptimizer):
             elsewhere, like Muon's ``ns_dtype``).
         betas, eps: the AdamW fallback's (defaults (0.9, 0.95), 1e-8).
         nonfinite: "skip" (default) or "raise" on NaN/Inf gradients.
-        distributed, process_group: as for :class:`~matrixopt.Muon`.
+        fallback, distributed, process_group: as for :class:`~matrixopt.Muon`.
     """
 
-    supports_fsdp = True
     hyperparameters = {
         "momentum": real(0.0, 1.0, hi_open=True),
         "base": choice(*BASE_MAPS),
@@ -159,65 +203,36 @@ class ARO(MatrixOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.95, weight_decay=0.1, base="sinkhorn",
                  sinkhorn_iters=5, rotate_side="smaller", qr="shifted_cholesky",
                  lr_scaling="match_adamw", betas=(0.9, 0.95), eps=1e-8, nonfinite="skip",
-                 matmul_dtype=None, *, distributed=None, process_group=None):
+                 matmul_dtype=None, *, fallback=None, distributed=None, process_group=None):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, base=base,
                         sinkhorn_iters=sinkhorn_iters, rotate_side=rotate_side, qr=qr,
                         lr_scaling=lr_scaling, betas=betas, eps=eps, nonfinite=nonfinite,
                         matmul_dtype=matmul_dtype)
-        super().__init__(params, defaults, distributed=distributed, process_group=process_group)
+        super().__init__(params, defaults, fallback=fallback, distributed=distributed,
+                         process_group=process_group)
 
     @staticmethod
     def _rotates_rows(group, m: int, n: int) -> bool:
         side = group["rotate_side"]
         return side == "rows" or (side == "smaller" and m <= n)
 
-    def _matrix_state_shapes(self, p, group):
+    def _state(self, p, group):
         B, m, n = matrix_shape(p)
         k = m if self._rotates_rows(group, m, n) else n
-        return {"momentum_buffer": tuple(p.shape), "rotation": (B, k, k)}
+        # B per param: a bucket mixes 2-D params with 3-D expert stacks of the same m, n.
+        return {"momentum_buffer": State(tuple(p.shape), torch.float32, sharded=True),
+                "rotation": State((B, k, k), torch.float32, init=_identities)}
 
-    def _sharded_state_shapes(self, p, group):
-        # The rotations are whole on every rank, also when (B, k, k) happens to be p's shape.
-        shapes = super()._sharded_state_shapes(p, group)
-        shapes.pop("rotation", None)
-        return shapes
-
-    def _rotate(self, group, M: torch.Tensor, R: torch.Tensor):
-        """One ARO rotation for a stack of momenta M (B, k, l) and rotations R (B, k, k)."""
-        f = functools.partial(base_map, kind=group["base"], sinkhorn_iters=group["sinkhorn_iters"])
-        dtype = group["matmul_dtype"] or default_ns_dtype(M.device)
-        Mc = M.to(dtype)  # cast once: it is in three of the four products
-
-        def mm(A, B):
-            return matmul_in(A, B, dtype).to(M.dtype)
-
-        R = orthogonal_factor(mm(Mc, f(mm(R.mT, Mc)).mT), group["qr"])
-        return mm(R, f(mm(R.mT, Mc))), R
-
-    def _update_matrices(self, group, params, weights, grads):
+    def _update(self, group, params, weights, grads, states, matrix_map):
         _, m, n = matrix_shape(params[0])
-        rows = self._rotates_rows(group, m, n)
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(local_tensor(p), dtype=torch.float32,
-                                                            memory_format=torch.contiguous_format)
-                # B per param: a bucket mixes 2-D params with 3-D expert stacks of the same m, n.
-                B = matrix_shape(p)[0]
-                state["rotation"] = torch.eye(m if rows else n, device=p.device).repeat(B, 1, 1)
-        moms = [as_matrices(self.state[p]["momentum_buffer"]) for p in params]
-        torch._foreach_lerp_(moms, [g.float() for g in grads], 1 - group["momentum"])
+        aro(weights, grads, [as_matrices(s["momentum_buffer"]) for s in states], [s["rotation"] for s in states],
+            lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+            rows=self._rotates_rows(group, m, n), rms=0.2 if group["lr_scaling"] == "match_adamw" else None,
+            base=group["base"], sinkhorn_iters=group["sinkhorn_iters"], qr=group["qr"],
+            matmul_dtype=group["matmul_dtype"] or default_compute_dtype(weights[0].device), shape=(m, n),
+            matrix_map=matrix_map)
 
-        def step(M, R):
-            U, R = self._rotate(group, M if rows else M.mT, R)
-            U = U if rows else U.mT
-            if group["lr_scaling"] == "match_adamw":
-                norm = U.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
-                U = U / norm * (0.2 * math.sqrt(m * n))
-            return U, R
 
-        updates, rotations = self._matrix_map(step, moms, [self.state[p]["rotation"] for p in params],
-                                              whole_inputs=(1,), whole_outputs=(1,))
-        for p, R in zip(params, rotations):
-            self.state[p]["rotation"].copy_(R)
-        apply_update(weights, updates, lr=group["lr"], weight_decay=group["weight_decay"], scale=1.0)
+def _identities(shape, dtype, device) -> torch.Tensor:
+    """A stack of identity matrices of ``shape`` (B, k, k)."""
+    return torch.eye(shape[-1], dtype=dtype, device=device).repeat(shape[0], 1, 1)

@@ -1,12 +1,21 @@
-"""MatrixOptimizer: the mechanics every matrixopt optimizer shares.
+"""MatrixOptimizer: the stateful shell every matrixopt optimizer shares.
 
-A subclass states its matrix rule in :meth:`MatrixOptimizer._update_matrices`; this base
-does everything around it:
+A rule is two things (see ARCHITECTURE.md):
+
+- its **state declaration**, :meth:`MatrixOptimizer._state`: name → :class:`State` (global
+  shape, dtype policy, sharded like the param or whole per matrix, initial value);
+- its **update**, :meth:`MatrixOptimizer._update`: one bucket of same-shape matrices, with
+  the state already created from the declaration, calling the rule's functional form (a
+  plain function over lists of tensors, like torch's ``adamw()``) and doing every
+  whole-matrix computation through the ``matrix_map`` it is handed.
+
+This shell does everything around a rule:
 
 - param groups of tensors, (name, tensor) pairs or dicts, with every hyperparameter
   overridable per group and validated up front (``ValueError`` naming the argument);
 - routing: a param goes to the matrix rule when its group says ``matrix=True``, or when the
-  key is absent and ``p.ndim >= 2``; else to the built-in AdamW fallback;
+  key is absent and ``p.ndim >= 2``; else to the fallback (:mod:`matrixopt.fallback`, AdamW
+  unless the optimizer is given another);
 - matrix views: 2-D (m, n) as is; 3-D (E, m, n) as E independent matrices (stacked MoE
   experts); N-D with N ≥ 4 as conv kernels (out, in·k₁·k₂…); 1-D with ``matrix=True`` as a
   single row (1, n);
@@ -15,96 +24,29 @@ does everything around it:
 - the non-finite policy: a param whose gradient holds NaN/Inf is not touched (weights and
   state stay bit-identical), ``nonfinite_skips`` counts it and one warning names it; with
   ``nonfinite="raise"`` a ``FloatingPointError`` names it before anything is updated;
-- state dicts that hold only tensors and plain values, keep the state's own dtypes on load
-  (fp32 moments for bf16 params), and reject state saved for other shapes;
-- :meth:`state_bytes` for memory tables;
+- state from the declarations: created on a param's first step, checked on load (shapes,
+  naming the param), cast on load to the declared dtype, placed for
+  ``torch.distributed.checkpoint`` (sharded state as DTensors like the param), counted by
+  :meth:`state_bytes`;
 - distribution (:mod:`matrixopt.distributed`): FSDP2's DTensor params are updated through
-  their local shards, with whole-matrix work (:meth:`_matrix_map`) on owner ranks; with
+  their local shards, with whole-matrix work on owner ranks; with
   ``distributed="replicated"`` (DDP) the ranks split the matrix work and share the results.
 """
 import functools
 import math
+import os
+import sys
 import warnings
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from .distributed import (MODES, MatrixWork, agree_finite, check_placement, dtensor_like, group_of,
-                          local_tensor)
-
-# -- hyperparameter validation -------------------------------------------------------------
-# A validator takes (name, value) and raises ValueError naming the argument and its range.
-Validator = Callable[[str, Any], None]
-
-
-def real(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
-         hi_open: bool = False) -> Validator:
-    """A real number in [lo, hi] (open ends as asked; an infinite end is always open)."""
-    lo_open, hi_open = lo_open or lo == -math.inf, hi_open or hi == math.inf
-    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-    def check(name, value):
-        if isinstance(value, Tensor):
-            if value.numel() != 1:
-                raise ValueError(f"Invalid {name}: a Tensor {name} must have one element")
-            value = value.item()
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-        if ok:
-            ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-        if not ok:
-            raise ValueError(f"Invalid {name}: {value!r}; expected a number in {interval}")
-
-    return check
-
-
-def integer(lo: int = 0, hi: int | None = None) -> Validator:
-    def check(name, value):
-        if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
-            bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-            raise ValueError(f"Invalid {name}: {value!r}; expected an integer {bound}")
-
-    return check
-
-
-def choice(*options) -> Validator:
-    def check(name, value):
-        if not any(value is o or (type(value) is type(o) and value == o) for o in options):
-            raise ValueError(f"Invalid {name}: {value!r}; expected one of {options}")
-
-    return check
-
-
-def compute_dtype(name, value):
-    """None (the rule's default) or a floating dtype a rule runs its matrix products in."""
-    choice(None, torch.float64, torch.float32, torch.bfloat16, torch.float16)(name, value)
-
-
-def betas_in_unit_interval(name, value):
-    if not (isinstance(value, (tuple, list)) and len(value) == 2):
-        raise ValueError(f"Invalid {name}: {value!r}; expected a pair (beta1, beta2)")
-    for i, b in enumerate(value):
-        real(0.0, 1.0, hi_open=True)(f"{name}[{i}]", b)
-
-
-def rank_spec(name, value):
-    """An int >= 1, or a fraction in (0, 1] of min(m, n)."""
-    if isinstance(value, float):
-        ok = 0.0 < value <= 1.0
-    else:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 1 or a fraction in (0, 1]")
-
-
-def resolve_rank(rank: int | float, m: int, n: int) -> int:
-    """``rank`` as an int (a float is a fraction of min(m, n)), capped at min(m, n)."""
-    k = min(m, n)
-    r = max(1, round(rank * k)) if isinstance(rank, float) else rank
-    return min(r, k)
-
+from .distributed import (MODES, MatrixWork, Out, Rows, Whole, agree_finite, check_placement, dtensor_like,
+                          group_of, shard_sizes)
+from .validation import betas_in_unit_interval, choice, real
 
 # -- matrix views ----------------------------------------------------------------------------
 
@@ -121,10 +63,39 @@ def matrix_shape(t: Tensor) -> tuple[int, int, int]:
     return 1, t.shape[0], math.prod(t.shape[1:])
 
 
+def sharded_axis(t: Tensor) -> int:
+    """The axis of ``t``'s (B, m, n) view that holds t's dim 0, the one FSDP2 splits."""
+    return {1: 2, 3: 0}.get(t.ndim, 1)
+
+
 def as_matrices(t: Tensor) -> Tensor:
     """``t`` viewed (or, if not viewable, copied) as (B, m, n)."""
     return t.reshape(matrix_shape(t))
 
+
+def local(t: Tensor) -> Tensor:
+    """The rank's shard of a DTensor; a plain tensor as is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_matrices(p: Tensor, values: Tensor) -> Tensor:
+    """The entries of per-matrix values ``values`` (B, ...) (kept whole on every rank) for the
+    matrices this rank holds rows of: a sharded 3-D param's own experts, else all B."""
+    if not isinstance(p, DTensor) or sharded_axis(p) != 0:
+        return values
+    sizes = shard_sizes(p.shape[0], p.device_mesh.size())
+    rank = p.device_mesh.get_local_rank()
+    return values.narrow(0, sum(sizes[:rank]), sizes[rank])
+
+
+def resolve_rank(rank: int | float, m: int, n: int) -> int:
+    """``rank`` as an int (a float is a fraction of min(m, n)), capped at min(m, n)."""
+    k = min(m, n)
+    r = max(1, round(rank * k)) if isinstance(rank, float) else rank
+    return min(r, k)
+
+
+# -- shared mechanics of the rules -------------------------------------------------------------
 
 def matmul_in(A: Tensor, B: Tensor, dtype: torch.dtype | None) -> Tensor:
     """A @ B with both operands in ``dtype`` (a rule's ``compute_dtype``; None: their
@@ -133,14 +104,17 @@ def matmul_in(A: Tensor, B: Tensor, dtype: torch.dtype | None) -> Tensor:
     return A.to(dtype) @ B.to(dtype)
 
 
-def stacked_call(fn: Callable, *lists: list[Tensor]):
+def stacked_call(fn: Callable, *lists: list[Tensor]) -> tuple[list[Tensor], ...]:
     """``fn`` on the concatenations along dim 0 of ``lists`` (each one (B_i, ...) tensor per
-    param), its stack (or tuple of stacks) split back per param."""
+    param); each of its outputs (one stack or a tuple of stacks) split back per param."""
     sizes = [t.shape[0] for t in lists[0]]
     out = fn(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in lists))
-    if isinstance(out, tuple):
-        return tuple(list(o.split(sizes)) for o in out)
-    return list(out.split(sizes))
+    return tuple(list(o.split(sizes)) for o in (out if isinstance(out, tuple) else (out,)))
+
+
+def local_map(fn: Callable, inputs, outputs) -> tuple[list[Tensor], ...]:
+    """The single-process ``matrix_map``: ``fn`` once on the stacks of ``inputs``."""
+    return stacked_call(fn, *(inp.tensors for inp in inputs))
 
 
 def decay_weights(weights, *, lr: float, weight_decay: float):
@@ -157,9 +131,76 @@ def apply_update(weights, updates, *, lr: float, weight_decay: float, scale: flo
     torch._foreach_add_(weights, updates, alpha=-lr * scale)
 
 
-# -- the optimizer base ----------------------------------------------------------------------
+def default_compute_dtype(device: torch.device) -> torch.dtype:
+    """Matrix products' operand dtype when a rule is not told: bf16 on GPUs (tensor cores),
+    fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
-SHARED_HYPERPARAMETERS: dict[str, Validator] = {
+
+# -- declared state --------------------------------------------------------------------------
+
+#: State dtype policies besides a fixed dtype: the param's own, or at least fp32 (fp64 for
+#: fp64 params).
+PARAM_DTYPE, AT_LEAST_FP32 = "param", "at_least_fp32"
+
+
+class State(NamedTuple):
+    """One entry of a param's optimizer state, as a rule declares it.
+
+    ``shape``: the global shape as stored (``None``: a Python int counter, e.g. Adam's step).
+    ``dtype``: a torch dtype, :data:`PARAM_DTYPE` or :data:`AT_LEAST_FP32`.
+    ``sharded``: element-wise state split like the param on dim 0 under FSDP2 (its dim 0 is
+    the param's); else whole per matrix, identical on every rank.
+    ``init``: ``init(shape, dtype, device)`` gives the initial value (None: zeros).
+    """
+    shape: tuple | None
+    dtype: torch.dtype | str = PARAM_DTYPE
+    sharded: bool = False
+    init: Callable | None = None
+
+    def dtype_for(self, p: Tensor) -> torch.dtype:
+        if self.dtype == PARAM_DTYPE:
+            return p.dtype
+        if self.dtype == AT_LEAST_FP32:
+            return torch.promote_types(p.dtype, torch.float32)
+        return self.dtype
+
+    def create(self, p: Tensor):
+        """The initial value for param ``p`` (its local rows, for sharded state)."""
+        if self.shape is None:
+            return 0
+        shard = local(p)
+        shape = (shard.shape[0], *self.shape[1:]) if self.sharded and self.shape else tuple(self.shape)
+        dtype = self.dtype_for(p)
+        if self.init is None:
+            return torch.zeros(shape, dtype=dtype, device=shard.device)
+        return self.init(shape, dtype, shard.device)
+
+
+def counter() -> State:
+    """A step counter (a Python int, starting at 0)."""
+    return State(None)
+
+
+# -- warnings --------------------------------------------------------------------------------
+
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__],
+                                                                                       torch))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside matrixopt and
+    torch (whose wrappers — no_grad, the step hooks, GradScaler — call ``step``): the
+    user's call of ``step()``, however many frames lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+# -- the optimizer shell ---------------------------------------------------------------------
+
+SHARED_HYPERPARAMETERS = {
     "lr": real(0.0),
     "weight_decay": real(0.0),
     "betas": betas_in_unit_interval,
@@ -169,15 +210,14 @@ SHARED_HYPERPARAMETERS: dict[str, Validator] = {
 
 
 class MatrixOptimizer(torch.optim.Optimizer):
-    """Base class: a matrix rule for matrices, AdamW for the rest (see module docstring).
+    """Base class: a matrix rule for matrices, a fallback (AdamW) for the rest.
 
-    Subclasses set ``hyperparameters`` (name → validator, beyond the shared lr,
-    weight_decay, betas, eps, nonfinite) and implement :meth:`_update_matrices`. State
-    that must have a fixed shape is declared in :meth:`_matrix_state_shapes`, so a state
-    dict saved for other shapes is rejected on load.
-
-    The fallback is AdamW exactly as ``torch.optim.AdamW`` (decoupled weight decay,
-    bias-corrected moments, ``eps`` added outside the square root), with fp32 moments.
+    A subclass sets ``hyperparameters`` (name → validator, beyond the shared lr,
+    weight_decay, betas, eps, nonfinite), declares its state in :meth:`_state` and
+    implements :meth:`_update`. ``fallback`` (default :class:`matrixopt.fallback.AdamW`) is
+    the rule for params that are not matrices: any object with ``hyperparameters`` (name →
+    validator), ``state(p, group)`` (name → :class:`State`) and ``update(group, weights,
+    grads, states)`` (the params' local shards, their gradients and their state).
     """
 
     #: Elements of one bucket of same-shape matrices, at most: a step stacks (copies) a
@@ -187,28 +227,27 @@ class MatrixOptimizer(torch.optim.Optimizer):
     #: batch 32 matrices of 1024², 8 of 2048².
     max_bucket_elements = 1 << 25
 
-    hyperparameters: dict[str, Validator] = {}
-    #: Whether the matrix rule follows the sharded-params convention of _update_matrices, so
-    #: FSDP2 (DTensor) params may go to it; a rule that does not gets a clear error instead.
-    supports_fsdp: bool = False
+    hyperparameters: dict = {}
 
-    def __init__(self, params, defaults: dict, *, distributed: str | None = None, process_group=None):
+    def __init__(self, params, defaults: dict, *, fallback=None, distributed: str | None = None,
+                 process_group=None):
         choice(*MODES)("distributed", distributed)
+        if fallback is None:
+            from .fallback import AdamW   # the default; it builds on this module, hence imported here
+
+            fallback = AdamW()
+        self.fallback = fallback
         self.nonfinite_skips = 0
         self._nonfinite_warned: set[str] = set()
         # Replicated params (DDP): with distributed="replicated" or a process_group, matrix
         # work is split over process_group's ranks (None: the default group).
         self._replicated = distributed == "replicated" or process_group is not None
         self._process_group = process_group
-        self._work = None   # the current bucket's MatrixWork while a distributed step runs
-        self._loads = {}    # process group -> FLOPs of matrix work per rank, this step
         super().__init__(params, defaults)
 
     def __getstate__(self):
-        # torch.optim's pickling keeps only defaults, state and param_groups.
-        return {**super().__getstate__(), "nonfinite_skips": self.nonfinite_skips,
-                "_nonfinite_warned": self._nonfinite_warned, "_replicated": self._replicated,
-                "_process_group": self._process_group, "_work": None, "_loads": {}}
+        # Everything but torch.optim's hook registries, which __setstate__ recreates.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
 
     # -- construction ------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -221,7 +260,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             raise
 
     def _validate_group(self, group: dict) -> None:
-        validators = {**SHARED_HYPERPARAMETERS, **self.hyperparameters}
+        validators = {**SHARED_HYPERPARAMETERS, **self.fallback.hyperparameters, **self.hyperparameters}
         for name, check in validators.items():
             if name in group:
                 check(name, group[name])
@@ -232,10 +271,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__} does not support complex parameters: "
                                  f"{self._param_name(group, i)} is {p.dtype}")
             check_placement(p, self._param_name(group, i))
-            if isinstance(p, DTensor) and self.is_matrix(group, p) and not self.supports_fsdp:
-                raise NotImplementedError(
-                    f"{type(self).__name__} does not support FSDP2-sharded (DTensor) matrix params "
-                    f"yet: {self._param_name(group, i)}; use distributed='replicated' with DDP")
 
     # -- naming and routing --------------------------------------------------------------------
     def _param_name(self, group: dict, index: int) -> str:
@@ -252,9 +287,37 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def is_matrix(group: dict, p: Tensor) -> bool:
-        """Whether ``p`` goes to the matrix rule (else to the AdamW fallback)."""
+        """Whether ``p`` goes to the matrix rule (else to the fallback)."""
         flag = group.get("matrix")
         return p.ndim >= 2 if flag is None else bool(flag)
+
+    # -- what a rule gives ---------------------------------------------------------------------
+    def _state(self, p: Tensor, group: dict) -> dict[str, State]:
+        """The matrix rule's state of ``p``: name → :class:`State`."""
+        raise NotImplementedError
+
+    def _update(self, group: dict, params: list[Tensor], weights: list[Tensor], grads: list[Tensor],
+                states: list[dict], matrix_map: Callable) -> None:
+        """Apply the matrix rule to one bucket.
+
+        ``params`` are the parameters (keys of ``self.state``, DTensors under FSDP2: take
+        m, n from ``matrix_shape(params[0])``); ``weights`` and ``grads`` their (B, m, n)
+        views (of the local shards), all with the same m, n, dtype and device; ``states``
+        their state, created from :meth:`_state`. Update ``weights`` in place.
+
+        ``matrix_map(fn, inputs, outputs)`` runs ``fn`` on whole matrices, batched: every
+        computation that needs a whole matrix (orthogonalization, QR, refreshes) goes
+        through it. ``inputs`` are :class:`Rows` (per param, pieces of its matrix view)
+        and :class:`Whole` (per-matrix values kept whole on every rank); ``fn`` takes one
+        stack per input and returns one stack per ``outputs`` entry (:class:`Out`: the
+        per-matrix shape, dtype and layout). It returns a tuple with one per-param list
+        per output. Single-process it is :func:`local_map`; distributed, the owner ranks
+        compute (:mod:`matrixopt.distributed`).
+        """
+        raise NotImplementedError
+
+    def _declared(self, p: Tensor, group: dict) -> dict[str, State]:
+        return self._state(p, group) if self.is_matrix(group, p) else self.fallback.state(p, group)
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -264,7 +327,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._loads = {}
+        loads = {}   # process group -> FLOPs of matrix work per rank, this step
         # Check every group before updating any, so that an error leaves all params untouched.
         work = []
         for group in self.param_groups:
@@ -281,10 +344,21 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 p = group["params"][i]
                 (matrices if self.is_matrix(group, p) else fallback).append(p)
             for bucket in self._buckets(matrices):
-                self._step_bucket(group, bucket)
+                self._step_bucket(group, bucket, loads)
             if fallback:
-                self._adamw_fallback(group, fallback)
+                self.fallback.update(group, [local(p) for p in fallback], [local(p.grad) for p in fallback],
+                                     self._states(group, fallback))
         return loss
+
+    def _states(self, group: dict, params: list[Tensor]) -> list[dict]:
+        """The params' state, created from the declarations on a param's first step."""
+        states = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update({key: spec.create(p) for key, spec in self._declared(p, group).items()})
+            states.append(state)
+        return states
 
     def _check_grad(self, group: dict, i: int) -> None:
         p = group["params"][i]
@@ -305,7 +379,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         # devices, so the flags meet on the first param's), and one fused reduction rather
         # than isfinite's four ops per tensor: Σ|g| in fp32 (or fp64) is NaN or inf exactly when
         # g holds a NaN or inf, or sums past 3e38 (where Adam's g² has overflowed long before).
-        grads = [local_tensor(params[i].grad) for i in indices]
+        grads = [local(params[i].grad) for i in indices]
         dtype = functools.reduce(torch.promote_types, {g.dtype for g in grads}, torch.float32)
         sums = torch._foreach_norm(grads, 1, dtype=dtype)
         finite = torch.stack([s.to(grads[0].device) for s in sums]).isfinite()
@@ -322,20 +396,17 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.nonfinite_skips += len(bad)
         self._warn_once(self._nonfinite_warned, names,
                         "Non-finite gradient in {}: skipped this step, its weights and state left "
-                        "unchanged (nonfinite='skip'; counted in nonfinite_skips; warned once per param)",
-                        depth=1)
+                        "unchanged (nonfinite='skip'; counted in nonfinite_skips; warned once per param)")
         return [i for i, ok in zip(indices, finite) if ok]
 
     @staticmethod
-    def _warn_once(seen: set[str], names: list[str], message: str, depth: int) -> None:
+    def _warn_once(seen: set[str], names: list[str], message: str) -> None:
         """One RuntimeWarning ``message`` (``{}``: the names) for the ``names`` not yet in
-        ``seen``, which records them. ``depth``: frames from the caller of this up to step()
-        (1 when step() calls it), so the warning points at the caller of step() (past
-        torch.optim's two wrappers of step)."""
+        ``seen``, which records them; it points at the caller of ``step()``."""
         new = [n for n in names if n not in seen]
         if new:
             seen.update(new)
-            warnings.warn(message.format(", ".join(new)), RuntimeWarning, stacklevel=depth + 5)
+            warnings.warn(message.format(", ".join(new)), RuntimeWarning, stacklevel=_caller_stacklevel())
 
     def _buckets(self, params: list[Tensor]) -> list[list[Tensor]]:
         """Group params whose matrices share (m, n, dtype, device, device mesh), in first-seen order.
@@ -368,158 +439,91 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                "initialized process group (torch.distributed.init_process_group)")
         return self._process_group or torch.distributed.group.WORLD
 
-    def _step_bucket(self, group: dict, params: list[Tensor]) -> None:
+    def _step_bucket(self, group: dict, params: list[Tensor], loads: dict) -> None:
         # Sharded (DTensor) params are updated through their local shards.
-        shards = [local_tensor(p) for p in params]
+        shards = [local(p) for p in params]
         weights = [as_matrices(t) for t in shards]
-        grads = [as_matrices(local_tensor(p.grad)) for p in params]
-        process_group = group_of(params, self._replicated_group())
-        if process_group is not None:
-            load = self._loads.setdefault(process_group, [0] * torch.distributed.get_world_size(process_group))
-            self._work = MatrixWork(params, [matrix_shape(p) for p in params], process_group, load)
-        try:
-            self._update_matrices(group, params, weights, grads)
-        finally:
-            self._work = None
+        grads = [as_matrices(local(p.grad)) for p in params]
+        self._update(group, params, weights, grads, self._states(group, params), self._matrix_map(params, loads))
         # as_matrices copies a param it cannot view (e.g. channels_last); write those back.
         for t, w in zip(shards, weights):
             if w.data_ptr() != t.data_ptr():
                 t.copy_(w.reshape(t.shape))
 
-    def _matrix_map(self, fn: Callable, *lists: list[Tensor], whole_inputs: tuple[int, ...] = (),
-                    whole_outputs: tuple[int, ...] = ()):
-        """Apply ``fn`` to whole matrices, batched: the one place matrix work happens.
-
-        Each of ``lists`` holds one (B_i, ·, ·) tensor per param of the bucket; ``fn`` takes
-        their concatenations along dim 0 (one stack per list) and returns a stack, or a tuple
-        of stacks, with the same leading dim. The result comes back split per param (a list,
-        or a tuple of lists). Rules route every computation that needs a whole matrix
-        (orthogonalization, QR, projector refresh, DCT scores) through here, so the
-        distributed layer can run it on owner ranks instead of everywhere.
-
-        Under FSDP2 the inputs are by default pieces of the param's (B, m, n) view, sharded
-        like the param, and so are the outputs. ``whole_inputs`` / ``whole_outputs`` list the
-        indices of those that are per-matrix values of another shape (a rotation, a projector,
-        indices), kept whole on every rank (see :mod:`matrixopt.distributed`).
-        """
-        if self._work is not None:
-            return self._work.map(fn, lists, whole_inputs, whole_outputs)
-        return stacked_call(fn, *lists)
-
-    def _update_matrices(self, group: dict, params: list[Tensor], weights: list[Tensor],
-                         grads: list[Tensor]) -> None:
-        """Apply the matrix rule to one bucket.
-
-        ``params`` are the parameters (keys of ``self.state``); ``weights`` and ``grads``
-        are their (B, m, n) views, all with the same m, n, dtype and device. Update
-        ``weights`` in place.
-
-        Under FSDP2, ``params`` are DTensors and ``weights``/``grads`` views of the local
-        shards: take m, n from ``matrix_shape(params[0])``, create state shaped like the
-        param from ``local_tensor(p)``, and do whole-matrix work through :meth:`_matrix_map`.
-        """
-        raise NotImplementedError
-
-    # -- AdamW fallback ------------------------------------------------------------------------
-    def _adamw_fallback(self, group: dict, params: list[Tensor]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        states = [self.state[p] for p in params]
-        shards = [local_tensor(p) for p in params]   # element-wise: sharded params stay local
-        for t, s in zip(shards, states):
-            if not s:
-                s["step"] = 0
-                s["exp_avg"] = torch.zeros_like(t, dtype=torch.float32)
-                s["exp_avg_sq"] = torch.zeros_like(t, dtype=torch.float32)
-            s["step"] += 1
-        # Low-precision params are updated through an fp32 copy; .float() of an fp32 tensor
-        # is the tensor itself, so fp32 params are updated in place.
-        work = [t.float() for t in shards]
-        grads = [local_tensor(p.grad).float() for p in params]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        decay_weights(work, lr=lr, weight_decay=wd)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denominators, [math.sqrt(1 - beta2 ** s["step"]) for s in states])
-        torch._foreach_add_(denominators, eps)
-        torch._foreach_addcdiv_(work, exp_avgs, denominators, [-lr / (1 - beta1 ** s["step"]) for s in states])
-        for t, w in zip(shards, work):
-            if w is not t:
-                t.copy_(w)
+    def _matrix_map(self, params: list[Tensor], loads: dict) -> Callable:
+        """The ``matrix_map`` of a bucket (see :meth:`_update`): :func:`local_map` in a
+        single process, else the bucket's owner split (:class:`~matrixopt.distributed.MatrixWork`)."""
+        process_group = group_of(params, self._replicated_group())
+        if process_group is None:
+            return local_map
+        sharded = isinstance(params[0], DTensor)
+        _, m, n = matrix_shape(params[0])
+        load = loads.setdefault(process_group, [0] * torch.distributed.get_world_size(process_group))
+        return MatrixWork([matrix_shape(p)[0] for p in params],
+                          [sharded_axis(p) if sharded else None for p in params],
+                          [(p.shape[0], local(p).shape[0]) for p in params],
+                          m * n * min(m, n), process_group, load).map
 
     # -- state -----------------------------------------------------------------------------------
-    def _matrix_state_shapes(self, p: Tensor, group: dict) -> dict[str, tuple]:
-        """Shapes the matrix rule's state must have for ``p`` (checked on load)."""
-        return {}
-
-    def _state_shapes(self, p: Tensor, group: dict) -> dict[str, tuple]:
-        if self.is_matrix(group, p):
-            return self._matrix_state_shapes(p, group)
-        return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
-
-    def _sharded_state_shapes(self, p: Tensor, group: dict) -> dict[str, tuple]:
-        """Global shapes of the state that FSDP2 shards like ``p`` (on dim 0): by default the
-        state declared with p's shape; a rule adds state that has p's dim 0 but other trailing
-        dims (low-rank moments with p's rows), and leaves out whole per-matrix state that can
-        have p's shape by coincidence (ARO's (E, k, k) rotations of an (E, k, k) stack)."""
-        return {k: shape for k, shape in self._state_shapes(p, group).items() if tuple(shape) == tuple(p.shape)}
-
     def state_dict(self) -> dict:
-        """torch.optim's state dict; for a DTensor (FSDP2) param, the state sharded like the
-        param (:meth:`_sharded_state_shapes`) is a DTensor placed like it, so
-        ``torch.distributed.checkpoint`` saves its shards.
-        """
+        """torch.optim's state dict; for a DTensor (FSDP2) param, the state declared sharded
+        is a DTensor placed like the param, so ``torch.distributed.checkpoint`` saves its
+        shards."""
         state_dict = super().state_dict()
         for saved, group in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(saved["params"], group["params"]):
                 if pid not in state_dict["state"] or not isinstance(p, DTensor):
                     continue
-                sharded = self._sharded_state_shapes(p, group)
-                state_dict["state"][pid] = {k: dtensor_like(p, v, sharded[k]) if k in sharded else v
-                                            for k, v in state_dict["state"][pid].items()}
+                declared = self._declared(p, group)
+                state_dict["state"][pid] = {
+                    k: dtensor_like(p, v, declared[k].shape) if k in declared and declared[k].sharded else v
+                    for k, v in state_dict["state"][pid].items()}
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict; rejects state saved for other shapes, naming the parameter.
 
-        Unlike torch.optim, state tensors keep the dtype they were saved with (fp32 moments
-        and rotations of bf16 params stay fp32); they move to the param's device. DTensor
-        state (from :meth:`state_dict` of a sharded run) is stored as its local shard.
-        The shape check sees the state dict as the load_state_dict pre-hooks return it, and
-        the post-hooks see (and may edit) the state as loaded, saved dtypes included.
+        Each state tensor gets its declared dtype (:meth:`_state`; the fallback's moments
+        are fp32, low-rank moments and rotations at least fp32, whatever the param's dtype)
+        and the param's device, whatever it was saved with, so a checkpoint resumes on
+        params of another dtype or device. DTensor state (from :meth:`state_dict` of a
+        sharded run) is stored as its local shard. The shape check sees the state dict as
+        the load_state_dict pre-hooks return it, and the post-hooks see (and may edit) the
+        state as loaded.
         """
         loaded = []
 
         def check_shapes(optimizer, state_dict):
             loaded.extend(self._check_state_shapes(state_dict))
 
-        def keep_saved_dtypes(optimizer):
-            for p, saved_state in loaded:
+        def declared_dtypes(optimizer):
+            # From the saved values, not torch.optim's copies cast to the param's dtype.
+            for p, group, saved_state in loaded:
+                declared = self._declared(p, group)
                 for key, value in saved_state.items():
                     if isinstance(value, Tensor):
-                        self.state[p][key] = local_tensor(value).to(device=p.device, copy=True)
+                        dtype = declared[key].dtype_for(p) if key in declared else value.dtype
+                        self.state[p][key] = local(value).to(device=local(p).device, dtype=dtype, copy=True)
 
-        # Registered now: the check runs after every other pre-hook, the dtypes are restored
+        # Registered now: the check runs after every other pre-hook, the dtypes are set
         # before every other post-hook.
         handles = (self.register_load_state_dict_pre_hook(check_shapes),
-                   self.register_load_state_dict_post_hook(keep_saved_dtypes, prepend=True))
+                   self.register_load_state_dict_post_hook(declared_dtypes, prepend=True))
         try:
             super().load_state_dict(state_dict)
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _check_state_shapes(self, state_dict: dict) -> list[tuple[Tensor, dict]]:
-        """(param, its saved state) pairs; ValueError naming the param if a shape differs, or
-        naming the hyperparameter if a saved group's is invalid."""
+    def _check_state_shapes(self, state_dict: dict) -> list[tuple[Tensor, dict, dict]]:
+        """(param, group, its saved state) triples; ValueError naming the param if a saved
+        state tensor's shape differs from the declared one, or naming the hyperparameter if a
+        saved group's is invalid."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"State dict has {len(saved_groups)} param groups, this optimizer "
                              f"has {len(self.param_groups)}")
-        pairs = []
+        triples = []
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"State dict's param group {gi} has {len(saved['params'])} "
@@ -527,25 +531,25 @@ class MatrixOptimizer(torch.optim.Optimizer):
             self._validate_group({**saved, "params": group["params"]})
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 saved_state = state_dict["state"].get(pid, {})
-                expected = self._state_shapes(p, group)
+                declared = self._declared(p, group)
                 for key, value in saved_state.items():
-                    if not isinstance(value, Tensor):
-                        continue
-                    current = self.state[p].get(key) if p in self.state else None
-                    want = expected.get(key, tuple(current.shape) if isinstance(current, Tensor) else None)
-                    if want is not None and tuple(value.shape) != tuple(want):
+                    if key not in declared:
+                        raise ValueError(f"State dict does not fit {self._param_name(group, i)}: "
+                                         f"state '{key}' is not one of {sorted(declared)}")
+                    want = declared[key].shape
+                    if isinstance(value, Tensor) and tuple(value.shape) != tuple(want or ()):
                         raise ValueError(
                             f"State dict does not fit {self._param_name(group, i)}: state "
-                            f"'{key}' has shape {tuple(value.shape)}, expected {tuple(want)}")
-                pairs.append((p, saved_state))
-        return pairs
+                            f"'{key}' has shape {tuple(value.shape)}, expected {tuple(want or ())}")
+                triples.append((p, group, saved_state))
+        return triples
 
     def _shared_state_tensors(self) -> list[Tensor]:
         """State shared by many params (e.g. a DCT basis); counted once by state_bytes."""
         return []
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state held (each storage counted once)."""
+        """Bytes of optimizer state held on this rank (each storage counted once)."""
         seen, total = set(), 0
         tensors = [v for s in self.state.values() for v in s.values() if isinstance(v, Tensor)]
         for t in tensors + self._shared_state_tensors():

@@ -1,7 +1,8 @@
 """DCTAdamW: Adam in a low-rank subspace picked from a fixed DCT basis (no SVD)."""
-from .base import as_matrices, choice, matrix_shape, resolve_rank
+from .base import resolve_rank
 from .lowrank import LowRankAdamW
-from .projectors import DCTProjector, stored_shape
+from .projectors import DCTProjector
+from .validation import choice
 
 
 class DCTAdamW(LowRankAdamW):
@@ -33,9 +34,12 @@ class DCTAdamW(LowRankAdamW):
     Without it the moments are reused as they are (as galore-torch does): column a of M
     then belongs to the a-th smallest selected index, whichever frequency that now is.
 
+    This is :class:`~matrixopt.lowrank.LowRankAdamW` with a
+    :class:`~matrixopt.projectors.DCTProjector`.
+
     Args (the others, and the AdamW fallback for params that are not matrices, as for
     :class:`~matrixopt.lowrank.LowRankAdamW`: params, lr, betas, weight_decay, rank (default
-    128), proj_dtype, nonfinite):
+    128), proj_dtype, nonfinite, fallback):
         eps: ε (default 1e-8).
         update_proj_gap: T, steps between refreshes of the selection (default 200).
         scale: s, the factor on the projected-back step (default 1).
@@ -54,57 +58,12 @@ class DCTAdamW(LowRankAdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128,
                  update_proj_gap=200, scale=1.0, score_norm=1, rotate_states=False, nonfinite="skip",
-                 proj_dtype=None, *, distributed=None, process_group=None):
-        super().__init__(params, lr, betas, eps, weight_decay, rank, update_proj_gap, scale,
-                         score_norm=score_norm, rotate_states=rotate_states, nonfinite=nonfinite,
-                         proj_dtype=proj_dtype, distributed=distributed, process_group=process_group)
-
-    @staticmethod
-    def _projector(group, p) -> DCTProjector:
-        _, m, n = matrix_shape(p)
-        return DCTProjector(resolve_rank(group["rank"], m, n), m, n, group["score_norm"],
-                            dtype=group["proj_dtype"])
-
-    def _basis_shapes(self, p, proj):
-        return {"indices": stored_shape(p, (matrix_shape(p)[0], proj.rank))}
-
-    def _project(self, group, proj, params, grads, due):
-        """A refresh scores the gradient's DCT columns (:meth:`DCTProjector.refresh`), which
-        gives the due params' low-rank gradients too; the others are projected."""
-        states = [self.state[p] for p in params]
-        whole = self._whole_low(proj)
-        lows = [None] * len(params)
-        if due:
-            fresh, fresh_lows = self._matrix_map(proj.refresh, [grads[i] for i in due],
-                                                 whole_outputs=(0, 1) if whole else (0,))
-            fresh = dict(zip(due, fresh))
-            # A param's first refresh has no moments to carry.
-            moved = [i for i in due if group["rotate_states"] and "indices" in states[i]]
-            if moved:
-                exp_avgs = [as_matrices(states[i]["exp_avg"]) for i in moved]
-                exp_avg_sqs = [as_matrices(states[i]["exp_avg_sq"]) for i in moved]
-                moments_whole = (0, 1) if whole else ()
-                carried = self._matrix_map(
-                    lambda M, V, old, new: (proj.carry(M, old, new), proj.carry(V, old, new)),
-                    exp_avgs, exp_avg_sqs, [self._bases(proj, states[i])["indices"] for i in moved],
-                    [fresh[i] for i in moved], whole_inputs=(*moments_whole, 2, 3), whole_outputs=moments_whole)
-                for M, V, new_M, new_V in zip(exp_avgs, exp_avg_sqs, *carried):
-                    M.copy_(new_M)
-                    V.copy_(new_V)
-            for i, low in zip(due, fresh_lows):
-                # A copy, so each param owns its indices rather than a view of the batch.
-                states[i]["indices"] = fresh[i].reshape(stored_shape(params[i], fresh[i].shape)).clone()
-                lows[i] = low
-        rest = [i for i in range(len(params)) if lows[i] is None]
-        if rest:
-            projected = self._projected(proj.project, proj, [grads[i] for i in rest], [params[i] for i in rest],
-                                        back=False)
-            for i, low in zip(rest, projected):
-                lows[i] = low
-        return lows
-
-    def _project_back(self, proj, params, steps):
-        return self._projected(proj.project_back, proj, steps, params, back=True)
+                 proj_dtype=None, *, fallback=None, distributed=None, process_group=None):
+        super().__init__(params, dct_projector, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype,
+                         nonfinite=nonfinite, carry_moments="rotate_states", fallback=fallback,
+                         distributed=distributed, process_group=process_group, score_norm=score_norm,
+                         rotate_states=rotate_states)
 
     def _shared_state_tensors(self):
         """The DCT bases the matrices in state use, once per (size, device, dtype)."""
@@ -115,4 +74,9 @@ class DCTAdamW(LowRankAdamW):
                 if "indices" in s:
                     proj = self._projector(group, p)
                     bases[(proj.k, p.device, s["exp_avg"].dtype)] = proj
-        return [proj.basis(device, dtype) for (_, device, dtype), proj in bases.items()]
+        return [proj.shared_basis(device, dtype) for (_, device, dtype), proj in bases.items()]
+
+
+def dct_projector(group, m: int, n: int) -> DCTProjector:
+    """The group's DCT projector for m×n matrices."""
+    return DCTProjector(resolve_rank(group["rank"], m, n), m, n, group["score_norm"], dtype=group["proj_dtype"])

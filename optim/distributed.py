@@ -15,8 +15,12 @@ Usage (nothing else in the training loop changes)::
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
 Every rule routes its whole-matrix work (orthogonalization, QR, projector refresh, DCT scores)
-through :meth:`MatrixOptimizer._matrix_map`; this module runs that work on owner ranks so
-that each matrix is computed exactly once and the results equal the single-process run.
+through the ``matrix_map`` its step is given (:meth:`MatrixOptimizer._matrix_map`); this
+module runs that work on owner ranks so that each matrix is computed exactly once and the
+results equal the single-process run. Every input says what it is — :class:`Rows` (pieces
+of the param's matrix view, sharded like the param) or :class:`Whole` (a per-matrix value of
+another shape, identical on every rank) — and so does every output (:class:`Out`, with its
+per-matrix shape and dtype), so ranks that own no matrix know what they receive.
 
 **FSDP2** (params are DTensors placed ``(Shard(0),)`` on a 1-D mesh; shards may be uneven
 or empty). Element-wise work (momentum, Adam moments, the AdamW fallback) runs on the local
@@ -38,20 +42,18 @@ handled like the row case. All ranks agree on which params have non-finite gradi
 small all-reduce per group), so they skip the same params and run the same collectives.
 
 Per-matrix state of another shape than the param (a rotation, a projector, selected
-indices) is kept whole and identical on every rank: rules name such inputs and outputs in
-``_matrix_map(..., whole_inputs=, whole_outputs=)``; whole inputs are read from the owner's
-own copy and whole outputs are all-gathered. In the optimizer's ``state_dict`` the state
-sharded like the param (``MatrixOptimizer._sharded_state_shapes``: by default the state
-declared with the param's shape) is a DTensor with the param's placement, so
+indices) is kept whole and identical on every rank: such inputs are :class:`Whole`, read from
+the owner's own copy, and such outputs ``Out(..., whole=True)``, all-gathered. In the
+optimizer's ``state_dict`` the state a rule declares sharded (``State(sharded=True)``, see
+:mod:`matrixopt.base`) is a DTensor with the param's placement, so
 ``torch.distributed.checkpoint`` saves each shard once; whole state is a plain tensor (a
-replicated value to DCP). A rule opts in to sharded params with ``supports_fsdp = True``
-(Muon, ROOT, ARO, GaLoreAdamW, DCT-AdamW); others refuse them by name at construction.
+replicated value to DCP).
 
 Low-rank projections between refreshes (GaLore, DCT-AdamW): with G sharded by rows, the
 right projection ``G·V_r`` (or ``G·Q[:, I]``) of each row block is that block of the result,
 so the low-rank moments are row-sharded like the param; both compute that projection and
 its back-projection ``L·V_rᵀ`` locally, reading a sharded expert stack's bases (or DCT
-indices) through :func:`local_matrices`. The left projection ``U_rᵀ·G`` sums over rows: rather than add up
+indices) through :func:`matrixopt.base.local_matrices`. The left projection ``U_rᵀ·G`` sums over rows: rather than add up
 per-shard partial products (an all-reduce whose summation order would differ from the
 single-process matmul), it is routed through ``_matrix_map`` (computed on the owner of the
 whole gradient, the r×n result all-gathered, the moments whole on every rank), and so is
@@ -72,7 +74,7 @@ the rank's piece for every peer, since ``all_gather`` wants pieces of equal size
 import bisect
 import itertools
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -81,15 +83,25 @@ from torch.distributed.tensor import DTensor, Shard
 
 MODES = (None, "replicated")
 
-# dtype codes for the small metadata broadcast (see MatrixWork._output_specs).
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32,
-           torch.int16, torch.int8, torch.uint8, torch.bool)
-_MAX_OUTPUTS, _MAX_NDIM = 8, 4
+
+class Rows(NamedTuple):
+    """A matrix-map input: one (B_i, ·, ·) piece of each param's matrix view (its local rows
+    under FSDP2; the whole matrices otherwise)."""
+    tensors: list[Tensor]
 
 
-def local_tensor(t: Tensor) -> Tensor:
-    """The rank's shard of a DTensor; a plain tensor as is."""
-    return t.to_local() if isinstance(t, DTensor) else t
+class Whole(NamedTuple):
+    """A matrix-map input: one (B_i, ...) per-matrix value for each param, whole and identical
+    on every rank (a rotation, a basis, indices, seeds)."""
+    tensors: list[Tensor]
+
+
+class Out(NamedTuple):
+    """A matrix-map output: per matrix of ``shape`` and ``dtype``; rows of the param (returned
+    to the ranks that hold them) unless ``whole`` (all-gathered to every rank)."""
+    shape: tuple
+    dtype: torch.dtype
+    whole: bool = False
 
 
 def check_placement(p: Tensor, name: str) -> None:
@@ -107,21 +119,6 @@ def shard_sizes(size: int, world: int) -> list[int]:
     """Sizes of the ``Shard(0)`` pieces of a dim of ``size`` on ``world`` ranks (torch.chunk)."""
     chunk = -(-size // world)
     return [max(0, min(chunk, size - r * chunk)) for r in range(world)]
-
-
-def sharded_axis(p: Tensor) -> int:
-    """Axis of p's (B, m, n) matrix view that holds p's dim 0 (see base.matrix_shape)."""
-    return {1: 2, 3: 0}.get(p.ndim, 1)
-
-
-def local_matrices(p: Tensor, values: Tensor) -> Tensor:
-    """The entries of per-matrix values ``values`` (B, ...) (kept whole on every rank) for the
-    matrices this rank holds rows of: a sharded 3-D param's own experts, else all B."""
-    if not isinstance(p, DTensor) or sharded_axis(p) != 0:
-        return values
-    sizes = shard_sizes(p.shape[0], p.device_mesh.size())
-    rank = p.device_mesh.get_local_rank()
-    return values.narrow(0, sum(sizes[:rank]), sizes[rank])
 
 
 def dtensor_like(p: DTensor, local: Tensor, shape: Sequence[int] | None = None) -> DTensor:
@@ -150,24 +147,24 @@ def group_of(params: Sequence[Tensor], replicated_group):
 class MatrixWork:
     """The owner split of one bucket's whole-matrix work in one step, and its collectives.
 
-    ``shapes`` are the params' (B, m, n) matrix shapes (all with the same m, n); ``load``
+    Per param: ``counts`` (matrices in its (B, m, n) view), ``axes`` (the axis of that view
+    that holds the param's dim 0, the one FSDP2 splits; None for replicated params),
+    ``rows`` (global and local sizes of dim 0). ``cost`` is one matrix's FLOPs; ``load``
     (FLOPs per rank so far this step, shared by all buckets) is updated in place.
     """
 
-    def __init__(self, params: list[Tensor], shapes: list[tuple[int, int, int]], group, load: list[int]):
+    def __init__(self, counts: list[int], axes: list[int | None], rows: list[tuple[int, int]],
+                 cost: int, group, load: list[int]):
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.sharded = isinstance(params[0], DTensor)
-        _, m, n = shapes[0]
-        cost = m * n * min(m, n)
-        self.counts = [b for b, _, _ in shapes]   # matrices per param
-        self.axes, self.splits, self.owners = [], [], []     # per param
-        for p, count in zip(params, self.counts):
-            axis = sharded_axis(p) if self.sharded else None
-            splits = shard_sizes(p.shape[0], self.world) if self.sharded else None
-            if self.sharded and local_tensor(p).shape[0] != splits[self.rank]:
-                raise ValueError(f"Shard of shape {tuple(local_tensor(p).shape)} on rank "
-                                 f"{self.rank} is not the Shard(0) piece of {tuple(p.shape)}")
+        self.sharded = axes[0] is not None
+        self.counts, self.axes = counts, axes
+        self.splits, self.owners = [], []     # per param
+        for count, axis, (size, local_size) in zip(counts, axes, rows):
+            splits = shard_sizes(size, self.world) if self.sharded else None
+            if self.sharded and local_size != splits[self.rank]:
+                raise ValueError(f"Shard with {local_size} rows on rank {self.rank} is not the "
+                                 f"Shard(0) piece of a dim of {size}")
             holders = [r for r, k in enumerate(splits) if k] if self.sharded else []
             ends = list(itertools.accumulate(splits)) if axis == 0 else None   # of each rank's experts
             owners = []
@@ -180,7 +177,6 @@ class MatrixWork:
                     owner = min(range(self.world), key=load.__getitem__)
                 owners.append(owner)
                 load[owner] += cost
-            self.axes.append(axis)
             self.splits.append(splits)
             self.owners.append(owners)
         self.units = [(i, j) for i, owners in enumerate(self.owners) for j, r in enumerate(owners)
@@ -195,11 +191,11 @@ class MatrixWork:
         return self.sharded and self.axes[i] != 0
 
     # -- the map ---------------------------------------------------------------------------------
-    def map(self, fn: Callable, lists: Sequence[list[Tensor]], whole_inputs=(), whole_outputs=()):
-        """``_matrix_map`` on owner ranks; returns per-param lists like the single-process map."""
+    def map(self, fn: Callable, inputs: Sequence[Rows | Whole], outputs: Sequence[Out]) -> tuple[list[Tensor], ...]:
+        """``matrix_map`` on owner ranks; returns per-param lists like the single-process map."""
         stacks = []
-        for t, tensors in enumerate(lists):
-            whole = t in whole_inputs
+        for inp in inputs:
+            whole, tensors = isinstance(inp, Whole), inp.tensors
             full = None if whole or not self.sharded else self._to_owners(tensors)
             pieces = []
             for i, j in self.units:
@@ -210,18 +206,18 @@ class MatrixWork:
                 else:  # an expert this rank holds; j counts the param's experts globally
                     pieces.append(tensors[i][j - sum(self.splits[i][:self.rank])])
             stacks.append(torch.stack(pieces) if pieces else None)
-        out = fn(*stacks) if self.units else None
-        outs = out if isinstance(out, tuple) or out is None else (out,)
-        device = lists[0][0].device
-        as_tuple, specs = self._output_specs(outs, isinstance(out, tuple), device)
-        results = []
-        for k, (dtype, shape) in enumerate(specs):
-            o = outs[k] if self.units else torch.empty((0, *shape), dtype=dtype, device=device)
-            if self.sharded and k not in whole_outputs:
-                results.append(self._to_shards(o))
-            else:
-                results.append(self._all_gather(o, shape))
-        return tuple(results) if as_tuple else results[0]
+        device = inputs[0].tensors[0].device
+        if self.units:
+            out = fn(*stacks)
+            outs = out if isinstance(out, tuple) else (out,)
+            for o, spec in zip(outs, outputs, strict=True):
+                if o.dtype != spec.dtype or tuple(o.shape[1:]) != tuple(spec.shape):
+                    raise ValueError(f"matrix_map: an output of {tuple(o.shape[1:])} {o.dtype} per matrix "
+                                     f"was declared {tuple(spec.shape)} {spec.dtype}")
+        else:
+            outs = [torch.empty((0, *spec.shape), dtype=spec.dtype, device=device) for spec in outputs]
+        return tuple(self._all_gather(o, spec.shape) if spec.whole or not self.sharded else self._to_shards(o)
+                     for o, spec in zip(outs, outputs))
 
     # -- collectives -------------------------------------------------------------------------------
     def _piece_shape(self, i: int, rank: int, shape: Sequence[int]) -> list[int]:
@@ -245,7 +241,6 @@ class MatrixWork:
         return {i: torch.cat([received[r][k].view(recv_shapes[r][k]) for r in range(self.world)],
                              dim=self.axes[i])
                 for k, i in enumerate(mine)}
-
     def _to_shards(self, out: Tensor) -> list[Tensor]:
         """Per param, this rank's shard of the owners' results (``out`` holds this rank's units)."""
         send = [[] for _ in range(self.world)]
@@ -300,30 +295,3 @@ class MatrixWork:
                                [sum(t.numel() for t in pieces) for pieces in send], group=self.group)
         chunks = out.split([sum(s) for s in recv_sizes])
         return [list(chunk.split(sizes)) for chunk, sizes in zip(chunks, recv_sizes)]
-
-    def _output_specs(self, outs, as_tuple: bool, device) -> tuple[bool, list[tuple[torch.dtype, tuple]]]:
-        """(whether fn returned a tuple, each output's dtype and per-matrix shape).
-
-        Ranks that own no matrix did not call fn; they learn the specs from the lowest rank
-        that did (one small broadcast, skipped when every rank owns a matrix).
-        """
-        width = 2 + _MAX_NDIM   # per output: dtype code, ndim, dims
-        code = [0] * (2 + _MAX_OUTPUTS * width)
-        if outs is not None:
-            if len(outs) > _MAX_OUTPUTS:
-                raise ValueError(f"_matrix_map supports at most {_MAX_OUTPUTS} outputs, got {len(outs)}")
-            code[0], code[1] = int(as_tuple), len(outs)
-            for k, o in enumerate(outs):
-                if o.ndim - 1 > _MAX_NDIM:
-                    raise ValueError(f"_matrix_map outputs have at most {_MAX_NDIM} dims per matrix")
-                code[2 + k * width: 4 + k * width + o.ndim - 1] = [_DTYPES.index(o.dtype), o.ndim - 1, *o.shape[1:]]
-        if 0 in self.units_of:
-            # On the work's device: NCCL broadcasts only CUDA tensors.
-            sent = torch.tensor(code, dtype=torch.int64, device=device)
-            dist.broadcast(sent, group=self.group, group_src=next(r for r, k in enumerate(self.units_of) if k))
-            code = sent.tolist()
-        specs = []
-        for k in range(code[1]):
-            dtype, ndim = code[2 + k * width: 4 + k * width]
-            specs.append((_DTYPES[dtype], tuple(code[4 + k * width: 4 + k * width + ndim])))
-        return bool(code[0]), specs

@@ -1,10 +1,8 @@
 """GaLoreAdamW: Adam with its moments kept in a low-rank projection of each gradient."""
-import numpy as np
-import torch
-
-from .base import as_matrices, choice, integer, matrix_shape, resolve_rank
+from .base import resolve_rank
 from .lowrank import LowRankAdamW
-from .projectors import PROJ_TYPES, SVD_FAILED, ZERO_GRADIENT, SVDProjector
+from .projectors import PROJ_TYPES, SVDProjector
+from .validation import choice
 
 
 class GaLoreAdamW(LowRankAdamW):
@@ -38,9 +36,12 @@ class GaLoreAdamW(LowRankAdamW):
     unchanged when the basis is, and follows sign flips and reorderings of singular vectors.
     Directions new to the subspace start with (near) zero moments, like fresh Adam state.
 
+    This is :class:`~matrixopt.lowrank.LowRankAdamW` with an
+    :class:`~matrixopt.projectors.SVDProjector`.
+
     Args (the others, and the AdamW fallback for params that are not matrices, as for
     :class:`~matrixopt.lowrank.LowRankAdamW`: params, lr, betas, weight_decay, rank (default
-    128), proj_dtype, nonfinite):
+    128), proj_dtype, nonfinite, fallback):
         eps: ε (default 1e-6, galore-torch's).
         update_proj_gap: T, steps between projector refreshes (default 200).
         scale: s, the factor on the projected-back step (default 0.25).
@@ -51,7 +52,8 @@ class GaLoreAdamW(LowRankAdamW):
         seed: seed of the randomized refresh: the sketch of each matrix at each refresh is
             drawn from a generator seeded by (seed, the param's place in the optimizer, the
             matrix's index in a 3-D param, the refresh count), so it depends on nothing else
-            (not on which matrices are refreshed together) and a resumed run draws the same.
+            (not on which matrices are refreshed together) and a resumed run draws the same
+            (:func:`~matrixopt.lowrank.sketch_seeds`).
         distributed: None (default; FSDP2's DTensor params are detected by themselves) or
             "replicated" (DDP): refreshes are split over the ranks of ``process_group``
             (default: the default group). Both reproduce the single-process run, with
@@ -67,100 +69,20 @@ class GaLoreAdamW(LowRankAdamW):
         "proj_type": choice(*PROJ_TYPES),
         "svd": choice("exact", "randomized"),
         "reproject_states": choice(True, False),
-        "seed": integer(0),
     }
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, rank=128,
                  update_proj_gap=200, scale=0.25, proj_type="std", svd="randomized",
-                 reproject_states=False, nonfinite="skip", seed=0, proj_dtype=None, *, distributed=None,
-                 process_group=None):
-        self._refresh_warned: dict[int, set[str]] = {ZERO_GRADIENT: set(), SVD_FAILED: set()}
-        super().__init__(params, lr, betas, eps, weight_decay, rank, update_proj_gap, scale,
-                         proj_type=proj_type, svd=svd, reproject_states=reproject_states,
-                         nonfinite=nonfinite, seed=seed, proj_dtype=proj_dtype, distributed=distributed,
-                         process_group=process_group)
+                 reproject_states=False, nonfinite="skip", seed=0, proj_dtype=None, *, fallback=None,
+                 distributed=None, process_group=None):
+        super().__init__(params, svd_projector, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype,
+                         nonfinite=nonfinite, carry_moments="reproject_states", fallback=fallback,
+                         distributed=distributed, process_group=process_group, proj_type=proj_type, svd=svd,
+                         reproject_states=reproject_states, seed=seed)
 
-    def __getstate__(self):
-        return {**super().__getstate__(), "_refresh_warned": self._refresh_warned}
 
-    @staticmethod
-    def _projector(group, p) -> SVDProjector:
-        _, m, n = matrix_shape(p)
-        return SVDProjector(group["proj_type"], resolve_rank(group["rank"], m, n), m, n, group["svd"],
-                            group["proj_dtype"])
-
-    def _initial_bases(self, proj, batch, device, dtype):
-        return proj.initial(batch, device, dtype)
-
-    def _basis_shapes(self, p, proj):
-        return proj.basis_shapes(matrix_shape(p)[0])
-
-    def _project(self, group, proj, params, grads, due):
-        if due:
-            self._refresh(group, proj, [params[i] for i in due], [grads[i] for i in due])
-        return self._projected(proj.project, proj, grads, params, back=False)
-
-    def _project_back(self, proj, params, steps):
-        return self._projected(proj.project_back, proj, steps, params, back=True)
-
-    def _refresh(self, group, proj, params, grads):
-        """New bases for ``params`` from their gradients, as one batch per shape."""
-        states = [self.state[p] for p in params]
-        index = {id(q): i for i, q in enumerate(group["params"])}
-        places = [index[id(p)] for p in params]  # in the group: the sketches' seeds and the warnings name them
-        old = [{key: s[key] for key in proj.keys} for s in states]
-        # A cold start at a param's first refresh: its identity-slice basis is no estimate.
-        warm = all(s["step"] > 0 for s in states)
-
-        def refresh(G, seeds, *previous):
-            # Only the randomized SVD draws a sketch.
-            generators = None if proj.svd == "exact" else [torch.Generator(G.device).manual_seed(seed)
-                                                           for seed in seeds.tolist()]
-            return proj.refresh(G, *previous, warm=warm, generator=generators)
-
-        *bases, status = self._matrix_map(refresh, grads, self._sketch_seeds(group, params, places),
-                                      *([o[key] for o in old] for key in proj.keys),
-                                      whole_inputs=tuple(range(1, 2 + len(proj.keys))),
-                                      whole_outputs=tuple(range(1 + len(proj.keys))))
-        whole = self._whole_low(proj)
-        for i, (p, s) in enumerate(zip(params, states)):
-            new = dict(zip(proj.keys, (b[i] for b in bases)))
-            if group["reproject_states"]:
-                # R is whole, so the carry is local: R·M on whole moments, M·Rᵀ on row shards.
-                R = proj.transition(old[i], new)
-                R = R if whole else self._local_entries(proj, p, R)
-                for key in ("exp_avg", "exp_avg_sq"):
-                    moment = as_matrices(s[key])
-                    moment.copy_(proj.carry(moment, R, squared=key == "exp_avg_sq"))
-            # In place, so each param keeps its own storage (not a view of the batch).
-            for key, basis in new.items():
-                s[key].copy_(basis)
-        # Per param, the worst thing that happened to one of its matrices.
-        worst = torch.stack([s.amax() for s in status]).tolist()
-        causes = [(SVD_FAILED, "the SVD did not converge or was not finite")]
-        if group["lr"] != 0:  # lr 0 with zero gradients: torch.distributed.checkpoint building state
-            causes.append((ZERO_GRADIENT, "its gradient is all zeros"))
-        for cause, what in causes:
-            kept = [self._param_name(group, i) for i, w in zip(places, worst) if w == cause]
-            if kept:
-                # depth 4: _refresh ← _project ← _update_matrices ← _step_bucket ← step.
-                self._warn_once(self._refresh_warned[cause], kept,
-                                f"GaLore kept the previous projector of {{}}: {what} at its refresh "
-                                "(warned once per param)", depth=4)
-
-    def _sketch_seeds(self, group, params, places) -> list[torch.Tensor]:
-        """Per param (at ``places`` in the group), a (B,) seed for each matrix's randomized
-        sketch at this refresh.
-
-        A function of (``seed``, the param's place in the optimizer, the matrix, the refresh
-        count) only, so every split of the refreshes (one batch, DDP shares, FSDP2 owners)
-        and every resumed run draws the same numbers for a matrix.
-        """
-        g = self._group_index(group)
-        seeds = []
-        for p, place in zip(params, places):
-            count = self.state[p]["step"] // group["update_proj_gap"]
-            keys = [(g, place, j, count) for j in range(matrix_shape(p)[0])]
-            seeds.append(torch.tensor([int(np.random.SeedSequence(group["seed"], spawn_key=key).generate_state(1)[0])
-                                       for key in keys], dtype=torch.int64))
-        return seeds
+def svd_projector(group, m: int, n: int) -> SVDProjector:
+    """The group's SVD projector for m×n matrices."""
+    return SVDProjector(group["proj_type"], resolve_rank(group["rank"], m, n), m, n, group["svd"],
+                        group["proj_dtype"])

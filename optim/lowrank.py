@@ -1,6 +1,6 @@
-r"""LowRankAdamW: the skeleton GaLoreAdamW and DCTAdamW share, Adam in a low-rank subspace.
+r"""LowRankAdamW: Adam in a low-rank subspace of each gradient, given by a projector.
 
-Per matrix W (m×n) with gradient G at step t (from 0), both rules are
+Per matrix W (m×n) with gradient G at step t (from 0):
 
 .. math::
     L = \mathrm{project}(G), \quad M \leftarrow \beta_1 M + (1-\beta_1) L, \quad
@@ -9,176 +9,289 @@ Per matrix W (m×n) with gradient G at step t (from 0), both rules are
         \frac{\sqrt{1-\beta_2^{t+1}}}{1-\beta_1^{t+1}}\,
         \mathrm{project\_back}\Big(\frac{M}{\sqrt{V} + \epsilon}\Big)
 
-with the subspace picked anew every ``update_proj_gap`` steps; they differ only in the
-projector (:mod:`matrixopt.projectors`) and how it is refreshed. This base keeps the moments
-and their state shapes, runs the Adam step (:func:`~matrixopt.projectors.lowrank_adam`) and
-the update; a subclass gives its projector, its refresh and its projections.
+with the subspace picked anew from G every ``update_proj_gap`` steps. The projector
+(:mod:`matrixopt.projectors`: SVD for GaLoreAdamW, DCT columns for DCTAdamW) is the only
+thing that differs between the rules; this class is the whole rule, and GaLoreAdamW and
+DCTAdamW are configurations of it.
 """
-from .base import (MatrixOptimizer, apply_update, as_matrices, compute_dtype, integer, matrix_shape, rank_spec,
-                   real, stacked_call)
-from .distributed import local_matrices
-from .projectors import lowrank_adam, stored_shape, work_dtype
+import functools
+import math
+from typing import Callable
+
+import torch
+
+from .base import (AT_LEAST_FP32, MatrixOptimizer, Out, Rows, State, Whole, apply_update, as_matrices, counter,
+                   local_map, local_matrices, matrix_shape, stacked_call)
+from .projectors import REFRESHED, SVD_FAILED, ZERO_GRADIENT, stored_shape, work_dtype
+from .validation import compute_dtype, integer, rank_spec, real
+
+
+def lowrank_adam(exp_avgs, exp_avg_sqs, lows, steps, betas, eps) -> list[torch.Tensor]:
+    """Adam on low-rank gradients as galore-torch does it, over lists of tensors.
+
+    Updates the moments M, V in place and returns the steps
+    sqrt(1-β₂ᵗ)/(1-β₁ᵗ)·M/(√V + ε) (ε on the uncorrected √V; ``steps``: each t, already
+    incremented) to project back.
+    """
+    beta1, beta2 = betas
+    torch._foreach_lerp_(exp_avgs, lows, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, lows, lows, value=1 - beta2)
+    step_sizes = [math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) for t in steps]
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denominators, eps)
+    out = torch._foreach_div(exp_avgs, denominators)
+    torch._foreach_mul_(out, step_sizes)
+    return out
+
+
+def whole_low(proj) -> bool:
+    """Whether the low-rank gradient and moments are whole per matrix, rather than having
+    G's rows (and being sharded like them under FSDP2).
+
+    A left projection UᵀG sums over G's rows, so it is whole. So is anything of a single
+    row (m == 1): a 1-D param's (1, n) view is split on its columns by FSDP2, so even its
+    right projection G·V sums over the split axis. For a 2-D (1, n) or 3-D (E, 1, n) param
+    either layout would be exact; whole is the one that needs only the projector, and it is
+    what GaLore's right-projected (1, n) rows (``proj_type="reverse_std"``) have always
+    stored. DCT projects a single row on its left side unless n == 1 too, so for DCT this
+    rule differs from "left side only" just for 1×1 matrices.
+    """
+    return proj.left or proj.m == 1
+
+
+def _with_bases(fn, keys, X, *stacks):
+    """``fn(X, bases)`` as a function of X and the bases' stacks in ``keys`` order."""
+    return fn(X, dict(zip(keys, stacks)))
+
+
+def _refresh(proj, warm, G, *stacks):
+    """``proj.refresh`` as a function of stacks: G, the previous bases (``proj.keys``
+    order), and the sketch seeds last if the projector is randomized."""
+    seeds = stacks[-1] if proj.randomized else None
+    return proj.refresh(G, dict(zip(proj.keys, stacks)), seeds=seeds, warm=warm)
+
+
+def sketch_seeds(seed: int, group_index: int, place: int, count: int, matrices: int) -> torch.Tensor:
+    """(B,) seeds of a param's randomized sketches at one refresh: each a function of
+    (``seed``, the param's group and place in it, the matrix, the refresh ``count``) only,
+    so every split of the refreshes (one batch, DDP shares, FSDP2 owners) and every resumed
+    run draws the same numbers for a matrix. numpy's ``SeedSequence(seed, spawn_key=key)``'s
+    first word (:func:`seed_sequence_word`), so the streams are well separated."""
+    return torch.tensor([seed_sequence_word(seed, (group_index, place, j, count)) for j in range(matrices)],
+                        dtype=torch.int64)
+
+
+# numpy's SeedSequence (O'Neill's hash mixing; numpy/random/bit_generator.pyx), enough of it
+# to give the first 32-bit word of SeedSequence(entropy, spawn_key).generate_state(1).
+_MASK, _INIT_A, _MULT_A, _INIT_B, _MULT_B = 0xFFFFFFFF, 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_L, _MIX_R, _POOL = 0xCA01F9DD, 0x4973F715, 4
+
+
+def _words(value: int) -> list[int]:
+    """A non-negative int as little-endian 32-bit words (at least one)."""
+    words = [value & _MASK]
+    value >>= 32
+    while value:
+        words.append(value & _MASK)
+        value >>= 32
+    return words
+
+
+def seed_sequence_word(entropy: int, spawn_key: tuple[int, ...]) -> int:
+    """``numpy.random.SeedSequence(entropy, spawn_key=spawn_key).generate_state(1)[0]``."""
+    run = _words(entropy)
+    if spawn_key and len(run) < _POOL:
+        run += [0] * (_POOL - len(run))
+    data = run + [w for key in spawn_key for w in _words(key)]
+    hash_const = _INIT_A
+
+    def hashmix(value):
+        nonlocal hash_const
+        value = (value ^ hash_const) & _MASK
+        hash_const = (hash_const * _MULT_A) & _MASK
+        value = (value * hash_const) & _MASK
+        return value ^ (value >> 16)
+
+    def mix(x, y):
+        result = (_MIX_L * x - _MIX_R * y) & _MASK
+        return result ^ (result >> 16)
+
+    pool = [hashmix(data[i] if i < len(data) else 0) for i in range(_POOL)]
+    for src in range(_POOL):
+        for dst in range(_POOL):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    for src in range(_POOL, len(data)):
+        for dst in range(_POOL):
+            pool[dst] = mix(pool[dst], hashmix(data[src]))
+    value = (pool[0] ^ _INIT_B) & _MASK
+    value = (value * ((_INIT_B * _MULT_B) & _MASK)) & _MASK
+    return value ^ (value >> 16)
 
 
 class LowRankAdamW(MatrixOptimizer):
-    """Adam on each matrix's gradient projected to a rank-r subspace (see the module docstring).
+    """Adam on each matrix's gradient projected to a rank-r subspace (see the module
+    docstring), the projector given per param group by ``make_projector(group, m, n)``.
 
-    Params that are not matrices (see :class:`~matrixopt.base.MatrixOptimizer`) get AdamW
-    with ``betas`` and ``eps`` and the group's lr and weight decay.
+    Params that are not matrices (see :class:`~matrixopt.base.MatrixOptimizer`) get the
+    fallback, AdamW with ``betas`` and ``eps`` and the group's lr and weight decay.
 
-    Args shared by the subclasses:
+    Args (GaLoreAdamW and DCTAdamW document their defaults):
         params: tensors, (name, tensor) pairs or param-group dicts (every argument can be
             overridden per group; ``matrix=True/False`` forces the routing).
-        lr: learning rate (default 1e-3).
-        betas: (β₁, β₂) (default (0.9, 0.999)).
-        weight_decay: decoupled weight decay λ (default 0).
-        rank: r, an int or a fraction of min(m, n); capped at min(m, n) (default 128).
+        make_projector: ``(group, m, n) -> projector`` (see :mod:`matrixopt.projectors`).
+        lr, betas, eps, weight_decay: Adam's (ε on the uncorrected √V, as galore-torch).
+        rank: r, an int or a fraction of min(m, n); capped at min(m, n).
+        update_proj_gap: steps between refreshes of the subspace (at steps 0, T, 2T, …).
+        scale: s, the factor on the projected-back step.
+        carry_moments: the group key (if any) that, when true, carries the moments into
+            the new subspace on refresh (``projector.carry``); else they are reused as
+            they are, as galore-torch does.
         proj_dtype: dtype of the projection matmuls' operands (G with the subspace's basis,
-            the step with it); None (default) keeps the state's fp32. ``torch.bfloat16``
-            runs them on a GPU's tensor cores with fp32 accumulation, at ~2e-3 relative
-            error of the projected gradient against ~1.5e-7 for fp32 (``python -m
+            the step with it); None keeps the state's fp32. ``torch.bfloat16`` runs them
+            on a GPU's tensor cores with fp32 accumulation, at ~2e-3 relative error of the
+            projected gradient against ~1.5e-7 for fp32 (``python -m
             benchmarks.projection``), far below the noise of a stochastic gradient; moments
             and bases stay fp32. TF32 is not offered: it is a process-wide torch setting.
-        nonfinite: "skip" (default) or "raise" on NaN/Inf gradients.
+        seed: seed of a randomized refresh (see :func:`sketch_seeds`).
+        nonfinite: "skip" or "raise" on NaN/Inf gradients.
 
-    A subclass implements :meth:`_projector`, :meth:`_project` (which refreshes the
-    subspace of the matrices due) and :meth:`_project_back`, and may add per-matrix basis
-    state (:meth:`_initial_bases`, :meth:`_basis_shapes`).
+    State per matrix param: ``step``, the moments ``exp_avg``/``exp_avg_sq`` (the low-rank
+    gradient's shape, at least fp32; sharded like the param for a right projection, whole
+    for a left one, see :func:`whole_low`) and the projector's bases (whole).
     """
 
-    supports_fsdp = True
     hyperparameters = {"rank": rank_spec, "update_proj_gap": integer(1), "scale": real(0.0),
-                       "proj_dtype": compute_dtype}
+                       "proj_dtype": compute_dtype, "seed": integer(0)}
     #: A bucket's projection stacks its gradients and its back-projected steps (full size);
     #: these optimizers exist to save memory, so a bucket is about one large matrix (2^22
     #: elements: one 2048², or 64 of 256²), where batching stops paying on a GPU anyway.
     #: (At 2^26, 24 matrices of 2048×1024 made 360 MB of temporaries for 120 MB of state.)
     max_bucket_elements = 1 << 22
 
-    def __init__(self, params, lr, betas, eps, weight_decay, rank, update_proj_gap, scale, *,
-                 distributed, process_group, **rule):
+    def __init__(self, params, make_projector: Callable, *, lr, betas, eps, weight_decay, rank, update_proj_gap,
+                 scale, proj_dtype, nonfinite, carry_moments: str | None = None, fallback=None,
+                 distributed=None, process_group=None, **rule):
+        self._make_projector = make_projector
+        self._carry_key = carry_moments
+        self._refresh_warned: dict[int, set[str]] = {ZERO_GRADIENT: set(), SVD_FAILED: set()}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
-                        update_proj_gap=update_proj_gap, scale=scale, **rule)
-        super().__init__(params, defaults, distributed=distributed, process_group=process_group)
+                        update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype,
+                        nonfinite=nonfinite, **rule)
+        super().__init__(params, defaults, fallback=fallback, distributed=distributed,
+                         process_group=process_group)
 
-    # -- what a subclass gives ---------------------------------------------------------------
-    @staticmethod
-    def _projector(group, p):
-        """The projector of p's matrices (all params of a bucket share it)."""
-        raise NotImplementedError
+    def _projector(self, group, p):
+        _, m, n = matrix_shape(p)
+        return self._make_projector(group, m, n)
 
-    def _initial_bases(self, proj, batch, device, dtype) -> dict:
-        """Basis state a param starts with, besides its moments (none by default)."""
-        return {}
-
-    def _basis_shapes(self, p, proj) -> dict:
-        """Shapes of p's basis state (checked on load); kept whole on every rank."""
-        return {}
-
-    def _project(self, group, proj, params, grads, due):
-        """The low-rank gradients of ``grads``, after refreshing the subspace of
-        ``params[i]`` for i in ``due``."""
-        raise NotImplementedError
-
-    def _project_back(self, proj, params, steps):
-        """The low-rank ``steps`` mapped back to the params' (B, m, n) views."""
-        raise NotImplementedError
-
-    # -- the shared rule ---------------------------------------------------------------------
-    @staticmethod
-    def _whole_low(proj) -> bool:
-        """Whether the low-rank gradient and moments are whole per matrix, rather than
-        having G's rows (and being sharded like them under FSDP2).
-
-        A left projection UᵀG sums over G's rows, so it is whole. So is anything of a single
-        row (m == 1): a 1-D param's (1, n) view is split on its columns by FSDP2, so even its
-        right projection G·V sums over the split axis. For a 2-D (1, n) or 3-D (E, 1, n) param
-        either layout would be exact; whole is the one that needs only the projector, and it
-        is what GaLore's right-projected (1, n) rows (``proj_type="reverse_std"``) have always
-        stored. DCT projects a single row on its left side unless n == 1 too, so for DCT this
-        rule differs from "left side only" just for 1×1 matrices.
-        """
-        return proj.left or proj.m == 1
-
-    def _matrix_state_shapes(self, p, group):
+    def _state(self, p, group):
         proj = self._projector(group, p)
         low = stored_shape(p, proj.low_shape(matrix_shape(p)[0]))
-        return {"exp_avg": low, "exp_avg_sq": low, **self._basis_shapes(p, proj)}
+        moment = State(low, AT_LEAST_FP32, sharded=not whole_low(proj))
+        return {"step": counter(), "exp_avg": moment, "exp_avg_sq": moment, **proj.basis(p)}
 
-    def _sharded_state_shapes(self, p, group):
-        if not self.is_matrix(group, p):
-            return super()._sharded_state_shapes(p, group)
-        # The bases are whole on every rank, even where their shape happens to equal p's.
-        if self._whole_low(self._projector(group, p)):
-            return {}
-        low = self._matrix_state_shapes(p, group)["exp_avg"]
-        return {"exp_avg": low, "exp_avg_sq": low}
-
-    def _update_matrices(self, group, params, weights, grads):
+    def _update(self, group, params, weights, grads, states, matrix_map):
         proj = self._projector(group, params[0])
-        whole = self._whole_low(proj)
-        states = [self.state[p] for p in params]
-        dtype = work_dtype(weights[0].dtype)
-        for p, w, s in zip(params, weights, states):
-            if not s:
-                batch = matrix_shape(p)[0]
-                # Right side: the moments have the gradient's rows, so they live where its
-                # rows do (local shards under FSDP2).
-                low = stored_shape(p, proj.low_shape(batch) if whole else (*w.shape[:2], proj.rank))
-                s.update(step=0, exp_avg=w.new_zeros(low, dtype=dtype), exp_avg_sq=w.new_zeros(low, dtype=dtype),
-                         **self._initial_bases(proj, batch, w.device, dtype))
         due = [i for i, s in enumerate(states) if s["step"] % group["update_proj_gap"] == 0]
-        lows = self._project(group, proj, params, grads, due)
-        exp_avgs = [as_matrices(s["exp_avg"]) for s in states]
-        exp_avg_sqs = [as_matrices(s["exp_avg_sq"]) for s in states]
-        steps = lowrank_adam(exp_avgs, exp_avg_sqs, lows, states, group["betas"], group["eps"])
-        apply_update(weights, self._project_back(proj, params, steps), lr=group["lr"],
-                     weight_decay=group["weight_decay"], scale=group["scale"])
+        lows = [None] * len(params)
+        if due:
+            for i, low in zip(due, self._refresh(group, proj, [params[i] for i in due], [grads[i] for i in due],
+                                                 [states[i] for i in due], matrix_map)):
+                lows[i] = low
+        rest = [i for i, low in enumerate(lows) if low is None]
+        if rest:
+            projected = self._projected(proj.project, proj, [grads[i] for i in rest],
+                                        [params[i] for i in rest], [states[i] for i in rest], matrix_map)
+            for i, low in zip(rest, projected):
+                lows[i] = low
+        for s in states:
+            s["step"] += 1
+        steps = lowrank_adam([as_matrices(s["exp_avg"]) for s in states], [as_matrices(s["exp_avg_sq"]) for s in states],
+                             lows, [s["step"] for s in states], group["betas"], group["eps"])
+        updates = self._projected(proj.project_back, proj, steps, params, states, matrix_map, back=True)
+        apply_update(weights, updates, lr=group["lr"], weight_decay=group["weight_decay"], scale=group["scale"])
 
-    # -- helpers -----------------------------------------------------------------------------
-    def _bases(self, proj, state) -> dict:
-        """A param's basis state per key, as (B, ...) (a 2-D param may store it without B)."""
-        return {key: state[key].view(-1, *shape[1:]) for key, shape in proj.basis_shapes(1).items()}
+    # -- projections -------------------------------------------------------------------------
+    @staticmethod
+    def _bases(proj, state) -> dict:
+        """A param's bases per key, as (B, ...) stacks (a 2-D param may store them without B)."""
+        return {key: state[key].view(-1, *shape) for key, shape in proj.basis_dims.items()}
 
-    def _projected(self, fn, proj, tensors, params, *, back: bool):
+    def _projected(self, fn, proj, tensors, params, states, matrix_map, back: bool = False):
         """``fn(X, bases)`` — a projection, or with ``back`` its back-projection — for each
         param's tensor in ``tensors``.
 
         A right projection G·V (and L·Vᵀ back) maps each block of G's rows to the same rows of
-        the result, so under FSDP2 each rank projects its own shards; a left one UᵀG sums over
-        G's rows, so the owner of the whole matrix computes it (see :meth:`_project_on_owners`).
+        the result, so under FSDP2 each rank projects its own shards: one batched call for the
+        bucket, unless FSDP2 left the params' shards with different row counts. A left one
+        UᵀG sums over G's rows, so the owner of the whole matrix computes it, through
+        ``matrix_map``.
         """
-        if self._whole_low(proj):
-            return self._project_on_owners(fn, proj, tensors, params, whole_in=back, whole_out=not back)
-        return self._project_locally(fn, proj, tensors, params)
-
-    def _project_locally(self, fn, proj, tensors, params):
-        """``fn(X, bases)`` on each param's local rows: one batched call for the bucket,
-        unless FSDP2 left the params' shards with different row counts."""
-        bases = [self._local_entries(proj, p, self._bases(proj, self.state[p])) for p in params]
+        bases = [self._bases(proj, s) for s in states]
+        call = functools.partial(_with_bases, fn, proj.keys)
+        if whole_low(proj):
+            if back:   # rows of the param, in the matmuls' dtype
+                out = Out((proj.m, proj.n), proj.dtype or tensors[0].dtype)
+            else:      # whole low-rank values, in the state's dtype
+                out = Out(proj.low_shape(1)[1:], work_dtype(tensors[0].dtype), whole=True)
+            (result,) = matrix_map(call, [(Whole if back else Rows)(tensors),
+                                          *(Whole([b[key] for b in bases]) for key in proj.keys)], [out])
+            return result
+        bases = [{key: local_matrices(p, b[key]) for key in proj.keys} for p, b in zip(params, bases)]
         if len({x.shape[1:] for x in tensors}) > 1:
             return [fn(x, b) for x, b in zip(tensors, bases)]
-        return stacked_call(self._with_bases(fn, proj), tensors, *([b[key] for b in bases] for key in proj.keys))
+        (result,) = stacked_call(call, tensors, *([b[key] for b in bases] for key in proj.keys))
+        return result
 
-    @staticmethod
-    def _with_bases(fn, proj):
-        """``fn(X, bases)`` as a function of X and the bases' stacks in ``proj.keys`` order."""
-        return lambda X, *stacks: fn(X, dict(zip(proj.keys, stacks)))
+    # -- refresh -------------------------------------------------------------------------------
+    def _refresh(self, group, proj, params, grads, states, matrix_map) -> list:
+        """New bases for ``params`` from their gradients, as one batch per shape; the moments
+        carried into them when the group asks; returns the low-rank gradients where the
+        projector's refresh gives them (else Nones)."""
+        index = {id(q): i for i, q in enumerate(group["params"])}
+        places = [index[id(p)] for p in params]  # in the group: the sketches' seeds and the warnings name them
+        old = [self._bases(proj, s) for s in states]
+        inputs = [Rows(grads), *(Whole([o[key] for o in old]) for key in proj.keys)]
+        if proj.randomized:
+            g = self._group_index(group)
+            inputs.append(Whole([sketch_seeds(group["seed"], g, place, s["step"] // group["update_proj_gap"],
+                                              matrix_shape(p)[0]) for p, place, s in zip(params, places, states)]))
+        # A cold start at a param's first refresh: its identity-slice basis is no estimate.
+        warm = all(s["step"] > 0 for s in states)
+        outputs = proj.refresh_outputs(work_dtype(grads[0].dtype))
+        results = matrix_map(functools.partial(_refresh, proj, warm), inputs, outputs)
+        bases, status = results[:len(proj.keys)], results[len(proj.keys)]
+        lows = results[-1] if proj.refresh_gives_low else [None] * len(params)
+        whole = whole_low(proj)
+        for i, (p, s) in enumerate(zip(params, states)):
+            new = dict(zip(proj.keys, (b[i] for b in bases)))
+            if self._carry_key and group[self._carry_key] and s["step"] > 0:
+                transition = proj.transition(old[i], new)
+                if not whole:   # the moments are this rank's rows: its experts' entries
+                    transition = {k: local_matrices(p, t) for k, t in transition.items()}
+                M, V = as_matrices(s["exp_avg"]), as_matrices(s["exp_avg_sq"])
+                new_M, new_V = proj.carry(M, V, transition)
+                M.copy_(new_M)
+                V.copy_(new_V)
+            # In place, so each param keeps its own storage (not a view of the batch).
+            for key, basis in new.items():
+                old[i][key].copy_(basis)
+        self._warn_refreshes(group, places, status)
+        return lows
 
-    @staticmethod
-    def _local_entries(proj, p, values) -> dict:
-        """p's per-matrix ``values`` (its bases, or their transitions) for the matrices this
-        rank holds rows of (see :func:`~matrixopt.distributed.local_matrices`)."""
-        return {key: local_matrices(p, values[key]) for key in proj.keys}
-
-    def _project_on_owners(self, fn, proj, tensors, params, *, whole_in: bool, whole_out: bool):
-        """``fn(X, bases)`` (a projection or its back-projection) per param, through
-        :meth:`_matrix_map`: the owner of each whole matrix computes it. ``whole_in`` /
-        ``whole_out``: whether ``tensors`` / the results are low-rank values kept whole (else
-        they have the param's rows); the bases are whole."""
-        bases = [self._bases(proj, self.state[p]) for p in params]
-        basis_args = tuple(range(1, 1 + len(proj.keys)))
-        return self._matrix_map(self._with_bases(fn, proj), tensors,
-                                *([b[key] for b in bases] for key in proj.keys),
-                                whole_inputs=(*((0,) if whole_in else ()), *basis_args),
-                                whole_outputs=(0,) if whole_out else ())
+    def _warn_refreshes(self, group, places, status) -> None:
+        """One warning per cause naming the params a refresh left on their previous basis."""
+        worst = torch.stack([s.amax() for s in status]).tolist()   # per param, its worst matrix
+        if all(w == REFRESHED for w in worst):
+            return
+        causes = [(SVD_FAILED, "the SVD did not converge or was not finite")]
+        if group["lr"] != 0:  # lr 0 with zero gradients: torch.distributed.checkpoint building state
+            causes.append((ZERO_GRADIENT, "its gradient is all zeros"))
+        for cause, what in causes:
+            kept = [self._param_name(group, i) for i, w in zip(places, worst) if w == cause]
+            if kept:
+                self._warn_once(self._refresh_warned[cause], kept,
+                                f"{type(self).__name__} kept the previous projector of {{}}: {what} at its "
+                                "refresh (warned once per param)")

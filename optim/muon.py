@@ -1,11 +1,14 @@
 """Muon: momentum, orthogonalized by Newton-Schulz, for hidden-layer matrices."""
+import functools
 import math
+from typing import Callable
 
 import torch
 
-from .base import MatrixOptimizer, apply_update, choice, compute_dtype, integer, matrix_shape, real
-from .distributed import local_tensor
-from .orthogonalize import default_ns_dtype, ns_schedule, orthogonalize
+from .base import (MatrixOptimizer, Out, Rows, State, apply_update, default_compute_dtype, local_map,
+                   matrix_shape)
+from .orthogonalize import ns_schedule, orthogonalize
+from .validation import choice, compute_dtype, integer, real
 
 LR_SCALINGS = ("match_adamw", "original", "spectral", "none")
 
@@ -27,6 +30,33 @@ def update_scale(m: int, n: int, lr_scaling: str) -> float:
     return 1.0
 
 
+def _ns_of(transform: Callable | None, schedule, X: torch.Tensor) -> torch.Tensor:
+    return orthogonalize(transform(X) if transform else X, schedule)
+
+
+def muon(weights, grads, momenta, *, lr: float, momentum: float, nesterov: bool, weight_decay: float,
+         schedule, scale: float, ns_dtype: torch.dtype, transform: Callable | None = None,
+         shape: tuple[int, int] | None = None, matrix_map: Callable = local_map) -> None:
+    r"""One Muon step over lists of same-shape (B, m, n) weights, gradients and momenta
+    (under FSDP2 their local rows, ``shape`` the whole matrices' (m, n)).
+
+    .. math::
+        B \leftarrow \mu B + (1-\mu) G, \quad X = (1-\mu) G + \mu B \ \text{(nesterov) or } B, \quad
+        W \leftarrow W (1 - \eta\lambda) - \eta\, s\, \mathrm{NS}(T(X))
+
+    with NS the Newton-Schulz ``schedule`` run in ``ns_dtype`` and T the optional input
+    ``transform`` of a stack (ROOT's outlier clipping). The NS inputs are cast to
+    ``ns_dtype`` before they are stacked (and, distributed, sent to owner ranks): a bf16
+    stack is half an fp32 one, and NS would round to bf16 first anyway.
+    """
+    torch._foreach_lerp_(momenta, grads, 1 - momentum)
+    inputs = torch._foreach_lerp(grads, momenta, momentum) if nesterov else momenta
+    inputs = [x.to(ns_dtype) for x in inputs]
+    (updates,) = matrix_map(functools.partial(_ns_of, transform, schedule), [Rows(inputs)],
+                            [Out(shape or tuple(inputs[0].shape[1:]), ns_dtype)])
+    apply_update(weights, updates, lr=lr, weight_decay=weight_decay, scale=scale)
+
+
 class Muon(MatrixOptimizer):
     r"""Muon (Keller Jordan 2024): orthogonalized momentum for matrices, AdamW for the rest.
 
@@ -42,10 +72,11 @@ class Muon(MatrixOptimizer):
     X ← aX + (bA + cA²)X, A = XXᵀ, on the wide orientation. ``s`` is set by ``lr_scaling``
     (see :func:`update_scale`); the default "match_adamw" lets AdamW's lr carry over.
     With ``lr_scaling="original"`` and ``ns_coefficients="muon"`` this is
-    ``torch.optim.Muon``. Same-shape matrices are orthogonalized as one batch.
+    ``torch.optim.Muon``. Same-shape matrices are orthogonalized as one batch
+    (:func:`muon`). State: the momentum B, in the param's dtype, sharded like the param.
 
-    Params that are not matrices (see :class:`~matrixopt.base.MatrixOptimizer`) get AdamW
-    with ``betas`` and ``eps`` and the group's lr and weight decay.
+    Params that are not matrices (see :class:`~matrixopt.base.MatrixOptimizer`) get the
+    fallback, AdamW with ``betas`` and ``eps`` and the group's lr and weight decay.
 
     Args:
         params: tensors, (name, tensor) pairs or param-group dicts (every argument below
@@ -56,19 +87,20 @@ class Muon(MatrixOptimizer):
         weight_decay: decoupled weight decay λ (default 0.1).
         ns_steps: Newton-Schulz steps (default 5).
         ns_coefficients: "polar_express" (default; Amsel et al. 2025, per-step optimal),
-            "muon" ((3.4445, -4.7750, 2.0315) every step), one (a, b, c) triple, or a list
-            of ``ns_steps`` triples.
+            "muon" ((3.4445, -4.7750, 2.0315) every step), "auto" (a triple per matrix
+            shape, ROOT's: see :func:`~matrixopt.orthogonalize.root_coefficients`), one
+            (a, b, c) triple, or a list of ``ns_steps`` triples.
         lr_scaling: "match_adamw" (default), "original", "spectral" or "none".
         betas, eps: the AdamW fallback's (defaults (0.9, 0.95), 1e-8).
         nonfinite: "skip" (default) or "raise" on NaN/Inf gradients.
         ns_dtype: dtype NS runs in (default: bf16 on CUDA, fp32 elsewhere).
+        fallback: the rule for non-matrix params (default: AdamW, :mod:`matrixopt.fallback`).
         distributed: None (default; FSDP2's DTensor params are detected by themselves) or
             "replicated" (DDP): each rank orthogonalizes a share of the matrices and the
             results are all-gathered over ``process_group`` (default: the default group).
             See :mod:`matrixopt.distributed`.
     """
 
-    supports_fsdp = True
     hyperparameters = {
         "momentum": real(0.0, 1.0, hi_open=True),
         "nesterov": choice(True, False),
@@ -79,45 +111,35 @@ class Muon(MatrixOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1,
                  ns_steps=5, ns_coefficients="polar_express", lr_scaling="match_adamw",
-                 betas=(0.9, 0.95), eps=1e-8, nonfinite="skip", ns_dtype=None, *,
-                 distributed=None, process_group=None):
+                 betas=(0.9, 0.95), eps=1e-8, nonfinite="skip", ns_dtype=None, *, fallback=None,
+                 distributed=None, process_group=None, **rule_defaults):
+        unknown = sorted(rule_defaults.keys() - self.hyperparameters.keys())
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {unknown}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_steps=ns_steps, ns_coefficients=ns_coefficients,
                         lr_scaling=lr_scaling, betas=betas, eps=eps, nonfinite=nonfinite,
-                        ns_dtype=ns_dtype)
-        super().__init__(params, defaults, distributed=distributed, process_group=process_group)
+                        ns_dtype=ns_dtype, **rule_defaults)
+        super().__init__(params, defaults, fallback=fallback, distributed=distributed,
+                         process_group=process_group)
 
     def _validate_group(self, group):
         super()._validate_group(group)
         ns_schedule(group["ns_coefficients"], group["ns_steps"])
 
-    def _matrix_state_shapes(self, p, group):
-        return {"momentum_buffer": tuple(p.shape)}
+    def _state(self, p, group):
+        return {"momentum_buffer": State(tuple(p.shape), sharded=True)}
 
-    def _ns_schedule(self, group, m: int, n: int):
-        """The (a, b, c) triples for m×n matrices."""
-        return ns_schedule(group["ns_coefficients"], group["ns_steps"])
+    def _transform(self, group) -> Callable | None:
+        """The input transform T of :func:`muon` (none for Muon)."""
+        return None
 
-    def _ns_input(self, group, X: torch.Tensor) -> torch.Tensor:
-        """What is orthogonalized, given the stacked momentum input X (identity for Muon)."""
-        return X
-
-    def _update_matrices(self, group, params, weights, grads):
-        mu = group["momentum"]
-        for p in params:
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(local_tensor(p),
-                                                                    memory_format=torch.contiguous_format)
-        bufs = [self.state[p]["momentum_buffer"].view_as(w) for p, w in zip(params, weights)]
-        torch._foreach_lerp_(bufs, grads, 1 - mu)
-        inputs = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
-        # Stacked (and, distributed, sent to owners) already in the NS dtype: a bf16 stack
-        # is half an fp32 one, and NS would round to bf16 first anyway.
-        dtype = group["ns_dtype"] or default_ns_dtype(weights[0].device)
-        inputs = [x.to(dtype) for x in inputs]
-
+    def _update(self, group, params, weights, grads, states, matrix_map):
         _, m, n = matrix_shape(params[0])
-        schedule = self._ns_schedule(group, m, n)
-        updates = self._matrix_map(lambda X: orthogonalize(self._ns_input(group, X), schedule, dtype=dtype), inputs)
-        apply_update(weights, updates, lr=group["lr"], weight_decay=group["weight_decay"],
-                     scale=update_scale(m, n, group["lr_scaling"]))
+        muon(weights, grads, [s["momentum_buffer"].view_as(w) for s, w in zip(states, weights)],
+             lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+             weight_decay=group["weight_decay"],
+             schedule=ns_schedule(group["ns_coefficients"], group["ns_steps"], (m, n)),
+             scale=update_scale(m, n, group["lr_scaling"]),
+             ns_dtype=group["ns_dtype"] or default_compute_dtype(weights[0].device),
+             transform=self._transform(group), shape=(m, n), matrix_map=matrix_map)

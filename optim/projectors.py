@@ -1,18 +1,29 @@
 """Low-rank gradient projectors: the subspace a GaLore-style optimizer keeps its moments in.
 
-A projector works on a stack of same-shape gradients G (B, m, n) and one side of them:
-``project(G)`` gives the low-rank gradient, ``project_back(L)`` maps a low-rank step back to
-(B, m, n), and ``refresh(G, ...)`` picks a new subspace from the current gradient. Its state
-lives as tensors in the optimizer's state (never as Python objects), so checkpoints load with
-``torch.load(weights_only=True)``.
-"""
-import math
+:class:`~matrixopt.lowrank.LowRankAdamW` takes any projector with this protocol, for one
+matrix shape m×n and a stack of same-shape gradients G (B, m, n):
 
+- ``left``, ``rank``, ``low_shape(B)``: the projected side and the low-rank gradient's shape
+  (``left``: the projection sums over G's rows, so the low-rank values are whole per matrix);
+- ``basis(p)``: its state per param, name → :class:`~matrixopt.base.State` (whole per
+  matrix); ``keys``: those names; ``basis_dims``: key → the per-matrix shape;
+- ``project(G, bases)`` → L and ``project_back(L, bases)`` → (B, m, n), with ``bases`` a
+  dict of (B, ...) stacks of that state;
+- ``refresh(G, previous, seeds, warm)`` → the new bases (in ``keys`` order), a (B,) int8
+  status (:data:`REFRESHED`, :data:`ZERO_GRADIENT`, :data:`SVD_FAILED`) and, where
+  ``refresh_gives_low``, the low-rank gradient too; ``refresh_outputs(dtype)`` declares
+  them (:class:`~matrixopt.base.Out`); ``randomized``: whether ``seeds`` are wanted;
+- ``transition(old, new)`` and ``carry(M, V, transition)``: the moments expressed in the
+  new subspace.
+
+Its state lives as tensors in the optimizer's state (never as Python objects), so
+checkpoints load with ``torch.load(weights_only=True)``.
+"""
 import torch
 
 from matrixopt import kernels
 
-from .base import matmul_in
+from .base import AT_LEAST_FP32, Out, State, matmul_in
 
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -23,6 +34,13 @@ REFRESHED, ZERO_GRADIENT, SVD_FAILED = 0, 1, 2
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of low-rank state and projections for params of ``dtype``: fp32, or fp64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def stored_shape(p: torch.Tensor, shape) -> tuple:
+    """How low-rank state of matrix-view shape (B, ·, ·) is stored for p: B is kept for 3-D
+    (expert) params only, so a 2-D weight's right-side moments are (m, r), like p in dim 0 (and
+    sharded like it under FSDP2)."""
+    return tuple(shape) if p.ndim == 3 else tuple(shape[1:])
 
 
 def _sides(proj_type: str, m: int, n: int) -> tuple[str, ...]:
@@ -69,42 +87,46 @@ class SVDProjector:
 
     def __init__(self, proj_type: str, rank: int, m: int, n: int, svd: str = "randomized",
                  dtype: torch.dtype | None = None):
-        self.sides = _sides(proj_type, m, n)
-        self.left = "left" in self.sides   # projects the left side (alone, or with "full")
+        sides = _sides(proj_type, m, n)
+        self.left, self.right = "left" in sides, "right" in sides
         self.rank, self.m, self.n, self.svd, self.dtype = rank, m, n, svd, dtype
-        self.keys = tuple(f"proj_{side}" for side in self.sides)
+        self.keys = tuple(f"proj_{side}" for side in sides)
+        self.basis_dims = {key: (m if key == "proj_left" else n, rank) for key in self.keys}
+        self.randomized = svd == "randomized"
+
+    refresh_gives_low = False
 
     def low_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of the projected gradient of a (batch, m, n) stack."""
-        rows = self.rank if "left" in self.sides else self.m
-        cols = self.rank if "right" in self.sides else self.n
-        return batch, rows, cols
+        return batch, self.rank if self.left else self.m, self.rank if self.right else self.n
 
-    def basis_shapes(self, batch: int) -> dict[str, tuple[int, int, int]]:
-        dims = {"left": self.m, "right": self.n}
-        return {key: (batch, dims[side], self.rank) for key, side in zip(self.keys, self.sides)}
+    def basis(self, p) -> dict[str, State]:
+        """State ``proj_left`` (B, m, r) and/or ``proj_right`` (B, n, r), starting as
+        identity slices (the first r coordinate axes) until a refresh succeeds."""
+        batch = p.shape[0] if p.ndim == 3 else 1
+        return {key: State((batch, *dims), AT_LEAST_FP32, init=_identity_slices)
+                for key, dims in self.basis_dims.items()}
 
-    def initial(self, batch: int, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        """Identity-slice bases (the first r coordinate axes), used until a refresh succeeds."""
-        return {key: torch.eye(m, r, device=device, dtype=dtype).expand(batch, m, r).contiguous()
-                for key, (_, m, r) in self.basis_shapes(batch).items()}
+    def refresh_outputs(self, dtype: torch.dtype) -> list[Out]:
+        return [*(Out(dims, dtype, whole=True) for dims in self.basis_dims.values()),
+                Out((), torch.int8, whole=True)]
 
     def project(self, G: torch.Tensor, bases) -> torch.Tensor:
         """Low-rank gradient of G (B, m, n), in the bases' dtype; ``bases`` maps this
         projector's keys to tensors."""
         L = G
-        if "proj_left" in self.keys:
+        if self.left:
             L = matmul_in(bases["proj_left"].mT, L, self.dtype)
-        if "proj_right" in self.keys:
+        if self.right:
             L = matmul_in(L, bases["proj_right"], self.dtype)
         return L.to(bases[self.keys[0]].dtype)
 
     def project_back(self, L: torch.Tensor, bases) -> torch.Tensor:
         """Map a low-rank step L back to (B, m, n), in the matmuls' dtype (the update is
         added to the weights as it is: a bf16 one needs no fp32 copy)."""
-        if "proj_left" in self.keys:
+        if self.left:
             L = matmul_in(bases["proj_left"], L, self.dtype)
-        if "proj_right" in self.keys:
+        if self.right:
             L = matmul_in(L, bases["proj_right"].mT, self.dtype)
         return L
 
@@ -112,25 +134,26 @@ class SVDProjector:
         """Change of basis R = P_newᵀ P_old (B, r, r) per side, for carrying low-rank state."""
         return {key: new[key].mT @ old[key] for key in self.keys}
 
-    def carry(self, L: torch.Tensor, R, squared: bool = False) -> torch.Tensor:
-        """Express low-rank L in the new basis: R L (left), L Rᵀ (right); with ``squared``
-        the entries of R are squared first (how a second moment of independent coordinates
-        transforms)."""
+    def carry(self, M: torch.Tensor, V: torch.Tensor, R) -> tuple[torch.Tensor, torch.Tensor]:
+        """The moments in the new basis: M ← R M (left), M Rᵀ (right); V likewise with the
+        entries of R squared (how a second moment of independent coordinates transforms)."""
         for key in self.keys:
-            Rk = R[key].square() if squared else R[key]
-            L = Rk @ L if key == "proj_left" else L @ Rk.mT
-        return L
+            Rk, R2 = R[key], R[key].square()
+            M, V = (Rk @ M, R2 @ V) if key == "proj_left" else (M @ Rk.mT, V @ R2.mT)
+        return M, V
 
-    def refresh(self, G: torch.Tensor, *previous: torch.Tensor, warm: bool = True,
-                generator=None) -> tuple[torch.Tensor, ...]:
+    def refresh(self, G: torch.Tensor, previous, seeds=None, warm: bool = True) -> tuple[torch.Tensor, ...]:
         """New bases for the stack G (B, m, n), in the order of ``self.keys``, then a (B,) int8
         status per entry: ``REFRESHED``, or why it kept ``previous`` (``ZERO_GRADIENT``,
-        ``SVD_FAILED``: no convergence or a non-finite basis).
-        ``generator`` (a ``torch.Generator`` or one per matrix) draws the randomized sketch."""
+        ``SVD_FAILED``: no convergence or a non-finite basis). ``seeds`` (B,) seed one
+        generator per matrix for the randomized sketch; ``warm=False`` starts it cold."""
+        previous = [previous[key] for key in self.keys]
         zero = G.flatten(1).abs().amax(dim=1) == 0
         status = torch.where(zero, ZERO_GRADIENT, REFRESHED).to(torch.int8)
+        generators = None if seeds is None else [torch.Generator(G.device).manual_seed(seed)
+                                                 for seed in seeds.tolist()]
         try:
-            fresh = self._bases(G.to(previous[0].dtype), previous if warm else None, generator)
+            fresh = self._bases(G.to(previous[0].dtype), previous if warm else None, generators)
         except torch.linalg.LinAlgError:
             return (*previous, status.masked_fill(~zero, SVD_FAILED))
         finite = torch.stack([P.isfinite().flatten(1).all(dim=1) for P in fresh]).all(dim=0)
@@ -145,7 +168,7 @@ class SVDProjector:
         iters = 1 if init is not None else 2
         if self.svd == "exact":
             U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-        elif self.keys[0] == "proj_left":
+        elif self.left:
             U, _, Vh = kernels.lowrank_svd(G, r, init=init, iters=iters, generator=generator)
         else:
             # Transposed, so the kept right basis is the left one of Gᵀ (lowrank_svd reads
@@ -154,6 +177,12 @@ class SVDProjector:
             U, Vh = Uh.mT, V.mT
         found = {"proj_left": U[..., :r], "proj_right": Vh[..., :r, :].mT}
         return [found[key] for key in self.keys]
+
+
+def _identity_slices(shape, dtype, device) -> torch.Tensor:
+    """A stack (B, m, r) of the first r coordinate axes of m."""
+    batch, m, r = shape
+    return torch.eye(m, r, device=device, dtype=dtype).expand(batch, m, r).contiguous()
 
 
 class DCTProjector:
@@ -180,10 +209,13 @@ class DCTProjector:
     """
 
     keys = ("indices",)
+    randomized = False
+    refresh_gives_low = True
 
     def __init__(self, rank: int, m: int, n: int, score_norm: int = 1, method: str = "auto",
                  dtype: torch.dtype | None = None):
         self.rank, self.m, self.n = rank, m, n
+        self.basis_dims = {"indices": (rank,)}
         self.left, self.k = m < n, min(m, n)
         self.score_norm, self.method, self.dtype = score_norm, method, dtype
 
@@ -191,10 +223,16 @@ class DCTProjector:
         """Shape of the projected gradient of a (batch, m, n) stack."""
         return (batch, self.rank, self.n) if self.left else (batch, self.m, self.rank)
 
-    def basis_shapes(self, batch: int) -> dict[str, tuple[int, int]]:
-        return {"indices": (batch, self.rank)}
+    def basis(self, p) -> dict[str, State]:
+        """State ``indices``: r int32 per matrix, (B, r) for a 3-D param, (r,) otherwise."""
+        batch = p.shape[0] if p.ndim == 3 else 1
+        return {"indices": State(stored_shape(p, (batch, self.rank)), torch.int32)}
 
-    def basis(self, device, dtype: torch.dtype) -> torch.Tensor:
+    def refresh_outputs(self, dtype: torch.dtype) -> list[Out]:
+        return [Out((self.rank,), torch.int32, whole=True), Out((), torch.int8, whole=True),
+                Out(self.low_shape(1)[1:], dtype, whole=self.left or self.m == 1)]
+
+    def shared_basis(self, device, dtype: torch.dtype) -> torch.Tensor:
         """The shared Q (k×k) these projections use."""
         return kernels.dct_basis(self.k, device, dtype)
 
@@ -202,66 +240,49 @@ class DCTProjector:
         # The left side is the right side of the transpose: work on (B, max(m,n), ·) views.
         return X.mT if self.left else X
 
-    def _columns(self, state, device, dtype) -> torch.Tensor:
+    def _columns(self, bases, device, dtype) -> torch.Tensor:
         """Q[:, I] for each matrix of the stack, (B, k, r)."""
-        return self.basis(device, dtype).T[state["indices"].long()].mT
+        return self.shared_basis(device, dtype).T[bases["indices"].long()].mT
 
-    def project(self, G: torch.Tensor, state) -> torch.Tensor:
-        """Low-rank gradient of G (B, m, n); ``state`` maps "indices" to (B, r)."""
+    def project(self, G: torch.Tensor, bases) -> torch.Tensor:
+        """Low-rank gradient of G (B, m, n); ``bases`` maps "indices" to (B, r)."""
         work = work_dtype(G.dtype)
-        low = matmul_in(self._tall(G), self._columns(state, G.device, work), self.dtype)
+        low = matmul_in(self._tall(G), self._columns(bases, G.device, work), self.dtype)
         return self._tall(low.to(work))
 
-    def project_back(self, L: torch.Tensor, state) -> torch.Tensor:
+    def project_back(self, L: torch.Tensor, bases) -> torch.Tensor:
         """Map a low-rank step L back to (B, m, n), in the matmul's dtype."""
-        return self._tall(matmul_in(self._tall(L), self._columns(state, L.device, L.dtype).mT, self.dtype))
+        return self._tall(matmul_in(self._tall(L), self._columns(bases, L.device, L.dtype).mT, self.dtype))
 
-    def refresh(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """New ``indices`` (B, r) int32 for the stack G (B, m, n), and its low-rank gradient."""
+    def refresh(self, G: torch.Tensor, previous=None, seeds=None, warm=True):
+        """New ``indices`` (B, r) int32 for the stack G (B, m, n), a (B,) status (always
+        ``REFRESHED``: a DCT selection cannot fail) and the low-rank gradient S[:, I], so a
+        refresh step needs no second matmul."""
         X = self._tall(G.to(work_dtype(G.dtype)))
         S, scores = kernels.dct_scores(X, self.score_norm, self.method)
         indices = kernels.top_indices(scores, self.rank)
         low = S.gather(-1, indices[:, None, :].expand(-1, S.shape[-2], -1))
-        return indices.int(), self._tall(low)
+        status = torch.full((G.shape[0],), REFRESHED, dtype=torch.int8, device=G.device)
+        return indices.int(), status, self._tall(low)
 
-    def carry(self, L: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """L (low-rank, columns for ``old`` indices) expressed for the ``new`` indices.
+    def transition(self, old, new) -> dict[str, torch.Tensor]:
+        """The old and the new indices (B, r): all :meth:`carry` needs."""
+        return {"old": old["indices"], "new": new["indices"]}
+
+    def carry(self, M: torch.Tensor, V: torch.Tensor, transition) -> tuple[torch.Tensor, torch.Tensor]:
+        """The moments (columns for the old indices) expressed for the new indices.
 
         This is L·R with R = Q[:, old]ᵀ Q[:, new] (Rᵀ·L on the left side). Q is orthogonal,
         so R is exactly the 0/1 matrix matching equal indices: an index kept keeps its
-        column, a new one starts at zero. Computed as that gather, without rounding.
+        column, a new one starts at zero. Computed as that gather, without rounding, and the
+        same for both moments.
         """
-        old, new = old.long(), new.long()
+        old, new = transition["old"].long(), transition["new"].long()
         at = torch.searchsorted(old, new).clamp_max(old.shape[-1] - 1)  # old is ascending
         kept = old.gather(-1, at) == new
-        X = self._tall(L)
-        moved = X.gather(-1, at[:, None, :].expand(-1, X.shape[-2], -1)) * kept[:, None, :]
-        return self._tall(moved)
 
+        def moved(L):
+            X = self._tall(L)
+            return self._tall(X.gather(-1, at[:, None, :].expand(-1, X.shape[-2], -1)) * kept[:, None, :])
 
-def stored_shape(p: torch.Tensor, shape) -> tuple:
-    """How low-rank state of matrix-view shape (B, ·, ·) is stored for p: B is kept for 3-D
-    (expert) params only, so a 2-D weight's right-side moments are (m, r), like p in dim 0 (and
-    sharded like it under FSDP2)."""
-    return tuple(shape) if p.ndim == 3 else tuple(shape[1:])
-
-
-def lowrank_adam(exp_avgs, exp_avg_sqs, lows, states, betas, eps) -> list[torch.Tensor]:
-    """Adam on low-rank gradients as galore-torch does it, for projector-based optimizers.
-
-    Updates the moments M, V in place and each state's ``step`` t, and returns the steps
-    sqrt(1-β₂ᵗ)/(1-β₁ᵗ)·M/(√V + ε) (ε on the uncorrected √V) to project back.
-    """
-    beta1, beta2 = betas
-    torch._foreach_lerp_(exp_avgs, lows, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, lows, lows, value=1 - beta2)
-    step_sizes = []
-    for s in states:
-        s["step"] += 1
-        step_sizes.append(math.sqrt(1 - beta2 ** s["step"]) / (1 - beta1 ** s["step"]))
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denominators, eps)
-    steps = torch._foreach_div(exp_avgs, denominators)
-    torch._foreach_mul_(steps, step_sizes)
-    return steps
+        return moved(M), moved(V)

@@ -1,11 +1,11 @@
 """ROOT: Muon with outlier suppression and per-shape Newton-Schulz coefficients."""
+import functools
 import math
 
 import torch
 
-from .base import MatrixOptimizer, real
 from .muon import Muon
-from .orthogonalize import root_coefficients
+from .validation import real
 
 
 def _quantile_or_none(name, value):
@@ -38,6 +38,13 @@ def abs_quantile(X: torch.Tensor, q: float) -> torch.Tensor:
     return _quantile(X.abs().flatten(1), q)
 
 
+def clip_outliers(X: torch.Tensor, q: float) -> torch.Tensor:
+    """ROOT's input transform of a stack X (B, m, n): clamp(X, -ε, ε) per matrix, with ε the
+    q-quantile of |X| (:func:`abs_quantile`)."""
+    eps = abs_quantile(X, q)[:, None, None]
+    return X.clamp(-eps, eps)
+
+
 class ROOT(Muon):
     r"""ROOT (He et al. 2025, arXiv 2511.20626): Muon made robust to outliers and to shape.
 
@@ -51,18 +58,21 @@ class ROOT(Muon):
                       = \mathrm{clamp}(M, -\varepsilon, \varepsilon) \\
         W &\leftarrow W (1 - \eta\lambda) - \eta\, s\, \mathrm{NS}_{a,b,c}(M_\varepsilon)
 
-    The outlier part (entries beyond the per-matrix quantile ε) is dropped, so a few large
-    entries cannot dominate the orthogonalized direction. NS is Muon's, with a coefficient
-    triple chosen for the matrix's shape (``ns_coefficients="auto"``): ROOT's released
-    triples for its four shapes (bar the 2048×2048 one, which overshoots: see
-    :data:`~matrixopt.orthogonalize.MAX_PEAK`), else the fitted triples shipped for LLaMA shapes
-    (``data/ns_coefficients.json``), else one fitted now by
-    :func:`~matrixopt.orthogonalize.fit_ns_coefficients` and cached for the process.
-    ``s`` is as for :class:`~matrixopt.Muon` (default "match_adamw").
+    That is :class:`~matrixopt.Muon` with two changes: the input transform
+    :func:`clip_outliers` (the outlier part, entries beyond the per-matrix quantile ε, is
+    dropped, so a few large entries cannot dominate the orthogonalized direction), and by
+    default a coefficient triple chosen for the matrix's shape (``ns_coefficients="auto"``,
+    :func:`~matrixopt.orthogonalize.root_coefficients`): ROOT's released triples for its
+    four shapes (bar the 2048×2048 one, which overshoots: see
+    :data:`~matrixopt.orthogonalize.MAX_PEAK`), else the fitted triples shipped for LLaMA
+    shapes (``data/ns_coefficients.json``), else one fitted now
+    (:func:`matrixopt.fit_ns_coefficients`) and cached for the process, as every lookup is.
+    ``s`` is as for Muon (default "match_adamw").
 
     Args:
         params, lr, momentum, nesterov, weight_decay, ns_steps, lr_scaling, betas, eps,
-        nonfinite, ns_dtype, distributed, process_group: as for :class:`~matrixopt.Muon`.
+        nonfinite, ns_dtype, fallback, distributed, process_group: as for
+        :class:`~matrixopt.Muon`.
         ns_coefficients: "auto" (default; per shape, see above) or anything Muon accepts.
         threshold_quantile: q in (0, 1] (default 0.90); None turns outlier suppression off.
     """
@@ -72,31 +82,12 @@ class ROOT(Muon):
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1,
                  ns_steps=5, ns_coefficients="auto", threshold_quantile=0.90,
                  lr_scaling="match_adamw", betas=(0.9, 0.95), eps=1e-8, nonfinite="skip",
-                 ns_dtype=None, *, distributed=None, process_group=None):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        ns_steps=ns_steps, ns_coefficients=ns_coefficients,
-                        threshold_quantile=threshold_quantile, lr_scaling=lr_scaling,
-                        betas=betas, eps=eps, nonfinite=nonfinite, ns_dtype=ns_dtype)
-        MatrixOptimizer.__init__(self, params, defaults, distributed=distributed, process_group=process_group)
+                 ns_dtype=None, *, fallback=None, distributed=None, process_group=None):
+        super().__init__(params, lr, momentum, nesterov, weight_decay, ns_steps, ns_coefficients,
+                         lr_scaling, betas, eps, nonfinite, ns_dtype, fallback=fallback,
+                         distributed=distributed, process_group=process_group,
+                         threshold_quantile=threshold_quantile)
 
-    @staticmethod
-    def _auto(group) -> bool:
-        return isinstance(group.get("ns_coefficients"), str) and group["ns_coefficients"] == "auto"
-
-    def _validate_group(self, group):
-        if self._auto(group):
-            MatrixOptimizer._validate_group(self, group)  # skip Muon's check of a fixed schedule
-        else:
-            super()._validate_group(group)
-
-    def _ns_schedule(self, group, m, n):
-        if self._auto(group):
-            return [root_coefficients(m, n, group["ns_steps"])] * group["ns_steps"]
-        return super()._ns_schedule(group, m, n)
-
-    def _ns_input(self, group, X):
+    def _transform(self, group):
         q = group["threshold_quantile"]
-        if q is None:
-            return X
-        eps = abs_quantile(X, q)[:, None, None]
-        return X.clamp(-eps, eps)
+        return None if q is None else functools.partial(clip_outliers, q=q)

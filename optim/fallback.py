@@ -1,0 +1,61 @@
+r"""The fallback: the rule for params that are not matrices (biases, norms, embeddings, the
+head). Any object with this module's :class:`AdamW`'s three members can replace it
+(``MatrixOptimizer(..., fallback=...)``): ``hyperparameters``, ``state(p, group)`` and
+``update(group, weights, grads, states)``.
+"""
+import math
+
+import torch
+
+from .base import State, counter, decay_weights
+
+
+def adamw(weights, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, betas: tuple[float, float],
+          eps: float, weight_decay: float) -> None:
+    r"""AdamW as ``torch.optim.AdamW`` computes it (foreach), over lists of tensors.
+
+    For each weight W with gradient G, moments M, V and step t (already incremented):
+
+    .. math::
+        W \leftarrow W (1 - \eta\lambda), \quad M \leftarrow \beta_1 M + (1-\beta_1) G, \quad
+        V \leftarrow \beta_2 V + (1-\beta_2) G^2, \\
+        W \leftarrow W - \frac{\eta}{1-\beta_1^t} \frac{M}{\sqrt{V}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    ``weights`` and ``grads`` are computed in fp32: low-precision weights go through an fp32
+    copy that is written back (``.float()`` of an fp32 tensor is the tensor itself, so fp32
+    weights are updated in place).
+    """
+    beta1, beta2 = betas
+    work = [w.float() for w in weights]
+    grads = [g.float() for g in grads]
+    decay_weights(work, lr=lr, weight_decay=weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denominators, [math.sqrt(1 - beta2 ** t) for t in steps])
+    torch._foreach_add_(denominators, eps)
+    torch._foreach_addcdiv_(work, exp_avgs, denominators, [-lr / (1 - beta1 ** t) for t in steps])
+    for w, x in zip(weights, work):
+        if x is not w:
+            w.copy_(x)
+
+
+class AdamW:
+    """The default fallback: :func:`adamw` with the group's ``lr``, ``betas``, ``eps`` and
+    ``weight_decay``, and fp32 moments shaped (and, under FSDP2, sharded) like the param."""
+
+    hyperparameters: dict = {}   # lr, betas, eps, weight_decay: every optimizer validates them
+
+    @staticmethod
+    def state(p, group) -> dict[str, State]:
+        moment = State(tuple(p.shape), torch.float32, sharded=True)
+        return {"step": counter(), "exp_avg": moment, "exp_avg_sq": moment}
+
+    @staticmethod
+    def update(group, weights, grads, states) -> None:
+        for s in states:
+            s["step"] += 1
+        adamw(weights, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+              [s["step"] for s in states], lr=group["lr"], betas=group["betas"], eps=group["eps"],
+              weight_decay=group["weight_decay"])
