@@ -5,8 +5,8 @@ from typing import Callable
 
 import torch
 
-from .base import (MatrixOptimizer, Out, Rows, State, Whole, apply_update, as_matrices,
-                   default_compute_dtype, local_map, matmul_in, matrix_shape)
+from .base import (MatrixOptimizer, Out, Rows, State, Whole, apply_update, default_compute_dtype, local_map,
+                   matmul_in, matrix_shape)
 from .validation import choice, compute_dtype, integer, real
 
 BASE_MAPS = ("sinkhorn", "row_norm", "sign")
@@ -223,14 +223,15 @@ class ARO(MatrixOptimizer):
         return {"momentum_buffer": State(tuple(p.shape), torch.float32, sharded=True),
                 "rotation": State((B, k, k), torch.float32, init=_identities)}
 
-    def _update(self, group, params, weights, grads, states, matrix_map):
-        _, m, n = matrix_shape(params[0])
-        aro(weights, grads, [as_matrices(s["momentum_buffer"]) for s in states], [s["rotation"] for s in states],
+    def _update(self, group, bucket):
+        m, n = bucket.shape
+        aro(bucket.weights, bucket.grads, [s["momentum_buffer"].view_as(w) for s, w in zip(bucket.states, bucket.weights)],
+            [s["rotation"] for s in bucket.states],
             lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
             rows=self._rotates_rows(group, m, n), rms=0.2 if group["lr_scaling"] == "match_adamw" else None,
             base=group["base"], sinkhorn_iters=group["sinkhorn_iters"], qr=group["qr"],
-            matmul_dtype=group["matmul_dtype"] or default_compute_dtype(weights[0].device), shape=(m, n),
-            matrix_map=matrix_map)
+            matmul_dtype=group["matmul_dtype"] or default_compute_dtype(bucket.weights[0].device), shape=(m, n),
+            matrix_map=bucket.matrix_map)
 
 
 def _identities(shape, dtype, device) -> torch.Tensor:

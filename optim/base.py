@@ -44,8 +44,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from .distributed import (MODES, MatrixWork, Out, Rows, Whole, agree_finite, check_placement, dtensor_like,
-                          group_of, shard_sizes)
+from .distributed import MODES, MatrixWork, Out, Rows, Whole, agree_finite, check_placement, dtensor_like, shard_sizes
 from .validation import betas_in_unit_interval, choice, real
 
 # -- matrix views ----------------------------------------------------------------------------
@@ -86,6 +85,15 @@ def local_matrices(p: Tensor, values: Tensor) -> Tensor:
     sizes = shard_sizes(p.shape[0], p.device_mesh.size())
     rank = p.device_mesh.get_local_rank()
     return values.narrow(0, sum(sizes[:rank]), sizes[rank])
+
+
+def group_of(params, replicated_group):
+    """The process group the matrix work of ``params`` spans (a DTensor's mesh, else the
+    replicated group), or None (single process)."""
+    for p in params:
+        if isinstance(p, DTensor):
+            return p.device_mesh.get_group()
+    return replicated_group
 
 
 def resolve_rank(rank: int | float, m: int, n: int) -> int:
@@ -180,6 +188,24 @@ class State(NamedTuple):
 def counter() -> State:
     """A step counter (a Python int, starting at 0)."""
     return State(None)
+
+
+class Bucket(NamedTuple):
+    """What a rule's :meth:`~MatrixOptimizer._update` gets: one bucket of same-shape matrices.
+
+    ``params``: the parameters (keys of the optimizer's state; DTensors under FSDP2).
+    ``weights``, ``grads``: their (B_i, m, n) views (of the local shards), to update in place.
+    ``states``: their state dicts, created from the rule's declaration.
+    ``shape``: the whole matrices' (m, n). ``sharded``: whether the params are FSDP2 DTensors.
+    ``matrix_map``: runs whole-matrix work (see :meth:`MatrixOptimizer._update`).
+    """
+    params: list
+    weights: list
+    grads: list
+    states: list
+    shape: tuple
+    sharded: bool
+    matrix_map: Callable
 
 
 # -- warnings --------------------------------------------------------------------------------
@@ -296,16 +322,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """The matrix rule's state of ``p``: name → :class:`State`."""
         raise NotImplementedError
 
-    def _update(self, group: dict, params: list[Tensor], weights: list[Tensor], grads: list[Tensor],
-                states: list[dict], matrix_map: Callable) -> None:
-        """Apply the matrix rule to one bucket.
+    def _update(self, group: dict, bucket: Bucket) -> None:
+        """Apply the matrix rule to one :class:`Bucket` of same-shape matrices (same m, n,
+        dtype and device): update ``bucket.weights`` in place and the state in
+        ``bucket.states``.
 
-        ``params`` are the parameters (keys of ``self.state``, DTensors under FSDP2: take
-        m, n from ``matrix_shape(params[0])``); ``weights`` and ``grads`` their (B, m, n)
-        views (of the local shards), all with the same m, n, dtype and device; ``states``
-        their state, created from :meth:`_state`. Update ``weights`` in place.
-
-        ``matrix_map(fn, inputs, outputs)`` runs ``fn`` on whole matrices, batched: every
+        ``bucket.matrix_map(fn, inputs, outputs)`` runs ``fn`` on whole matrices, batched: every
         computation that needs a whole matrix (orthogonalization, QR, refreshes) goes
         through it. ``inputs`` are :class:`Rows` (per param, pieces of its matrix view)
         and :class:`Whole` (per-matrix values kept whole on every rank); ``fn`` takes one
@@ -444,7 +466,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         shards = [local(p) for p in params]
         weights = [as_matrices(t) for t in shards]
         grads = [as_matrices(local(p.grad)) for p in params]
-        self._update(group, params, weights, grads, self._states(group, params), self._matrix_map(params, loads))
+        _, m, n = matrix_shape(params[0])
+        self._update(group, Bucket(params, weights, grads, self._states(group, params), (m, n),
+                                   isinstance(params[0], DTensor), self._matrix_map(params, loads)))
         # as_matrices copies a param it cannot view (e.g. channels_last); write those back.
         for t, w in zip(shards, weights):
             if w.data_ptr() != t.data_ptr():

@@ -1,5 +1,5 @@
 """DCTAdamW: Adam in a low-rank subspace picked from a fixed DCT basis (no SVD)."""
-from .base import resolve_rank
+from .base import matrix_shape, resolve_rank
 from .lowrank import LowRankAdamW
 from .projectors import DCTProjector
 from .validation import choice
@@ -59,7 +59,7 @@ class DCTAdamW(LowRankAdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128,
                  update_proj_gap=200, scale=1.0, score_norm=1, rotate_states=False, nonfinite="skip",
                  proj_dtype=None, *, fallback=None, distributed=None, process_group=None):
-        super().__init__(params, dct_projector, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+        super().__init__(params, dct_projector, ("rank", "score_norm", "proj_dtype"), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype,
                          nonfinite=nonfinite, carry_moments="rotate_states", fallback=fallback,
                          distributed=distributed, process_group=process_group, score_norm=score_norm,
@@ -72,11 +72,12 @@ class DCTAdamW(LowRankAdamW):
             for p in group["params"]:
                 s = self.state.get(p, {})
                 if "indices" in s:
-                    proj = self._projector(group, p)
+                    _, m, n = matrix_shape(p)
+                    proj = self._projector(group, m, n)
                     bases[(proj.k, p.device, s["exp_avg"].dtype)] = proj
         return [proj.shared_basis(device, dtype) for (_, device, dtype), proj in bases.items()]
 
 
-def dct_projector(group, m: int, n: int) -> DCTProjector:
-    """The group's DCT projector for m×n matrices."""
-    return DCTProjector(resolve_rank(group["rank"], m, n), m, n, group["score_norm"], dtype=group["proj_dtype"])
+def dct_projector(m: int, n: int, *, rank, score_norm, proj_dtype) -> DCTProjector:
+    """The DCT projector of m×n matrices for a group's settings."""
+    return DCTProjector(resolve_rank(rank, m, n), m, n, score_norm, dtype=proj_dtype)

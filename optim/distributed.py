@@ -136,14 +136,6 @@ def agree_finite(finite: Tensor, group) -> Tensor:
     return flags.bool()
 
 
-def group_of(params: Sequence[Tensor], replicated_group):
-    """The process group the matrix work of ``params`` spans, or None (single process)."""
-    for p in params:
-        if isinstance(p, DTensor):
-            return p.device_mesh.get_group()
-    return replicated_group
-
-
 class MatrixWork:
     """The owner split of one bucket's whole-matrix work in one step, and its collectives.
 

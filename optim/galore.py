@@ -75,14 +75,13 @@ class GaLoreAdamW(LowRankAdamW):
                  update_proj_gap=200, scale=0.25, proj_type="std", svd="randomized",
                  reproject_states=False, nonfinite="skip", seed=0, proj_dtype=None, *, fallback=None,
                  distributed=None, process_group=None):
-        super().__init__(params, svd_projector, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+        super().__init__(params, svd_projector, ("rank", "proj_type", "svd", "proj_dtype"), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype,
                          nonfinite=nonfinite, carry_moments="reproject_states", fallback=fallback,
                          distributed=distributed, process_group=process_group, proj_type=proj_type, svd=svd,
                          reproject_states=reproject_states, seed=seed)
 
 
-def svd_projector(group, m: int, n: int) -> SVDProjector:
-    """The group's SVD projector for m×n matrices."""
-    return SVDProjector(group["proj_type"], resolve_rank(group["rank"], m, n), m, n, group["svd"],
-                        group["proj_dtype"])
+def svd_projector(m: int, n: int, *, rank, proj_type, svd, proj_dtype) -> SVDProjector:
+    """The SVD projector of m×n matrices for a group's settings."""
+    return SVDProjector(proj_type, resolve_rank(rank, m, n), m, n, svd, proj_dtype)

@@ -60,16 +60,18 @@ def whole_low(proj) -> bool:
     return proj.left or proj.m == 1
 
 
-def _with_bases(fn, keys, X, *stacks):
-    """``fn(X, bases)`` as a function of X and the bases' stacks in ``keys`` order."""
-    return fn(X, dict(zip(keys, stacks)))
-
-
 def _refresh(proj, warm, G, *stacks):
     """``proj.refresh`` as a function of stacks: G, the previous bases (``proj.keys``
     order), and the sketch seeds last if the projector is randomized."""
-    seeds = stacks[-1] if proj.randomized else None
-    return proj.refresh(G, dict(zip(proj.keys, stacks)), seeds=seeds, warm=warm)
+    if proj.randomized:
+        *stacks, seeds = stacks
+        return proj.refresh(G, *stacks, seeds=seeds, warm=warm)
+    return proj.refresh(G, *stacks, warm=warm)
+
+
+def _stacks(tensors):
+    """Low-rank state (stored (·, ·), or (B, ·, ·) for a 3-D param) as (B, ·, ·) views."""
+    return [t.view(-1, *t.shape[-2:]) for t in tensors]
 
 
 def sketch_seeds(seed: int, group_index: int, place: int, count: int, matrices: int) -> torch.Tensor:
@@ -132,7 +134,9 @@ def seed_sequence_word(entropy: int, spawn_key: tuple[int, ...]) -> int:
 
 class LowRankAdamW(MatrixOptimizer):
     """Adam on each matrix's gradient projected to a rank-r subspace (see the module
-    docstring), the projector given per param group by ``make_projector(group, m, n)``.
+    docstring), the projector given by ``make_projector(m, n, **settings)``, ``settings``
+    being the group's values of ``projector_keys`` (one projector per shape and settings,
+    made once).
 
     Params that are not matrices (see :class:`~matrixopt.base.MatrixOptimizer`) get the
     fallback, AdamW with ``betas`` and ``eps`` and the group's lr and weight decay.
@@ -140,7 +144,8 @@ class LowRankAdamW(MatrixOptimizer):
     Args (GaLoreAdamW and DCTAdamW document their defaults):
         params: tensors, (name, tensor) pairs or param-group dicts (every argument can be
             overridden per group; ``matrix=True/False`` forces the routing).
-        make_projector: ``(group, m, n) -> projector`` (see :mod:`matrixopt.projectors`).
+        make_projector: ``(m, n, **settings) -> projector`` (see :mod:`matrixopt.projectors`).
+        projector_keys: the group keys the projector depends on.
         lr, betas, eps, weight_decay: Adam's (ε on the uncorrected √V, as galore-torch).
         rank: r, an int or a fraction of min(m, n); capped at min(m, n).
         update_proj_gap: steps between refreshes of the subspace (at steps 0, T, 2T, …).
@@ -170,10 +175,10 @@ class LowRankAdamW(MatrixOptimizer):
     #: (At 2^26, 24 matrices of 2048×1024 made 360 MB of temporaries for 120 MB of state.)
     max_bucket_elements = 1 << 22
 
-    def __init__(self, params, make_projector: Callable, *, lr, betas, eps, weight_decay, rank, update_proj_gap,
-                 scale, proj_dtype, nonfinite, carry_moments: str | None = None, fallback=None,
-                 distributed=None, process_group=None, **rule):
-        self._make_projector = make_projector
+    def __init__(self, params, make_projector: Callable, projector_keys: tuple[str, ...], *, lr, betas, eps,
+                 weight_decay, rank, update_proj_gap, scale, proj_dtype, nonfinite, carry_moments: str | None = None,
+                 fallback=None, distributed=None, process_group=None, **rule):
+        self._make_projector, self._projector_keys, self._projectors = make_projector, projector_keys, {}
         self._carry_key = carry_moments
         self._refresh_warned: dict[int, set[str]] = {ZERO_GRADIENT: set(), SVD_FAILED: set()}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
@@ -182,36 +187,39 @@ class LowRankAdamW(MatrixOptimizer):
         super().__init__(params, defaults, fallback=fallback, distributed=distributed,
                          process_group=process_group)
 
-    def _projector(self, group, p):
-        _, m, n = matrix_shape(p)
-        return self._make_projector(group, m, n)
+    def _projector(self, group, m: int, n: int):
+        settings = tuple(group[k] for k in self._projector_keys)
+        key = (m, n, settings)
+        if key not in self._projectors:
+            self._projectors[key] = self._make_projector(m, n, **dict(zip(self._projector_keys, settings)))
+        return self._projectors[key]
 
     def _state(self, p, group):
-        proj = self._projector(group, p)
-        low = stored_shape(p, proj.low_shape(matrix_shape(p)[0]))
+        B, m, n = matrix_shape(p)
+        proj = self._projector(group, m, n)
+        low = stored_shape(p, proj.low_shape(B))
         moment = State(low, AT_LEAST_FP32, sharded=not whole_low(proj))
         return {"step": counter(), "exp_avg": moment, "exp_avg_sq": moment, **proj.basis(p)}
 
-    def _update(self, group, params, weights, grads, states, matrix_map):
-        proj = self._projector(group, params[0])
+    def _update(self, group, bucket):
+        proj = self._projector(group, *bucket.shape)
+        params, grads, states = bucket.params, bucket.grads, bucket.states
         due = [i for i, s in enumerate(states) if s["step"] % group["update_proj_gap"] == 0]
         lows = [None] * len(params)
         if due:
-            for i, low in zip(due, self._refresh(group, proj, [params[i] for i in due], [grads[i] for i in due],
-                                                 [states[i] for i in due], matrix_map)):
+            for i, low in zip(due, self._refresh(group, proj, bucket, due)):
                 lows[i] = low
         rest = [i for i, low in enumerate(lows) if low is None]
         if rest:
-            projected = self._projected(proj.project, proj, [grads[i] for i in rest],
-                                        [params[i] for i in rest], [states[i] for i in rest], matrix_map)
-            for i, low in zip(rest, projected):
+            for i, low in zip(rest, self._projected(proj.project, proj, [grads[i] for i in rest], bucket, rest)):
                 lows[i] = low
         for s in states:
             s["step"] += 1
-        steps = lowrank_adam([as_matrices(s["exp_avg"]) for s in states], [as_matrices(s["exp_avg_sq"]) for s in states],
+        steps = lowrank_adam(_stacks([s["exp_avg"] for s in states]), _stacks([s["exp_avg_sq"] for s in states]),
                              lows, [s["step"] for s in states], group["betas"], group["eps"])
-        updates = self._projected(proj.project_back, proj, steps, params, states, matrix_map, back=True)
-        apply_update(weights, updates, lr=group["lr"], weight_decay=group["weight_decay"], scale=group["scale"])
+        updates = self._projected(proj.project_back, proj, steps, bucket, range(len(params)), back=True)
+        apply_update(bucket.weights, updates, lr=group["lr"], weight_decay=group["weight_decay"],
+                     scale=group["scale"])
 
     # -- projections -------------------------------------------------------------------------
     @staticmethod
@@ -219,9 +227,9 @@ class LowRankAdamW(MatrixOptimizer):
         """A param's bases per key, as (B, ...) stacks (a 2-D param may store them without B)."""
         return {key: state[key].view(-1, *shape) for key, shape in proj.basis_dims.items()}
 
-    def _projected(self, fn, proj, tensors, params, states, matrix_map, back: bool = False):
-        """``fn(X, bases)`` — a projection, or with ``back`` its back-projection — for each
-        param's tensor in ``tensors``.
+    def _projected(self, fn, proj, tensors, bucket, which, back: bool = False):
+        """``fn(X, *bases)`` — a projection, or with ``back`` its back-projection — for the
+        tensor in ``tensors`` of each param ``which`` of the bucket.
 
         A right projection G·V (and L·Vᵀ back) maps each block of G's rows to the same rows of
         the result, so under FSDP2 each rank projects its own shards: one batched call for the
@@ -229,27 +237,30 @@ class LowRankAdamW(MatrixOptimizer):
         UᵀG sums over G's rows, so the owner of the whole matrix computes it, through
         ``matrix_map``.
         """
-        bases = [self._bases(proj, s) for s in states]
-        call = functools.partial(_with_bases, fn, proj.keys)
+        bases = [[bucket.states[i][key].view(-1, *dims) for i in which] for key, dims in proj.basis_dims.items()]
         if whole_low(proj):
             if back:   # rows of the param, in the matmuls' dtype
                 out = Out((proj.m, proj.n), proj.dtype or tensors[0].dtype)
-            else:      # whole low-rank values, in the state's dtype
-                out = Out(proj.low_shape(1)[1:], work_dtype(tensors[0].dtype), whole=True)
-            (result,) = matrix_map(call, [(Whole if back else Rows)(tensors),
-                                          *(Whole([b[key] for b in bases]) for key in proj.keys)], [out])
+            else:      # whole low-rank values, in the state's dtype (the bases')
+                out = Out(proj.low_dims, work_dtype(tensors[0].dtype), whole=True)
+            (result,) = bucket.matrix_map(fn, [(Whole if back else Rows)(tensors), *map(Whole, bases)], [out])
             return result
-        bases = [{key: local_matrices(p, b[key]) for key in proj.keys} for p, b in zip(params, bases)]
-        if len({x.shape[1:] for x in tensors}) > 1:
-            return [fn(x, b) for x, b in zip(tensors, bases)]
-        (result,) = stacked_call(call, tensors, *([b[key] for b in bases] for key in proj.keys))
+        if bucket.sharded:   # a sharded expert stack's rows: this rank's experts' bases
+            params = [bucket.params[i] for i in which]
+            bases = [[local_matrices(p, b) for p, b in zip(params, key_bases)] for key_bases in bases]
+            if len({x.shape[1:] for x in tensors}) > 1:
+                return [fn(x, *b) for x, *b in zip(tensors, *bases)]
+        (result,) = stacked_call(fn, tensors, *bases)
         return result
 
     # -- refresh -------------------------------------------------------------------------------
-    def _refresh(self, group, proj, params, grads, states, matrix_map) -> list:
-        """New bases for ``params`` from their gradients, as one batch per shape; the moments
-        carried into them when the group asks; returns the low-rank gradients where the
-        projector's refresh gives them (else Nones)."""
+    def _refresh(self, group, proj, bucket, due) -> list:
+        """New bases for the bucket's params ``due`` from their gradients, as one batch; the
+        moments carried into them when the group asks; returns the low-rank gradients where
+        the projector's refresh gives them (else Nones)."""
+        params = [bucket.params[i] for i in due]
+        grads = [bucket.grads[i] for i in due]
+        states = [bucket.states[i] for i in due]
         index = {id(q): i for i, q in enumerate(group["params"])}
         places = [index[id(p)] for p in params]  # in the group: the sketches' seeds and the warnings name them
         old = [self._bases(proj, s) for s in states]
@@ -261,7 +272,7 @@ class LowRankAdamW(MatrixOptimizer):
         # A cold start at a param's first refresh: its identity-slice basis is no estimate.
         warm = all(s["step"] > 0 for s in states)
         outputs = proj.refresh_outputs(work_dtype(grads[0].dtype))
-        results = matrix_map(functools.partial(_refresh, proj, warm), inputs, outputs)
+        results = bucket.matrix_map(functools.partial(_refresh, proj, warm), inputs, outputs)
         bases, status = results[:len(proj.keys)], results[len(proj.keys)]
         lows = results[-1] if proj.refresh_gives_low else [None] * len(params)
         whole = whole_low(proj)
@@ -271,7 +282,7 @@ class LowRankAdamW(MatrixOptimizer):
                 transition = proj.transition(old[i], new)
                 if not whole:   # the moments are this rank's rows: its experts' entries
                     transition = {k: local_matrices(p, t) for k, t in transition.items()}
-                M, V = as_matrices(s["exp_avg"]), as_matrices(s["exp_avg_sq"])
+                M, V = _stacks([s["exp_avg"], s["exp_avg_sq"]])
                 new_M, new_V = proj.carry(M, V, transition)
                 M.copy_(new_M)
                 V.copy_(new_V)

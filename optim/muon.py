@@ -5,8 +5,7 @@ from typing import Callable
 
 import torch
 
-from .base import (MatrixOptimizer, Out, Rows, State, apply_update, default_compute_dtype, local_map,
-                   matrix_shape)
+from .base import MatrixOptimizer, Out, Rows, State, apply_update, default_compute_dtype, local_map
 from .orthogonalize import ns_schedule, orthogonalize
 from .validation import choice, compute_dtype, integer, real
 
@@ -30,10 +29,6 @@ def update_scale(m: int, n: int, lr_scaling: str) -> float:
     return 1.0
 
 
-def _ns_of(transform: Callable | None, schedule, X: torch.Tensor) -> torch.Tensor:
-    return orthogonalize(transform(X) if transform else X, schedule)
-
-
 def muon(weights, grads, momenta, *, lr: float, momentum: float, nesterov: bool, weight_decay: float,
          schedule, scale: float, ns_dtype: torch.dtype, transform: Callable | None = None,
          shape: tuple[int, int] | None = None, matrix_map: Callable = local_map) -> None:
@@ -52,7 +47,7 @@ def muon(weights, grads, momenta, *, lr: float, momentum: float, nesterov: bool,
     torch._foreach_lerp_(momenta, grads, 1 - momentum)
     inputs = torch._foreach_lerp(grads, momenta, momentum) if nesterov else momenta
     inputs = [x.to(ns_dtype) for x in inputs]
-    (updates,) = matrix_map(functools.partial(_ns_of, transform, schedule), [Rows(inputs)],
+    (updates,) = matrix_map(functools.partial(orthogonalize, schedule=schedule, transform=transform), [Rows(inputs)],
                             [Out(shape or tuple(inputs[0].shape[1:]), ns_dtype)])
     apply_update(weights, updates, lr=lr, weight_decay=weight_decay, scale=scale)
 
@@ -134,12 +129,13 @@ class Muon(MatrixOptimizer):
         """The input transform T of :func:`muon` (none for Muon)."""
         return None
 
-    def _update(self, group, params, weights, grads, states, matrix_map):
-        _, m, n = matrix_shape(params[0])
-        muon(weights, grads, [s["momentum_buffer"].view_as(w) for s, w in zip(states, weights)],
+    def _update(self, group, bucket):
+        m, n = bucket.shape
+        weights = bucket.weights
+        muon(weights, bucket.grads, [s["momentum_buffer"].view_as(w) for s, w in zip(bucket.states, weights)],
              lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
              weight_decay=group["weight_decay"],
              schedule=ns_schedule(group["ns_coefficients"], group["ns_steps"], (m, n)),
              scale=update_scale(m, n, group["lr_scaling"]),
              ns_dtype=group["ns_dtype"] or default_compute_dtype(weights[0].device),
-             transform=self._transform(group), shape=(m, n), matrix_map=matrix_map)
+             transform=self._transform(group), shape=(m, n), matrix_map=bucket.matrix_map)

@@ -86,11 +86,12 @@ def ns_schedule(coefficients, steps: int, shape: tuple[int, int] | None = None) 
                      "a triple (a, b, c) or a list of triples")
 
 
-def orthogonalize(X: torch.Tensor, schedule, *, eps: float = 1e-7) -> torch.Tensor:
-    """Orthogonalize a stack X of shape (B, m, n) in X's dtype: ``schedule`` is a list of
-    (a, b, c) triples (see :func:`ns_schedule`). The result stays in X's dtype: an fp32
-    copy of a bf16 update would only double its memory before it is added to the weights."""
-    return newton_schulz(X, schedule, eps=eps)
+def orthogonalize(X: torch.Tensor, schedule, *, transform=None, eps: float = 1e-7) -> torch.Tensor:
+    """Orthogonalize a stack X of shape (B, m, n), or ``transform(X)`` if one is given (ROOT's
+    outlier clipping), in X's dtype: ``schedule`` is a list of (a, b, c) triples (see
+    :func:`ns_schedule`). The result stays in X's dtype: an fp32 copy of a bf16 update would
+    only double its memory before it is added to the weights."""
+    return newton_schulz(transform(X) if transform else X, schedule, eps=eps)
 
 
 # -- ROOT's per-shape coefficients ----------------------------------------------------------

@@ -7,9 +7,9 @@ matrix shape m×n and a stack of same-shape gradients G (B, m, n):
   (``left``: the projection sums over G's rows, so the low-rank values are whole per matrix);
 - ``basis(p)``: its state per param, name → :class:`~matrixopt.base.State` (whole per
   matrix); ``keys``: those names; ``basis_dims``: key → the per-matrix shape;
-- ``project(G, bases)`` → L and ``project_back(L, bases)`` → (B, m, n), with ``bases`` a
-  dict of (B, ...) stacks of that state;
-- ``refresh(G, previous, seeds, warm)`` → the new bases (in ``keys`` order), a (B,) int8
+- ``project(G, *bases)`` → L and ``project_back(L, *bases)`` → (B, m, n), with ``bases``
+  the (B, ...) stacks of that state in ``keys`` order; ``low_dims``: L's per-matrix shape;
+- ``refresh(G, *previous, seeds=None, warm=True)`` → the new bases (in ``keys`` order), a (B,) int8
   status (:data:`REFRESHED`, :data:`ZERO_GRADIENT`, :data:`SVD_FAILED`) and, where
   ``refresh_gives_low``, the low-rank gradient too; ``refresh_outputs(dtype)`` declares
   them (:class:`~matrixopt.base.Out`); ``randomized``: whether ``seeds`` are wanted;
@@ -92,6 +92,7 @@ class SVDProjector:
         self.rank, self.m, self.n, self.svd, self.dtype = rank, m, n, svd, dtype
         self.keys = tuple(f"proj_{side}" for side in sides)
         self.basis_dims = {key: (m if key == "proj_left" else n, rank) for key in self.keys}
+        self.low_dims = (rank if self.left else m, rank if self.right else n)
         self.randomized = svd == "randomized"
 
     refresh_gives_low = False
@@ -111,23 +112,22 @@ class SVDProjector:
         return [*(Out(dims, dtype, whole=True) for dims in self.basis_dims.values()),
                 Out((), torch.int8, whole=True)]
 
-    def project(self, G: torch.Tensor, bases) -> torch.Tensor:
-        """Low-rank gradient of G (B, m, n), in the bases' dtype; ``bases`` maps this
-        projector's keys to tensors."""
+    def project(self, G: torch.Tensor, *bases: torch.Tensor) -> torch.Tensor:
+        """Low-rank gradient of G (B, m, n), in the bases' dtype; ``bases`` in ``keys`` order."""
         L = G
         if self.left:
-            L = matmul_in(bases["proj_left"].mT, L, self.dtype)
+            L = matmul_in(bases[0].mT, L, self.dtype)
         if self.right:
-            L = matmul_in(L, bases["proj_right"], self.dtype)
-        return L.to(bases[self.keys[0]].dtype)
+            L = matmul_in(L, bases[-1], self.dtype)
+        return L.to(bases[0].dtype)
 
-    def project_back(self, L: torch.Tensor, bases) -> torch.Tensor:
+    def project_back(self, L: torch.Tensor, *bases: torch.Tensor) -> torch.Tensor:
         """Map a low-rank step L back to (B, m, n), in the matmuls' dtype (the update is
         added to the weights as it is: a bf16 one needs no fp32 copy)."""
         if self.left:
-            L = matmul_in(bases["proj_left"], L, self.dtype)
+            L = matmul_in(bases[0], L, self.dtype)
         if self.right:
-            L = matmul_in(L, bases["proj_right"].mT, self.dtype)
+            L = matmul_in(L, bases[-1].mT, self.dtype)
         return L
 
     def transition(self, old, new) -> dict[str, torch.Tensor]:
@@ -142,12 +142,11 @@ class SVDProjector:
             M, V = (Rk @ M, R2 @ V) if key == "proj_left" else (M @ Rk.mT, V @ R2.mT)
         return M, V
 
-    def refresh(self, G: torch.Tensor, previous, seeds=None, warm: bool = True) -> tuple[torch.Tensor, ...]:
+    def refresh(self, G: torch.Tensor, *previous: torch.Tensor, seeds=None, warm: bool = True) -> tuple[torch.Tensor, ...]:
         """New bases for the stack G (B, m, n), in the order of ``self.keys``, then a (B,) int8
         status per entry: ``REFRESHED``, or why it kept ``previous`` (``ZERO_GRADIENT``,
         ``SVD_FAILED``: no convergence or a non-finite basis). ``seeds`` (B,) seed one
         generator per matrix for the randomized sketch; ``warm=False`` starts it cold."""
-        previous = [previous[key] for key in self.keys]
         zero = G.flatten(1).abs().amax(dim=1) == 0
         status = torch.where(zero, ZERO_GRADIENT, REFRESHED).to(torch.int8)
         generators = None if seeds is None else [torch.Generator(G.device).manual_seed(seed)
@@ -215,8 +214,9 @@ class DCTProjector:
     def __init__(self, rank: int, m: int, n: int, score_norm: int = 1, method: str = "auto",
                  dtype: torch.dtype | None = None):
         self.rank, self.m, self.n = rank, m, n
-        self.basis_dims = {"indices": (rank,)}
         self.left, self.k = m < n, min(m, n)
+        self.basis_dims = {"indices": (rank,)}
+        self.low_dims = (rank, n) if self.left else (m, rank)
         self.score_norm, self.method, self.dtype = score_norm, method, dtype
 
     def low_shape(self, batch: int) -> tuple[int, int, int]:
@@ -230,7 +230,7 @@ class DCTProjector:
 
     def refresh_outputs(self, dtype: torch.dtype) -> list[Out]:
         return [Out((self.rank,), torch.int32, whole=True), Out((), torch.int8, whole=True),
-                Out(self.low_shape(1)[1:], dtype, whole=self.left or self.m == 1)]
+                Out(self.low_dims, dtype, whole=self.left or self.m == 1)]
 
     def shared_basis(self, device, dtype: torch.dtype) -> torch.Tensor:
         """The shared Q (k×k) these projections use."""
@@ -240,21 +240,21 @@ class DCTProjector:
         # The left side is the right side of the transpose: work on (B, max(m,n), ·) views.
         return X.mT if self.left else X
 
-    def _columns(self, bases, device, dtype) -> torch.Tensor:
+    def _columns(self, indices, device, dtype) -> torch.Tensor:
         """Q[:, I] for each matrix of the stack, (B, k, r)."""
-        return self.shared_basis(device, dtype).T[bases["indices"].long()].mT
+        return self.shared_basis(device, dtype).T[indices.long()].mT
 
-    def project(self, G: torch.Tensor, bases) -> torch.Tensor:
-        """Low-rank gradient of G (B, m, n); ``bases`` maps "indices" to (B, r)."""
+    def project(self, G: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Low-rank gradient of G (B, m, n) for the (B, r) ``indices``."""
         work = work_dtype(G.dtype)
-        low = matmul_in(self._tall(G), self._columns(bases, G.device, work), self.dtype)
+        low = matmul_in(self._tall(G), self._columns(indices, G.device, work), self.dtype)
         return self._tall(low.to(work))
 
-    def project_back(self, L: torch.Tensor, bases) -> torch.Tensor:
+    def project_back(self, L: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Map a low-rank step L back to (B, m, n), in the matmul's dtype."""
-        return self._tall(matmul_in(self._tall(L), self._columns(bases, L.device, L.dtype).mT, self.dtype))
+        return self._tall(matmul_in(self._tall(L), self._columns(indices, L.device, L.dtype).mT, self.dtype))
 
-    def refresh(self, G: torch.Tensor, previous=None, seeds=None, warm=True):
+    def refresh(self, G: torch.Tensor, *previous, seeds=None, warm=True):
         """New ``indices`` (B, r) int32 for the stack G (B, m, n), a (B,) status (always
         ``REFRESHED``: a DCT selection cannot fail) and the low-rank gradient S[:, I], so a
         refresh step needs no second matmul."""
