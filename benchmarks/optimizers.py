@@ -52,6 +52,11 @@ class Variant(NamedTuple):
 # of its own (~11 launches each, each step); the second variant measures what 8× larger
 # buckets (Muon's cap) save in launch-bound steps on a GPU, for 8× the temporaries.
 VARIANTS = {
+    # ROOT is Muon with an input transform and a per-shape schedule: with the same triple and
+    # clipping off its step should cost Muon's.
+    "matrixopt.Muon (ns_coefficients=muon)": Variant("matrixopt.Muon", {"ns_coefficients": "muon"}),
+    "matrixopt.ROOT (ns_coefficients=muon, threshold_quantile=None)": Variant(
+        "matrixopt.ROOT", {"ns_coefficients": "muon", "threshold_quantile": None}),
     "matrixopt.GaLoreAdamW (proj_dtype=bf16)": Variant("matrixopt.GaLoreAdamW", {"proj_dtype": torch.bfloat16}),
     "matrixopt.GaLoreAdamW (proj_dtype=bf16, 2^25-element buckets)": Variant(
         "matrixopt.GaLoreAdamW", {"proj_dtype": torch.bfloat16}, {"max_bucket_elements": 1 << 25}),

@@ -20,7 +20,7 @@ from .common import cpu_peak_bytes, default_device, median_ms
 from .optimizers import ADAMW, Settings, build, contenders, is_low_rank, state_bytes
 
 # name: (d, h, layers). 60M and 350M as in the GaLore paper; 1B is the 822M-param matrix set
-# (16 layers, h = 5632) of DESIGN.md's anchor figures; "tiny" is the quick CPU set and "ci"
+# (16 layers, h = 5632) of a LLaMA-1B-sized model; "tiny" is the quick CPU set and "ci"
 # one small enough for the tests.
 SHAPES = {
     "ci": (64, 176, 1),

@@ -1,0 +1,163 @@
+"""The structure ARCHITECTURE.md promises, checked on the running code.
+
+- One step's path through the package: a plain Muon step crosses at most 8 file
+  boundaries, a plain GaLoreAdamW step at most 12. A crossing is a call from a function in
+  one of matrixopt's source files into a function in another (returns are not counted; calls
+  into torch are not counted), traced with ``sys.settrace`` on a warm step over one matrix.
+- ``import matrixopt`` and every optimizer's step need neither numpy nor scipy.
+- A new optimizer is one file: a rule declared with ``State`` and a functional update works
+  with the shell's state creation, state dicts and state_bytes, as ARCHITECTURE.md shows.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import matrixopt
+from matrixopt import kernels
+
+PACKAGE_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (matrixopt, kernels))
+
+
+def _ours(frame) -> bool:
+    return os.path.abspath(frame.f_code.co_filename).startswith(PACKAGE_DIRS)
+
+
+def step_path(opt) -> list[tuple[str, str, str]]:
+    """(caller's file, callee's file, callee) for every call of a matrixopt function in one
+    ``opt.step()``; the caller is the nearest matrixopt frame below (None for the entry)."""
+    path = []
+
+    def tracer(frame, event, arg):
+        if event == "call" and _ours(frame):
+            caller = frame.f_back
+            while caller is not None and not _ours(caller):
+                caller = caller.f_back
+            path.append((caller and os.path.basename(caller.f_code.co_filename),
+                         os.path.basename(frame.f_code.co_filename), frame.f_code.co_name))
+
+    sys.settrace(tracer)
+    try:
+        opt.step()
+    finally:
+        sys.settrace(None)
+    return path
+
+
+def crossings(path) -> list[tuple[str, str, str]]:
+    return [(a, b, name) for a, b, name in path if a is not None and a != b]
+
+
+def warm(cls, shape, **kwargs):
+    """``cls`` over one matrix, two steps in (state made, no refresh due), a gradient set."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(*shape))
+    opt = cls([p], lr=0.01, **kwargs)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    p.grad = torch.randn_like(p)
+    return opt
+
+
+@pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
+def test_a_muon_step_crosses_at_most_8_file_boundaries(shape):
+    path = crossings(step_path(warm(matrixopt.Muon, shape)))
+    assert len(path) <= 8, path
+    assert ("orthogonalize.py", "newton_schulz.py", "newton_schulz") in path   # the path reaches the kernel
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+@pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
+def test_a_galore_step_crosses_at_most_12_file_boundaries(shape, proj_type):
+    path = crossings(step_path(warm(matrixopt.GaLoreAdamW, shape, rank=2, proj_type=proj_type)))
+    assert len(path) <= 12, path
+    assert {name for *_, name in path} >= {"project", "project_back"}
+
+
+def test_the_path_the_tracer_sees_includes_a_refresh():
+    """The tracer is not blind: a refresh step goes through the SVD kernel."""
+    opt = warm(matrixopt.GaLoreAdamW, (12, 8), rank=2, update_proj_gap=2)
+    assert "lowrank_svd" in {name for *_, name in step_path(opt)}
+
+
+def test_import_and_steps_need_neither_numpy_nor_scipy():
+    """In a fresh interpreter where, once torch is imported (torch itself imports numpy when
+    it is installed), numpy and scipy cannot be imported, matrixopt imports and every
+    optimizer steps (ROOT on a shipped shape; fitting a new one needs scipy)."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        import torch
+        for name in list(sys.modules):
+            if name.split(".")[0] in ("numpy", "scipy"):
+                sys.modules[name] = None      # `import numpy` now raises ImportError
+        warnings.simplefilter("ignore")
+        import matrixopt
+        for cls in (matrixopt.Muon, matrixopt.ROOT, matrixopt.ARO, matrixopt.GaLoreAdamW, matrixopt.DCTAdamW):
+            p = torch.nn.Parameter(torch.randn(128, 512))
+            b = torch.nn.Parameter(torch.randn(512))
+            opt = cls([p, b], lr=0.01)
+            for _ in range(2):
+                p.grad, b.grad = torch.randn_like(p), torch.randn_like(b)
+                opt.step()
+        assert "scipy" not in sys.modules
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# -- the recipe of ARCHITECTURE.md: a new optimizer in one file ----------------------------------
+
+from matrixopt.base import Out, Rows, State, apply_update, local_map  # noqa: E402
+from matrixopt.validation import real  # noqa: E402
+
+
+def sign_momentum(weights, grads, momenta, *, lr, beta, weight_decay, shape, matrix_map=local_map):
+    """W ← W(1 − ηλ) − η·sign(M), M ← βM + (1 − β)G (a rule with whole-matrix work: none
+    needed, but routed through the map to exercise the seam)."""
+    torch._foreach_lerp_(momenta, grads, 1 - beta)
+    (updates,) = matrix_map(torch.sign, [Rows(momenta)], [Out(shape, momenta[0].dtype)])
+    apply_update(weights, updates, lr=lr, weight_decay=weight_decay, scale=1.0)
+
+
+class SignMomentum(matrixopt.MatrixOptimizer):
+    hyperparameters = {"beta": real(0.0, 1.0, hi_open=True)}
+
+    def __init__(self, params, lr=1e-3, beta=0.9, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
+                 nonfinite="skip"):
+        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, betas=betas, eps=eps,
+                                      nonfinite=nonfinite))
+
+    def _state(self, p, group):
+        return {"momentum": State(tuple(p.shape), torch.float32, sharded=True)}
+
+    def _update(self, group, bucket):
+        sign_momentum(bucket.weights, bucket.grads, [s["momentum"].view_as(w) for s, w in
+                                                     zip(bucket.states, bucket.weights)],
+                      lr=group["lr"], beta=group["beta"], weight_decay=group["weight_decay"],
+                      shape=bucket.shape, matrix_map=bucket.matrix_map)
+
+
+def test_a_new_rule_gets_state_checkpoints_and_validation_from_the_shell():
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))
+    opt = SignMomentum([w, b], lr=0.1)
+    w0 = w.detach().clone()
+    w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    opt.step()
+    # By hand: M = 0.1·1, W = W0 − 0.1·sign(M).
+    torch.testing.assert_close(w.detach(), w0 - 0.1, rtol=0, atol=0)
+    assert opt.state[w]["momentum"].dtype == torch.float32
+    assert set(opt.state[b]) == {"step", "exp_avg", "exp_avg_sq"}       # the fallback's
+    # 6·4 fp32 momentum, 2·4 fp32 fallback moments.
+    assert opt.state_bytes() == 4 * 24 + 2 * 4 * 4
+    sd = opt.state_dict()
+    sd["state"][0]["momentum"] = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match=r"'momentum' has shape \(4, 6\), expected \(6, 4\)"):
+        SignMomentum([w, b]).load_state_dict(sd)
+    with pytest.raises(ValueError, match="beta"):
+        SignMomentum([w], beta=1.0)
