@@ -227,7 +227,7 @@ class ARO(MatrixOptimizer):
         m, n = bucket.shape
         aro(bucket.weights, bucket.grads, [s["momentum_buffer"].view_as(w) for s, w in zip(bucket.states, bucket.weights)],
             [s["rotation"] for s in bucket.states],
-            lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+            lr=float(group["lr"]), momentum=group["momentum"], weight_decay=group["weight_decay"],
             rows=self._rotates_rows(group, m, n), rms=0.2 if group["lr_scaling"] == "match_adamw" else None,
             base=group["base"], sinkhorn_iters=group["sinkhorn_iters"], qr=group["qr"],
             matmul_dtype=group["matmul_dtype"] or default_compute_dtype(bucket.weights[0].device), shape=(m, n),

@@ -342,9 +342,20 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return self._state(p, group) if self.is_matrix(group, p) else self.fallback.state(p, group)
 
     # -- the step ------------------------------------------------------------------------------
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        ``lr`` may be a float or a one-element Tensor (read as ``float(lr)`` each step, so
+        a scheduler may change it in place). Every check that can fail (gradients' layout
+        and shape, non-finite gradients with ``nonfinite="raise"``) runs before any param or
+        state changes. Params with no elements are left alone (nothing to update).
+
+        The step declines ``torch.compile`` (``torch.compiler.disable``): it runs eagerly
+        inside a compiled region, with eager's results, rather than being traced per
+        bucket and shape and recompiled every step.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -353,7 +364,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         # Check every group before updating any, so that an error leaves all params untouched.
         work = []
         for group in self.param_groups:
-            indices = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            indices = [i for i, p in enumerate(group["params"]) if p.grad is not None and p.numel()]
+            if indices:
+                SHARED_HYPERPARAMETERS["lr"]("lr", group["lr"])   # changed since construction?
             for i in indices:
                 self._check_grad(group, i)
             if indices:

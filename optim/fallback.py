@@ -57,5 +57,5 @@ class AdamW:
         for s in states:
             s["step"] += 1
         adamw(weights, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-              [s["step"] for s in states], lr=group["lr"], betas=group["betas"], eps=group["eps"],
+              [s["step"] for s in states], lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
               weight_decay=group["weight_decay"])

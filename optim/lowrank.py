@@ -218,7 +218,7 @@ class LowRankAdamW(MatrixOptimizer):
         steps = lowrank_adam(_stacks([s["exp_avg"] for s in states]), _stacks([s["exp_avg_sq"] for s in states]),
                              lows, [s["step"] for s in states], group["betas"], group["eps"])
         updates = self._projected(proj.project_back, proj, steps, bucket, range(len(params)), back=True)
-        apply_update(bucket.weights, updates, lr=group["lr"], weight_decay=group["weight_decay"],
+        apply_update(bucket.weights, updates, lr=float(group["lr"]), weight_decay=group["weight_decay"],
                      scale=group["scale"])
 
     # -- projections -------------------------------------------------------------------------
@@ -298,7 +298,7 @@ class LowRankAdamW(MatrixOptimizer):
         if all(w == REFRESHED for w in worst):
             return
         causes = [(SVD_FAILED, "the SVD did not converge or was not finite")]
-        if group["lr"] != 0:  # lr 0 with zero gradients: torch.distributed.checkpoint building state
+        if float(group["lr"]) != 0:  # lr 0 with zero gradients: torch.distributed.checkpoint building state
             causes.append((ZERO_GRADIENT, "its gradient is all zeros"))
         for cause, what in causes:
             kept = [self._param_name(group, i) for i, w in zip(places, worst) if w == cause]

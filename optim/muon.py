@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from .base import MatrixOptimizer, Out, Rows, State, apply_update, default_compute_dtype, local_map
+from .base import AT_LEAST_FP32, MatrixOptimizer, Out, Rows, State, apply_update, default_compute_dtype, local_map
 from .orthogonalize import ns_schedule, orthogonalize
 from .validation import choice, compute_dtype, integer, real
 
@@ -44,6 +44,7 @@ def muon(weights, grads, momenta, *, lr: float, momentum: float, nesterov: bool,
     ``ns_dtype`` before they are stacked (and, distributed, sent to owner ranks): a bf16
     stack is half an fp32 one, and NS would round to bf16 first anyway.
     """
+    grads = [g.to(b.dtype) for g, b in zip(grads, momenta)]   # bf16 grads into fp32 momenta
     torch._foreach_lerp_(momenta, grads, 1 - momentum)
     inputs = torch._foreach_lerp(grads, momenta, momentum) if nesterov else momenta
     inputs = [x.to(ns_dtype) for x in inputs]
@@ -68,7 +69,9 @@ class Muon(MatrixOptimizer):
     (see :func:`update_scale`); the default "match_adamw" lets AdamW's lr carry over.
     With ``lr_scaling="original"`` and ``ns_coefficients="muon"`` this is
     ``torch.optim.Muon``. Same-shape matrices are orthogonalized as one batch
-    (:func:`muon`). State: the momentum B, in the param's dtype, sharded like the param.
+    (:func:`muon`). State: the momentum B, fp32 (fp64 for fp64 params; torch.optim.Muon
+    keeps it in the param's dtype, where a bf16 momentum keeps each step's (1 − μ)·G to a
+    few bits), sharded like the param.
 
     Params that are not matrices (see :class:`~matrixopt.base.MatrixOptimizer`) get the
     fallback, AdamW with ``betas`` and ``eps`` and the group's lr and weight decay.
@@ -123,7 +126,9 @@ class Muon(MatrixOptimizer):
         ns_schedule(group["ns_coefficients"], group["ns_steps"])
 
     def _state(self, p, group):
-        return {"momentum_buffer": State(tuple(p.shape), sharded=True)}
+        # fp32 for bf16/fp16 params: in bf16 (8 significant bits) the step's increment
+        # (1 − μ)·G ≈ 0.05·G would keep ~4 bits relative to B, and vanish below 2⁻⁹·B.
+        return {"momentum_buffer": State(tuple(p.shape), AT_LEAST_FP32, sharded=True)}
 
     def _transform(self, group) -> Callable | None:
         """The input transform T of :func:`muon` (none for Muon)."""
@@ -133,7 +138,7 @@ class Muon(MatrixOptimizer):
         m, n = bucket.shape
         weights = bucket.weights
         muon(weights, bucket.grads, [s["momentum_buffer"].view_as(w) for s, w in zip(bucket.states, weights)],
-             lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+             lr=float(group["lr"]), momentum=group["momentum"], nesterov=group["nesterov"],
              weight_decay=group["weight_decay"],
              schedule=ns_schedule(group["ns_coefficients"], group["ns_steps"], (m, n)),
              scale=update_scale(m, n, group["lr_scaling"]),

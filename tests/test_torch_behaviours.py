@@ -1,0 +1,153 @@
+"""torch.optim behaviours a user swapping AdamW relies on: Tensor lr, resuming on params of
+another dtype, zero-element params, torch.compile(opt.step), momentum schedulers, bf16
+params. Each of these failed before the fix that made it pass."""
+import warnings
+
+import pytest
+import torch
+
+import matrixopt
+
+OPTIMIZERS = [matrixopt.Muon, matrixopt.ROOT, matrixopt.ARO, matrixopt.GaLoreAdamW, matrixopt.DCTAdamW]
+SMALL = {"GaLoreAdamW": dict(rank=2, update_proj_gap=3), "DCTAdamW": dict(rank=2, update_proj_gap=3)}
+ids = [c.__name__ for c in OPTIMIZERS]
+
+
+def params(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(6, 4, dtype=dtype)), torch.nn.Parameter(torch.randn(3, 5, 4, dtype=dtype)),
+            torch.nn.Parameter(torch.randn(5, 3, dtype=dtype)), torch.nn.Parameter(torch.randn(4, dtype=dtype))]
+
+
+def run(opt, ps, steps, start=0):
+    for i in range(start, start + steps):
+        g = torch.Generator().manual_seed(100 + i)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        opt.step()
+
+
+def make(cls, ps, **kw):
+    return cls(ps, **{"lr": 0.01, **SMALL.get(cls.__name__, {}), **kw})
+
+
+@pytest.mark.parametrize("lr", [torch.tensor(0.01), torch.tensor([0.01])], ids=["0-d", "1-element"])
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_tensor_lr_steps_like_the_float_lr(cls, lr):
+    """A Tensor lr gives the float lr's result bit for bit (the float being the tensor's value)."""
+    ps, qs = params(), params()
+    run(make(cls, ps, lr=lr), ps, 7)
+    run(make(cls, qs, lr=float(lr)), qs, 7)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_an_lr_made_invalid_after_construction_fails_before_any_update(cls):
+    ps = params()
+    opt = make(cls, ps)
+    run(opt, ps, 1)
+    before = [p.detach().clone() for p in ps]
+    state = {k: v.clone() for k, v in opt.state[ps[0]].items() if isinstance(v, torch.Tensor)}
+    opt.param_groups[0]["lr"] = torch.tensor([0.01, 0.02])
+    with pytest.raises(ValueError, match="lr"):
+        run(opt, ps, 1, start=1)
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+    assert all(torch.equal(opt.state[ps[0]][k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("to", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_a_checkpoint_resumes_on_params_of_another_dtype(cls, to):
+    """fp32 → bf16/fp64 and back: every state tensor takes the dtype the docs give it (fp32
+    for the AdamW fallback and ARO, at least fp32 — fp64 for fp64 params — for Muon's and
+    the low-rank moments and bases) and the next steps run."""
+    ps = params()
+    opt = make(cls, ps)
+    run(opt, ps, 4)
+    saved = opt.state_dict()
+    for dtype, source in ((to, saved), (torch.float32, None)):
+        qs = params(dtype, seed=1)
+        resumed = make(cls, qs)
+        resumed.load_state_dict(source if source is not None else saved_other)
+        run(resumed, qs, 3, start=4)
+        for q in qs:
+            for key, value in resumed.state[q].items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    fixed = q.ndim == 1 or cls is matrixopt.ARO
+                    want = torch.float32 if fixed else torch.promote_types(dtype, torch.float32)
+                    assert value.dtype == want, (key, value.dtype)
+            assert q.isfinite().all()
+        saved_other = resumed.state_dict()
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_zero_element_params_are_left_alone(cls):
+    empty = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((0, 5), (5, 0), (2, 0, 3))]
+    ps = params()
+    opt = make(cls, empty + ps)
+    before = [p.detach().clone() for p in ps]
+    run(opt, empty + ps, 4)
+    assert all(p.shape == e.shape for p, e in zip(empty, empty))
+    assert all(not torch.equal(p, b) for p, b in zip(ps, before))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_compiled_step_equals_eager(cls):
+    """torch.compile(opt.step) runs the step eagerly (it declines compilation), so it gives
+    eager's result — GaLore's and ARO's per-bucket state used to be mixed up inside one
+    compiled frame — and never recompiles."""
+    torch._dynamo.reset()
+    ps, qs = params(), params()
+    eager, compiled = make(cls, ps), make(cls, qs)
+    step = torch.compile(compiled.step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # e.g. "recompile_limit reached"
+        warnings.filterwarnings("ignore", message=".*record_function.*")
+        for i in range(8):
+            g = torch.Generator().manual_seed(i)
+            for p, q in zip(ps, qs):
+                p.grad = torch.randn(p.shape, generator=g)
+                q.grad = p.grad.clone()
+            eager.step()
+            step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [matrixopt.Muon, matrixopt.ROOT, matrixopt.ARO], ids=["Muon", "ROOT", "ARO"])
+def test_momentum_schedulers_cycle_the_fallbacks_beta1_only(cls):
+    """What README states: torch's OneCycleLR/CyclicLR with cycle_momentum cycle
+    ``betas[0]`` (they prefer ``betas`` when an optimizer has it), which is the AdamW
+    fallback's β₁; the matrix rule's ``momentum`` stays as set."""
+    ps = params()
+    opt = make(cls, ps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=10, cycle_momentum=True,
+                                                base_momentum=0.8, max_momentum=0.9)
+    beta1s = []
+    for i in range(5):
+        run(opt, ps, 1, start=i)
+        sched.step()
+        beta1s.append(opt.param_groups[0]["betas"][0])
+        assert opt.param_groups[0]["momentum"] == 0.95
+    assert len(set(beta1s)) > 1
+
+
+@pytest.mark.parametrize("cls", [matrixopt.Muon, matrixopt.ROOT], ids=["Muon", "ROOT"])
+def test_bf16_params_get_fp32_momentum(cls):
+    """README's promise: fp32 moments for bf16 params — the momentum accumulates increments a
+    bf16 buffer would round: here one of 1e-3 of its size, ten times."""
+    p = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
+    opt = cls([p], lr=0.0, momentum=0.999, weight_decay=0.0)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    buf = opt.state[p]["momentum_buffer"]
+    assert buf.dtype == torch.float32
+    for _ in range(10):
+        p.grad = torch.full_like(p, 2.0)
+        opt.step()
+    # fp32 reference of B ← 0.999 B + 0.001 G
+    want = torch.tensor(0.001)
+    for _ in range(10):
+        want = 0.999 * want + 0.001 * 2.0
+    torch.testing.assert_close(buf, torch.full((4, 4), want.item()), rtol=1e-5, atol=0)
