@@ -15,13 +15,15 @@ setup(
     package_dir={"matrixopt": "optim", "matrixopt.kernels": "kernels"},
     package_data={"matrixopt": ["data/*.json"]},
     python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.6",
-        "scipy",
-        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
-    ],
+    # torch alone: CPU installs stay lean. Triton kernels run where triton is installed
+    # (torch's CUDA wheels depend on it; or the `triton` extra); numpy and scipy only for the
+    # offline Newton-Schulz coefficient fitter (`fit`).
+    install_requires=["torch>=2.6"],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis", "scikit-learn", "numpy"],
-        "bench": ["tqdm", "matplotlib", "numpy"],
+        "triton": ["triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "fit": ["numpy", "scipy"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "scikit-learn", "numpy", "scipy",
+                 "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "bench": ["tqdm", "matplotlib", "numpy", "scipy"],
     },
 )

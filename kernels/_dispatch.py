@@ -37,7 +37,8 @@ def choose_backend(x: torch.Tensor, backend: str | None = None, *, auto_triton: 
         return "triton" if x.is_cuda and auto_triton and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError("backend='triton' requested but triton is not installed")
+            raise RuntimeError("backend='triton' requested but triton is not installed: "
+                               "pip install 'matrixopt[triton]' (torch's CUDA wheels bring it too)")
         if not x.is_cuda and not interpreting():
             raise RuntimeError("backend='triton' on a CPU tensor needs TRITON_INTERPRET=1")
     return backend
