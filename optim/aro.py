@@ -217,7 +217,7 @@ class ARO(MatrixOptimizer):
         return side == "rows" or (side == "smaller" and m <= n)
 
     def _state(self, p, group):
-        B, m, n = matrix_shape(p)
+        B, m, n = self._shape(group, p)
         k = m if self._rotates_rows(group, m, n) else n
         # B per param: a bucket mixes 2-D params with 3-D expert stacks of the same m, n.
         return {"momentum_buffer": State(tuple(p.shape), torch.float32, sharded=True),

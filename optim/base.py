@@ -49,17 +49,22 @@ from .validation import betas_in_unit_interval, choice, real
 
 # -- matrix views ----------------------------------------------------------------------------
 
-def matrix_shape(t: Tensor) -> tuple[int, int, int]:
-    """(B, m, n): how ``t`` is seen as a batch of B matrices of m×n (see module docstring)."""
+def matrix_shape(t: Tensor, blocks: int | None = None) -> tuple[int, int, int]:
+    """(B, m, n): how ``t`` is seen as a batch of B matrices of m×n (see module docstring);
+    with ``blocks`` = k, each matrix's rows split into k equal blocks, each its own matrix
+    (packed q/k/v or gate/up weights, LSTM gates)."""
     if t.ndim == 0:
         return 1, 1, 1
     if t.ndim == 1:
         return 1, 1, t.shape[0]
     if t.ndim == 2:
-        return 1, t.shape[0], t.shape[1]
-    if t.ndim == 3:
-        return t.shape[0], t.shape[1], t.shape[2]
-    return 1, t.shape[0], math.prod(t.shape[1:])
+        B, m, n = 1, t.shape[0], t.shape[1]
+    elif t.ndim == 3:
+        B, m, n = t.shape
+    else:
+        return 1, t.shape[0], math.prod(t.shape[1:])
+    k = blocks or 1
+    return B * k, m // k, n
 
 
 def sharded_axis(t: Tensor) -> int:
@@ -67,9 +72,28 @@ def sharded_axis(t: Tensor) -> int:
     return {1: 2, 3: 0}.get(t.ndim, 1)
 
 
-def as_matrices(t: Tensor) -> Tensor:
-    """``t`` viewed (or, if not viewable, copied) as (B, m, n)."""
-    return t.reshape(matrix_shape(t))
+def as_matrices(t: Tensor, blocks: int | None = None) -> Tensor:
+    """``t`` viewed (or, if not viewable, copied) as (B, m, n) (see :func:`matrix_shape`)."""
+    return t.reshape(matrix_shape(t, blocks))
+
+
+def block_count(name: str, value, p: Tensor) -> int | None:
+    """A group's ``blocks`` for ``p`` as a count k (None: not split); ValueError naming the
+    param unless p is a 2-D or 3-D matrix whose rows split into k equal blocks."""
+    if value is None:
+        return None
+    sizes = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(value, int) and not isinstance(value, bool):
+        sizes = [p.shape[-2] // value] * value if p.ndim in (2, 3) and value >= 1 else [0]
+    ok = (isinstance(sizes, (list, tuple)) and sizes and p.ndim in (2, 3) and not isinstance(p, DTensor)
+          and all(isinstance(s, int) and s >= 1 for s in sizes) and sum(sizes) == p.shape[-2])
+    if not ok:
+        raise ValueError(f"Invalid blocks for {name}: {value!r}; expected a count k (or k equal row sizes) "
+                         f"splitting the rows of a 2-D or 3-D, non-DTensor param of shape {tuple(p.shape)}")
+    if len(set(sizes)) > 1:
+        raise ValueError(f"Invalid blocks for {name}: {value!r}; blocks of unequal sizes are not supported "
+                         "(give the blocks separate params, or equal sizes)")
+    return len(sizes)
 
 
 def local(t: Tensor) -> Tensor:
@@ -297,6 +321,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__} does not support complex parameters: "
                                  f"{self._param_name(group, i)} is {p.dtype}")
             check_placement(p, self._param_name(group, i))
+            if group.get("blocks") is not None and self.is_matrix(group, p):
+                block_count(self._param_name(group, i), group["blocks"], p)
 
     # -- naming and routing --------------------------------------------------------------------
     def _param_name(self, group: dict, index: int) -> str:
@@ -338,6 +364,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """
         raise NotImplementedError
 
+    @staticmethod
+    def _blocks(group: dict, p: Tensor) -> int | None:
+        """How many row blocks ``group`` splits p's matrices into (None: not split)."""
+        blocks = group.get("blocks")
+        return None if blocks is None else block_count("blocks", blocks, p)
+
+    def _shape(self, group: dict, p: Tensor) -> tuple[int, int, int]:
+        """p's (B, m, n) matrix view in ``group`` (its ``blocks`` applied)."""
+        return matrix_shape(p, self._blocks(group, p))
+
     def _declared(self, p: Tensor, group: dict) -> dict[str, State]:
         return self._state(p, group) if self.is_matrix(group, p) else self.fallback.state(p, group)
 
@@ -365,8 +401,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         work = []
         for group in self.param_groups:
             indices = [i for i, p in enumerate(group["params"]) if p.grad is not None and p.numel()]
-            if indices:
-                SHARED_HYPERPARAMETERS["lr"]("lr", group["lr"])   # changed since construction?
+            if indices and isinstance(group["lr"], Tensor) and group["lr"].numel() != 1:  # set after construction
+                raise ValueError("Invalid lr: a Tensor lr must have one element")
             for i in indices:
                 self._check_grad(group, i)
             if indices:
@@ -378,7 +414,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             for i in indices:
                 p = group["params"][i]
                 (matrices if self.is_matrix(group, p) else fallback).append(p)
-            for bucket in self._buckets(matrices):
+            for bucket in self._buckets(group, matrices):
                 self._step_bucket(group, bucket, loads)
             if fallback:
                 self.fallback.update(group, [local(p) for p in fallback], [local(p.grad) for p in fallback],
@@ -443,7 +479,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             seen.update(new)
             warnings.warn(message.format(", ".join(new)), RuntimeWarning, stacklevel=_caller_stacklevel())
 
-    def _buckets(self, params: list[Tensor]) -> list[list[Tensor]]:
+    def _buckets(self, group: dict, params: list[Tensor]) -> list[list[Tensor]]:
         """Group params whose matrices share (m, n, dtype, device, device mesh), in first-seen order.
 
         A bucket holds at most ``max_bucket_elements`` elements (a single larger param makes
@@ -451,7 +487,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """
         buckets = defaultdict(list)
         for p in params:
-            _, m, n = matrix_shape(p)
+            _, m, n = self._shape(group, p)
             buckets[(m, n, p.dtype, p.device, getattr(p, "device_mesh", None))].append(p)
         chunks = []
         for bucket in buckets.values():
@@ -477,26 +513,28 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _step_bucket(self, group: dict, params: list[Tensor], loads: dict) -> None:
         # Sharded (DTensor) params are updated through their local shards.
         shards = [local(p) for p in params]
-        weights = [as_matrices(t) for t in shards]
-        grads = [as_matrices(local(p.grad)) for p in params]
-        _, m, n = matrix_shape(params[0])
+        blocks = [self._blocks(group, p) for p in params]
+        weights = [as_matrices(t, k) for t, k in zip(shards, blocks)]
+        grads = [as_matrices(local(p.grad), k) for p, k in zip(params, blocks)]
+        shapes = [matrix_shape(p, k) for p, k in zip(params, blocks)]
+        _, m, n = shapes[0]
         self._update(group, Bucket(params, weights, grads, self._states(group, params), (m, n),
-                                   isinstance(params[0], DTensor), self._matrix_map(params, loads)))
+                                   isinstance(params[0], DTensor), self._matrix_map(params, shapes, loads)))
         # as_matrices copies a param it cannot view (e.g. channels_last); write those back.
         for t, w in zip(shards, weights):
             if w.data_ptr() != t.data_ptr():
                 t.copy_(w.reshape(t.shape))
 
-    def _matrix_map(self, params: list[Tensor], loads: dict) -> Callable:
+    def _matrix_map(self, params: list[Tensor], shapes: list[tuple[int, int, int]], loads: dict) -> Callable:
         """The ``matrix_map`` of a bucket (see :meth:`_update`): :func:`local_map` in a
         single process, else the bucket's owner split (:class:`~matrixopt.distributed.MatrixWork`)."""
         process_group = group_of(params, self._replicated_group())
         if process_group is None:
             return local_map
         sharded = isinstance(params[0], DTensor)
-        _, m, n = matrix_shape(params[0])
+        _, m, n = shapes[0]
         load = loads.setdefault(process_group, [0] * torch.distributed.get_world_size(process_group))
-        return MatrixWork([matrix_shape(p)[0] for p in params],
+        return MatrixWork([B for B, _, _ in shapes],
                           [sharded_axis(p) if sharded else None for p in params],
                           [(p.shape[0], local(p).shape[0]) for p in params],
                           m * n * min(m, n), process_group, load).map

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .base import (AT_LEAST_FP32, MatrixOptimizer, Out, Rows, State, Whole, apply_update, as_matrices, counter,
-                   local_map, local_matrices, matrix_shape, stacked_call)
+                   local_map, local_matrices, stacked_call)
 from .projectors import REFRESHED, SVD_FAILED, ZERO_GRADIENT, stored_shape, work_dtype
 from .validation import compute_dtype, integer, rank_spec, real
 
@@ -195,11 +195,12 @@ class LowRankAdamW(MatrixOptimizer):
         return self._projectors[key]
 
     def _state(self, p, group):
-        B, m, n = matrix_shape(p)
+        B, m, n = self._shape(group, p)
         proj = self._projector(group, m, n)
-        low = stored_shape(p, proj.low_shape(B))
+        batched = p.ndim == 3 or group.get("blocks") is not None
+        low = stored_shape(proj.low_shape(B), batched)
         moment = State(low, AT_LEAST_FP32, sharded=not whole_low(proj))
-        return {"step": counter(), "exp_avg": moment, "exp_avg_sq": moment, **proj.basis(p)}
+        return {"step": counter(), "exp_avg": moment, "exp_avg_sq": moment, **proj.basis(B, batched)}
 
     def _update(self, group, bucket):
         proj = self._projector(group, *bucket.shape)
@@ -268,7 +269,7 @@ class LowRankAdamW(MatrixOptimizer):
         if proj.randomized:
             g = self._group_index(group)
             inputs.append(Whole([sketch_seeds(group["seed"], g, place, s["step"] // group["update_proj_gap"],
-                                              matrix_shape(p)[0]) for p, place, s in zip(params, places, states)]))
+                                              self._shape(group, p)[0]) for p, place, s in zip(params, places, states)]))
         # A cold start at a param's first refresh: its identity-slice basis is no estimate.
         warm = all(s["step"] > 0 for s in states)
         outputs = proj.refresh_outputs(work_dtype(grads[0].dtype))

@@ -37,6 +37,22 @@ def _head_linears(model: nn.Module) -> set[str]:
     return heads
 
 
+def _packed(model: nn.Module) -> dict[str, int]:
+    """Params that pack several matrices as equal row blocks, by name → block count:
+    nn.MultiheadAttention's ``in_proj_weight`` (q, k, v), LSTM (4 gates) and GRU (3) weights."""
+    packed = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            packed[f"{prefix}in_proj_weight"] = 3
+        elif isinstance(module, (nn.LSTM, nn.GRU)):
+            gates = 4 if isinstance(module, nn.LSTM) else 3
+            for pname, _ in module.named_parameters(recurse=False):
+                if pname.startswith(("weight_ih", "weight_hh")):
+                    packed[prefix + pname] = gates
+    return packed
+
+
 def param_groups(model: nn.Module, *, fallback: dict | None = None, **overrides) -> list[dict]:
     """Split ``model``'s trainable params into a matrix group and an AdamW-fallback group.
 
@@ -52,25 +68,37 @@ def param_groups(model: nn.Module, *, fallback: dict | None = None, **overrides)
       token tables (containing "emb", ending in "token(s)", or ``wpe``/``wte``; e.g. a
       ViT's ``pos_embed`` registered as a bare ``nn.Parameter``).
 
-    ``overrides`` (e.g. ``weight_decay=0.0``) go into both groups; ``fallback`` into the
+    Packed matrices get a group of their own per block count, with ``blocks=k``: each of
+    their k equal row blocks is orthogonalized / projected as its own matrix —
+    ``nn.MultiheadAttention.in_proj_weight`` (q, k, v: 3), LSTM (4) and GRU (3) gate
+    weights. Fused ``qkv`` / ``gate_up_proj`` Linears of other models are not recognizable
+    by type: give them a group with ``blocks`` yourself.
+
+    ``overrides`` (e.g. ``weight_decay=0.0``) go into every group; ``fallback`` into the
     fallback group only (e.g. ``fallback={"lr": 3e-4}``). Params are given as (name, tensor)
     pairs, so optimizer warnings and errors name them. Tied params appear once. Empty groups
     are left out.
     """
     heads = _head_linears(model)
+    packed = _packed(model)
     embedding_modules = {name for name, m in model.named_modules()
                          if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
-    matrix, other = [], []
+    matrix, other, blocked = [], [], {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         owner, _, leaf = name.rpartition(".")
         on_fallback = (p.ndim < 2 or owner in heads or owner in embedding_modules
                        or min(matrix_shape(p)[1:]) == 1 or VECTOR_TABLE.search(leaf.lower()) is not None)
-        (other if on_fallback else matrix).append((name, p))
+        if not on_fallback and name in packed:
+            blocked.setdefault(packed[name], []).append((name, p))
+        else:
+            (other if on_fallback else matrix).append((name, p))
     groups = []
     if matrix:
         groups.append({"params": matrix, "matrix": True, **overrides})
+    for k, params in blocked.items():
+        groups.append({"params": params, "matrix": True, "blocks": k, **overrides})
     if other:
         groups.append({"params": other, "matrix": False, **overrides, **(fallback or {})})
     return groups

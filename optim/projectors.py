@@ -5,8 +5,8 @@ matrix shape m×n and a stack of same-shape gradients G (B, m, n):
 
 - ``left``, ``rank``, ``low_shape(B)``: the projected side and the low-rank gradient's shape
   (``left``: the projection sums over G's rows, so the low-rank values are whole per matrix);
-- ``basis(p)``: its state per param, name → :class:`~matrixopt.base.State` (whole per
-  matrix); ``keys``: those names; ``basis_dims``: key → the per-matrix shape;
+- ``basis(B, batched)``: its state for a param of B matrices, name →
+  :class:`~matrixopt.base.State` (whole per matrix; ``batched``: see :func:`stored_shape`); ``keys``: those names; ``basis_dims``: key → the per-matrix shape;
 - ``project(G, *bases)`` → L and ``project_back(L, *bases)`` → (B, m, n), with ``bases``
   the (B, ...) stacks of that state in ``keys`` order; ``low_dims``: L's per-matrix shape;
 - ``refresh(G, *previous, seeds=None, warm=True)`` → the new bases (in ``keys`` order), a (B,) int8
@@ -36,11 +36,11 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def stored_shape(p: torch.Tensor, shape) -> tuple:
-    """How low-rank state of matrix-view shape (B, ·, ·) is stored for p: B is kept for 3-D
-    (expert) params only, so a 2-D weight's right-side moments are (m, r), like p in dim 0 (and
-    sharded like it under FSDP2)."""
-    return tuple(shape) if p.ndim == 3 else tuple(shape[1:])
+def stored_shape(shape, batched: bool) -> tuple:
+    """How low-rank state of matrix-view shape (B, ·, ·) is stored: B is kept for ``batched``
+    params only (3-D expert stacks, params split into blocks), so a 2-D weight's right-side
+    moments are (m, r), like the weight in dim 0 (and sharded like it under FSDP2)."""
+    return tuple(shape) if batched else tuple(shape[1:])
 
 
 def _sides(proj_type: str, m: int, n: int) -> tuple[str, ...]:
@@ -101,10 +101,10 @@ class SVDProjector:
         """Shape of the projected gradient of a (batch, m, n) stack."""
         return batch, self.rank if self.left else self.m, self.rank if self.right else self.n
 
-    def basis(self, p) -> dict[str, State]:
-        """State ``proj_left`` (B, m, r) and/or ``proj_right`` (B, n, r), starting as
-        identity slices (the first r coordinate axes) until a refresh succeeds."""
-        batch = p.shape[0] if p.ndim == 3 else 1
+    def basis(self, batch: int, batched: bool) -> dict[str, State]:
+        """State ``proj_left`` (B, m, r) and/or ``proj_right`` (B, n, r) (B kept for every
+        param), starting as identity slices (the first r coordinate axes) until a refresh
+        succeeds."""
         return {key: State((batch, *dims), AT_LEAST_FP32, init=_identity_slices)
                 for key, dims in self.basis_dims.items()}
 
@@ -223,10 +223,9 @@ class DCTProjector:
         """Shape of the projected gradient of a (batch, m, n) stack."""
         return (batch, self.rank, self.n) if self.left else (batch, self.m, self.rank)
 
-    def basis(self, p) -> dict[str, State]:
-        """State ``indices``: r int32 per matrix, (B, r) for a 3-D param, (r,) otherwise."""
-        batch = p.shape[0] if p.ndim == 3 else 1
-        return {"indices": State(stored_shape(p, (batch, self.rank)), torch.int32)}
+    def basis(self, batch: int, batched: bool) -> dict[str, State]:
+        """State ``indices``: r int32 per matrix, (B, r) for a batched param, (r,) otherwise."""
+        return {"indices": State(stored_shape((batch, self.rank), batched), torch.int32)}
 
     def refresh_outputs(self, dtype: torch.dtype) -> list[Out]:
         return [Out((self.rank,), torch.int32, whole=True), Out((), torch.int8, whole=True),

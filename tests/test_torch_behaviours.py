@@ -151,3 +151,52 @@ def test_bf16_params_get_fp32_momentum(cls):
     for _ in range(10):
         want = 0.999 * want + 0.001 * 2.0
     torch.testing.assert_close(buf, torch.full((4, 4), want.item()), rtol=1e-5, atol=0)
+
+
+# -- packed matrices ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls,kw", [(matrixopt.Muon, {}), (matrixopt.ROOT, {}), (matrixopt.ARO, {}),
+                                    (matrixopt.GaLoreAdamW, dict(rank=2, svd="exact", update_proj_gap=3)),
+                                    (matrixopt.DCTAdamW, dict(rank=2, update_proj_gap=3))],
+                         ids=["Muon", "ROOT", "ARO", "GaLoreAdamW", "DCTAdamW"])
+@pytest.mark.parametrize("blocks", [3, (4, 4, 4)], ids=["count", "sizes"])
+def test_each_block_of_a_packed_matrix_is_its_own_matrix(cls, kw, blocks):
+    """A (12, 5) param split into 3 row blocks steps exactly like three (4, 5) params."""
+    torch.manual_seed(0)
+    packed = torch.nn.Parameter(torch.randn(12, 5))
+    parts = [torch.nn.Parameter(b.detach().clone()) for b in packed.detach().split(4)]
+    a = cls([{"params": [packed], "blocks": blocks}], lr=0.01, **kw)
+    b = cls(parts, lr=0.01, **kw)
+    for i in range(7):
+        g = torch.randn(12, 5, generator=torch.Generator().manual_seed(i))
+        packed.grad = g.clone()
+        for part, gb in zip(parts, g.split(4)):
+            part.grad = gb.clone()
+        a.step()
+        b.step()
+    torch.testing.assert_close(packed.detach(), torch.cat([p.detach() for p in parts]), rtol=1e-6, atol=1e-7)
+    sd = a.state_dict()   # a checkpoint round trip keeps the blocked state's shapes
+    c = cls([{"params": [torch.nn.Parameter(packed.detach().clone())], "blocks": blocks}], lr=0.01, **kw)
+    c.load_state_dict(sd)
+
+
+def test_blocks_are_validated_naming_the_param():
+    p = torch.nn.Parameter(torch.randn(12, 5))
+    with pytest.raises(ValueError, match=r"blocks for w\.qkv.*unequal"):
+        matrixopt.Muon([{"params": [("w.qkv", p)], "blocks": (8, 2, 2)}])
+    with pytest.raises(ValueError, match=r"blocks for w\.qkv"):
+        matrixopt.Muon([{"params": [("w.qkv", p)], "blocks": 5}])
+
+
+def test_param_groups_splits_multihead_attention_and_lstm_gates():
+    model = torch.nn.ModuleDict({"attn": torch.nn.MultiheadAttention(8, 2), "lstm": torch.nn.LSTM(4, 6),
+                                 "proj": torch.nn.Linear(8, 8)})
+    groups = matrixopt.param_groups(model)
+    blocked = {g["blocks"]: [n for n, _ in g["params"]] for g in groups if "blocks" in g}
+    assert blocked == {3: ["attn.in_proj_weight"], 4: ["lstm.weight_ih_l0", "lstm.weight_hh_l0"]}
+    opt = matrixopt.Muon(groups, lr=0.01)
+    x = torch.randn(5, 3, 8)
+    out = model["attn"](x, x, x)[0].sum() + model["lstm"](x[..., :4])[0].sum() + model["proj"](x).sum()
+    out.backward()
+    opt.step()
+    assert opt.state[model["attn"].in_proj_weight]["momentum_buffer"].shape == (24, 8)
