@@ -1,6 +1,7 @@
-"""``python -m benchmarks step|kernels|train``: tables, plots and results files.
+"""``python -m benchmarks step|kernels|train|update_rms``: tables, plots and results files.
 
     python -m benchmarks train --quick     # the demo: Shakespeare LM, every optimizer, CPU minutes
+    python -m benchmarks update_rms --quick  # RMS of ΔW/lr per optimizer, 2 widths × 2 run lengths
     python -m benchmarks step --quick      # step time and optimizer-state memory
     python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
 
@@ -60,6 +61,12 @@ def main(argv=None):
     step.add_argument("--warmup", type=int, help="untimed steps first")
     step.add_argument("--repeats", type=int, help="timed steps (the median is reported)")
     add_run_options(step)
+    update_rms = command("update_rms", "RMS of each optimizer's step per unit lr (ΔW/lr) vs AdamW's, "
+                                       "at several widths and run lengths")
+    update_rms.add_argument("--widths", type=int, nargs="+", help="model widths (default 64 128 with --quick)")
+    update_rms.add_argument("--steps", type=int, nargs="+", help="run lengths (default 200 600 with --quick)")
+    update_rms.add_argument("--lr", type=float, help="the peak lr every optimizer runs at (default 3e-3 with --quick)")
+    add_run_options(update_rms)
     command("kernels", "Newton-Schulz and low-rank refresh kernels", device=False)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -76,6 +83,11 @@ def main(argv=None):
 
         sections, extra, fig = run(args.quick, sets=args.sets, optimizers=args.optimizers, warmup=args.warmup,
                                    repeats=args.repeats, device=args.device)
+    elif args.command == "update_rms":
+        from .update_rms import run
+
+        sections, extra, fig = run(args.quick, widths=args.widths, steps=args.steps, lr=args.lr,
+                                   optimizers=args.optimizers, device=args.device)
     else:
         sections, extra, fig = kernels(args.quick)
     extra.update(quick=args.quick, cpu_threads=torch.get_num_threads())

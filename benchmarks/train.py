@@ -70,9 +70,15 @@ def evaluate(model, inputs, targets, autocast, batch_size: int = 64) -> float:
     return sum(losses) / len(inputs)
 
 
-def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress) -> dict:
+def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress, observer=None) -> dict:
     """Train from the shared init with optimizer ``name`` at peak ``lr``: its validation
-    curve, tokens/s (training steps only), optimizer state and GPU peak memory."""
+    curve, tokens/s (training steps only), optimizer state and GPU peak memory.
+
+    ``observer``, if given, sees every optimizer step: ``observer.start(matrices, opt)``
+    once (the hidden matrices as (name, param) pairs), then ``observer.before(step, lr_t)``
+    and ``observer.after(step, lr_t)`` around each ``opt.step()``, with lr_t the scheduled
+    lr (``lr · lr_factor(step)``); its time is not counted in tokens/s.
+    """
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     model = Transformer(ModelConfig(len(corpus.vocab), cfg.dim, cfg.n_layers, cfg.n_heads,
@@ -83,6 +89,8 @@ def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress) 
     opt = build(name, matrices, others, lr, Settings(update_proj_gap=cfg.update_proj_gap))
     for group in opt.param_groups:
         group["peak_lr"] = group["lr"]
+    if observer is not None:
+        observer.start(matrices, opt)
     data = batches(corpus.train, cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(cfg.seed))
     val_x, val_y = (t.to(device) for t in eval_windows(corpus.val, cfg.eval_windows, cfg.seq_len))
 
@@ -102,7 +110,15 @@ def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress) 
             loss = model.loss(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        if observer is not None:
+            t_observe = time.perf_counter()
+            observer.before(step, lr * lr_factor(step, cfg))
+            t0 += time.perf_counter() - t_observe
         opt.step()
+        if observer is not None:
+            t_observe = time.perf_counter()
+            observer.after(step, lr * lr_factor(step, cfg))
+            t0 += time.perf_counter() - t_observe
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
