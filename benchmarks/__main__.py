@@ -54,6 +54,10 @@ def main(argv=None):
     train = command("train", "Shakespeare character LM: validation loss, tokens/s, memory, lr sweep")
     train.add_argument("--steps", type=int, help="training steps per run (overrides the size's default)")
     train.add_argument("--lrs", type=float, nargs="+", help="the lr grid every optimizer is swept over")
+    train.add_argument("--extend", type=int, metavar="N",
+                       help="lrs added beyond an end of the grid where an optimizer's best sits, at most N per side "
+                            "(default 2; 0: the grid only)")
+    train.add_argument("--dim", type=int, help="model width (overrides the size's default)")
     add_run_options(train)
     step = command("step", "optimizer step time and state memory on LLaMA-like matrix sets")
     step.add_argument("--sets", nargs="+", choices=list(SHAPES),
@@ -77,7 +81,7 @@ def main(argv=None):
         from .train import run
 
         sections, extra, fig = run(args.quick, steps=args.steps, lrs=args.lrs, optimizers=args.optimizers,
-                                   device=args.device)
+                                   device=args.device, dim=args.dim, extend=args.extend)
     elif args.command == "step":
         from .step import run
 

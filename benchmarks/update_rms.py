@@ -11,7 +11,10 @@ which differs by O(lr_t²)). Per run it reports the mean over
 matrices of these RMS in four windows of the run (the first step; just after the warmup,
 5-15%; 45-55%; the last 10%), their lr-weighted mean over the run (Σ lr_t·rms_t / Σ lr_t,
 the one that says how far the weights move) and its ratio to AdamW's in the same setting,
-for each model width and run length.
+for each model width and run length. ``spectral_lr_weighted`` is the same lr-weighted mean
+of the spectral norm ‖ΔW/lr‖₂ (mean over matrices): at equal RMS, a step whose energy sits
+in a few directions (Adam's) has a larger spectral norm than an orthogonalized one, whose
+singular values are all equal.
 
 For GaLoreAdamW and DCTAdamW the projected-back step of an orthonormal basis has the
 low-rank Adam step's Frobenius norm spread over m·n entries instead of r·max(m, n), so
@@ -54,7 +57,7 @@ class UpdateRMS:
     (which may differ from lr_t, λ when a variant rescales the group; lr_g·λ_g = lr_t·λ)."""
 
     def __init__(self):
-        self.delta, self.step_only, self.lrs = [], [], []
+        self.delta, self.step_only, self.spectral, self.lrs = [], [], [], []
 
     def start(self, matrices, opt):
         self.names = [n for n, _ in matrices]
@@ -66,13 +69,15 @@ class UpdateRMS:
         self.old = [p.detach().clone() for p in self.params]
 
     def after(self, step, lr):
-        delta, step_only = [], []
+        delta, step_only, spectral = [], [], []
         for p, old, g in zip(self.params, self.old, self.groups):
             d = p.detach() - old
             delta.append(rms(d) / lr)
             step_only.append(rms(d + g["lr"] * g["weight_decay"] * old) / lr)
+            spectral.append(torch.linalg.matrix_norm(d.float().flatten(1), ord=2).item() / lr)
         self.delta.append(delta)
         self.step_only.append(step_only)
+        self.spectral.append(spectral)
         self.lrs.append(lr)
         self.old = None
 
@@ -91,12 +96,13 @@ def summarize(obs: UpdateRMS, select=None) -> dict:
     def mean_over(rows):
         return [sum(row[i] for i in idx) / len(idx) for row in rows]
 
-    delta, step_only = mean_over(obs.delta), mean_over(obs.step_only)
+    delta, step_only, spectral = mean_over(obs.delta), mean_over(obs.step_only), mean_over(obs.spectral)
     total = sum(obs.lrs)
     out = {"first_step": delta[0]}
     out.update({name: window_mean(delta, *bounds) for name, bounds in WINDOWS.items()})
     out["lr_weighted"] = sum(lr * v for lr, v in zip(obs.lrs, delta)) / total
     out["step_only_lr_weighted"] = sum(lr * v for lr, v in zip(obs.lrs, step_only)) / total
+    out["spectral_lr_weighted"] = sum(lr * v for lr, v in zip(obs.lrs, spectral)) / total
     return out
 
 
@@ -132,7 +138,7 @@ def run(quick: bool = False, widths=None, steps=None, lr=None, optimizers=None, 
         for dim in widths:
             for n_steps in run_steps:
                 cfg = replace(base_cfg, dim=dim, steps=n_steps, eval_every=max(1, n_steps // 4))
-                adamw_lrw = None
+                adamw_lrw = adamw_spectral = None
                 for name in names:
                     progress.set_postfix_str(f"d={dim} T={n_steps} {name}")
                     obs = UpdateRMS()
@@ -141,9 +147,12 @@ def run(quick: bool = False, widths=None, steps=None, lr=None, optimizers=None, 
                     rect = [i for i, p in enumerate(obs.params) if p.shape[0] != p.shape[1]]
                     summary = summarize(obs)
                     if name == ADAMW:
-                        adamw_lrw = summary["lr_weighted"]
+                        adamw_lrw, adamw_spectral = summary["lr_weighted"], summary["spectral_lr_weighted"]
+                    spectral = summary.pop("spectral_lr_weighted")
                     row = {"dim": dim, "steps": n_steps, "optimizer": name, **summary,
                            "vs_adamw": summary["lr_weighted"] / adamw_lrw if adamw_lrw else None,
+                           "spectral_lr_weighted": spectral,
+                           "spectral_vs_adamw": spectral / adamw_spectral if adamw_lrw else None,
                            "attn_lr_weighted": summarize(obs, square)["lr_weighted"],
                            "ffn_lr_weighted": summarize(obs, rect)["lr_weighted"],
                            "subspace_rms": None, "val_loss": result["val_loss"]}
@@ -155,6 +164,7 @@ def run(quick: bool = False, widths=None, steps=None, lr=None, optimizers=None, 
                           flush=True)
                     traces.append({"dim": dim, "steps": n_steps, "optimizer": name, "lr": obs.lrs,
                                    "rms": [sum(r) / len(r) for r in obs.delta],
+                                   "spectral": [sum(r) / len(r) for r in obs.spectral],
                                    "matrices": obs.names})
     sections = {f"RMS of ΔW/lr over the hidden matrices at peak lr {lr:g}": rows}
     extra = {"lr": lr, "widths": list(widths), "run_steps": list(run_steps), "windows": WINDOWS,
