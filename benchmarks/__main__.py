@@ -1,6 +1,7 @@
-"""``python -m benchmarks step|kernels|train``: tables, plots and results files.
+"""``python -m benchmarks step|kernels|train|update_rms``: tables, plots and results files.
 
     python -m benchmarks train --quick     # the demo: Shakespeare LM, every optimizer, CPU minutes
+    python -m benchmarks update_rms --quick  # RMS of ΔW/lr per optimizer, 2 widths × 2 run lengths
     python -m benchmarks step --quick      # step time and optimizer-state memory
     python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
 
@@ -53,6 +54,10 @@ def main(argv=None):
     train = command("train", "Shakespeare character LM: validation loss, tokens/s, memory, lr sweep")
     train.add_argument("--steps", type=int, help="training steps per run (overrides the size's default)")
     train.add_argument("--lrs", type=float, nargs="+", help="the lr grid every optimizer is swept over")
+    train.add_argument("--extend", type=int, metavar="N",
+                       help="lrs added beyond an end of the grid where an optimizer's best sits, at most N per side "
+                            "(default 2; 0: the grid only)")
+    train.add_argument("--dim", type=int, help="model width (overrides the size's default)")
     add_run_options(train)
     step = command("step", "optimizer step time and state memory on LLaMA-like matrix sets")
     step.add_argument("--sets", nargs="+", choices=list(SHAPES),
@@ -60,6 +65,12 @@ def main(argv=None):
     step.add_argument("--warmup", type=int, help="untimed steps first")
     step.add_argument("--repeats", type=int, help="timed steps (the median is reported)")
     add_run_options(step)
+    update_rms = command("update_rms", "RMS of each optimizer's step per unit lr (ΔW/lr) vs AdamW's, "
+                                       "at several widths and run lengths")
+    update_rms.add_argument("--widths", type=int, nargs="+", help="model widths (default 64 128 with --quick)")
+    update_rms.add_argument("--steps", type=int, nargs="+", help="run lengths (default 200 600 with --quick)")
+    update_rms.add_argument("--lr", type=float, help="the peak lr every optimizer runs at (default 3e-3 with --quick)")
+    add_run_options(update_rms)
     command("kernels", "Newton-Schulz and low-rank refresh kernels", device=False)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -70,12 +81,17 @@ def main(argv=None):
         from .train import run
 
         sections, extra, fig = run(args.quick, steps=args.steps, lrs=args.lrs, optimizers=args.optimizers,
-                                   device=args.device)
+                                   device=args.device, dim=args.dim, extend=args.extend)
     elif args.command == "step":
         from .step import run
 
         sections, extra, fig = run(args.quick, sets=args.sets, optimizers=args.optimizers, warmup=args.warmup,
                                    repeats=args.repeats, device=args.device)
+    elif args.command == "update_rms":
+        from .update_rms import run
+
+        sections, extra, fig = run(args.quick, widths=args.widths, steps=args.steps, lr=args.lr,
+                                   optimizers=args.optimizers, device=args.device)
     else:
         sections, extra, fig = kernels(args.quick)
     extra.update(quick=args.quick, cpu_threads=torch.get_num_threads())

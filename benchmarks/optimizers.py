@@ -7,7 +7,10 @@ low-rank ones (GaLore, DCT) the same rank (a fraction of each matrix's smaller s
 default d/4) and projector refresh gap. Matrices (hidden-layer weights) and the rest
 (embeddings, output head, 1-D params) are split once, by the caller, the same way for all.
 """
+import ast
 import inspect
+import math
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -63,6 +66,58 @@ VARIANTS = {
 }
 
 
+# Muon, ROOT and ARO rescale their update to this RMS under lr_scaling="match_adamw".
+MATCH_ADAMW_RMS = 0.2
+
+
+def parse_variant(name: str) -> Variant | None:
+    """``"matrixopt.X[key=value, ...]"`` as a :class:`Variant` of ``matrixopt.X`` (None for a
+    name without brackets): a way to try other hyperparameters from the command line, e.g.
+    ``train --optimizers "matrixopt.GaLoreAdamW[scale=0.5]"``. Values are Python literals.
+
+    Keys are the class's constructor arguments, and two that stand for defaults the library
+    does not have (yet), emulated exactly from the benchmark side:
+
+    - ``rms=c`` (Muon, ROOT, ARO): the match_adamw rescale to update RMS ``c`` instead of
+      0.2, i.e. the matrix rule's step times c/0.2. The matrix group runs at lr·c/0.2 with
+      weight decay λ·0.2/c, so its decay lr·λ is unchanged: ``W ← W(1−ηλ) − η·(c/0.2)·s·O``.
+    - ``rms_scale=c`` (GaLoreAdamW, DCTAdamW): ``scale = c·√(min(m, n)/r)`` per matrix, which
+      makes the projected-back step's RMS c times the low-rank Adam step's (an orthonormal
+      back-projection keeps the Frobenius norm and spreads it over m·n instead of r·max(m, n)
+      entries).
+    """
+    match = re.fullmatch(r"\s*([\w.]+)\s*\[(.*)\]\s*", name)
+    if match is None:
+        return None
+    base, body = match.groups()
+    if base not in matrixopt_classes():
+        raise ValueError(f"{name!r}: variants are of matrixopt optimizers; available: {list(matrixopt_classes())}")
+    kwargs = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if not key.isidentifier() or not value.strip():
+            raise ValueError(f"{name!r}: {item!r} is not key=value")
+        try:
+            kwargs[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{name!r}: the value of {key!r} is not a Python literal") from None
+    cls = matrixopt_classes()[base]
+    # lr, weight decay and betas are the contest's, the same for every contender.
+    allowed = set(inspect.signature(cls).parameters) - {"params", "lr", "weight_decay", "betas", "distributed",
+                                                        "process_group"}
+    allowed |= {"rms_scale"} if "rank" in allowed else {"rms"} if "lr_scaling" in allowed else set()
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"{name!r}: {base} takes no {unknown}; it takes {sorted(allowed)}")
+    return Variant(base, kwargs)
+
+
+def variant_of(name: str) -> Variant:
+    """The base optimizer, arguments and attributes ``name`` stands for."""
+    return VARIANTS.get(name) or parse_variant(name) or Variant(name, {})
+
+
 def matrixopt_classes() -> dict[str, type]:
     """Every optimizer class matrixopt exports, by benchmark name."""
     classes = {}
@@ -109,7 +164,8 @@ def galore_torch_class() -> tuple[type | None, list[str]]:
 
 def contenders(only=None, variants: bool = False) -> tuple[list[str], list[str]]:
     """Names of the optimizers available here (those in ``only`` if given), baselines
-    first, then (with ``variants``) the VARIANTS, and import notes."""
+    first, then (with ``variants``) the VARIANTS, then the bracketed variants named in
+    ``only`` (see :func:`parse_variant`) in the order given, and import notes."""
     galore_cls, notes = galore_torch_class()
     names = [ADAMW]
     if hasattr(torch.optim, "Muon"):
@@ -120,10 +176,12 @@ def contenders(only=None, variants: bool = False) -> tuple[list[str], list[str]]
     if variants:
         names += [name for name, variant in VARIANTS.items() if variant.base in names]
     if only:
-        unknown = sorted(set(only) - set(names))
+        parsed = [n for n in dict.fromkeys(only) if n not in names and parse_variant(n) is not None]
+        unknown = sorted(set(only) - set(names) - set(parsed))
         if unknown:
-            raise ValueError(f"Unknown optimizers {unknown}; available: {names}")
-        names = [n for n in names if n in only]
+            raise ValueError(f"Unknown optimizers {unknown}; available: {names} "
+                             f"(or a variant such as 'matrixopt.Muon[rms=0.4]')")
+        names = [n for n in names if n in only] + parsed
     return names, notes
 
 
@@ -131,7 +189,7 @@ def is_low_rank(name: str) -> bool:
     """Whether the optimizer projects gradients to a rank (and has a refresh gap)."""
     if name == GALORE_TORCH:
         return True
-    cls = matrixopt_classes().get(VARIANTS[name].base if name in VARIANTS else name)
+    cls = matrixopt_classes().get(variant_of(name).base)
     return cls is not None and "rank" in inspect.signature(cls).parameters
 
 
@@ -181,17 +239,39 @@ def build(name: str, matrices: list[tuple[str, Tensor]], others: list[tuple[str,
         if others:
             groups.append({"params": [p for _, p in others]})
         return cls(groups, lr=lr, betas=betas, weight_decay=wd, no_deprecation_warning=True)
-    base, extra, attributes = VARIANTS.get(name, Variant(name, {}))
+    base, extra, attributes = variant_of(name)
     cls = matrixopt_classes()[base]
     if is_low_rank(name):
-        extra = {**extra, "rank": settings.rank_fraction, "update_proj_gap": settings.update_proj_gap}
+        extra = {"rank": settings.rank_fraction, "update_proj_gap": settings.update_proj_gap, **extra}
+    extra = dict(extra)
+    rms, rms_scale = extra.pop("rms", None), extra.pop("rms_scale", None)
     groups = [{"params": matrices, "matrix": True}]
+    if rms is not None:
+        factor = rms / MATCH_ADAMW_RMS
+        groups = [{"params": matrices, "matrix": True, "lr": lr * factor, "weight_decay": wd / factor}]
+    if rms_scale is not None:
+        by_scale = {}
+        for pair in matrices:
+            k, r = smaller_side_and_rank(pair[1], extra["rank"])
+            by_scale.setdefault(rms_scale * math.sqrt(k / r), []).append(pair)
+        groups = [{"params": ps, "matrix": True, "scale": s} for s, ps in by_scale.items()]
     if others:
         groups.append({"params": others, "matrix": False})
     opt = cls(groups, lr=lr, weight_decay=wd, betas=betas, **extra)
     for attribute, value in attributes.items():
         setattr(opt, attribute, value)
     return opt
+
+
+def smaller_side_and_rank(p: Tensor, rank: int | float) -> tuple[int, int]:
+    """min(m, n) of p's matrices and the rank r matrixopt gives them for ``rank`` (an int, or
+    a fraction of min(m, n), capped at it); 3-D params are stacks of (m, n) matrices, N-D
+    ones (out, in·…) as in matrixopt's routing."""
+    shape = tuple(p.shape)
+    m, n = shape[-2:] if len(shape) <= 3 else (shape[0], math.prod(shape[1:]))
+    k = min(m, n)
+    r = max(1, round(rank * k)) if isinstance(rank, float) else rank
+    return k, min(r, k)
 
 
 def state_bytes(opt) -> int:

@@ -4,7 +4,11 @@ Every optimizer trains the same model (same init, seed and batches) for the same
 and tokens, with the same schedule (linear warmup over the first 5% of steps, then cosine
 to 10% of the peak lr), gradient clipping at norm 1, weight decay and betas. Its peak lr
 is the best of the same grid for everyone (``lrs``, judged by the final validation loss),
-and the whole sweep is recorded. Hidden-layer matrices get the optimizer's matrix rule;
+extended by up to ``extend`` lrs at the grid's spacing beyond an end where an optimizer's
+best sits (so the best is bracketed; one still at an end is flagged in
+``best_lr_at_edge``), and the whole sweep is recorded. Every optimizer also runs at
+AdamW's best lr (AdamW runs first): ``val_loss_at_adamw_lr`` is the loss a user who
+keeps AdamW's tuned lr and weight decay gets, which README promises is a good start. Hidden-layer matrices get the optimizer's matrix rule;
 embedding, head and norms get AdamW (``matrixopt.param_groups``). Validation is on whole
 held-out plays (``benchmarks.data.VAL_PLAYS``); loss is in nats per character.
 
@@ -43,10 +47,12 @@ class TrainConfig:
     update_proj_gap: int = 50
     tie_embeddings: bool = False
     seed: int = 0
+    # Up to this many lrs beyond each end of ``lrs`` while an optimizer's best is at that end.
+    extend: int = 2
 
 
 QUICK = TrainConfig(dim=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=200,
-                    lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1), eval_every=20, eval_windows=128)
+                    lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1), eval_every=20, eval_windows=128)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -70,9 +76,15 @@ def evaluate(model, inputs, targets, autocast, batch_size: int = 64) -> float:
     return sum(losses) / len(inputs)
 
 
-def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress) -> dict:
+def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress, observer=None) -> dict:
     """Train from the shared init with optimizer ``name`` at peak ``lr``: its validation
-    curve, tokens/s (training steps only), optimizer state and GPU peak memory."""
+    curve, tokens/s (training steps only), optimizer state and GPU peak memory.
+
+    ``observer``, if given, sees every optimizer step: ``observer.start(matrices, opt)``
+    once (the hidden matrices as (name, param) pairs), then ``observer.before(step, lr_t)``
+    and ``observer.after(step, lr_t)`` around each ``opt.step()``, with lr_t the scheduled
+    lr (``lr · lr_factor(step)``); its time is not counted in tokens/s.
+    """
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     model = Transformer(ModelConfig(len(corpus.vocab), cfg.dim, cfg.n_layers, cfg.n_heads,
@@ -83,6 +95,8 @@ def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress) 
     opt = build(name, matrices, others, lr, Settings(update_proj_gap=cfg.update_proj_gap))
     for group in opt.param_groups:
         group["peak_lr"] = group["lr"]
+    if observer is not None:
+        observer.start(matrices, opt)
     data = batches(corpus.train, cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(cfg.seed))
     val_x, val_y = (t.to(device) for t in eval_windows(corpus.val, cfg.eval_windows, cfg.seq_len))
 
@@ -102,7 +116,15 @@ def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress) 
             loss = model.loss(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        if observer is not None:
+            t_observe = time.perf_counter()
+            observer.before(step, lr * lr_factor(step, cfg))
+            t0 += time.perf_counter() - t_observe
         opt.step()
+        if observer is not None:
+            t_observe = time.perf_counter()
+            observer.after(step, lr * lr_factor(step, cfg))
+            t0 += time.perf_counter() - t_observe
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
@@ -129,34 +151,88 @@ def steps_to_reach(curve: dict, target: float) -> int | None:
     return next((s for s, v in zip(curve["step"], curve["val_loss"]) if v <= target), None)
 
 
-def run(quick: bool = False, steps: int | None = None, lrs=None, optimizers=None, device=None):
+def final(r: dict) -> float:
+    """A run's final validation loss, inf where it diverged."""
+    return r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf
+
+
+def same_lr(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def sweep(run_at, lrs, extend: int, must_include: float | None = None) -> tuple[list[dict], dict, str | None]:
+    """Runs ``run_at(lr)`` over the grid ``lrs`` (and ``must_include``, AdamW's best lr, where
+    it is not on it), then, while the best run is at the low or high end of what ran, one
+    more lr beyond that end at the grid's spacing there, at most ``extend`` per side.
+
+    Returns the runs in lr order, the best (lowest finite final loss) and where the best
+    still sits if it is not bracketed: "low" or "high", "only lr" when one lr ran (a grid of
+    one lr is not extended), None when a run on each side of it is worse.
+    """
+    runs = {}
+
+    def at(lr):
+        key = next((k for k in runs if same_lr(k, lr)), None)
+        if key is None:
+            runs[lr] = run_at(lr)
+            key = lr
+        return runs[key]
+
+    for lr in sorted(set(lrs)):
+        at(lr)
+    if must_include is not None:
+        at(must_include)
+    grid = sorted(lrs)
+    ratio = {"low": grid[0] / grid[1], "high": grid[-1] / grid[-2]} if len(grid) > 1 else {}
+    added = {"low": 0, "high": 0}
+    while True:
+        ordered = sorted(runs)
+        best_lr = min(ordered, key=lambda lr: final(runs[lr]))
+        low, high = same_lr(best_lr, ordered[0]), same_lr(best_lr, ordered[-1])
+        edge = "only lr" if low and high else "low" if low else "high" if high else None
+        if edge in (None, "only lr") or not ratio or added[edge] >= extend or not math.isfinite(final(runs[best_lr])):
+            return [runs[lr] for lr in ordered], runs[best_lr], edge
+        added[edge] += 1
+        at(best_lr * ratio[edge])
+
+
+def run(quick: bool = False, steps: int | None = None, lrs=None, optimizers=None, device=None,
+        dim: int | None = None, extend: int | None = None):
     """The sweep and the comparison; returns (table sections, extra JSON, figure)."""
     cfg = QUICK if quick else TrainConfig()
     if steps is not None:
         cfg = replace(cfg, steps=steps, eval_every=max(1, min(cfg.eval_every, steps // 4)))
     if lrs:
         cfg = replace(cfg, lrs=tuple(lrs))
+    if dim is not None:
+        cfg = replace(cfg, dim=dim)
+    if extend is not None:
+        cfg = replace(cfg, extend=extend)
     device = default_device(device)
     corpus = load_shakespeare()
     names, notes = contenders(optimizers)
 
-    runs = []
+    runs, best, edges = [], {}, {}
     with tqdm(total=len(names) * len(cfg.lrs) * cfg.steps, desc="train", unit="step") as progress:
         for name in names:
             # Untimed: first calls pay one-off costs (lazy imports, kernel selection) that
             # would otherwise count against whichever run comes first.
             train_one(name, cfg.lrs[0], replace(cfg, steps=2, eval_every=2), corpus, device, tqdm(disable=True))
-            for lr in cfg.lrs:
+
+            def run_at(lr, name=name):
                 progress.set_postfix_str(f"{name} lr={lr:g}")
-                runs.append(train_one(name, lr, cfg, corpus, device, progress))
+                if not any(same_lr(lr, g) for g in cfg.lrs):
+                    progress.total += cfg.steps  # an extension of the grid, or AdamW's best lr
+                    progress.refresh()
+                return train_one(name, lr, cfg, corpus, device, progress)
 
-    def final(r):
-        return r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf
+            adamw_lr = best[ADAMW]["lr"] if ADAMW in best else None
+            done, best[name], edges[name] = sweep(run_at, cfg.lrs, cfg.extend, adamw_lr)
+            runs += done
 
-    best = {name: min((r for r in runs if r["optimizer"] == name), key=final) for name in names}
-    rows = results_rows(best, cfg)
-    sweep = [{"optimizer": r["optimizer"], "lr": r["lr"], "val_loss": r["val_loss"],
-              "best": r is best[r["optimizer"]]} for r in runs]
+    rows = results_rows(best, cfg, runs, edges)
+    sweep_rows = [{"optimizer": r["optimizer"], "lr": r["lr"], "val_loss": r["val_loss"],
+                   "best": r is best[r["optimizer"]]} for r in runs]
     extra = {
         "config": asdict(cfg), "device": str(device), "params_M": runs[0]["params_M"],
         "tokens_per_run": cfg.steps * cfg.batch_size * cfg.seq_len,
@@ -164,22 +240,32 @@ def run(quick: bool = False, steps: int | None = None, lrs=None, optimizers=None
                  "val_plays": corpus.val_plays},
         "curves": {name: r["curve"] for name, r in best.items()},
         "sweep_curves": [{"optimizer": r["optimizer"], "lr": r["lr"], **r["curve"]} for r in runs],
+        "unbracketed": {name: edge for name, edge in edges.items() if edge},
         "notes": notes,
     }
-    sections = {"Final validation loss at each optimizer's best lr": rows, "Learning-rate sweep": sweep}
+    sections = {"Final validation loss at each optimizer's best lr": rows, "Learning-rate sweep": sweep_rows}
     return sections, extra, figure(best, runs, cfg)
 
 
-def results_rows(best: dict, cfg: TrainConfig) -> list[dict]:
-    """One row per optimizer, with ratios to AdamW where it ran."""
+def results_rows(best: dict, cfg: TrainConfig, runs: list[dict] | None = None, edges: dict | None = None) -> list[dict]:
+    """One row per optimizer, with ratios to AdamW where it ran: its best lr and loss, whether
+    that lr is bracketed by the sweep (``best_lr_at_edge``: "low"/"high" when it is the
+    lowest/highest lr the optimizer ran, empty when bracketed), and its loss at AdamW's best
+    lr (``val_loss_at_adamw_lr``, from ``runs``; the promise that AdamW's lr carries over)."""
     adamw = best.get(ADAMW)
+    runs, edges = runs or [], edges or {}
     rows = []
     for name, r in best.items():
-        row = {"optimizer": name, "best_lr": r["lr"], "val_loss": r["val_loss"],
-               "val_loss_vs_adamw": None, "steps_to_adamw_loss": None, "tokens_per_s": r["tokens_per_s"],
+        row = {"optimizer": name, "best_lr": r["lr"], "best_lr_at_edge": edges.get(name), "val_loss": r["val_loss"],
+               "val_loss_vs_adamw": None, "val_loss_at_adamw_lr": None, "at_adamw_lr_vs_adamw": None,
+               "steps_to_adamw_loss": None, "tokens_per_s": r["tokens_per_s"],
                "state_MB": r["state_MB"], "state_vs_adamw": None, "gpu_peak_MB": r["gpu_peak_MB"]}
         if adamw is not None:
             row["val_loss_vs_adamw"] = r["val_loss"] / adamw["val_loss"]
+            at = next((x for x in runs if x["optimizer"] == name and same_lr(x["lr"], adamw["lr"])), None)
+            if at is not None:
+                row["val_loss_at_adamw_lr"] = at["val_loss"]
+                row["at_adamw_lr_vs_adamw"] = at["val_loss"] / adamw["val_loss"]
             reached = steps_to_reach(r["curve"], adamw["val_loss"])
             # As a fraction of AdamW's steps, at the resolution of eval_every.
             row["steps_to_adamw_loss"] = reached / cfg.steps if reached is not None else None

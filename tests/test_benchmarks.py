@@ -178,27 +178,221 @@ def written(paths):
 
 def test_train_command(tmp_path):
     chosen, _ = optimizers.contenders()
-    lrs = train.QUICK.lrs
-    result = written(cli.main(["train", "--quick", "--steps", "20", "--threads", "1", "--out", str(tmp_path)]))
+    lrs = (3e-3, 3e-2)  # and at most one more lr beyond each end (--extend 1), at the grid's spacing
+    result = written(cli.main(["train", "--quick", "--steps", "20", "--lrs", *map(str, lrs), "--extend", "1",
+                               "--threads", "1", "--out", str(tmp_path)]))
     table = result["sections"]["Final validation loss at each optimizer's best lr"]
+    sweep = result["sections"]["Learning-rate sweep"]
     assert [r["optimizer"] for r in table] == chosen
+    adamw = table[0]
     for row in table:
-        assert set(row) == {"optimizer", "best_lr", "val_loss", "val_loss_vs_adamw", "steps_to_adamw_loss",
+        assert set(row) == {"optimizer", "best_lr", "best_lr_at_edge", "val_loss", "val_loss_vs_adamw",
+                            "val_loss_at_adamw_lr", "at_adamw_lr_vs_adamw", "steps_to_adamw_loss",
                             "tokens_per_s", "state_MB", "state_vs_adamw", "gpu_peak_MB"}
         # 20 steps of 1,024 characters move the loss well below the uniform guess ln(84).
         assert row["val_loss"] < math.log(84) - 0.5 and row["tokens_per_s"] > 0
-        assert row["val_loss"] == min(r["val_loss"] for r in result["sections"]["Learning-rate sweep"]
-                                      if r["optimizer"] == row["optimizer"])
-    adamw = table[0]
+        own = {r["lr"]: r["val_loss"] for r in sweep if r["optimizer"] == row["optimizer"]}
+        assert row["val_loss"] == min(own.values()) == own[row["best_lr"]]
+        # The sweep is the grid, AdamW's best lr, and an lr beyond an end only where the best sat there.
+        ran = sorted(own)
+        assert set(lrs) | {adamw["best_lr"]} <= set(ran) and len(ran) <= len(lrs) + 2
+        for lr in set(ran) - set(lrs) - {adamw["best_lr"]}:
+            assert lr == pytest.approx(lrs[0] / 10) or lr == pytest.approx(lrs[-1] * 10)
+        edge = ("low" if row["best_lr"] == ran[0] else "high" if row["best_lr"] == ran[-1] else None)
+        assert row["best_lr_at_edge"] == edge
+        assert row["val_loss_at_adamw_lr"] == own[adamw["best_lr"]]
+        assert row["at_adamw_lr_vs_adamw"] == pytest.approx(own[adamw["best_lr"]] / adamw["val_loss"])
+    assert result["unbracketed"] == {r["optimizer"]: r["best_lr_at_edge"] for r in table if r["best_lr_at_edge"]}
     assert adamw["val_loss_vs_adamw"] == 1 and adamw["steps_to_adamw_loss"] == 1 and adamw["state_vs_adamw"] == 1
+    assert adamw["val_loss_at_adamw_lr"] == adamw["val_loss"] and adamw["at_adamw_lr_vs_adamw"] == 1
     muon = next(r for r in table if r["optimizer"] == "matrixopt.Muon")
     assert muon["state_MB"] < adamw["state_MB"]  # one momentum buffer per matrix, not two
-    sweep = result["sections"]["Learning-rate sweep"]
-    assert [(r["optimizer"], r["lr"]) for r in sweep] == [(n, lr) for n in chosen for lr in lrs]
+    order = [r["optimizer"] for r in sweep]
+    assert order == sorted(order, key=chosen.index)  # one optimizer's runs together, in lr order
+    assert all(a["lr"] < b["lr"] for a, b in zip(sweep, sweep[1:]) if a["optimizer"] == b["optimizer"])
     assert set(result["curves"]) == set(chosen)
     assert all(c["step"][0] == 0 and c["step"][-1] == 20 for c in result["curves"].values())
     assert result["config"]["steps"] == 20 and result["tokens_per_run"] == 20 * 16 * 64
     assert result["data"]["val_plays"] == sorted(data.VAL_PLAYS)
+
+
+# -- the lr sweep ------------------------------------------------------------------------------
+
+def fake_runs(loss_of_lr):
+    """run_at for train.sweep: a run whose final loss is loss_of_lr(lr); the lrs asked for."""
+    asked = []
+
+    def run_at(lr):
+        asked.append(lr)
+        return {"lr": lr, "val_loss": loss_of_lr(lr)}
+
+    return run_at, asked
+
+
+def bowl(best_lr):
+    return lambda lr: 2 + math.log10(lr / best_lr) ** 2
+
+
+def test_sweep_extends_the_grid_until_the_best_lr_is_bracketed():
+    run_at, asked = fake_runs(bowl(0.1))
+    runs, best, edge = train.sweep(run_at, (1e-3, 1e-2), extend=3)
+    assert asked == pytest.approx([1e-3, 1e-2, 1e-1, 1.0])  # 1.0 shows 0.1 is the best
+    assert best["lr"] == pytest.approx(0.1) and edge is None
+    assert [r["lr"] for r in runs] == sorted(asked)
+    # Downwards too, at the spacing of the grid's low end.
+    run_at, asked = fake_runs(bowl(1e-4))
+    _, best, edge = train.sweep(run_at, (1e-3, 3e-3, 1e-2), extend=3)
+    assert asked == pytest.approx([1e-3, 3e-3, 1e-2, 1e-3 / 3, 1e-3 / 9, 1e-3 / 27]) and edge is None
+    assert best["lr"] == pytest.approx(1e-3 / 9)
+
+
+def test_sweep_flags_a_best_lr_still_at_an_end_after_extend_lrs():
+    run_at, asked = fake_runs(bowl(100.0))
+    _, best, edge = train.sweep(run_at, (1e-3, 1e-2), extend=2)
+    assert asked == pytest.approx([1e-3, 1e-2, 1e-1, 1.0]) and best["lr"] == pytest.approx(1.0)
+    assert edge == "high"
+    run_at, asked = fake_runs(bowl(1e-6))
+    assert train.sweep(run_at, (1e-3, 1e-2), extend=0)[2] == "low" and asked == [1e-3, 1e-2]
+    # One lr is no sweep: nothing to extend from, and flagged as such.
+    run_at, asked = fake_runs(bowl(1.0))
+    assert train.sweep(run_at, (3e-3,), extend=2)[2] == "only lr" and asked == [3e-3]
+
+
+def test_sweep_runs_adamws_best_lr_and_does_not_extend_past_divergence():
+    # AdamW's best lr runs too, and counts as a bracket: no extension below 0.01 is needed.
+    run_at, asked = fake_runs(bowl(0.02))
+    runs, best, edge = train.sweep(run_at, (0.01, 0.1), extend=2, must_include=0.003)
+    assert asked == [0.01, 0.1, 0.003] and edge is None and best["lr"] == 0.01
+    assert [r["lr"] for r in runs] == [0.003, 0.01, 0.1]
+    run_at, asked = fake_runs(bowl(0.01))
+    train.sweep(run_at, (0.003, 0.01, 0.03), extend=2, must_include=0.01)
+    assert asked == [0.003, 0.01, 0.03]  # already on the grid: not run twice
+    # Diverged runs (NaN) are never the best; the grid is not extended past them.
+    run_at, asked = fake_runs(lambda lr: math.nan if lr > 0.05 else bowl(1.0)(lr))
+    _, best, edge = train.sweep(run_at, (0.001, 0.01, 0.1), extend=2)
+    assert best["lr"] == 0.01 and asked == [0.001, 0.01, 0.1] and edge is None
+
+
+def test_results_rows_take_the_loss_at_adamws_best_lr_from_the_sweep():
+    def result(name, lr, loss):
+        return {"optimizer": name, "lr": lr, "val_loss": loss, "curve": {"step": [0, 10], "val_loss": [4.0, loss]},
+                "tokens_per_s": 1.0, "state_MB": 2.0, "gpu_peak_MB": None}
+
+    runs = [result(optimizers.ADAMW, 1e-3, 2.5), result(optimizers.ADAMW, 3e-3, 2.3),
+            result(optimizers.ADAMW, 1e-2, 2.4),
+            result("matrixopt.Muon", 1e-3, 2.6), result("matrixopt.Muon", 3e-3, 2.2),
+            result("matrixopt.Muon", 1e-2, 2.0), result("matrixopt.Muon", 3e-2, 1.9)]
+    best = {optimizers.ADAMW: runs[1], "matrixopt.Muon": runs[-1]}
+    rows = train.results_rows(best, TrainConfig(steps=10), runs, {optimizers.ADAMW: None, "matrixopt.Muon": "high"})
+    adamw, muon = rows
+    assert adamw["val_loss_at_adamw_lr"] == 2.3 and adamw["at_adamw_lr_vs_adamw"] == 1
+    assert adamw["best_lr_at_edge"] is None
+    assert muon["best_lr"] == 3e-2 and muon["val_loss"] == 1.9 and muon["best_lr_at_edge"] == "high"
+    assert muon["val_loss_at_adamw_lr"] == 2.2  # its run at 3e-3, AdamW's best, not its own best
+    assert muon["at_adamw_lr_vs_adamw"] == pytest.approx(2.2 / 2.3)
+    # Without AdamW in the contest there is no AdamW lr to compare at.
+    alone = train.results_rows({"matrixopt.Muon": runs[-1]}, TrainConfig(steps=10), runs)
+    assert alone[0]["val_loss_at_adamw_lr"] is None and alone[0]["best_lr_at_edge"] is None
+
+
+# -- variants and the update-RMS benchmark ----------------------------------------------------
+
+def test_variants_parse_constructor_arguments_and_reject_others():
+    v = optimizers.parse_variant("matrixopt.DCTAdamW[scale=2.0, rank=0.5, score_norm=2]")
+    assert v == optimizers.Variant("matrixopt.DCTAdamW", {"scale": 2.0, "rank": 0.5, "score_norm": 2})
+    assert optimizers.parse_variant("matrixopt.Muon") is None
+    for bad, match in [("matrixopt.Muon[scale=1]", "takes no"), ("matrixopt.GaLoreAdamW[rms=0.4]", "takes no"),
+                       ("matrixopt.Muon[lr=1]", "takes no"), ("matrixopt.Muon[rms]", "key=value"),
+                       ("matrixopt.Muon[rms=big]", "literal"), ("torch.optim.AdamW[lr=1]", "matrixopt")]:
+        with pytest.raises(ValueError, match=match):
+            optimizers.contenders([bad])
+    names, _ = optimizers.contenders([optimizers.ADAMW, "matrixopt.ROOT[rms=1.0]", "matrixopt.Muon[rms=0.4]"])
+    assert names == [optimizers.ADAMW, "matrixopt.ROOT[rms=1.0]", "matrixopt.Muon[rms=0.4]"]
+
+
+@pytest.mark.parametrize("name", ["matrixopt.Muon", "matrixopt.ARO"])
+def test_rms_variant_is_match_adamw_with_another_target(name):
+    """[rms=c] must be the library's step with 0.2 replaced by c: the step ×c/0.2, the decay as is."""
+    torch.manual_seed(0)
+    w0, grad = 0.05 * torch.randn(24, 40, dtype=torch.float64), torch.randn(24, 40, dtype=torch.float64)
+    steps = {}
+    for variant in (name, f"{name}[rms=0.5]"):
+        w = torch.nn.Parameter(w0.clone())
+        opt = optimizers.build(variant, [("w", w)], [], lr=0.01, settings=optimizers.Settings(weight_decay=0.1))
+        w.grad = grad.clone()
+        opt.step()
+        steps[variant] = w.detach() - w0 * (1 - 0.01 * 0.1)  # the update, after the same decay
+    torch.testing.assert_close(steps[f"{name}[rms=0.5]"], steps[name] * (0.5 / 0.2), rtol=1e-6, atol=1e-9)
+    rms = steps[f"{name}[rms=0.5]"].pow(2).mean().sqrt() / 0.01
+    assert 0.45 < rms < 0.55  # ARO exactly 0.5; Muon's Newton-Schulz leaves singular values near, not at, 1
+
+
+def test_rms_scale_variant_sets_scale_from_each_matrix_rank():
+    pairs = [("a", torch.nn.Parameter(torch.randn(64, 64))), ("b", torch.nn.Parameter(torch.randn(48, 192))),
+             ("c", torch.nn.Parameter(torch.randn(100, 36)))]
+    opt = optimizers.build("matrixopt.GaLoreAdamW[rms_scale=0.5]", pairs, [], lr=1e-3,
+                           settings=optimizers.Settings(rank_fraction=0.25))
+    scale = {id(p): g["scale"] for g in opt.param_groups for p in g["params"]}
+    # r = round(0.25·min(m, n)): 16, 12, 9, so √(k/r) = 2 for all three.
+    assert [scale[id(p)] for _, p in pairs] == pytest.approx([0.5 * 2, 0.5 * 2, 0.5 * 2])
+    opt = optimizers.build("matrixopt.DCTAdamW[rms_scale=1.0, rank=10]", pairs, [], lr=1e-3,
+                           settings=optimizers.Settings())
+    scale = {id(p): g["scale"] for g in opt.param_groups for p in g["params"]}
+    assert [scale[id(p)] for _, p in pairs] == pytest.approx([math.sqrt(6.4), math.sqrt(4.8), math.sqrt(3.6)])
+
+
+def test_update_rms_observer_measures_the_step_per_unit_lr():
+    """SGD with weight decay: ΔW/lr = -(G + λW), so the step alone is G."""
+    from benchmarks.update_rms import UpdateRMS, summarize
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    opt = torch.optim.SGD([w], lr=0.1, weight_decay=0.5)
+    obs = UpdateRMS()
+    obs.start([("w", w)], opt)
+    grads = [torch.randn(8, 6) * (k + 1) for k in range(4)]
+    expected_delta, expected_spectral = [], []
+    for k, g in enumerate(grads):
+        for group in opt.param_groups:
+            group["lr"] = 0.1 * (k + 1)
+        expected_delta.append((g + 0.5 * w.detach()).pow(2).mean().sqrt().item())
+        expected_spectral.append(torch.linalg.matrix_norm(g + 0.5 * w.detach(), ord=2).item())
+        w.grad = g
+        obs.before(k, 0.1 * (k + 1))
+        opt.step()
+        obs.after(k, 0.1 * (k + 1))
+    assert [d[0] for d in obs.delta] == pytest.approx(expected_delta, rel=1e-5)
+    assert [s[0] for s in obs.step_only] == pytest.approx([g.pow(2).mean().sqrt().item() for g in grads], rel=1e-5)
+    assert [s[0] for s in obs.spectral] == pytest.approx(expected_spectral, rel=1e-5)
+    summary = summarize(obs)
+    lrs = [0.1, 0.2, 0.3, 0.4]
+    assert summary["first_step"] == pytest.approx(expected_delta[0], rel=1e-5)
+    assert summary["lr_weighted"] == pytest.approx(sum(l * d for l, d in zip(lrs, expected_delta)) / sum(lrs), rel=1e-5)
+
+
+def test_update_rms_command(tmp_path):
+    result = written(cli.main(["update_rms", "--quick", "--widths", "32", "--steps", "8", "10", "--threads", "1",
+                               "--optimizers", optimizers.ADAMW, "matrixopt.Muon", "matrixopt.GaLoreAdamW",
+                               "matrixopt.Muon[rms=0.4]", "--out", str(tmp_path)]))
+    (title, rows), = result["sections"].items()
+    assert "peak lr 0.003" in title
+    assert [(r["dim"], r["steps"], r["optimizer"]) for r in rows] == [
+        (32, steps, name) for steps in (8, 10)
+        for name in (optimizers.ADAMW, "matrixopt.Muon", "matrixopt.GaLoreAdamW", "matrixopt.Muon[rms=0.4]")]
+    for adamw, muon, galore, muon_04 in (rows[:4], rows[4:]):
+        # Adam's first step is sign(G) per entry (bias-corrected m/√v = G/|G|): RMS 1.
+        assert adamw["first_step"] == pytest.approx(1.0, abs=0.01) and adamw["vs_adamw"] == 1
+        # match_adamw: RMS 0.2 (Newton-Schulz leaves singular values a little under 1).
+        assert 0.15 < muon["lr_weighted"] <= 0.2 + 1e-3 and muon["vs_adamw"] == pytest.approx(
+            muon["lr_weighted"] / adamw["lr_weighted"])
+        assert muon_04["lr_weighted"] == pytest.approx(2 * muon["lr_weighted"], rel=0.05)
+        # GaLore's step is its subspace Adam step × scale·√(r/min(m, n)) = 0.25·√(1/4).
+        assert galore["subspace_rms"] == pytest.approx(galore["lr_weighted"] / 0.125)
+        assert muon["subspace_rms"] is None
+        assert adamw["spectral_lr_weighted"] > muon["spectral_lr_weighted"] > 0
+    traces = result["traces"]
+    assert [len(t["rms"]) for t in traces] == [8] * 4 + [10] * 4
+    assert result["widths"] == [32] and result["run_steps"] == [8, 10]
 
 
 def test_step_command(tmp_path):
