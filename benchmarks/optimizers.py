@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 import matrixopt
+from matrixopt.base import MATCH_ADAMW_RMS
 
 ADAMW = "torch.optim.AdamW"
 TORCH_MUON = "torch.optim.Muon"
@@ -66,10 +67,6 @@ VARIANTS = {
 }
 
 
-# Muon, ROOT and ARO rescale their update to this RMS under lr_scaling="match_adamw".
-MATCH_ADAMW_RMS = 0.2
-
-
 def parse_variant(name: str) -> Variant | None:
     """``"matrixopt.X[key=value, ...]"`` as a :class:`Variant` of ``matrixopt.X`` (None for a
     name without brackets): a way to try other hyperparameters from the command line, e.g.
@@ -79,8 +76,9 @@ def parse_variant(name: str) -> Variant | None:
     does not have (yet), emulated exactly from the benchmark side:
 
     - ``rms=c`` (Muon, ROOT, ARO): the match_adamw rescale to update RMS ``c`` instead of
-      0.2, i.e. the matrix rule's step times c/0.2. The matrix group runs at lr·c/0.2 with
-      weight decay λ·0.2/c, so its decay lr·λ is unchanged: ``W ← W(1−ηλ) − η·(c/0.2)·s·O``.
+      ρ = ``matrixopt.base.MATCH_ADAMW_RMS``, i.e. the matrix rule's step times c/ρ. The
+      matrix group runs at lr·c/ρ with weight decay λ·ρ/c, so its decay lr·λ is unchanged:
+      ``W ← W(1−ηλ) − η·(c/ρ)·s·O``.
     - ``rms_scale=c`` (GaLoreAdamW, DCTAdamW): ``scale = c·√(min(m, n)/r)`` per matrix, which
       makes the projected-back step's RMS c times the low-rank Adam step's (an orthonormal
       back-projection keeps the Frobenius norm and spreads it over m·n instead of r·max(m, n)
@@ -220,8 +218,8 @@ def build(name: str, matrices: list[tuple[str, Tensor]], others: list[tuple[str,
         params = [p for _, p in matrices + others]
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd, fused=params[0].is_cuda)
     if name == TORCH_MUON:
-        # "match_rms_adamw" is torch's name for the same 0.2·sqrt(max(m, n)) scaling as
-        # matrixopt's default, so the two Muons share an lr scale with AdamW.
+        # "match_rms_adamw": torch's 0.2·sqrt(max(m, n)) (Moonshot's), the convention closest
+        # to AdamW's lr that torch.optim.Muon has (matrixopt's match_adamw is 0.5·sqrt(max(m, n))).
         muon = torch.optim.Muon([p for _, p in matrices], lr=lr, weight_decay=wd,
                                 adjust_lr_fn="match_rms_adamw")
         if not others:

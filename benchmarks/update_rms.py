@@ -121,6 +121,7 @@ def low_rank_factor(name: str, params, rank_fraction: float) -> float | None:
             scale = kwargs["rms_scale"] * math.sqrt(k / r)
         else:
             scale = kwargs.get("scale", inspect.signature(cls).parameters["scale"].default)
+            scale = math.sqrt(k / r) if scale is None else scale   # the default: √(min(m, n)/r)
         factors.add(round(scale * math.sqrt(r / k), 12))
     return factors.pop() if len(factors) == 1 else None
 

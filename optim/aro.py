@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from .base import (MatrixOptimizer, Out, Rows, State, Whole, apply_update, default_compute_dtype, local_map,
+from .base import (MATCH_ADAMW_RMS, MatrixOptimizer, Out, Rows, State, Whole, apply_update, default_compute_dtype, local_map,
                    matmul_in, matrix_shape)
 from .validation import choice, compute_dtype, integer, real
 
@@ -157,7 +157,7 @@ class ARO(MatrixOptimizer):
         M &\leftarrow \beta M + (1-\beta) G \\
         C &= M\, f(R_{\text{prev}}^\top M)^\top, \qquad R = \mathrm{Q\ factor\ of\ QR}(C) \\
         U &= R\, f(R^\top M) \\
-        W &\leftarrow W (1 - \eta\lambda) - \eta\, 0.2\, U \sqrt{mn} / \lVert U \rVert_F
+        W &\leftarrow W (1 - \eta\lambda) - \eta\, \rho\, U \sqrt{mn} / \lVert U \rVert_F
 
     f is a base map that does not commute with rotations (see :func:`base_map`): sinkhorn
     (default), row_norm or sign. The rotation chases the basis in which f of the momentum
@@ -180,7 +180,8 @@ class ARO(MatrixOptimizer):
         rotate_side: "smaller" (default: rows if m ≤ n else columns, so R is
             min(m, n)²), "rows" or "cols".
         qr: "shifted_cholesky" (default) or "householder" (``torch.linalg.qr`` always).
-        lr_scaling: "match_adamw" (default: the update has RMS 0.2, like AdamW's, so
+        lr_scaling: "match_adamw" (default: the update has RMS ρ = 0.5,
+            :data:`~matrixopt.base.MATCH_ADAMW_RMS`, so
             AdamW's lr and weight decay carry over) or "none" (U as is; f already gives
             entries of RMS ≈ 1 and R preserves it).
         matmul_dtype: operand dtype of the products with M (default: bf16 on CUDA, fp32
@@ -228,7 +229,7 @@ class ARO(MatrixOptimizer):
         aro(bucket.weights, bucket.grads, [s["momentum_buffer"].view_as(w) for s, w in zip(bucket.states, bucket.weights)],
             [s["rotation"] for s in bucket.states],
             lr=float(group["lr"]), momentum=group["momentum"], weight_decay=group["weight_decay"],
-            rows=self._rotates_rows(group, m, n), rms=0.2 if group["lr_scaling"] == "match_adamw" else None,
+            rows=self._rotates_rows(group, m, n), rms=MATCH_ADAMW_RMS if group["lr_scaling"] == "match_adamw" else None,
             base=group["base"], sinkhorn_iters=group["sinkhorn_iters"], qr=group["qr"],
             matmul_dtype=group["matmul_dtype"] or default_compute_dtype(bucket.weights[0].device), shape=(m, n),
             matrix_map=bucket.matrix_map)

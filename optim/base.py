@@ -163,6 +163,16 @@ def apply_update(weights, updates, *, lr: float, weight_decay: float, scale: flo
     torch._foreach_add_(weights, updates, alpha=-lr * scale)
 
 
+#: The update RMS of lr_scaling="match_adamw" (Muon, ROOT, ARO): at AdamW's tuned lr these
+#: rules then match or beat AdamW. Not AdamW's own update RMS (0.21-0.26 in our runs, the 0.2
+#: of Moonshot's rule): AdamW's tuned lr is set by its step's spectral norm, 4-6x that of an
+#: orthogonalized step of the same RMS, so at that lr an RMS of 0.2 moves every direction too
+#: little. Measured on `train --quick` at widths 64 and 128 and 200 and 600 steps: the worst
+#: loss vs AdamW at AdamW's lr was 1.042 at 0.2, 1.000 at 0.3, 0.945 at 0.5, 0.994 at 0.8
+#: (benchmarks/results/lr-study/summary-2026-12-01.md; `python -m benchmarks update_rms`).
+MATCH_ADAMW_RMS = 0.5
+
+
 def default_compute_dtype(device: torch.device) -> torch.dtype:
     """Matrix products' operand dtype when a rule is not told: bf16 on GPUs (tensor cores),
     fp32 elsewhere."""

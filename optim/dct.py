@@ -42,7 +42,8 @@ class DCTAdamW(LowRankAdamW):
     128), proj_dtype, nonfinite, fallback):
         eps: ε (default 1e-8).
         update_proj_gap: T, steps between refreshes of the selection (default 200).
-        scale: s, the factor on the projected-back step (default 1).
+        scale: s, the factor on the projected-back step (default None: √(min(m, n)/r) per
+            matrix, so AdamW's lr carries over).
         score_norm: p, 1 (default) or 2: the norm scoring each DCT column.
         rotate_states: carry the moments into the new selection on refresh (default False).
         distributed: None (default; FSDP2's DTensor params are detected by themselves) or
@@ -57,7 +58,7 @@ class DCTAdamW(LowRankAdamW):
     }
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128,
-                 update_proj_gap=200, scale=1.0, score_norm=1, rotate_states=False, nonfinite="skip",
+                 update_proj_gap=200, scale=None, score_norm=1, rotate_states=False, nonfinite="skip",
                  proj_dtype=None, *, fallback=None, distributed=None, process_group=None):
         super().__init__(params, dct_projector, ("rank", "score_norm", "proj_dtype"), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype,

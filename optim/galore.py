@@ -21,7 +21,7 @@ class GaLoreAdamW(LowRankAdamW):
     with T = ``update_proj_gap`` and s = ``scale``. The Adam details are galore-torch 1.0's
     (ε added to the un-corrected √V, bias corrections folded into the step size), so with
     ``svd="exact"``, ``reproject_states=False`` and no weight decay this reproduces
-    galore-torch's ``GaLoreAdamW``; weight decay here is applied before the update, as in
+    galore-torch's ``GaLoreAdamW`` with ``scale=0.25`` (galore-torch's default); weight decay here is applied before the update, as in
     ``torch.optim.AdamW`` (galore-torch applies it after). Moments, bases and projections
     are fp32 (fp64 for fp64 params); see :class:`~matrixopt.projectors.SVDProjector` for the
     projection sides (``proj_type``) and how a refresh that fails (an all-zero gradient, or
@@ -44,7 +44,9 @@ class GaLoreAdamW(LowRankAdamW):
     128), proj_dtype, nonfinite, fallback):
         eps: ε (default 1e-6, galore-torch's).
         update_proj_gap: T, steps between projector refreshes (default 200).
-        scale: s, the factor on the projected-back step (default 0.25).
+        scale: s, the factor on the projected-back step (default None: √(min(m, n)/r) per
+            matrix, so AdamW's lr carries over; galore-torch's is 0.25, which shrinks the
+            update to ~1/6 of AdamW's at rank d/4 — pass ``scale=0.25`` for parity).
         proj_type: "std" (default), "reverse_std", "left", "right" or "full".
         svd: "randomized" (default; :func:`matrixopt.kernels.lowrank_svd`, warm-started from
             the previous basis) or "exact" (``torch.linalg.svd`` in fp32, as galore-torch).
@@ -72,7 +74,7 @@ class GaLoreAdamW(LowRankAdamW):
     }
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, rank=128,
-                 update_proj_gap=200, scale=0.25, proj_type="std", svd="randomized",
+                 update_proj_gap=200, scale=None, proj_type="std", svd="randomized",
                  reproject_states=False, nonfinite="skip", seed=0, proj_dtype=None, *, fallback=None,
                  distributed=None, process_group=None):
         super().__init__(params, svd_projector, ("rank", "proj_type", "svd", "proj_dtype"), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,

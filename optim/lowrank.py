@@ -45,6 +45,12 @@ def lowrank_adam(exp_avgs, exp_avg_sqs, lows, steps, betas, eps) -> list[torch.T
     return out
 
 
+def _scale(name, value):
+    """None (√(min(m, n)/r), see :class:`LowRankAdamW`) or a number ≥ 0."""
+    if value is not None:
+        real(0.0)(name, value)
+
+
 def whole_low(proj) -> bool:
     """Whether the low-rank gradient and moments are whole per matrix, rather than having
     G's rows (and being sharded like them under FSDP2).
@@ -149,7 +155,11 @@ class LowRankAdamW(MatrixOptimizer):
         lr, betas, eps, weight_decay: Adam's (ε on the uncorrected √V, as galore-torch).
         rank: r, an int or a fraction of min(m, n); capped at min(m, n).
         update_proj_gap: steps between refreshes of the subspace (at steps 0, T, 2T, …).
-        scale: s, the factor on the projected-back step.
+        scale: s, the factor on the projected-back step; None: √(min(m, n)/r) per matrix,
+            which gives the projected-back step the RMS of the low-rank Adam step (an
+            orthonormal back-projection keeps its Frobenius norm but spreads it over m·n
+            entries instead of r·max(m, n)), so AdamW's lr carries over. galore-torch's
+            convention is a constant 0.25.
         carry_moments: the group key (if any) that, when true, carries the moments into
             the new subspace on refresh (``projector.carry``); else they are reused as
             they are, as galore-torch does.
@@ -167,7 +177,7 @@ class LowRankAdamW(MatrixOptimizer):
     for a left one, see :func:`whole_low`) and the projector's bases (whole).
     """
 
-    hyperparameters = {"rank": rank_spec, "update_proj_gap": integer(1), "scale": real(0.0),
+    hyperparameters = {"rank": rank_spec, "update_proj_gap": integer(1), "scale": _scale,
                        "proj_dtype": compute_dtype, "seed": integer(0)}
     #: A bucket's projection stacks its gradients and its back-projected steps (full size);
     #: these optimizers exist to save memory, so a bucket is about one large matrix (2^22
@@ -219,8 +229,8 @@ class LowRankAdamW(MatrixOptimizer):
         steps = lowrank_adam(_stacks([s["exp_avg"] for s in states]), _stacks([s["exp_avg_sq"] for s in states]),
                              lows, [s["step"] for s in states], group["betas"], group["eps"])
         updates = self._projected(proj.project_back, proj, steps, bucket, range(len(params)), back=True)
-        apply_update(bucket.weights, updates, lr=float(group["lr"]), weight_decay=group["weight_decay"],
-                     scale=group["scale"])
+        scale = math.sqrt(min(proj.m, proj.n) / proj.rank) if group["scale"] is None else group["scale"]
+        apply_update(bucket.weights, updates, lr=float(group["lr"]), weight_decay=group["weight_decay"], scale=scale)
 
     # -- projections -------------------------------------------------------------------------
     @staticmethod

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from .base import AT_LEAST_FP32, MatrixOptimizer, Out, Rows, State, apply_update, default_compute_dtype, local_map
+from .base import AT_LEAST_FP32, MATCH_ADAMW_RMS, MatrixOptimizer, Out, Rows, State, apply_update, default_compute_dtype, local_map
 from .orthogonalize import ns_schedule, orthogonalize
 from .validation import choice, compute_dtype, integer, real
 
@@ -15,13 +15,16 @@ LR_SCALINGS = ("match_adamw", "original", "spectral", "none")
 def update_scale(m: int, n: int, lr_scaling: str) -> float:
     """Factor s in W ← W - lr·s·O for an m×n orthogonalized update O.
 
-    "match_adamw": 0.2·sqrt(max(m, n)) gives O the RMS (0.2) of a typical AdamW update, so
-    AdamW's lr and weight decay carry over (Moonshot, arXiv 2502.16982).
+    "match_adamw": MATCH_ADAMW_RMS·sqrt(max(m, n)) = 0.5·sqrt(max(m, n)) gives O an RMS of
+    0.5, at which AdamW's tuned lr and weight decay carry over (the rule of Moonshot, arXiv
+    2502.16982, with the RMS measured to carry AdamW's lr: see
+    :data:`~matrixopt.base.MATCH_ADAMW_RMS`; Moonshot's 0.2 is ``torch.optim.Muon``'s
+    ``adjust_lr_fn="match_rms_adamw"``).
     "original": sqrt(max(1, m/n)) (Keller Jordan; torch.optim.Muon's default).
     "spectral": sqrt(m/n). "none": 1.
     """
     if lr_scaling == "match_adamw":
-        return 0.2 * math.sqrt(max(m, n))
+        return MATCH_ADAMW_RMS * math.sqrt(max(m, n))
     if lr_scaling == "original":
         return math.sqrt(max(1.0, m / n))
     if lr_scaling == "spectral":
