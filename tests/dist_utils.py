@@ -135,21 +135,28 @@ def sharded(net):
 
 
 class CountingWork:
-    """Wraps _matrix_map's work functions to add up the matrix FLOPs this rank computed."""
+    """Adds up the matrix FLOPs this rank computed: wraps the ``matrix_map`` each bucket gets
+    from ``opt._matrix_map`` so that every work function it runs counts b·m·n·min(m, n) of its
+    first input's stack (b, m, n): the matrices whose whole-matrix work this rank does."""
 
     def __init__(self, opt):
         self.flops = 0
-        original = opt._matrix_map
+        bucket_map = opt._matrix_map
 
-        def counted(fn, *lists, **kwargs):
-            def wrapped(*stacks):
-                b, m, n = stacks[0].shape
-                self.flops += b * m * n * min(m, n)
-                return fn(*stacks)
+        def counting_bucket_map(*args, **kwargs):
+            matrix_map = bucket_map(*args, **kwargs)
 
-            return original(wrapped, *lists, **kwargs)
+            def counted(fn, inputs, outputs):
+                def wrapped(*stacks):
+                    b, m, n = stacks[0].shape
+                    self.flops += b * m * n * min(m, n)
+                    return fn(*stacks)
 
-        opt._matrix_map = counted
+                return matrix_map(wrapped, inputs, outputs)
+
+            return counted
+
+        opt._matrix_map = counting_bucket_map
 
 
 def gathered(value: int) -> list[int]:

@@ -1,4 +1,6 @@
 """ARO: the rotation (shifted Cholesky QR and its fallback), the update, and training."""
+import functools
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -8,9 +10,7 @@ from torch import nn
 
 import matrixopt
 from matrixopt.aro import ORTHOGONALITY_TOL, base_map, orthogonal_factor
-import functools
-
-from test_root import bf16_steps, digits_losses
+from helpers import bf16_steps, digits_losses
 
 
 def orthogonality_error(Q):
@@ -91,7 +91,9 @@ def test_rank_deficient_and_badly_scaled_momenta(scale):
 
 
 def row_norm_reference(W, G, lr, wd, beta, rows):
-    """DESIGN.md's ARO step from R = I with f = row_norm, in float64 with scipy's QR."""
+    """One ARO step from R = I with f = row_norm, written out from the update rule (momentum,
+    R = Q of QR(M·f(M)ᵀ), U = R·f(RᵀM), rescaled to match_adamw's RMS), in float64 with
+    scipy's QR."""
     W, G = W.double().numpy(), G.double().numpy()
     M = (1 - beta) * (G if rows else G.T)
 
@@ -103,7 +105,7 @@ def row_norm_reference(W, G, lr, wd, beta, rows):
     U = R @ f(R.T @ M)
     U = U if rows else U.T
     m, n = W.shape
-    return torch.from_numpy(W * (1 - lr * wd) - lr * 0.2 * U * np.sqrt(m * n) / np.linalg.norm(U)), R
+    return torch.from_numpy(W * (1 - lr * wd) - lr * 0.5 * U * np.sqrt(m * n) / np.linalg.norm(U)), R
 
 
 @pytest.mark.parametrize("shape,side,rows", [((16, 40), "smaller", True), ((40, 16), "smaller", False),
@@ -135,7 +137,7 @@ def test_rotation_matters(base):
     matrixopt.ARO([p], lr=1.0, weight_decay=0.0, base=base).step()
     update = W - p.data
     unrotated = base_map(G[None], base)[0]
-    unrotated = 0.2 * unrotated * (16 * 40) ** 0.5 / unrotated.norm()
+    unrotated = 0.5 * unrotated * (16 * 40) ** 0.5 / unrotated.norm()
     assert (update - unrotated).norm() > 0.1 * unrotated.norm()
 
 
@@ -202,8 +204,9 @@ def test_state_shapes(side, k):
     opt.step()
     assert opt.state[p]["rotation"].shape == (3, k, k) and opt.state[p]["rotation"].dtype == torch.float32
     assert opt.state[p]["momentum_buffer"].shape == p.shape
-    assert opt._matrix_state_shapes(p, opt.param_groups[0]) == {"momentum_buffer": (3, 10, 6),
-                                                                "rotation": (3, k, k)}
+    declared = opt._state(p, opt.param_groups[0])
+    assert {key: (spec.shape, spec.dtype, spec.sharded) for key, spec in declared.items()} == {
+        "momentum_buffer": ((3, 10, 6), torch.float32, True), "rotation": ((3, k, k), torch.float32, False)}
 
 
 def test_bf16_params():

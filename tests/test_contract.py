@@ -1,4 +1,5 @@
-"""The drop-in contract (DESIGN.md), checked for every optimizer matrixopt exports.
+"""The drop-in contract: what a torch.optim optimizer promises, checked for every optimizer
+matrixopt exports.
 
 Each test builds a tiny model with a tall and a wide matrix, a 3-D expert stack, a conv
 kernel and 1-D biases, trains it a few steps and compares against the behaviour torch.optim
@@ -15,10 +16,12 @@ from torch import nn
 
 import matrixopt
 
+# Every exported optimizer but the two bases (MatrixOptimizer has no rule; LowRankAdamW needs
+# a projector, which GaLoreAdamW and DCTAdamW give it).
 OPTIMIZERS = [
     obj for obj in (getattr(matrixopt, name) for name in matrixopt.__all__)
     if isinstance(obj, type) and issubclass(obj, matrixopt.MatrixOptimizer)
-    and obj is not matrixopt.MatrixOptimizer
+    and obj not in (matrixopt.MatrixOptimizer, matrixopt.LowRankAdamW)
 ]
 # Small ranks and refresh gaps, so a few steps cross projector refreshes.
 CONTRACT_KWARGS = {
@@ -401,19 +404,79 @@ def test_grad_scaler(cls):
     assert scaler.get_scale() < scale and opt.nonfinite_skips == 0
 
 
+# The model's params as the optimizers see them: matrices (B, m, n) and fallback vectors.
+MATRICES = {"tall.weight": (1, 12, 6), "wide.weight": (1, 5, 12), "experts": (3, 5, 4),
+            "conv.weight": (1, 3, 8)}   # conv (3, 2, 2, 2) as (out, in·kh·kw)
+VECTORS = {"tall.bias": 12, "conv.bias": 3}
+
+
+def expected_state_bytes(name):
+    """Bytes of state after a step with fp32 params, from each rule's definition (step
+    counters are Python ints, not tensors)."""
+    fallback = sum(2 * 4 * n for n in VECTORS.values())        # AdamW's exp_avg, exp_avg_sq in fp32
+    r = 2                                                       # CONTRACT_KWARGS' rank
+    floats = 0
+    for B, m, n in MATRICES.values():
+        k = min(m, n)
+        if name in ("Muon", "ROOT"):
+            floats += B * m * n                                 # the momentum
+        elif name == "ARO":
+            floats += B * m * n + B * k * k                     # momentum, rotation of the smaller side
+        elif name == "GaLoreAdamW":   # "std": the smaller side; 2 moments of the low-rank gradient + its basis
+            floats += B * (2 * r * max(m, n) + r * k)
+        elif name == "DCTAdamW":      # 2 moments (smaller side projected), r int32 indices
+            floats += B * (2 * r * max(m, n) + r)
+    if name == "DCTAdamW":            # one shared k×k DCT basis per distinct k (6, 5, 4, 3)
+        floats += sum({min(m, n): min(m, n) ** 2 for _, m, n in MATRICES.values()}.values())
+    return 4 * floats + fallback
+
+
 def test_state_bytes(cls):
+    """state_bytes() is the state each rule defines (counted here by hand), and 0 before a step."""
     model = make_model()
     opt = make_opt(cls, model)
     assert opt.state_bytes() == 0
+    assert {n for n, p in model.named_parameters()} == MATRICES.keys() | VECTORS.keys()
     train(model, opt, range(4))
-    tensors = {}
-    for s in opt.state.values():
-        for v in s.values():
-            if isinstance(v, torch.Tensor):
-                tensors[v.data_ptr()] = v
-    for v in opt._shared_state_tensors():
-        tensors[v.data_ptr()] = v
-    assert opt.state_bytes() == sum(t.numel() * t.element_size() for t in tensors.values()) > 0
+    assert opt.state_bytes() == expected_state_bytes(cls.__name__)
+
+
+def test_unknown_state_key_is_rejected_naming_the_param(cls):
+    model = make_model()
+    opt = make_opt(cls, model)
+    train(model, opt, range(1))
+    saved = opt.state_dict()
+    names = [n for n, _ in model.named_parameters()]
+    index = names.index("wide.weight")
+    saved["state"][index]["bogus"] = torch.zeros(1)
+    fresh = make_opt(cls, make_model())
+    with pytest.raises(ValueError, match=r"wide\.weight.*'bogus'"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state
+
+
+def test_loaded_state_takes_the_declared_dtypes(cls):
+    """A checkpoint whose state tensors were saved as float64 loads with each state's declared
+    dtype (here: what the optimizer itself holds for fp32 params), and the run continues bit
+    for bit (fp32 → fp64 → fp32 is exact)."""
+    model = make_model()
+    opt = make_opt(cls, model)
+    train(model, opt, range(3))
+    saved = copy.deepcopy(opt.state_dict())
+    for s in saved["state"].values():
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                s[k] = v.double()
+    resumed_model = copy.deepcopy(model)
+    resumed = make_opt(cls, resumed_model)
+    resumed.load_state_dict(saved)
+    dtypes = lambda o: {(pid, k): v.dtype for pid, s in o.state_dict()["state"].items() for k, v in s.items()
+                        if isinstance(v, torch.Tensor)}
+    assert dtypes(resumed) == dtypes(opt)
+    train(model, opt, range(3, 7))
+    train(resumed_model, resumed, range(3, 7))
+    assert_same(weights(resumed_model), weights(model))
+    assert_same(resumed.state_dict(), opt.state_dict())
 
 
 def test_load_state_dict_hooks_can_edit(cls):

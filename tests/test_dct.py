@@ -1,4 +1,4 @@
-"""DCT basis, scores and DCTAdamW against scipy.fft and a float64 re-implementation of DESIGN.md."""
+"""DCT basis, scores and DCTAdamW against scipy.fft and a float64 re-implementation of the rule."""
 import io
 import math
 
@@ -13,7 +13,7 @@ from torch import nn
 import matrixopt
 from matrixopt import kernels
 from matrixopt.kernels.dct import dct, dct_fft
-from matrixopt.projectors import DCTProjector
+from matrixopt.projectors import REFRESHED, DCTProjector
 
 FAST = settings(max_examples=25, deadline=None)
 DTYPES = {"float64": (torch.float64, 1e-12), "float32": (torch.float32, 1e-6)}
@@ -92,8 +92,9 @@ def test_refresh_selects_exact_top_r_of_scipy_scores(side, norm):
     k, r = min(m, n), 4
     G = torch.randn(B, m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     proj = DCTProjector(r, m, n, score_norm=norm)
-    indices, low = proj.refresh(G)
+    indices, status, low = proj.refresh(G)
     assert indices.dtype == torch.int32 and indices.shape == (B, r)
+    assert status.tolist() == [REFRESHED] * B
     # scipy: DCT along the smaller side, one score per frequency.
     axis = -1 if m >= n else -2
     S = scipy.fft.dct(G.numpy(), norm="ortho", axis=axis)
@@ -103,10 +104,9 @@ def test_refresh_selects_exact_top_r_of_scipy_scores(side, norm):
     want_low = np.stack([S[b][:, want[b]] if m >= n else S[b][want[b], :] for b in range(B)])
     np.testing.assert_allclose(low.numpy(), want_low, rtol=1e-12, atol=1e-12)
     # Between refreshes the projection is G·Q[:, I] (Q[:, I]ᵀ·G); project_back its adjoint.
-    state = {"indices": indices}
-    np.testing.assert_allclose(proj.project(G, state).numpy(), want_low, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(proj.project(G, indices).numpy(), want_low, rtol=1e-12, atol=1e-12)
     Q = ref_basis(k)
-    back = proj.project_back(torch.from_numpy(want_low), state).numpy()
+    back = proj.project_back(torch.from_numpy(want_low), indices).numpy()
     for b in range(B):
         Qi = Q[:, want[b]]
         np.testing.assert_allclose(back[b], want_low[b] @ Qi.T if m >= n else Qi @ want_low[b],
@@ -114,7 +114,7 @@ def test_refresh_selects_exact_top_r_of_scipy_scores(side, norm):
 
 
 def test_refresh_of_a_zero_gradient_takes_the_lowest_indices():
-    indices, _ = DCTProjector(3, 6, 5).refresh(torch.zeros(2, 6, 5))
+    indices, _, _ = DCTProjector(3, 6, 5).refresh(torch.zeros(2, 6, 5))
     np.testing.assert_array_equal(indices.numpy(), [[0, 1, 2], [0, 1, 2]])
 
 
@@ -123,7 +123,9 @@ def test_matmul_and_fft_scores_select_the_same(side):
     B, m, n = SHAPES[side]
     G = torch.randn(B, m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     results = {method: DCTProjector(5, m, n, method=method).refresh(G) for method in ("matmul", "fft")}
-    torch.testing.assert_close(results["matmul"], results["fft"], rtol=0, atol=1e-12)
+    (indices, _, low), (fft_indices, _, fft_low) = results["matmul"], results["fft"]
+    assert torch.equal(indices, fft_indices)
+    torch.testing.assert_close(low, fft_low, rtol=0, atol=1e-12)
     # fp32: a selection may differ only where two scores tie to rounding.
     X = torch.randn(8, 256, 96, generator=torch.Generator().manual_seed(3))  # tall: 96 = k
     G32 = X if side == "tall" else X.mT
@@ -139,7 +141,9 @@ def test_matmul_and_fft_scores_select_the_same(side):
 # -- DCTAdamW against a float64 re-implementation ---------------------------------------------
 
 def reference_dct_adamw(W, grads, *, rank, gap, rotate, lr, betas, eps, weight_decay, scale, norm):
-    """DESIGN.md's DCT-AdamW for one matrix, in numpy float64. Returns (W, #selection changes)."""
+    """DCT-AdamW for one matrix, in numpy float64, written out from the rule (the smaller side
+    projected on the r best-scoring DCT-II columns, reselected every ``gap`` steps; Adam with
+    galore-torch's ε and bias correction). Returns (W, #selection changes)."""
     W = W.copy()
     left = W.shape[0] < W.shape[1]
     k = min(W.shape)
@@ -276,15 +280,14 @@ def test_proj_dtype_sets_projection_precision(shape):
     (~1e-3); the low-rank gradient is fp32, the back-projected step in the matmul's dtype."""
     g = torch.Generator().manual_seed(2)
     G = torch.randn(2, *shape, generator=g, dtype=torch.float64)
-    indices, _ = DCTProjector(12, *shape).refresh(G)
-    state = {"indices": indices}
+    indices = DCTProjector(12, *shape).refresh(G)[0]
     reference = DCTProjector(12, *shape)  # float64 in, float64 out
-    want_low = reference.project(G, state)
-    want_back = reference.project_back(want_low, state)
+    want_low = reference.project(G, indices)
+    want_back = reference.project_back(want_low, indices)
     rel = lambda x, y: ((x.double() - y).norm() / y.norm()).item()
     for dtype, bounds in ((None, (0, 1e-6)), (torch.bfloat16, (1e-4, 1e-2))):
         proj = DCTProjector(12, *shape, dtype=dtype)
-        low, back = proj.project(G.float(), state), proj.project_back(want_low.float(), state)
+        low, back = proj.project(G.float(), indices), proj.project_back(want_low.float(), indices)
         assert low.dtype == torch.float32 and back.dtype == (dtype or torch.float32)
         assert bounds[0] <= rel(low, want_low) < bounds[1] and bounds[0] <= rel(back, want_back) < bounds[1]
 

@@ -1,6 +1,4 @@
 """lowrank_svd against exact SVDs (scipy / float64) on matrices with gradient-like spectra."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.linalg
@@ -9,21 +7,9 @@ from hypothesis import given, settings, strategies as st
 
 from matrixopt.kernels import lowrank_svd
 from matrixopt.kernels import lowrank as lowrank_module
+from helpers import power_law, with_spectrum
 
 SHAPES = {"tall": (1, 120, 50), "wide": (1, 50, 120), "square": (1, 80, 80), "batched": (3, 60, 90)}
-
-
-def with_spectrum(batch, m, n, sigma, seed):
-    """float64 (batch, m, n) matrices with singular values ``sigma`` and random singular vectors."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    U = torch.linalg.qr(torch.randn(batch, m, k, dtype=torch.float64, generator=g))[0]
-    V = torch.linalg.qr(torch.randn(batch, n, k, dtype=torch.float64, generator=g))[0]
-    return (U * sigma) @ V.mT
-
-
-def power_law(batch, m, n, seed, alpha=1.0):
-    return with_spectrum(batch, m, n, torch.arange(1, min(m, n) + 1, dtype=torch.float64) ** -alpha, seed)
 
 
 def low_rank_plus_noise(batch, m, n, seed, signal_rank=10, noise=0.3):
@@ -329,21 +315,6 @@ def test_steep_spectra_take_a_third_cholesky_qr_round_not_householder(alpha, mon
         assert all(torch.equal(x[2:], y) for x, y in zip((U, S, Vh), alone))
 
 
-@pytest.mark.parametrize("iters", [1, 2, 3])
-def test_a_refresh_syncs_once_and_runs_two_cholesky_qr_rounds_only_where_needed(iters, monkeypatch):
-    """Fast path: one round per intermediate basis, two for the returned ones, one host sync of ours."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    from benchmarks.lowrank import launch_counts
-
-    G = power_law(2, 40, 70, seed=12).float()
-    init = torch.linalg.svd(G)[0][..., :8]
-    counts = launch_counts(lambda: lowrank_svd(G, 8, init=init, iters=iters))
-    eigh_syncs = launch_counts(lambda: torch.linalg.eigh(torch.eye(16).expand(2, 16, 16)))["host syncs"]
-    rounds = 1 + 2 * (iters - 1) + 2 + 2  # sketch, intermediate pairs, last right basis, Rayleigh-Ritz
-    assert counts == {"cholesky": rounds, "solve_triangular": rounds, "eigh": 1, "qr": 0, "svd": 0,
-                      "host syncs": 1 + eigh_syncs}
-
-
 @pytest.mark.parametrize("batch, offset, on_host", [(1, 0, True), (1, 1, False), (8, -128, True), (9, -128, False)])
 def test_small_cores_on_a_gpu_are_diagonalized_on_the_host(monkeypatch, batch, offset, on_host):
     """On a GPU tensor, a stack whose host work batch·p³ is at most HOST_EIGH_MAX_P³ goes
@@ -387,48 +358,6 @@ def test_bad_arguments_raise_naming_them():
             lowrank_svd(G, **kwargs)
     with pytest.raises(ValueError, match="shape"):
         lowrank_svd(torch.randn(10), 2)
-    with pytest.raises(ValueError, match="backend"):
-        lowrank_svd(G, 2, backend="cuda")
     G[3, 4] = float("nan")
     with pytest.raises(torch.linalg.LinAlgError):
         lowrank_svd(G, 2)
-
-
-def test_forced_triton_backend_runs_the_same_code():
-    G = torch.randn(20, 30)
-    a = lowrank_svd(G, 4, generator=torch.Generator().manual_seed(0), backend="torch")
-    b = lowrank_svd(G, 4, generator=torch.Generator().manual_seed(0), backend="triton")
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def test_benchmark_quick_variant_runs(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    from benchmarks.lowrank import run
-
-    refresh, steep, core, eigh, launches = run(quick=True).values()
-    assert [row["batch×p"] for row in eigh] == ["1×16", "1×40", "4×24"] and all(row["eigh ms"] > 0 for row in eigh)
-    assert eigh[-1]["host eigh, thread each ms"] > 0 and eigh[-1]["eigh, thread+stream each ms"] > 0
-    assert len(refresh) == 3 and len(steep) == 1
-    assert all(row["cold energy"] >= 0.99 and row["warm energy"] >= 0.99 for row in refresh + steep)
-    assert all(row["svd_lowrank energy"] <= 1 + 1e-9 for row in refresh), "energy is relative to the exact basis"
-    assert all(row["torch.linalg.svd ms"] > 0 and row["eigh + CholQR2 ms"] > 0 for row in core)
-    gentle, hard = launches[:2], launches[2:]
-    assert [(row["refresh"], row["spectrum"]) for row in launches] == [
-        ("warm", "i^-1"), ("cold", "i^-1"), ("warm", "i^-3"), ("cold", "i^-3")]
-    assert all(row["qr"] == 0 and row["eigh"] == 1 for row in gentle)
-    # The warm steep refresh is rescued by the three-round retry (a second eigh), no Householder.
-    assert hard[0]["qr"] == 0 and hard[0]["eigh"] == 2
-
-
-@pytest.mark.parametrize("on_host", [True, False])
-def test_benchmark_eigh_in_threads_is_eigh_per_matrix(monkeypatch, on_host):
-    """The benchmark's threaded eigh candidates return what torch.linalg.eigh of the stack does."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    from benchmarks.lowrank import eigh_in_threads
-
-    Y = torch.randn(3, 12, 6, generator=torch.Generator().manual_seed(0))
-    W = Y.mT @ Y
-    expected = torch.linalg.eigh(W)
-    for i, (values, vectors) in enumerate(eigh_in_threads(W, on_host)):
-        torch.testing.assert_close(values, expected.eigenvalues[i])
-        torch.testing.assert_close(vectors.abs(), expected.eigenvectors[i].abs())

@@ -67,14 +67,14 @@ def test_match_adamw_scaling(shape):
     ratio = update_scale(m, n, "match_adamw") / update_scale(m, n, "original")
     assert abs(ratio - 1) > 0.15
     torch.testing.assert_close(match[1] - match[0], ratio * (orig[1] - orig[0]), rtol=1e-4, atol=1e-6)
-    # and the update has AdamW's typical RMS, 0.2·lr
+    # and the update has RMS 0.5·lr (a little less: NS leaves singular values under 1)
     rms = (match[1] - match[0]).square().mean().sqrt() / kwargs["lr"]
-    assert 0.12 < rms < 0.21
+    assert 0.3 < rms < 0.51
 
 
 def test_update_scale_definitions():
-    assert update_scale(64, 16, "match_adamw") == pytest.approx(0.2 * 8)
-    assert update_scale(16, 64, "match_adamw") == pytest.approx(0.2 * 8)
+    assert update_scale(64, 16, "match_adamw") == pytest.approx(0.5 * 8)
+    assert update_scale(16, 64, "match_adamw") == pytest.approx(0.5 * 8)
     assert update_scale(64, 16, "original") == pytest.approx(2.0)
     assert update_scale(16, 64, "original") == 1.0
     assert update_scale(16, 64, "spectral") == pytest.approx(0.5)
@@ -226,7 +226,7 @@ def test_polar_express_coefficients(steps):
 @pytest.mark.parametrize("steps", [5, 8])
 def test_polar_express_output_matches_paper(shape, steps):
     G = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ours = orthogonalize(G[None], ns_schedule("polar_express", steps), dtype=torch.float64)[0]
+    ours = orthogonalize(G[None], ns_schedule("polar_express", steps))[0]   # G is float64: so is NS
     torch.testing.assert_close(ours.double(), paper_polar_express(G, steps), rtol=1e-5, atol=1e-6)
     # and its singular values are near 1 (the polar factor U Vᵀ has exactly 1)
     sv = torch.linalg.svdvals(ours.double())
@@ -348,22 +348,6 @@ def test_state_bytes_counts_momentum_and_fallback_moments():
     opt = matrixopt.Muon([W, b])
     opt.step()
     assert opt.state_bytes() == 4 * (24 + 2 * 4)
-
-
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_bf16_step_temporaries_stay_small(nesterov):
-    """A bf16-NS step stacks its inputs in bf16 and adds the bf16 update to the weights
-    without an fp32 copy: its allocations peak at 2.9× the bucket's fp32 size (3.75× without
-    Nesterov, 4.75× with it, when the stack and the update went through fp32)."""
-    from benchmarks.common import cpu_peak_bytes
-
-    params = [torch.nn.Parameter(torch.randn(96, 128)) for _ in range(8)]
-    opt = matrixopt.Muon(params, ns_dtype=torch.bfloat16, nesterov=nesterov)
-    for p in params:
-        p.grad = torch.randn(p.shape)
-    opt.step()  # momentum buffers exist from here on
-    bucket = sum(p.numel() for p in params) * 4
-    assert cpu_peak_bytes(opt.step) < 3.5 * bucket
 
 
 def test_large_finite_half_gradients_are_not_taken_for_nonfinite():

@@ -1,12 +1,7 @@
 """Triton Newton-Schulz kernels (run by the interpreter on CPU) against float64 references
 and the PyTorch twin. The interpreter uses 32×32 tiles, so sizes 33..70 span several tiles
 and end in partial ones."""
-import json
-import math
-import os
-import subprocess
-import sys
-from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -14,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import matrixopt
 from matrixopt.kernels import newton_schulz, newton_schulz_torch
+from matrixopt.kernels import newton_schulz_triton as triton_module
 from matrixopt.kernels.newton_schulz_triton import ax_plus_bx, ba_plus_ca2, newton_schulz_triton, xxt
 from matrixopt.orthogonalize import ns_schedule
 
@@ -133,7 +129,9 @@ def test_bf16_singular_values_stay_in_the_schedule_band(schedule):
 
 
 def test_muon_step_uses_triton_and_matches_torch(monkeypatch):
-    weights = [torch.randn(24, 40), torch.randn(40, 24), torch.randn(2, 16, 16)]
+    """With MATRIXOPT_KERNELS=triton a Muon step runs the Triton kernels (spied on: each of the
+    three, once per NS step per bucket), with "torch" none of them; the weights agree."""
+    weights = [torch.randn(24, 40), torch.randn(40, 24), torch.randn(2, 16, 16)]   # 3 buckets
     grads = [torch.randn_like(w) for w in weights]
 
     def step(kernels):
@@ -141,11 +139,17 @@ def test_muon_step_uses_triton_and_matches_torch(monkeypatch):
         params = [torch.nn.Parameter(w.clone()) for w in weights]
         for p, g in zip(params, grads):
             p.grad = g.clone()
-        matrixopt.Muon(params, lr=0.02).step()
-        return params
+        spies = {name: mock.patch.object(triton_module, name, wraps=getattr(triton_module, name))
+                 for name in ("newton_schulz_triton", "xxt", "ba_plus_ca2", "ax_plus_bx")}
+        with spies["newton_schulz_triton"] as run, spies["xxt"] as a, spies["ba_plus_ca2"] as b, \
+                spies["ax_plus_bx"] as x:
+            matrixopt.Muon(params, lr=0.02, ns_steps=5).step()
+        return params, [run.call_count, a.call_count, b.call_count, x.call_count]
 
-    for ours, twin in zip(step("triton"), step("torch")):
-        torch.testing.assert_close(ours, twin, rtol=1e-5, atol=1e-6)
+    (ours, calls), (twin, none) = step("triton"), step("torch")
+    assert calls == [3, 15, 15, 15] and none == [0, 0, 0, 0]
+    for o, t in zip(ours, twin):
+        torch.testing.assert_close(o, t, rtol=1e-5, atol=1e-6)
 
 
 def test_dispatch_and_dtypes():
@@ -171,68 +175,3 @@ def test_kernel_argument_errors():
         ba_plus_ca2(X, 1.0, 1.0)
     with pytest.raises(ValueError, match="B must be"):
         ax_plus_bx(X, torch.randn(2, 12, 12), 1.0)
-
-
-@pytest.mark.slow
-def test_benchmark_runs_quick_on_cpu(tmp_path):
-    """benchmarks/ns.py end to end at tiny sizes: its tables, ours beside the twin."""
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "benchmarks.ns", "--quick", "--out", str(tmp_path)], cwd=root,
-                   env={**os.environ, "TRITON_INTERPRET": "1"}, check=True, capture_output=True)
-    speed, accuracy, step = json.loads(next(tmp_path.glob("ns-*.json")).read_text())["sections"].values()
-    for row in speed:
-        assert row["ours ms"] > 0 and row["twin ms"] > 0
-        assert row["ours vs twin (rel. diff)"] <= TWIN_TOL[torch.bfloat16]
-    by_impl = {(r["shape"], r["schedule"], r["impl"]): r for r in accuracy}
-    for (shape, schedule, impl), row in by_impl.items():
-        twin = by_impl[shape, schedule, "twin"]
-        # The Gram candidate carries A = XXᵀ in bf16 instead of recomputing it: a little less
-        # accurate (the table is there to say how much), never a different band.
-        tol = 3e-2 if impl == "gram" else 1e-2
-        assert row["‖O−UVᵀ‖/‖UVᵀ‖"] == pytest.approx(twin["‖O−UVᵀ‖/‖UVᵀ‖"], abs=tol)
-        assert row["σ_min(O)"] == pytest.approx(twin["σ_min(O)"], abs=tol)
-    assert {r["optimizer"] for r in step} >= {"torch.optim.AdamW", "matrixopt.Muon (twin)",
-                                              "matrixopt.Muon (sym-blocks)", "matrixopt.Muon (minimax, 4 steps)",
-                                              "matrixopt.Muon (sym-blocks, minimax, 4 steps)"}
-
-
-@pytest.mark.parametrize("shape", [(3, 12, 40), (1, 40, 12), (2, 16, 16)])
-def test_gram_candidate_equals_the_twin_in_float64(shape):
-    """benchmarks/ns.py's Gram formulation is the same iteration: equal to the twin in float64."""
-    from benchmarks.ns import gram_newton_schulz
-
-    X = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    schedule = ns_schedule("polar_express", 5)
-    torch.testing.assert_close(gram_newton_schulz(X, schedule), newton_schulz_torch(X, schedule),
-                               rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("shape, block", [((3, 12, 40), 5), ((1, 40, 12), 4), ((2, 16, 16), 16), ((1, 17, 17), 8)])
-def test_symmetric_blocks_candidate_equals_the_twin_in_float64(shape, block):
-    """benchmarks/ns.py's block-triangle candidate computes the same products: equal to the twin
-    in float64, with blocks that do and do not divide the side, and one block (no mirroring)."""
-    from benchmarks.ns import symmetric_blocks_newton_schulz
-
-    X = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    schedule = ns_schedule("polar_express", 5)
-    torch.testing.assert_close(symmetric_blocks_newton_schulz(X, schedule, block=block),
-                               newton_schulz_torch(X, schedule), rtol=0, atol=1e-10)
-
-
-def test_minimax_candidate_schedule_keeps_its_band_in_one_step_fewer():
-    """benchmarks/ns.py's 4-step schedule maps [3e-3, 1] into [0.79, 1.21] (Muon's five steps:
-    [0.68, 1.20] from ~1.5e-3), where Polar Express's first four triples leave [0.44, 1.56]."""
-    from benchmarks.ns import MINIMAX_STEPS_FLOOR, minimax_schedule
-
-    steps, floor = MINIMAX_STEPS_FLOOR
-
-    def band(schedule):  # NS acts on each singular value alone: run it on scalars
-        x = torch.logspace(math.log10(floor), 0, 4001, dtype=torch.float64)
-        for a, b, c in schedule:
-            x = a * x + b * x**3 + c * x**5
-        return x.min().item(), x.max().item()
-
-    lo, hi = band(minimax_schedule(steps, floor))
-    assert 0.79 < lo and hi < 1.21
-    lo, hi = band(ns_schedule("polar_express", steps))
-    assert lo < 0.5 and hi > 1.5

@@ -3,20 +3,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 import matrixopt
-
-
-def digits():
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(y), generator=g)
-    train, test = order[:1400], order[1400:]
-    return X[train], y[train], X[test], y[test]
+from helpers import digits
 
 
 @pytest.mark.parametrize("groups", [False, True], ids=["parameters", "param_groups"])
