@@ -121,8 +121,9 @@ def matrixopt_classes() -> dict[str, type]:
     classes = {}
     for name in sorted(matrixopt.__all__, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
         obj = getattr(matrixopt, name)
-        base = matrixopt.MatrixOptimizer
-        if isinstance(obj, type) and issubclass(obj, base) and obj is not base:
+        # The generic shells (LowRankAdamW needs a projector) are no contenders of their own.
+        generic = (matrixopt.MatrixOptimizer, matrixopt.LowRankAdamW)
+        if isinstance(obj, type) and issubclass(obj, matrixopt.MatrixOptimizer) and obj not in generic:
             classes[f"matrixopt.{name}"] = obj
     return classes
 

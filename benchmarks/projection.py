@@ -39,8 +39,8 @@ def rows_for(batch: int, m: int, n: int, device, repeats: int) -> list[dict]:
     G = gradient_pair(batch, m, n, device, generator)[0]
     reference = SVDProjector("std", rank, m, n)
     U, _, Vh = lowrank_svd(G, rank, generator=generator)
-    bases = {"proj_left": U} if reference.left else {"proj_right": Vh.mT}
-    exact = {key: basis.double() for key, basis in bases.items()}
+    basis = U if reference.left else Vh.mT
+    exact = basis.double()
     want_low = reference.project(G.double(), exact)
     want_back = reference.project_back(want_low, exact)
     step = want_low.float()
@@ -49,17 +49,17 @@ def rows_for(batch: int, m: int, n: int, device, repeats: int) -> list[dict]:
         proj = SVDProjector("std", rank, m, n, dtype=dtype)
 
         def batched():
-            proj.project_back(proj.project(G, bases), bases)
+            proj.project_back(proj.project(G, basis), basis)
 
         def per_matrix():
             for i in range(batch):
-                one = {key: basis[i:i + 1] for key, basis in bases.items()}
+                one = basis[i:i + 1]
                 proj.project_back(proj.project(G[i:i + 1], one), one)
 
         rows.append({"shape": f"{batch}×{m}×{n}", "rank": rank, "side": "left" if proj.left else "right",
                      "proj_dtype": name,
-                     "project rel. err": relative_error(proj.project(G, bases), want_low),
-                     "project_back rel. err": relative_error(proj.project_back(step, bases), want_back),
+                     "project rel. err": relative_error(proj.project(G, basis), want_low),
+                     "project_back rel. err": relative_error(proj.project_back(step, basis), want_back),
                      "batched ms": median_ms(batched, device, 2, repeats),
                      "per-matrix ms": median_ms(per_matrix, device, 1, repeats)})
         rows[-1]["per-matrix/batched"] = rows[-1]["per-matrix ms"] / rows[-1]["batched ms"]

@@ -135,13 +135,16 @@ def shipped_table() -> dict[tuple[int, int], tuple[float, float, float]]:
             for key, abc in table["coefficients"].items()}
 
 
-@functools.cache
 def root_coefficients(m: int, n: int, steps: int = 5) -> tuple[float, float, float]:
-    """ROOT's triple for m×n, looked up once per shape: the released one unless it
-    overshoots (peak > MAX_PEAK), else the shipped fit, else one fitted now."""
-    key = (min(m, n), max(m, n))
-    if key != (m, n):
-        return root_coefficients(*key, steps)
+    """ROOT's triple for m×n (or n×m: NS sees the same singular values), looked up once per
+    shape: the released one unless it overshoots (peak > MAX_PEAK), else the shipped fit,
+    else one fitted now."""
+    return _root_coefficients(min(m, n), max(m, n), steps)
+
+
+@functools.cache
+def _root_coefficients(k: int, K: int, steps: int) -> tuple[float, float, float]:
+    key = (k, K)
     if steps == TABLE_STEPS:
         if key in ROOT_RELEASED_COEFFICIENTS and ns_peak(ROOT_RELEASED_COEFFICIENTS[key], steps) <= MAX_PEAK:
             return ROOT_RELEASED_COEFFICIENTS[key]
@@ -149,4 +152,4 @@ def root_coefficients(m: int, n: int, steps: int = 5) -> tuple[float, float, flo
             return shipped_table()[key]
     from .ns_fit import fit_ns_coefficients   # numpy and scipy: only a fit needs them
 
-    return fit_ns_coefficients(*key, steps)
+    return fit_ns_coefficients(k, K, steps)
