@@ -3,6 +3,7 @@
     python -m benchmarks train --quick     # the demo: Shakespeare LM, every optimizer, CPU minutes
     python -m benchmarks step --quick      # step time and optimizer-state memory
     python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
+    python -m benchmarks ns --quick        # Newton-Schulz alone: standard, Gram, the peers (--cpu: target shapes)
 
 Each command prints a markdown table and writes
 ``benchmarks/results/<command>-<machine>-<date>.{md,json,png}`` (``--out`` elsewhere).
@@ -61,6 +62,11 @@ def main(argv=None):
     step.add_argument("--repeats", type=int, help="timed steps (the median is reported)")
     add_run_options(step)
     command("kernels", "Newton-Schulz and low-rank refresh kernels", device=False)
+    ns = command("ns", "Newton-Schulz: standard and Gram methods, peers, schedules")
+    ns.add_argument("--cpu", action="store_true",
+                    help="only the CPU sections at the target shapes (peers, auto crossover, 4-step schedule)")
+    ns.add_argument("--repeats", type=int, help="timed calls per case with --cpu (median reported; default 5)")
+    ns.add_argument("--threads", type=int, help="CPU threads for torch")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
@@ -76,6 +82,11 @@ def main(argv=None):
 
         sections, extra, fig = run(args.quick, sets=args.sets, optimizers=args.optimizers, warmup=args.warmup,
                                    repeats=args.repeats, device=args.device)
+    elif args.command == "ns":
+        from .ns import run
+
+        sections, extra, fig = run(args.quick, device=args.device, cpu=args.cpu, repeats=args.repeats), {}, None
+        extra.update(cpu=args.cpu, repeats=args.repeats, steps=5)
     else:
         sections, extra, fig = kernels(args.quick)
     extra.update(quick=args.quick, cpu_threads=torch.get_num_threads())
