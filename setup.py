@@ -22,6 +22,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "hypothesis", "scikit-learn", "numpy"],
-        "bench": ["tqdm", "matplotlib", "numpy"],
+        # Peers the ns benchmark compares with (both install without touching torch);
+        # gram-newton-schulz pins CUDA-only kernels packages, so the Makefile adds it --no-deps.
+        "bench": ["tqdm", "matplotlib", "numpy", "pytorch-optimizer==4.1.0", "heavyball==3.2.1"],
     },
 )

@@ -29,20 +29,20 @@ TRITON_MIN_SIDE = 4096
 
 METHODS = ("auto", "standard", "gram")
 
-#: ``method="auto"``'s cost model: (device type, dtype) -> the aspect ratio max(m,n)/min(m,n)
-#: from which the Gram method is faster, measured by ``python -m benchmarks ns --cpu`` (the
-#: "crossover" section of the file named). A missing entry or None means "standard" always:
-#: CUDA is not measured yet (the symmetric Triton/cuBLAS products change its balance), so it
-#: stays on the standard method until a GPU run fills these in.
-GRAM_MIN_ASPECT = {
-    ("cpu", torch.float32): 1.5,  # benchmarks/results/ns-cpu2-2026-11-28.md, "crossover"
-    ("cpu", torch.bfloat16): 1.5,  # benchmarks/results/ns-cpu2-2026-11-28.md, "crossover"
-    ("cuda", torch.float32): None,  # placeholder: falls back to "standard" until measured
-    ("cuda", torch.bfloat16): None,  # placeholder: falls back to "standard" until measured
+#: ``method="auto"``'s cost model: (device type, dtype) -> (aspect ratio max(m,n)/min(m,n),
+#: short side) from which the Gram method is faster, measured by ``python -m benchmarks ns
+#: --cpu`` (its "crossover" section: 5 Muon steps at short sides 128 and 512). A missing entry
+#: or None means "standard" always: CUDA is not measured yet (its symmetric Triton/cuBLAS
+#: products change the balance), so it stays on the standard method until a GPU run fills
+#: these in. Square matrices never take Gram (its per-step m³ work is more than standard's).
+GRAM_CROSSOVER = {
+    # fp32: Gram/standard 0.96 at 128×224, 0.91 at 512×896; 1.05 and 0.99 at n/m = 1.5.
+    ("cpu", torch.float32): (1.75, 128),  # benchmarks/results/ns-cpu2-2026-12-01.md
+    # bf16 (2 restarts): 0.88 from 512×768 on; at short side 128 within noise of 1 up to n/m = 2.5.
+    ("cpu", torch.bfloat16): (1.5, 512),  # benchmarks/results/ns-cpu2-2026-12-01.md
+    ("cuda", torch.float32): None,  # placeholder: "standard" until measured on a GPU
+    ("cuda", torch.bfloat16): None,  # placeholder: "standard" until measured on a GPU
 }
-#: ... and only for matrices at least this large on the short side (below it the Gram
-#: method's extra small products and copies cost more than they save; same file).
-GRAM_MIN_SIDE = 64
 
 #: Restart rule (see :func:`gram_restarts`): in bf16/fp16 a fresh Gram matrix every this
 #: many steps (measured: 3-step segments already widen the band).
@@ -167,7 +167,7 @@ def _gram_segment(X, coefficients):
 
 def choose_method(X, method=None) -> str:
     """Resolve ``method`` (argument, else ``MATRIXOPT_NS_METHOD``, else "standard") to
-    "standard" or "gram"; "auto" looks X's shape up in GRAM_MIN_ASPECT / GRAM_MIN_SIDE."""
+    "standard" or "gram"; "auto" looks X's device, dtype and shape up in GRAM_CROSSOVER."""
     method = method or os.environ.get("MATRIXOPT_NS_METHOD", "standard")
     if method not in METHODS:
         raise ValueError(f"Invalid method {method!r}; expected one of {METHODS} "
@@ -175,8 +175,11 @@ def choose_method(X, method=None) -> str:
     if method != "auto":
         return method
     m, n = sorted(X.shape[-2:])
-    ratio = GRAM_MIN_ASPECT.get((X.device.type, X.dtype))
-    return "gram" if ratio is not None and m >= GRAM_MIN_SIDE and n >= ratio * m else "standard"
+    crossover = GRAM_CROSSOVER.get((X.device.type, X.dtype))
+    if crossover is None or n == m:
+        return "standard"
+    ratio, side = crossover
+    return "gram" if m >= side and n >= ratio * m else "standard"
 
 
 def newton_schulz(X, coefficients, *, eps=1e-7, out_dtype=None, backend=None, method=None, restarts=None):
@@ -185,8 +188,8 @@ def newton_schulz(X, coefficients, *, eps=1e-7, out_dtype=None, backend=None, me
     Computes in X's dtype; returns ``out_dtype`` (default X's dtype).
     ``method``: "standard" (the default, also via ``MATRIXOPT_NS_METHOD``), "gram"
     (:func:`newton_schulz_gram`; ``restarts`` as there) or "auto" (Gram where X's aspect
-    ratio passes the measured crossover for its device and dtype, GRAM_MIN_ASPECT; square
-    matrices always standard).
+    ratio and size pass the measured crossover for its device and dtype, GRAM_CROSSOVER;
+    square matrices always standard).
     ``backend`` (standard method): None/"auto" (Triton on CUDA for matrices of at least
     TRITON_MIN_SIDE on the short side, else PyTorch), "torch" or "triton".
     The Triton kernels take bf16, fp16 and fp32; other dtypes (fp64) always run the twin.

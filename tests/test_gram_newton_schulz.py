@@ -10,7 +10,7 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 from matrixopt.kernels import newton_schulz, newton_schulz_gram
-from matrixopt.kernels.newton_schulz import GRAM_MIN_ASPECT, GRAM_MIN_SIDE, choose_method, gram_restarts
+from matrixopt.kernels.newton_schulz import GRAM_CROSSOVER, choose_method, gram_restarts
 from matrixopt.orthogonalize import ns_schedule
 
 #: A 4-step schedule candidate (Polar Express's construction from σ ≥ 3e-3), as triples.
@@ -157,18 +157,18 @@ def fake(shape, device="cpu", dtype=torch.float32):
 
 
 def test_auto_dispatch():
-    ratio = GRAM_MIN_ASPECT["cpu", torch.float32]
-    m = max(GRAM_MIN_SIDE, 64)
-    assert choose_method(fake((m, m)), "auto") == "standard"  # square: always standard
-    assert choose_method(fake((4, 1024, 1024)), "auto") == "standard"
-    assert choose_method(fake((m, math.ceil(ratio * m))), "auto") == "gram"
-    assert choose_method(fake((math.ceil(ratio * m), m)), "auto") == "gram"
-    assert choose_method(fake((m, int(ratio * m) - 1)), "auto") == "standard"
-    assert choose_method(fake((GRAM_MIN_SIDE - 1, 100 * GRAM_MIN_SIDE)), "auto") == "standard"
-    # CUDA is not measured yet: its placeholder entries keep it on the standard method.
-    assert choose_method(fake((m, 8 * m), "cuda"), "auto") == "standard"
-    assert choose_method(fake((m, 8 * m), "cpu", torch.float64), "auto") == "standard"
-    assert choose_method(fake((m, m)), None) == "standard"  # the default
+    for dtype in (torch.float32, torch.bfloat16):
+        ratio, m = GRAM_CROSSOVER["cpu", dtype]
+        assert choose_method(fake((m, m), dtype=dtype), "auto") == "standard"  # square: always standard
+        assert choose_method(fake((4, 8 * m, 8 * m), dtype=dtype), "auto") == "standard"
+        assert choose_method(fake((m, math.ceil(ratio * m)), dtype=dtype), "auto") == "gram"
+        assert choose_method(fake((2, math.ceil(ratio * m), m), dtype=dtype), "auto") == "gram"
+        assert choose_method(fake((m, math.floor(ratio * m) - 1), dtype=dtype), "auto") == "standard"
+        assert choose_method(fake((m - 1, 100 * m), dtype=dtype), "auto") == "standard"
+        # CUDA is not measured yet: its placeholder entries keep it on the standard method.
+        assert choose_method(fake((m, 8 * m), "cuda", dtype), "auto") == "standard"
+    assert choose_method(fake((512, 4096), "cpu", torch.float64), "auto") == "standard"
+    assert choose_method(fake((512, 4096)), None) == "standard"  # the default
 
 
 def test_method_argument_and_env(monkeypatch):
