@@ -370,7 +370,7 @@ def cpu_compare(cases, warmup: int, repeats: int) -> tuple[list[dict], list[str]
 
 def crossover(sides, ratios, warmup: int, repeats: int) -> list[dict]:
     """Gram / standard time for m×(r·m) inputs, fp32 and bf16, 5 Muon steps: where Gram starts
-    to win is the cost model of ``method="auto"`` (GRAM_MIN_ASPECT)."""
+    to win is the cost model of ``method="auto"`` (GRAM_CROSSOVER)."""
     schedule = ns_schedule("muon", STEPS)
     device, rows = torch.device("cpu"), []
     for dtype in (torch.float32, torch.bfloat16):
