@@ -24,6 +24,8 @@ setup(
         "fit": ["numpy", "scipy"],
         "test": ["pytest", "pytest-timeout", "hypothesis", "scikit-learn", "numpy", "scipy",
                  "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-        "bench": ["tqdm", "matplotlib", "numpy", "scipy"],
+        # Peers the ns benchmark compares with (both install without touching torch);
+        # gram-newton-schulz pins CUDA-only kernels packages, so the Makefile adds it --no-deps.
+        "bench": ["tqdm", "matplotlib", "numpy", "scipy", "pytorch-optimizer==4.1.0", "heavyball==3.2.1"],
     },
 )

@@ -4,6 +4,7 @@
     python -m benchmarks update_rms --quick  # RMS of ΔW/lr per optimizer, 2 widths × 2 run lengths
     python -m benchmarks step --quick      # step time and optimizer-state memory
     python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
+    python -m benchmarks ns --quick        # Newton-Schulz alone: standard, Gram, the peers (--cpu: target shapes)
 
 Each command prints a markdown table and writes
 ``benchmarks/results/<command>-<machine>-<date>.{md,json,png}`` (``--out`` elsewhere).
@@ -72,6 +73,11 @@ def main(argv=None):
     update_rms.add_argument("--lr", type=float, help="the peak lr every optimizer runs at (default 3e-3 with --quick)")
     add_run_options(update_rms)
     command("kernels", "Newton-Schulz and low-rank refresh kernels", device=False)
+    ns = command("ns", "Newton-Schulz: standard and Gram methods, peers, schedules")
+    ns.add_argument("--cpu", action="store_true",
+                    help="only the CPU sections at the target shapes (peers, auto crossover, 4-step schedule)")
+    ns.add_argument("--repeats", type=int, help="timed calls per case with --cpu (median reported; default 5)")
+    ns.add_argument("--threads", type=int, help="CPU threads for torch")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
@@ -92,6 +98,11 @@ def main(argv=None):
 
         sections, extra, fig = run(args.quick, widths=args.widths, steps=args.steps, lr=args.lr,
                                    optimizers=args.optimizers, device=args.device)
+    elif args.command == "ns":
+        from .ns import run
+
+        sections, extra, fig = run(args.quick, device=args.device, cpu=args.cpu, repeats=args.repeats), {}, None
+        extra.update(cpu=args.cpu, repeats=args.repeats, steps=5)
     else:
         sections, extra, fig = kernels(args.quick)
     extra.update(quick=args.quick, cpu_threads=torch.get_num_threads())

@@ -1,22 +1,30 @@
 """Newton-Schulz kernels: speed, accuracy, and the Muon step they serve.
 
     python -m benchmarks kernels [--quick]      # with the other kernel benchmarks
-    python -m benchmarks.ns [--quick] [--device cuda] [--out DIR]
+    python -m benchmarks ns [--quick] [--cpu] [--threads 1] [--device cuda] [--out DIR]
+
+``--cpu`` runs only the CPU sections (:func:`cpu_run`) at the target shapes (1024×2816,
+2816×1024, 512×2816, 512², 1024², fp32, 5 Muon steps, a few minutes on 2 cores): our
+standard, Gram and auto NS beside torch.optim.Muon's routine and the peer packages that
+import (gram-newton-schulz, pytorch-optimizer, heavyball; each one missing is noted), the
+Gram/standard crossover that ``method="auto"`` uses, the 4-step schedule against Muon's and
+Polar Express's 5 steps on LLaMA shapes, and the bf16 failure Gram restarts prevent.
+``--quick`` runs those sections at tiny sizes too.
 
 Side by side in one run, all in bf16 with 5 steps:
 
 - speed: the Triton kernels ("ours", :func:`matrixopt.kernels.newton_schulz`), the
   PyTorch twin (batched torch matmuls), torch.optim.Muon's own routine (2-D only, so
-  looped over a stack), for rectangular cases a candidate Gram formulation in torch
-  matmuls (:func:`gram_newton_schulz`), and a candidate that computes the symmetric products
+  looped over a stack), for rectangular cases the Gram method
+  (``newton_schulz(method="gram")``), and a candidate that computes the symmetric products
   on their upper block triangle with cuBLAS (:func:`symmetric_blocks_newton_schulz`, at
   its default block size and at ``SPEED_SYM_BLOCKS``); ms are medians over CUDA events after warm-up (autotuning
   included in the warm-up). TFLOP/s count the products densely, 4m²n + 2m³ per step for
-  an m×n matrix with m ≤ n (XXᵀ, A², BX), as DESIGN.md's anchor figures do, so the
-  symmetric kernels' saving shows as higher throughput.
+  an m×n matrix with m ≤ n (XXᵀ, A², BX), so the symmetric kernels' saving shows as
+  higher throughput.
 - accuracy: X = U diag(s) Vᵀ with a gradient-like power-law spectrum s_i = i^(-1/2) (random
   Gaussian matrices have σ_min near 0, which no 5-step schedule lifts); its fp64 polar
-  factor is U Vᵀ. Reported for ours, the twin and the two candidates: ‖O − UVᵀ‖_F / ‖UVᵀ‖_F and O's
+  factor is U Vᵀ. Reported for ours, the twin, Gram and sym-blocks: ‖O − UVᵀ‖_F / ‖UVᵀ‖_F and O's
   singular-value band, for the "muon" and "polar_express" schedules and a 4-step one
   (:func:`minimax_schedule`).
 - optimizer step on the LLaMA-1B matrix set (16 layers × {4×2048², 2×5632×2048,
@@ -74,29 +82,6 @@ def torch_muon_routine():
     except ImportError:
         return None
     return lambda X: torch.stack([_zeropower_via_newtonschulz(x, MUON_COEFFICIENTS, STEPS, 1e-7) for x in X])
-
-
-def gram_newton_schulz(X, coefficients, *, eps=1e-7):
-    """Candidate for rectangular matrices (issue 6: "a Gram-matrix formulation ... when it
-    measures faster"): the same iteration carried on the small side.
-
-    With X_k = Q_k·X_0 on the wide orientation (m ≤ n) and A_k = X_k X_kᵀ, a step is
-    P = aI + bA + cA², Q ← P·Q, A ← P·A·P, and the result is Q·X_0: 4m²n + 8·steps·m³ dense
-    FLOPs against steps·(4m²n + 2m³), fewer once n ≳ 2m (2048×5632: 21% fewer at 5 steps).
-    A is carried, never recomputed from X, so rounding accumulates in it: the accuracy
-    table shows what that costs in bf16. Equal to the twin in exact arithmetic (tested in
-    float64). Moves into kernels/ if the GPU run says it is faster at equal accuracy.
-    """
-    shape, out_dtype = X.shape, X.dtype
-    X, transposed = _wide_unit_stack(X, eps)
-    A = X @ X.mT
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    Q = None
-    for a, b, c in coefficients:
-        P = torch.baddbmm(A, A, A, beta=b, alpha=c) + a * eye
-        Q = P if Q is None else P @ Q
-        A = P @ A @ P
-    return _restore(Q @ X, transposed, shape, out_dtype)
 
 
 def _symmetric_product(Y, out, block, base=None, beta=0.0, alpha=1.0):
@@ -196,7 +181,7 @@ def implementations(device: torch.device, schedule_name: str = "muon", schedule=
     if ours_runs(device):
         impls["ours"] = lambda X: newton_schulz(X, schedule, backend="triton")
     impls["twin"] = lambda X: newton_schulz_torch(X, schedule)
-    impls["gram"] = lambda X: gram_newton_schulz(X, schedule)
+    impls["gram"] = lambda X: newton_schulz(X, schedule, method="gram")
     impls["sym-blocks"] = lambda X: symmetric_blocks_newton_schulz(X, schedule)
     if schedule_name != "muon":
         return impls
@@ -306,8 +291,155 @@ def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dic
              "peak extra MB": r["peak_extra_MB"]} for r in rows]
 
 
-def run(quick: bool = False, device=None) -> dict[str, list[dict]]:
-    """The three sections as table rows; ``quick``: tiny sizes, meant for a CPU."""
+
+# -- CPU comparison with the peers (``--cpu``; tiny sizes with ``--quick``) -------------------
+#: The shapes the Gram targets are stated for (fp32, 5 Muon steps).
+CPU_CASES = [(1024, 2816), (2816, 1024), (512, 2816), (512, 512), (1024, 1024)]
+QUICK_CPU_CASES = [(24, 72), (32, 32)]
+#: Aspect ratios the crossover sweep times at short sides CROSSOVER_SIDES (quick: the first).
+CROSSOVER_RATIOS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+CROSSOVER_SIDES = (128, 512)
+#: LLaMA shapes the 4-step schedule is checked on (d = 512 and 1024 blocks, a GQA k/v map).
+FOUR_STEP_SHAPES = [(512, 512), (512, 1376), (1024, 2816), (128, 512)]
+QUICK_FOUR_STEP_SHAPES = [(32, 88)]
+
+
+def peers(schedule) -> tuple[dict, list[str]]:
+    """name -> NS of a (B, m, n) stack from the peer packages that import here, and a note for
+    each one that does not. Each runs Muon's 5 steps where it takes a schedule."""
+    impls, notes = {}, []
+    routine = torch_muon_routine()
+    if routine is not None:
+        impls["torch.optim.Muon (bf16 inside)"] = routine
+    try:
+        from gram_newton_schulz import GramNewtonSchulz
+    except ImportError as error:
+        notes.append(f"gram-newton-schulz: not installed ({error})")
+    else:  # its CuTeDSL kernels need CUDA (quack); the torch path runs in fp16
+        gns = GramNewtonSchulz(ns_coefficients=[list(t) for t in schedule], ns_use_kernels=False, compile_kwargs=None)
+        impls["gram-newton-schulz 0.1.6 (fp16 inside, restart at 2)"] = gns
+    try:
+        from pytorch_optimizer.optimizer.utils import (zero_power_via_gram_newton_schulz,
+                                                       zero_power_via_newton_schulz_5)
+    except ImportError as error:
+        notes.append(f"pytorch-optimizer: not installed ({error})")
+    else:
+        kw = dict(num_steps=len(schedule), weights=list(schedule), dtype=torch.float32)
+        impls["pytorch-optimizer NS"] = lambda X: zero_power_via_newton_schulz_5(X, **kw)
+        impls["pytorch-optimizer Gram (restart at 2)"] = lambda X: zero_power_via_gram_newton_schulz(X, **kw)
+    try:
+        import heavyball.utils as heavyball_utils
+    except ImportError as error:
+        notes.append(f"heavyball: not installed ({error})")
+    else:  # fixed 5-step schedule (You's), bf16 via stochastic rounding; not compiled here
+        heavyball_utils.compile_mode = None
+        impls["heavyball (own 5 triples, bf16 inside)"] = heavyball_utils.zeropower_via_newtonschulz5
+    return impls, notes
+
+
+def output_accuracy(O, polar) -> dict:
+    """‖O − UVᵀ‖/‖UVᵀ‖ and O's singular-value band, in fp64 (σ² from the small Gram side)."""
+    O = O.double()
+    small = O @ O.mT if O.size(-2) <= O.size(-1) else O.mT @ O
+    sv = torch.linalg.eigvalsh(small).clamp_min(0).sqrt()
+    return {"‖O−UVᵀ‖/‖UVᵀ‖": ((O - polar).norm() / polar.norm()).item(),
+            "σ_min(O)": sv.min().item(), "σ_max(O)": sv.max().item()}
+
+
+def cpu_compare(cases, warmup: int, repeats: int) -> tuple[list[dict], list[str]]:
+    """fp32 inputs, Muon's 5 steps: our standard, Gram and auto NS beside the peers, on the
+    same gradient-like matrix; ms (median) and accuracy against its fp64 polar factor."""
+    schedule = ns_schedule("muon", STEPS)
+    impls = {f"matrixopt {method}": lambda X, method=method: newton_schulz(X, schedule, method=method)
+             for method in ("standard", "gram", "auto")}
+    others, notes = peers(schedule)
+    impls.update(others)
+    device, rows = torch.device("cpu"), []
+    for m, n in cases:
+        X, polar = gradient_like(m, n, device)
+        X = X.float()[None]
+        base = None
+        for name, fn in impls.items():
+            ms = median_ms(lambda: fn(X), device, warmup, repeats)
+            base = base or ms
+            rows.append({"shape": f"{m}×{n}", "impl": name, "ms": ms, "vs matrixopt standard": ms / base,
+                         **output_accuracy(fn(X)[0], polar)})
+            print(rows[-1], flush=True)
+    return rows, notes
+
+
+def crossover(sides, ratios, warmup: int, repeats: int) -> list[dict]:
+    """Gram / standard time for m×(r·m) inputs, fp32 and bf16, 5 Muon steps: where Gram starts
+    to win is the cost model of ``method="auto"`` (GRAM_CROSSOVER)."""
+    schedule = ns_schedule("muon", STEPS)
+    device, rows = torch.device("cpu"), []
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in sides:
+            for r in ratios:
+                X = torch.randn(1, m, round(r * m), dtype=dtype)
+                ms = {method: median_ms(lambda: newton_schulz(X, schedule, method=method), device, warmup, repeats)
+                      for method in ("standard", "gram")}
+                rows.append({"dtype": str(dtype).removeprefix("torch."), "m": m, "n/m": r, "standard ms": ms["standard"],
+                             "gram ms": ms["gram"], "gram / standard": ms["gram"] / ms["standard"]})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def four_step_schedule(shapes) -> list[dict]:
+    """Muon's 5 steps, Polar Express's 5 and the 4-step minimax schedule on LLaMA shapes
+    (power-law spectrum, fp32 and bf16, standard method): error and band vs the fp64 polar factor."""
+    named = {"muon, 5 steps": ns_schedule("muon", STEPS), "polar_express, 5 steps": ns_schedule("polar_express", STEPS),
+             MINIMAX: minimax_schedule(*MINIMAX_STEPS_FLOOR)}
+    rows = []
+    for m, n in shapes:
+        X, polar = gradient_like(m, n, torch.device("cpu"))
+        for dtype in (torch.float32, torch.bfloat16):
+            for name, schedule in named.items():
+                O = newton_schulz(X.to(dtype)[None], schedule, method="standard")[0]
+                rows.append({"shape": f"{m}×{n}", "dtype": str(dtype).removeprefix("torch."), "schedule": name,
+                             **output_accuracy(O, polar)})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def restart_failure(m: int = 128, n: int = 512) -> list[dict]:
+    """bf16 Gram NS with the restart rule and without restarts, on a spectrum spanning 1e-4."""
+    generator = torch.Generator().manual_seed(3)
+    U = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64, generator=generator)).Q
+    V = torch.linalg.qr(torch.randn(n, m, dtype=torch.float64, generator=generator)).Q
+    X = ((U * torch.logspace(0, -4, m, dtype=torch.float64)) @ V.mT)
+    rows = []
+    for name in ("muon", "polar_express"):
+        schedule = ns_schedule(name, STEPS)
+        for label, kw in (("standard", dict(method="standard")), ("gram, restarts by the rule", dict(method="gram")),
+                          ("gram, no restart", dict(method="gram", restarts=()))):
+            O = newton_schulz(X.bfloat16()[None], schedule, **kw)[0]
+            rows.append({"schedule": name, "impl": label, **output_accuracy(O, U @ V.mT)})
+    return rows
+
+
+def cpu_run(quick: bool, repeats: int | None = None) -> dict[str, list[dict]]:
+    """The CPU sections: peers, the auto crossover, the 4-step schedule, the restart failure."""
+    warmup, repeats = (1, 1) if quick else (1, repeats or 5)
+    threads = torch.get_num_threads()
+    compare, notes = cpu_compare(QUICK_CPU_CASES if quick else CPU_CASES, warmup, repeats)
+    sides = CROSSOVER_SIDES[:1] if quick else CROSSOVER_SIDES
+    return {
+        f"NS, {STEPS} Muon steps, fp32 input, CPU ({threads} threads): ms (median of {repeats}) and accuracy "
+        "against the fp64 polar factor (power-law spectrum)": compare,
+        "Peers that did not run": [{"note": note} for note in notes],
+        f"crossover: Gram / standard time, {STEPS} Muon steps, CPU ({threads} threads)":
+            crossover([16] if quick else sides, CROSSOVER_RATIOS[::3] if quick else CROSSOVER_RATIOS, warmup, repeats),
+        "4-step schedule vs 5 steps on LLaMA shapes (standard method, power-law spectrum), against the fp64 polar factor":
+            four_step_schedule(QUICK_FOUR_STEP_SHAPES if quick else FOUR_STEP_SHAPES),
+        "bf16 Gram NS with and without restarts (σ from 1 to 1e-4)": restart_failure(*((16, 48) if quick else ())),
+    }
+
+def run(quick: bool = False, device=None, cpu: bool = False, repeats: int | None = None) -> dict[str, list[dict]]:
+    """The sections as table rows. ``cpu``: only the CPU sections (:func:`cpu_run`, the target
+    shapes); ``quick``: tiny sizes, meant for a CPU, the GPU sections and the CPU ones."""
+    if cpu:
+        return cpu_run(quick, repeats)
     device = default_device(device)
     warmup, repeats = (1, 1) if quick else (3, 20)
     set_name = "ci" if quick else "1B"
@@ -320,11 +452,19 @@ def run(quick: bool = False, device=None) -> dict[str, list[dict]]:
             accuracy(QUICK_ACCURACY_SHAPES if quick else ACCURACY_SHAPES, device),
         f"Optimizer step, {set_name} matrix set ({layers} layers, d={d}, h={h}){note}":
             optimizer_step(set_name, device, warmup, repeats),
+        **(cpu_run(quick) if quick else {}),
     }
 
 
+def options(parser):
+    parser.add_argument("--cpu", action="store_true",
+                        help="only the CPU sections at the target shapes (peers, auto crossover, 4-step schedule)")
+    parser.add_argument("--repeats", type=int, help="timed calls per case with --cpu (median reported; default 5)")
+
+
 def main(argv=None):
-    return module_main("ns", run, description=__doc__.splitlines()[0], extra={"steps": STEPS}, argv=argv)
+    return module_main("ns", run, description=__doc__.splitlines()[0], extra={"steps": STEPS}, argv=argv,
+                       options=options)
 
 
 if __name__ == "__main__":
