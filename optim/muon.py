@@ -33,7 +33,7 @@ def update_scale(m: int, n: int, lr_scaling: str) -> float:
 
 
 def muon(weights, grads, momenta, *, lr: float, momentum: float, nesterov: bool, weight_decay: float,
-         schedule, scale: float, ns_dtype: torch.dtype, transform: Callable | None = None,
+         schedule, scale: float, ns_dtype: torch.dtype, ns_method: str = "auto", transform: Callable | None = None,
          shape: tuple[int, int] | None = None, matrix_map: Callable = local_map) -> None:
     r"""One Muon step over lists of same-shape (B, m, n) weights, gradients and momenta
     (under FSDP2 their local rows, ``shape`` the whole matrices' (m, n)).
@@ -42,7 +42,7 @@ def muon(weights, grads, momenta, *, lr: float, momentum: float, nesterov: bool,
         B \leftarrow \mu B + (1-\mu) G, \quad X = (1-\mu) G + \mu B \ \text{(nesterov) or } B, \quad
         W \leftarrow W (1 - \eta\lambda) - \eta\, s\, \mathrm{NS}(T(X))
 
-    with NS the Newton-Schulz ``schedule`` run in ``ns_dtype`` and T the optional input
+    with NS the Newton-Schulz ``schedule`` run in ``ns_dtype`` by ``ns_method`` and T the optional input
     ``transform`` of a stack (ROOT's outlier clipping). The NS inputs are cast to
     ``ns_dtype`` before they are stacked (and, distributed, sent to owner ranks): a bf16
     stack is half an fp32 one, and NS would round to bf16 first anyway.
@@ -51,7 +51,8 @@ def muon(weights, grads, momenta, *, lr: float, momentum: float, nesterov: bool,
     torch._foreach_lerp_(momenta, grads, 1 - momentum)
     inputs = torch._foreach_lerp(grads, momenta, momentum) if nesterov else momenta
     inputs = [x.to(ns_dtype) for x in inputs]
-    (updates,) = matrix_map(functools.partial(orthogonalize, schedule=schedule, transform=transform), [Rows(inputs)],
+    (updates,) = matrix_map(functools.partial(orthogonalize, schedule=schedule, transform=transform,
+                                                      method=ns_method), [Rows(inputs)],
                             [Out(shape or tuple(inputs[0].shape[1:]), ns_dtype)])
     apply_update(weights, updates, lr=lr, weight_decay=weight_decay, scale=scale)
 
@@ -88,13 +89,19 @@ class Muon(MatrixOptimizer):
         weight_decay: decoupled weight decay λ (default 0.1).
         ns_steps: Newton-Schulz steps (default 5).
         ns_coefficients: "polar_express" (default; Amsel et al. 2025, per-step optimal),
-            "muon" ((3.4445, -4.7750, 2.0315) every step), "auto" (a triple per matrix
+            "muon" ((3.4445, -4.7750, 2.0315) every step), "polar_express_4" (with
+            ``ns_steps=4``: four steps at Muon's five-step accuracy, see
+            :data:`~matrixopt.orthogonalize.POLAR_EXPRESS_4`), "auto" (a triple per matrix
             shape, ROOT's: see :func:`~matrixopt.orthogonalize.root_coefficients`), one
             (a, b, c) triple, or a list of ``ns_steps`` triples.
         lr_scaling: "match_adamw" (default), "original", "spectral" or "none".
         betas, eps: the AdamW fallback's (defaults (0.9, 0.95), 1e-8).
         nonfinite: "skip" (default) or "raise" on NaN/Inf gradients.
         ns_dtype: dtype NS runs in (default: bf16 on CUDA, fp32 elsewhere).
+        ns_method: "auto" (default: the Gram formulation for rectangular matrices where the
+            measured crossover of :func:`matrixopt.kernels.newton_schulz` says it is faster —
+            on CPU from aspect 1.75 in fp32; not yet on CUDA — else the standard one),
+            "standard" or "gram". Both compute the same polynomial of X.
         fallback: the rule for non-matrix params (default: AdamW, :mod:`matrixopt.fallback`).
         distributed: None (default; FSDP2's DTensor params are detected by themselves) or
             "replicated" (DDP): each rank orthogonalizes a share of the matrices and the
@@ -108,19 +115,20 @@ class Muon(MatrixOptimizer):
         "ns_steps": integer(1, 100),
         "lr_scaling": choice(*LR_SCALINGS),
         "ns_dtype": compute_dtype,
+        "ns_method": choice("auto", "standard", "gram"),
     }
 
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1,
                  ns_steps=5, ns_coefficients="polar_express", lr_scaling="match_adamw",
-                 betas=(0.9, 0.95), eps=1e-8, nonfinite="skip", ns_dtype=None, *, fallback=None,
-                 distributed=None, process_group=None, **rule_defaults):
+                 betas=(0.9, 0.95), eps=1e-8, nonfinite="skip", ns_dtype=None, ns_method="auto", *,
+                 fallback=None, distributed=None, process_group=None, **rule_defaults):
         unknown = sorted(rule_defaults.keys() - self.hyperparameters.keys())
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {unknown}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_steps=ns_steps, ns_coefficients=ns_coefficients,
                         lr_scaling=lr_scaling, betas=betas, eps=eps, nonfinite=nonfinite,
-                        ns_dtype=ns_dtype, **rule_defaults)
+                        ns_dtype=ns_dtype, ns_method=ns_method, **rule_defaults)
         super().__init__(params, defaults, fallback=fallback, distributed=distributed,
                          process_group=process_group)
 
@@ -145,5 +153,5 @@ class Muon(MatrixOptimizer):
              weight_decay=group["weight_decay"],
              schedule=ns_schedule(group["ns_coefficients"], group["ns_steps"], (m, n)),
              scale=update_scale(m, n, group["lr_scaling"]),
-             ns_dtype=group["ns_dtype"] or default_compute_dtype(weights[0].device),
+             ns_dtype=group["ns_dtype"] or default_compute_dtype(weights[0].device), ns_method=group["ns_method"],
              transform=self._transform(group), shape=(m, n), matrix_map=bucket.matrix_map)

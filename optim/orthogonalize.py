@@ -48,9 +48,30 @@ def _polar_express(steps: int) -> list[tuple[float, float, float]]:
     return triples
 
 
+#: Four steps at the accuracy of Muon's five: Polar Express's per-step minimax construction
+#: started from σ ≥ 3e-3 instead of 1e-3. It maps σ ∈ [3e-3, 1] into [0.80, 1.20] (Muon's five
+#: steps: σ ≥ 1.5e-3 into [0.68, 1.20]; Polar Express's first four triples leave
+#: [0.44, 1.56]); on power-law (σ_i ∝ i^-1/2) matrices of LLaMA shapes its distance to the
+#: fp64 polar factor is 0.13-0.15 against Muon's 0.17-0.21, in fp32 and bf16
+#: (benchmarks/results/ns-cpu2-2026-12-01.md, `python -m benchmarks ns --cpu`).
+POLAR_EXPRESS_4 = (
+    (8.383517263324883, -24.765534860474745, 18.35686771398597),
+    (4.043404919685871, -3.011404650123234, 0.5695131392317121),
+    (3.505653527529682, -2.626726637765991, 0.5257318534592743),
+    (2.4902042958947694, -1.8343507849863556, 0.4368431804972702),
+)
+
+
+def _polar_express_4(steps: int) -> list[tuple[float, float, float]]:
+    if steps != len(POLAR_EXPRESS_4):
+        raise ValueError(f"Invalid ns_coefficients: 'polar_express_4' is a 4-step schedule; got ns_steps={steps}")
+    return list(POLAR_EXPRESS_4)
+
+
 NAMED_SCHEDULES = {
     "muon": lambda steps: [MUON_COEFFICIENTS] * steps,
     "polar_express": _polar_express,
+    "polar_express_4": _polar_express_4,
 }
 
 
@@ -86,12 +107,15 @@ def ns_schedule(coefficients, steps: int, shape: tuple[int, int] | None = None) 
                      "a triple (a, b, c) or a list of triples")
 
 
-def orthogonalize(X: torch.Tensor, schedule, *, transform=None, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(X: torch.Tensor, schedule, *, transform=None, method: str = "auto",
+                  eps: float = 1e-7) -> torch.Tensor:
     """Orthogonalize a stack X of shape (B, m, n), or ``transform(X)`` if one is given (ROOT's
     outlier clipping), in X's dtype: ``schedule`` is a list of (a, b, c) triples (see
-    :func:`ns_schedule`). The result stays in X's dtype: an fp32 copy of a bf16 update would
-    only double its memory before it is added to the weights."""
-    return newton_schulz(transform(X) if transform else X, schedule, eps=eps)
+    :func:`ns_schedule`); ``method`` as :func:`matrixopt.kernels.newton_schulz`'s ("auto":
+    the Gram formulation for rectangular matrices where it measured faster, the same
+    polynomial of X). The result stays in X's dtype: an fp32 copy of a bf16 update would only
+    double its memory before it is added to the weights."""
+    return newton_schulz(transform(X) if transform else X, schedule, eps=eps, method=method)
 
 
 # -- ROOT's per-shape coefficients ----------------------------------------------------------

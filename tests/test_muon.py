@@ -1,4 +1,5 @@
 """Muon against its references: torch.optim.Muon, torch.optim.AdamW, the Polar Express paper."""
+import math
 import re
 import warnings
 
@@ -366,3 +367,49 @@ def test_large_finite_half_gradients_are_not_taken_for_nonfinite():
             warnings.simplefilter("ignore")
             opt.step()
     assert opt.nonfinite_skips == 2 and torch.equal(W, before)
+
+
+def test_ns_method_auto_runs_gram_for_rectangular_fp32_matrices_and_matches_standard():
+    """Muon's default ns_method="auto" takes the Gram formulation where the kernel's measured
+    CPU crossover says it is faster (a 128×512 fp32 momentum), never for a square one, and
+    the step equals the standard formulation's (same polynomial, fp32 rounding apart)."""
+    import importlib
+    from unittest import mock
+
+    ns_module = importlib.import_module("matrixopt.kernels.newton_schulz")   # the module, not the function
+
+    runs = {}
+    for method in ("auto", "standard"):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(128, 512) * 0.02), torch.nn.Parameter(torch.randn(64, 64) * 0.02)]
+        opt = matrixopt.Muon(ps, lr=0.02, ns_method=method)
+        with mock.patch.object(ns_module, "newton_schulz_gram", wraps=ns_module.newton_schulz_gram) as gram:
+            for i in range(3):
+                g = torch.Generator().manual_seed(i)
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+        runs[method] = ([p.detach().clone() for p in ps], [c.args[0].shape[-2:] for c in gram.call_args_list])
+    assert runs["auto"][1] == [(128, 512)] * 3 and runs["standard"][1] == []
+    for a, s in zip(runs["auto"][0], runs["standard"][0]):
+        torch.testing.assert_close(a, s, rtol=1e-4, atol=1e-6)
+
+
+def test_polar_express_4_holds_muons_five_step_band_in_four():
+    """The named 4-step schedule, evaluated on scalars (NS acts on each singular value alone):
+    σ ∈ [3e-3, 1] lands in [0.79, 1.21], where Muon's quintic needs five steps for [0.68, 1.21]
+    from 1.5e-3 and Polar Express's first four triples leave [0.44, 1.56]."""
+    def band(schedule, floor):
+        x = torch.logspace(math.log10(floor), 0, 4001, dtype=torch.float64)
+        for a, b, c in schedule:
+            x = a * x + b * x**3 + c * x**5
+        return x.min().item(), x.max().item()
+
+    lo, hi = band(ns_schedule("polar_express_4", 4), 3e-3)
+    assert 0.79 < lo and hi < 1.21
+    lo, hi = band(ns_schedule("muon", 5), 1.5e-3)
+    assert 0.6 < lo < 0.79 and hi < 1.21
+    with pytest.raises(ValueError, match="4-step"):
+        matrixopt.Muon([torch.nn.Parameter(torch.randn(4, 4))], ns_coefficients="polar_express_4")
+    with pytest.raises(ValueError, match="ns_method"):
+        matrixopt.Muon([torch.nn.Parameter(torch.randn(4, 4))], ns_method="fast")
