@@ -24,6 +24,7 @@ OPTIMIZERS = [
 CONTRACT_KWARGS = {
     "GaLoreAdamW": dict(rank=2, update_proj_gap=3),
     "DCTAdamW": dict(rank=2, update_proj_gap=3),
+    "CoSOAdamW": dict(rank=2, update_proj_gap=3, protect="both"),
 }
 
 pytestmark = pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
