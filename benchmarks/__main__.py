@@ -1,6 +1,7 @@
 """``python -m benchmarks step|kernels|train``: tables, plots and results files.
 
     python -m benchmarks train --quick     # the demo: Shakespeare LM, every optimizer, CPU minutes
+    python -m benchmarks continual --quick # three text tasks in a row: forgetting vs plasticity
     python -m benchmarks step --quick      # step time and optimizer-state memory
     python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
 
@@ -54,6 +55,9 @@ def main(argv=None):
     train.add_argument("--steps", type=int, help="training steps per run (overrides the size's default)")
     train.add_argument("--lrs", type=float, nargs="+", help="the lr grid every optimizer is swept over")
     add_run_options(train)
+    continual = command("continual", "three text tasks in a row (plays, Python, tragedies): forgetting, plasticity")
+    continual.add_argument("--steps", type=int, help="training steps per task (overrides the size's default)")
+    add_run_options(continual)
     step = command("step", "optimizer step time and state memory on LLaMA-like matrix sets")
     step.add_argument("--sets", nargs="+", choices=list(SHAPES),
                       help="parameter sets (default: tiny with --quick; 60M 350M, and 1B on a GPU)")
@@ -71,6 +75,10 @@ def main(argv=None):
 
         sections, extra, fig = run(args.quick, steps=args.steps, lrs=args.lrs, optimizers=args.optimizers,
                                    device=args.device)
+    elif args.command == "continual":
+        from .continual import run
+
+        sections, extra, fig = run(args.quick, steps=args.steps, optimizers=args.optimizers, device=args.device)
     elif args.command == "step":
         from .step import run
 
