@@ -319,3 +319,23 @@ echo "# $name" > "$out/$name.md"; echo "{}" > "$out/$name.json"
     assert names == {f"{n}.{ext}" for n in ("step", "ns", "projection", "dct", "distributed") for ext in ("md", "json")}
     log = (dest / "gpu-session.log").read_text()
     assert "row of lowrank" in log and "!! exit 3 from: python3 -m benchmarks.lowrank" in log
+
+
+def test_continual_command(tmp_path):
+    """Three tasks in a row: every task evaluated after every stage, forgetting and
+    plasticity derived from that table, the lr chosen on task 1 alone."""
+    from benchmarks import continual
+
+    result = written(cli.main(["continual", "--quick", "--steps", "3", "--threads", "1", "--out", str(tmp_path),
+                               "--optimizers", "AdamW", "CoSOAdamW (both)"]))
+    rows = result["sections"]["Forgetting and plasticity (validation loss, nats/char)"]
+    assert [r["optimizer"] for r in rows] == ["AdamW", "CoSOAdamW (both)"]
+    for row in rows:
+        losses = result["runs"][row["optimizer"]]["losses"]
+        assert len(losses) == 3 and all(len(stage) == 3 for stage in losses)
+        assert row["avg_forgetting"] == pytest.approx((losses[2][0] - losses[0][0] + losses[2][1] - losses[1][1]) / 2)
+        assert row["tragedies_when_learned"] == losses[2][2]
+        grid = [r for r in result["sections"]["Task-1 lr grid"] if r["optimizer"] == row["optimizer"]]
+        assert [r["lr"] for r in grid] == list(continual.QUICK.lrs)
+        assert row["lr"] == min(grid, key=lambda r: r["task1_val_loss"])["lr"]
+    assert rows[1]["protected_directions"] > 0 and rows[0]["forgetting_vs_adamw"] == 1
