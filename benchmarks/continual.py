@@ -11,7 +11,7 @@ corpora) learns, in order:
 
 Each task has its own held-out validation text (whole plays, whole source files). Every
 optimizer trains the same model from the same init on the same batches, with the same
-budget (``steps_per_task`` steps per task, each task with its own warmup and cosine
+budget (``steps`` steps per task, each task with its own warmup and cosine
 schedule, clipping at norm 1, weight decay 0.1, betas (0.9, 0.95)); its lr is the best of a
 small grid judged on task 1 alone. Hidden-layer matrices get the optimizer's matrix rule;
 so do, for the low-rank optimizers (GaLore, CoSO), the embedding and the output head
@@ -38,7 +38,7 @@ from .common import default_device
 from .data import Corpus, batches, eval_windows, texts_dir
 from .model import ModelConfig, Transformer
 from .optimizers import ADAMW, Settings, build
-from .train import TrainConfig, evaluate, lr_factor
+from .train import TrainConfig, evaluate, train_step
 
 TRAGEDIES = ("antony_and_cleopatra", "coriolanus", "hamlet", "julius_caesar", "lear", "macbeth", "othello",
              "romeo_and_juliet", "timon_of_athens", "tragedy_of_titus_andronicus", "troilus_and_cressida")
@@ -58,28 +58,18 @@ CONTENDERS = {
 
 
 @dataclass
-class ContinualConfig:
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    seq_len: int = 128
-    batch_size: int = 32
-    steps_per_task: int = 600
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
-    warmup_frac: float = 0.05
-    final_lr_frac: float = 0.1
-    clip_norm: float = 1.0
-    eval_windows: int = 128
-    update_proj_gap: int = 50
+class ContinualConfig(TrainConfig):
+    """The train benchmark's model, schedule and (GPU) sizes; ``steps`` is per task."""
+
+    steps: int = 600
     python_chars: int = 3_000_000
     tables_on_matrix_rule: bool = True
     #: CoSOAdamW protects the tables' left side: an embedding's rows are its inputs (one per
     #: character), and so are the head's (its logits).
     table_settings: dict = field(default_factory=lambda: {"side": "left"})
-    seed: int = 0
 
 
-QUICK = ContinualConfig(dim=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps_per_task=150,
+QUICK = ContinualConfig(dim=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=150,
                         lrs=(3e-3, 1e-2, 3e-2), eval_windows=96, update_proj_gap=25, python_chars=1_000_000)
 
 
@@ -153,20 +143,12 @@ def run_sequence(name: str, lr: float, cfg: ContinualConfig, vocab: str, tasks: 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    schedule = TrainConfig(steps=cfg.steps_per_task, warmup_frac=cfg.warmup_frac, final_lr_frac=cfg.final_lr_frac)
     losses = []   # losses[stage][task]
     for stage, task in enumerate(tasks[:stages]):
         data = batches(task.train, cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(cfg.seed + stage))
-        for step in range(cfg.steps_per_task):
-            for group in opt.param_groups:
-                group["lr"] = group["peak_lr"] * lr_factor(step, schedule)
+        for step in range(cfg.steps):
             x, y = (t.to(device) for t in next(data))
-            with autocast():
-                loss = model.loss(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, opt, x, y, step, cfg, autocast)
             progress.update()
         if hasattr(opt, "end_task"):
             opt.end_task()
@@ -189,11 +171,11 @@ def metrics(losses: list[list[float]]) -> dict:
 def run(quick: bool = False, steps: int | None = None, optimizers=None, device=None):
     cfg = QUICK if quick else ContinualConfig()
     if steps is not None:
-        cfg = replace(cfg, steps_per_task=steps)
+        cfg = replace(cfg, steps=steps)
     device = default_device(device)
     vocab, tasks = load_tasks(cfg.python_chars)
     names = [n for n in CONTENDERS if not optimizers or n in optimizers]
-    total = len(names) * cfg.steps_per_task * (len(cfg.lrs) + len(tasks))
+    total = len(names) * cfg.steps * (len(cfg.lrs) + len(tasks))
     sweep, runs = [], {}
     with tqdm(total=total, desc="continual", unit="step") as progress:
         for name in names:

@@ -70,6 +70,19 @@ def evaluate(model, inputs, targets, autocast, batch_size: int = 64) -> float:
     return sum(losses) / len(inputs)
 
 
+def train_step(model, opt, x, y, step: int, cfg: TrainConfig, autocast) -> None:
+    """One step at the schedule's lr for ``step`` (each group's ``peak_lr`` times
+    :func:`lr_factor`): loss, backward, clipping at ``cfg.clip_norm``, the optimizer's step."""
+    for group in opt.param_groups:
+        group["lr"] = group["peak_lr"] * lr_factor(step, cfg)
+    with autocast():
+        loss = model.loss(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress) -> dict:
     """Train from the shared init with optimizer ``name`` at peak ``lr``: its validation
     curve, tokens/s (training steps only), optimizer state and GPU peak memory."""
@@ -95,15 +108,8 @@ def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress) 
     train_seconds = 0.0
     for step in range(cfg.steps):
         t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = group["peak_lr"] * lr_factor(step, cfg)
         x, y = (t.to(device, non_blocking=True) for t in next(data))
-        with autocast():
-            loss = model.loss(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, x, y, step, cfg, autocast)
         if cuda:
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - t0
