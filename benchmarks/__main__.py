@@ -2,6 +2,7 @@
 
     python -m benchmarks train --quick     # the demo: Shakespeare LM, every optimizer, CPU minutes
     python -m benchmarks update_rms --quick  # RMS of ΔW/lr per optimizer, 2 widths × 2 run lengths
+    python -m benchmarks continual --quick # three text tasks in a row: forgetting vs plasticity
     python -m benchmarks step --quick      # step time and optimizer-state memory
     python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
     python -m benchmarks ns --quick        # Newton-Schulz alone: standard, Gram, the peers (--cpu: target shapes)
@@ -60,6 +61,9 @@ def main(argv=None):
                             "(default 2; 0: the grid only)")
     train.add_argument("--dim", type=int, help="model width (overrides the size's default)")
     add_run_options(train)
+    continual = command("continual", "three text tasks in a row (plays, Python, tragedies): forgetting, plasticity")
+    continual.add_argument("--steps", type=int, help="training steps per task (overrides the size's default)")
+    add_run_options(continual)
     step = command("step", "optimizer step time and state memory on LLaMA-like matrix sets")
     step.add_argument("--sets", nargs="+", choices=list(SHAPES),
                       help="parameter sets (default: tiny with --quick; 60M 350M, and 1B on a GPU)")
@@ -88,6 +92,10 @@ def main(argv=None):
 
         sections, extra, fig = run(args.quick, steps=args.steps, lrs=args.lrs, optimizers=args.optimizers,
                                    device=args.device, dim=args.dim, extend=args.extend)
+    elif args.command == "continual":
+        from .continual import run
+
+        sections, extra, fig = run(args.quick, steps=args.steps, optimizers=args.optimizers, device=args.device)
     elif args.command == "step":
         from .step import run
 

@@ -44,6 +44,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
+import matrixopt
 from matrixopt.kernels import newton_schulz, newton_schulz_torch
 from matrixopt.kernels._dispatch import interpreting, triton_available
 from matrixopt.kernels.newton_schulz import _restore, _wide_unit_stack
@@ -105,9 +106,10 @@ def sym_block(m: int) -> int:
     return max(512, m // 8)
 
 
-def symmetric_blocks_newton_schulz(X, coefficients, *, eps=1e-7, block=None):
+def symmetric_blocks_newton_schulz(X, coefficients, *, eps=1e-7, block=None, method=None):
     """Candidate (issue 6): the twin with its two symmetric products cut to their upper block
-    triangle, all in cuBLAS GEMMs instead of Triton kernels.
+    triangle, all in cuBLAS GEMMs instead of Triton kernels (the standard formulation only:
+    ``method``, which Muon passes, is ignored).
 
     With k block rows of the wide m×n X, A = XXᵀ costs (1 + 1/k)·m²n FLOPs instead of 2m²n and
     B = bA + cA² (= bA + c·AAᵀ, A symmetric) (1 + 1/k)·m³ instead of 2m³; X ← aX + BX stays a
@@ -418,6 +420,74 @@ def restart_failure(m: int = 128, n: int = 512) -> list[dict]:
     return rows
 
 
+#: A LLaMA block of width 512 with GQA (n_kv_heads = n_heads/4): q, o; k, v; gate, up; down.
+MUON_STEP_SHAPES = [(512, 512), (512, 512), (128, 512), (128, 512), (1376, 512), (1376, 512), (512, 1376)]
+MUON_STEP_LAYERS = 4
+
+
+def plain_muon_step(params, momenta, *, lr=0.02, momentum=0.95, weight_decay=0.1, steps=STEPS):
+    """The Muon step of torch.optim.Muon (momentum, Nesterov, Keller Jordan's quintic 5 times
+    on the wide orientation, lr·√max(1, m/n)), in fp32 throughout, one matrix at a time: the
+    reference a fast implementation is timed against."""
+    a, b, c = MUON_COEFFICIENTS
+    for p, buf in zip(params, momenta):
+        buf.lerp_(p.grad, 1 - momentum)
+        X = p.grad.lerp(buf, momentum)
+        tall = X.shape[0] > X.shape[1]
+        X = X.mT if tall else X
+        X = X / X.norm().clamp_min(1e-7)
+        for _ in range(steps):
+            A = X @ X.mT
+            X = a * X + (b * A + c * A @ A) @ X
+        X = X.mT if tall else X
+        p.mul_(1 - lr * weight_decay).add_(X, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
+
+
+def bf16_matmul_note() -> str:
+    """What this CPU does with bf16 matmuls (torch.optim.Muon always runs NS in bf16)."""
+    amx = getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)()
+    avx512bf16 = getattr(torch._C._cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, AMX tiles {'yes' if amx else 'no'}, "
+            f"AVX512-BF16 {'yes' if avx512bf16 else 'no'}: bf16 matmul speed varies by two orders of magnitude "
+            "between CPUs, so torch.optim.Muon's CPU row says more about the CPU than the code")
+
+
+def muon_step_cpu(layers: int, warmup: int, repeats: int) -> list[dict]:
+    """ms per Muon step on LLaMA d=512 matrices, fp32: the plain reference, matrixopt.Muon with
+    torch.optim.Muon's polynomial and scaling (auto = Gram for the rectangular ones, and the
+    standard method alone), torch.optim.Muon (bf16 NS)."""
+    device = torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+
+    def fresh():
+        params = [torch.nn.Parameter(0.02 * torch.randn(shape, generator=generator))
+                  for _ in range(layers) for shape in MUON_STEP_SHAPES]
+        for p in params:
+            p.grad = 1e-3 * torch.randn(p.shape, generator=generator)
+        return params
+
+    rows = []
+    params = fresh()
+    momenta = [torch.zeros_like(p) for p in params]
+    with torch.no_grad():
+        plain = median_ms(lambda: plain_muon_step(params, momenta), device, warmup, repeats)
+    rows.append({"implementation": "plain fp32 Muon (reference)", "step ms": plain, "vs plain": 1.0})
+    candidates = {"matrixopt.Muon (auto: Gram for rectangular)": {},
+                  "matrixopt.Muon (standard NS)": {"ns_method": "standard"}}
+    for label, extra in candidates.items():
+        params = fresh()
+        opt = matrixopt.Muon(params, lr=0.02, lr_scaling="original", ns_coefficients="muon", **extra)
+        ms = median_ms(opt.step, device, warmup, repeats)
+        rows.append({"implementation": label, "step ms": ms, "vs plain": ms / plain})
+    if hasattr(torch.optim, "Muon"):
+        params = fresh()
+        opt = torch.optim.Muon(params, lr=0.02)
+        ms = median_ms(opt.step, device, warmup, repeats)
+        rows.append({"implementation": "torch.optim.Muon (bf16 NS)", "step ms": ms, "vs plain": ms / plain,
+                     "note": bf16_matmul_note()})
+    return rows
+
+
 def cpu_run(quick: bool, repeats: int | None = None) -> dict[str, list[dict]]:
     """The CPU sections: peers, the auto crossover, the 4-step schedule, the restart failure."""
     warmup, repeats = (1, 1) if quick else (1, repeats or 5)
@@ -433,6 +503,9 @@ def cpu_run(quick: bool, repeats: int | None = None) -> dict[str, list[dict]]:
         "4-step schedule vs 5 steps on LLaMA shapes (standard method, power-law spectrum), against the fp64 polar factor":
             four_step_schedule(QUICK_FOUR_STEP_SHAPES if quick else FOUR_STEP_SHAPES),
         "bf16 Gram NS with and without restarts (σ from 1 to 1e-4)": restart_failure(*((16, 48) if quick else ())),
+        f"Muon step, fp32, LLaMA d=512 matrices ({1 if quick else MUON_STEP_LAYERS} layers × q, o 512², k, v "
+        f"128×512, gate, up 1376×512, down 512×1376), CPU ({threads} threads)":
+            muon_step_cpu(1 if quick else MUON_STEP_LAYERS, warmup, repeats),
     }
 
 def run(quick: bool = False, device=None, cpu: bool = False, repeats: int | None = None) -> dict[str, list[dict]]:

@@ -76,6 +76,31 @@ def evaluate(model, inputs, targets, autocast, batch_size: int = 64) -> float:
     return sum(losses) / len(inputs)
 
 
+def train_step(model, opt, x, y, step: int, cfg: TrainConfig, autocast, observer=None, lr: float = 0.0) -> float:
+    """One step at the schedule's lr for ``step`` (each group's ``peak_lr`` times
+    :func:`lr_factor`): loss, backward, clipping at ``cfg.clip_norm``, the optimizer's step.
+    ``observer`` (see :func:`train_one`) sees the step at ``lr``'s scheduled value; returns
+    the seconds spent in it, which are not training time."""
+    for group in opt.param_groups:
+        group["lr"] = group["peak_lr"] * lr_factor(step, cfg)
+    with autocast():
+        loss = model.loss(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+    observed = 0.0
+    if observer is not None:
+        t = time.perf_counter()
+        observer.before(step, lr * lr_factor(step, cfg))
+        observed += time.perf_counter() - t
+    opt.step()
+    if observer is not None:
+        t = time.perf_counter()
+        observer.after(step, lr * lr_factor(step, cfg))
+        observed += time.perf_counter() - t
+    opt.zero_grad(set_to_none=True)
+    return observed
+
+
 def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress, observer=None) -> dict:
     """Train from the shared init with optimizer ``name`` at peak ``lr``: its validation
     curve, tokens/s (training steps only), optimizer state and GPU peak memory.
@@ -109,23 +134,8 @@ def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress, 
     train_seconds = 0.0
     for step in range(cfg.steps):
         t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = group["peak_lr"] * lr_factor(step, cfg)
         x, y = (t.to(device, non_blocking=True) for t in next(data))
-        with autocast():
-            loss = model.loss(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        if observer is not None:
-            t_observe = time.perf_counter()
-            observer.before(step, lr * lr_factor(step, cfg))
-            t0 += time.perf_counter() - t_observe
-        opt.step()
-        if observer is not None:
-            t_observe = time.perf_counter()
-            observer.after(step, lr * lr_factor(step, cfg))
-            t0 += time.perf_counter() - t_observe
-        opt.zero_grad(set_to_none=True)
+        t0 += train_step(model, opt, x, y, step, cfg, autocast, observer, lr)
         if cuda:
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - t0

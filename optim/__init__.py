@@ -1,6 +1,7 @@
 """matrixopt: memory-efficient, matrix-aware optimizers that drop in for torch.optim.AdamW."""
 from .aro import ARO
 from .base import MatrixOptimizer, State
+from .coso import CoSOAdamW
 from .dct import DCTAdamW
 from .fallback import AdamW as AdamWFallback
 from .galore import GaLoreAdamW
@@ -9,7 +10,7 @@ from .muon import Muon
 from .param_groups import param_groups
 from .root import ROOT
 
-__all__ = ["ARO", "AdamWFallback", "DCTAdamW", "GaLoreAdamW", "LowRankAdamW", "MatrixOptimizer", "Muon", "ROOT",
+__all__ = ["ARO", "AdamWFallback", "CoSOAdamW", "DCTAdamW", "GaLoreAdamW", "LowRankAdamW", "MatrixOptimizer", "Muon", "ROOT",
            "State", "fit_ns_coefficients", "param_groups"]
 __version__ = "0.1.0"
 

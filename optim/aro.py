@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 
 from .base import (MATCH_ADAMW_RMS, MatrixOptimizer, Out, Rows, State, Whole, apply_update, default_compute_dtype, local_map,
-                   matmul_in, matrix_shape)
+                   matmul_in)
 from .validation import choice, compute_dtype, integer, real
 
 BASE_MAPS = ("sinkhorn", "row_norm", "sign")

@@ -44,7 +44,9 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from .distributed import MODES, MatrixWork, Out, Rows, Whole, agree_finite, check_placement, dtensor_like, shard_sizes
+# Out, Rows, Whole: the matrix-map argument types rules import from here.
+from .distributed import (MODES, MatrixWork, Out, Rows, Whole, agree_finite, check_placement,  # noqa: F401
+                          dtensor_like, shard_sizes)
 from .validation import betas_in_unit_interval, choice, real
 
 # -- matrix views ----------------------------------------------------------------------------

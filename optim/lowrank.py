@@ -20,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from .base import (AT_LEAST_FP32, MatrixOptimizer, Out, Rows, State, Whole, apply_update, as_matrices, counter,
-                   local_map, local_matrices, stacked_call)
+from .base import (AT_LEAST_FP32, MatrixOptimizer, Out, Rows, State, Whole, apply_update, counter,
+                   local_matrices, stacked_call)
 from .projectors import REFRESHED, SVD_FAILED, ZERO_GRADIENT, stored_shape, work_dtype
 from .validation import compute_dtype, integer, rank_spec, real
 

@@ -4,6 +4,7 @@
 which :func:`matrixopt.orthogonalize.root_coefficients` reads at run time; shapes outside it
 are fitted on first use. This module alone needs numpy and scipy.
 """
+import json
 from pathlib import Path
 
 import numpy as np

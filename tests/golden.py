@@ -96,6 +96,8 @@ CASES = {
     "DCT-bf16-params": ("DCTAdamW", LOWRANK, {"dtype": bf16}),
     "DCT-nan": ("DCTAdamW", LOWRANK, {"nan": True}),
     "DCT-groups": ("DCTAdamW", LOWRANK, {"groups": True}),
+    "CoSO": ("CoSOAdamW", LOWRANK, {}),
+    "CoSO-both-left-wd": ("CoSOAdamW", dict(LOWRANK, protect="both", side="left", weight_decay=0.1), {}),
 }
 
 

@@ -161,3 +161,59 @@ def test_a_new_rule_gets_state_checkpoints_and_validation_from_the_shell():
         SignMomentum([w, b]).load_state_dict(sd)
     with pytest.raises(ValueError, match="beta"):
         SignMomentum([w], beta=1.0)
+
+
+# -- the functional layer: each rule's math runs without an optimizer object ----------------------
+
+def test_functional_adamw_is_torch_adamw():
+    from matrixopt.fallback import adamw
+
+    torch.manual_seed(0)
+    w, ref = torch.randn(5, 3), torch.nn.Parameter(torch.randn(5, 3))
+    w.copy_(ref.detach())
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    opt = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
+    for t in range(1, 6):
+        g = torch.randn(5, 3, generator=torch.Generator().manual_seed(t))
+        ref.grad = g.clone()
+        opt.step()
+        adamw([w], [g], [m], [v], [t], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    assert torch.equal(w, ref.detach())
+
+
+def test_functional_muon_is_the_formula_in_float64():
+    """muon() over plain tensors, against the update written out with an SVD-free float64
+    Newton-Schulz of the Nesterov input."""
+    from matrixopt.muon import muon
+    from matrixopt.orthogonalize import MUON_COEFFICIENTS
+
+    torch.manual_seed(0)
+    W, G = torch.randn(1, 6, 10, dtype=torch.float64), torch.randn(1, 6, 10, dtype=torch.float64)
+    B = torch.randn(1, 6, 10, dtype=torch.float64)
+    W0, B0 = W.clone(), B.clone()
+    muon([W], [G], [B], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, schedule=[MUON_COEFFICIENTS] * 5,
+         scale=1.5, ns_dtype=torch.float64)
+    B_want = 0.9 * B0 + 0.1 * G
+    X = 0.1 * G + 0.9 * B_want
+    X = X / X.norm()
+    a, b, c = MUON_COEFFICIENTS
+    for _ in range(5):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    torch.testing.assert_close(B, B_want, rtol=1e-14, atol=0)
+    torch.testing.assert_close(W, W0 * (1 - 0.1 * 0.01) - 0.1 * 1.5 * X, rtol=1e-10, atol=1e-12)
+
+
+def test_warnings_point_at_the_caller_of_step_also_through_grad_scaler():
+    """No hand-counted stacklevel: the non-finite warning names this file, whether step() is
+    called directly or through GradScaler (more frames in between)."""
+    for through_scaler in (False, True):
+        p = torch.nn.Parameter(torch.randn(4, 4))
+        opt = matrixopt.Muon([p], lr=0.01)
+        p.grad = torch.full_like(p, float("nan"))
+        with pytest.warns(RuntimeWarning, match="Non-finite") as record:
+            if through_scaler:
+                torch.amp.GradScaler("cpu", enabled=False).step(opt)
+            else:
+                opt.step()
+        assert record[0].filename == __file__

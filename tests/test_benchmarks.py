@@ -609,17 +609,6 @@ def test_ns_benchmark_runs_quick_on_cpu(tmp_path):
     assert all(r["σ_max(O)"] < 1.3 for r in restarts if r["impl"] != "gram, no restart")
 
 
-@pytest.mark.parametrize("shape", [(3, 12, 40), (1, 40, 12), (2, 16, 16)])
-def test_gram_candidate_equals_the_twin_in_float64(shape):
-    """benchmarks/ns.py's Gram formulation is the same iteration: equal to the twin in float64."""
-    from benchmarks.ns import gram_newton_schulz
-
-    X = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    schedule = ns_schedule("polar_express", 5)
-    torch.testing.assert_close(gram_newton_schulz(X, schedule), newton_schulz_torch(X, schedule),
-                               rtol=0, atol=1e-10)
-
-
 @pytest.mark.parametrize("shape, block", [((3, 12, 40), 5), ((1, 40, 12), 4), ((2, 16, 16), 16), ((1, 17, 17), 8)])
 def test_symmetric_blocks_candidate_equals_the_twin_in_float64(shape, block):
     """benchmarks/ns.py's block-triangle candidate computes the same products: equal to the twin
@@ -707,3 +696,23 @@ def test_benchmark_times_every_mode_on_one_rank():
     assert all(row[f"{mode}_ms"] > 0 for mode in MODES)
     assert row["fsdp2_vs_plain"] == row["fsdp2_ms"] / row["plain_ms"]
     assert not dist.is_initialized()   # the benchmark's 1-rank group is gone
+
+
+def test_continual_command(tmp_path):
+    """Three tasks in a row: every task evaluated after every stage, forgetting and
+    plasticity derived from that table, the lr chosen on task 1 alone."""
+    from benchmarks import continual
+
+    result = written(cli.main(["continual", "--quick", "--steps", "3", "--threads", "1", "--out", str(tmp_path),
+                               "--optimizers", "AdamW", "CoSOAdamW (both)"]))
+    rows = result["sections"]["Forgetting and plasticity (validation loss, nats/char)"]
+    assert [r["optimizer"] for r in rows] == ["AdamW", "CoSOAdamW (both)"]
+    for row in rows:
+        losses = result["runs"][row["optimizer"]]["losses"]
+        assert len(losses) == 3 and all(len(stage) == 3 for stage in losses)
+        assert row["avg_forgetting"] == pytest.approx((losses[2][0] - losses[0][0] + losses[2][1] - losses[1][1]) / 2)
+        assert row["tragedies_when_learned"] == losses[2][2]
+        grid = [r for r in result["sections"]["Task-1 lr grid"] if r["optimizer"] == row["optimizer"]]
+        assert [r["lr"] for r in grid] == list(continual.QUICK.lrs)
+        assert row["lr"] == min(grid, key=lambda r: r["task1_val_loss"])["lr"]
+    assert rows[1]["protected_directions"] > 0 and rows[0]["forgetting_vs_adamw"] == 1

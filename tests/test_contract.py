@@ -27,6 +27,7 @@ OPTIMIZERS = [
 CONTRACT_KWARGS = {
     "GaLoreAdamW": dict(rank=2, update_proj_gap=3),
     "DCTAdamW": dict(rank=2, update_proj_gap=3),
+    "CoSOAdamW": dict(rank=2, update_proj_gap=3, protect="both"),
 }
 
 pytestmark = pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
@@ -426,6 +427,9 @@ def expected_state_bytes(name):
             floats += B * (2 * r * max(m, n) + r * k)
         elif name == "DCTAdamW":      # 2 moments (smaller side projected), r int32 indices
             floats += B * (2 * r * max(m, n) + r)
+        elif name == "CoSOAdamW":     # GaLore's, and on the input side (n): a history of
+            h = max(1, round(0.5 * k))  # max_history = half of min(m, n), its int32 count, a rank-r sketch
+            floats += B * (2 * r * max(m, n) + r * k) + B * (n * h + 1 + n * min(r, n))
     if name == "DCTAdamW":            # one shared k×k DCT basis per distinct k (6, 5, 4, 3)
         floats += sum({min(m, n): min(m, n) ** 2 for _, m, n in MATRICES.values()}.values())
     return 4 * floats + fallback

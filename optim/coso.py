@@ -1,0 +1,393 @@
+r"""CoSOAdamW: GaLore-style AdamW whose updates stay orthogonal to what earlier tasks need.
+
+Continual fine-tuning: a model learns tasks one after another and should not forget the
+earlier ones. Two published rules, combined on one piece of machinery:
+
+- CoSO (Cheng et al. 2025, "Continuous Subspace Optimization for Continual Learning"):
+  within a task, optimize in a series of low-rank subspaces taken from the SVD of the
+  gradients (GaLore's), each orthogonal to a *historical* subspace of the earlier tasks;
+  keep a Frequent-Directions sketch of the current task's projected gradients and, when the
+  task ends, fold its dominant directions into the history.
+- Sculpting Subspaces / OSFT (Nayak et al. 2025): protect the high-singular-value subspace
+  of each weight matrix (its "critical" directions) and update only in its orthogonal
+  complement.
+
+The rule (per matrix W of m×n; per param group, every symbol a hyperparameter below)
+-------------------------------------------------------------------------------------
+
+The protected side is ``side``: "right" (default) is the row space of W, ℝⁿ — for a torch
+``Linear`` weight (out, in) the space of its *inputs*, so ΔW·x = 0 for every input x in the
+protected subspace: the layer's response to inputs the earlier tasks used is untouched —
+and "left" is the column space, ℝᵐ. Write d for that side's dimension and, for any m×n X,
+
+.. math::
+    \Pi(X) = X - X H H^\top \ (\text{right}), \qquad \Pi(X) = X - H H^\top X \ (\text{left})
+
+with H (d×h_max) the protected basis: orthonormal columns, its first c in use and the rest
+zero (so Π needs no mask), c ≤ h_max = ``max_history`` (a fraction of min(m, n), or an int).
+
+**Each step** (t counted from 0 over the whole run; GaLore's math, see
+:class:`~matrixopt.GaLoreAdamW`, on Π(G) instead of G):
+
+.. math::
+    \tilde G &= \Pi(G) \\
+    P &\leftarrow \mathrm{top}_r\,\mathrm{SVD}(\tilde G) \quad \text{if } t \bmod T = 0 \\
+    L &= \mathrm{project}_P(\tilde G), \quad M, V \leftarrow \text{Adam moments of } L \\
+    \Delta &= \Pi\Big(\mathrm{project\_back}_P\big(\tfrac{\sqrt{1-\beta_2^{t+1}}}{1-\beta_1^{t+1}}
+             \tfrac{M}{\sqrt V + \epsilon}\big)\Big) \\
+    W &\leftarrow W - \eta\lambda\,\Pi(W) - \eta\, s\,\Delta
+
+so every change of W, weight decay included, lies in the complement of H: Hᵀ·ΔW = 0
+(left) or ΔW·H = 0 (right), to the rounding of the work dtype (fp32). The outer Π is needed
+even though P is taken from Π(G): Adam's element-wise division, a refresh's warm start and
+a history that grew at ``end_task`` would all leak into H otherwise.
+
+With ``protect`` = "gradients" or "both" each step also updates the task's sketch S (d×ℓ,
+ℓ = ``sketch_rank``, default r) by Frequent Directions over the *projected* gradients
+Ĝ = Π(project_back_P(project_P(G̃))) seen from the protected side (Y = Ĝᵀ, n×m, for
+"right"; Y = Ĝ for "left"): with C = S Sᵀ + Y Yᵀ = Q diag(λ₁ ≥ … ≥ λ_d) Qᵀ,
+
+.. math::
+    S \leftarrow Q_{:, :\ell}\ \mathrm{diag}\big(\sqrt{\max(\lambda_i - \lambda_{\ell+1}, 0)}\big)_{i \le \ell}
+
+(λ_{ℓ+1} = 0 when ℓ ≥ d), so S Sᵀ tracks the task's gradient covariance on that side, and
+its top directions are the directions the task moved W in most.
+
+**Folding** a matrix X (d×k) into H with energy threshold e: X̃ = X − H Hᵀ X with SVD
+X̃ = U Σ Vᵀ; the k′ = min{j : Σ_{i≤j} σᵢ² ≥ e·Σᵢ σᵢ²} leading columns of U (directions of
+σ ≤ 1e-6·σ₁ are never added: they carry no energy) go into the next free columns of H
+(re-orthogonalized against H once more, then QR), c ← c + k′. When k′ exceeds the free
+columns h_max − c, only the top h_max − c directions by energy are added and the history is
+*full*: nothing is added to it again, and the params concerned are named in one warning.
+
+- ``protect="gradients"`` (CoSO): :meth:`CoSOAdamW.end_task` folds S with
+  e = ``history_energy`` and resets S to zero. The first task runs as GaLore.
+- ``protect="weights"`` (Sculpting Subspaces): at the start of each task — a param's first
+  step, and every ``end_task`` — W itself is folded (X = W from the protected side) with
+  e = ``weight_energy``: the top singular subspace of W outside H.
+- ``protect="both"``: at ``end_task``, S first, then W; at the first step, W.
+
+The protected history is optimizer state (``history`` (B, d, h_max), ``history_count``
+(B,), and with a sketch ``sketch`` (B, d, ℓ); whole per matrix, at least fp32), saved and
+loaded with the state dict (fixed shapes, so the load-time shape check and
+``torch.distributed.checkpoint`` keep working), counted by ``state_bytes()``, bounded by
+``max_history``.
+
+Distribution: the refresh (SVD of Π(G)), the sketch update and every fold take whole
+matrices and run through the bucket's ``matrix_map``, so FSDP2 and DDP
+(``distributed="replicated"``) reproduce the single-process run; ``end_task()`` must be
+called on every rank. A right-side Π is row-local (each rank projects its own rows); a
+left-side one sums over rows, so with ``side="left"`` the projections run on the owner of
+the whole matrix, as GaLore's left projection does.
+"""
+import functools
+
+import torch
+
+from .base import AT_LEAST_FP32, Out, Rows, State, Whole, as_matrices, local, local_matrices, resolve_rank
+from .galore import GaLoreAdamW, svd_projector
+from .lowrank import LowRankAdamW
+from .validation import choice, rank_spec, real
+
+PROTECT = ("gradients", "weights", "both")
+#: Directions whose singular value is below this fraction of the largest are never folded.
+NEGLIGIBLE = 1e-6
+
+
+def complement(X: torch.Tensor, H: torch.Tensor, side: str) -> torch.Tensor:
+    """Π(X): the stack X (B, m, n) with its component in the span of H (B, d, h) removed on
+    ``side`` ("left": X − H HᵀX; "right": X − X H Hᵀ). Zero columns of H remove nothing.
+
+    Applied twice (Gram–Schmidt's "twice is enough"): once, the rounding leaves ~1e-7 of X's
+    part inside H, which is large against Π(X) when X lies mostly in H (as Adam's step does
+    after a task boundary); twice, the leak is ~1e-7 of Π(X)."""
+    for _ in range(2):
+        X = X - H @ (H.mT @ X) if side == "left" else X - (X @ H) @ H.mT
+    return X
+
+
+def _from_side(X: torch.Tensor, side: str) -> torch.Tensor:
+    """X (B, m, n) as (B, d, ·): its columns are vectors of the protected side."""
+    return X if side == "left" else X.mT
+
+
+def frequent_directions(S: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """One Frequent-Directions update of the sketches S (B, d, ℓ) with the columns of Y
+    (B, d, k): the top ℓ eigenvectors of S Sᵀ + Y Yᵀ, scaled by √(λᵢ − λ_{ℓ+1})."""
+    ell = S.shape[-1]
+    C = S @ S.mT + Y @ Y.mT
+    lam, Q = torch.linalg.eigh(C)                      # ascending
+    lam, Q = lam.flip(-1), Q.flip(-1)
+    shrink = lam[:, ell:ell + 1] if lam.shape[-1] > ell else torch.zeros_like(lam[:, :1])
+    return Q[..., :ell] * (lam[:, :ell] - shrink).clamp_min(0).sqrt()[:, None, :]
+
+
+def fold(H: torch.Tensor, count: torch.Tensor, X: torch.Tensor, active: torch.Tensor, energy: float):
+    """Fold the directions of X (B, d, k) into the bases H (B, d, h_max) with ``count`` (B,)
+    columns in use, for the matrices ``active`` (B,) (see the module docstring). Returns the
+    new H, count and a (B,) int8 flag: 1 where the history was or became full."""
+    H, count = H.clone(), count.clone()
+    full = torch.zeros(H.shape[0], dtype=torch.int8, device=H.device)
+    h_max = H.shape[-1]
+    for b in range(H.shape[0]):
+        c = int(count[b])
+        if not bool(active[b]):
+            continue
+        if c >= h_max:
+            full[b] = 1
+            continue
+        Hb = H[b]
+        Xb = X[b].to(H.dtype)
+        Xb = Xb - Hb @ (Hb.mT @ Xb)
+        U, sigma, _ = torch.linalg.svd(Xb, full_matrices=False)
+        kept = sigma > NEGLIGIBLE * sigma[0] if sigma.numel() and sigma[0] > 0 else sigma > 0
+        energies = sigma.square() * kept
+        total = float(energies.sum())
+        if total == 0:
+            continue
+        wanted = int((energies.cumsum(0) < energy * total).sum()) + 1
+        wanted = min(wanted, int(kept.sum()))
+        add = min(wanted, h_max - c)
+        if wanted > add:
+            full[b] = 1
+        new = U[:, :add]
+        new = new - Hb @ (Hb.mT @ new)
+        new, _ = torch.linalg.qr(new)
+        H[b, :, c:c + add] = new
+        count[b] = c + add
+    return H, count, full
+
+
+class CoSOProjector:
+    """GaLore's :class:`~matrixopt.projectors.SVDProjector` (``inner``) on Π(G), with the
+    protected basis ``history`` as one more basis: the projector protocol of
+    :mod:`matrixopt.projectors`, so :class:`~matrixopt.lowrank.LowRankAdamW` runs it as it
+    runs GaLore's. ``left`` is set when either GaLore's projection or Π sums over G's rows,
+    so those projections run on the owner of the whole matrix."""
+
+    randomized = property(lambda self: self.inner.randomized)
+    refresh_gives_low = False
+    dtype = None   # project_back returns the history's dtype: Π is applied in fp32 (or fp64)
+
+    def __init__(self, inner, side: str, h_max: int, sketch_rank: int | None):
+        self.inner, self.side, self.h_max, self.sketch_rank = inner, side, h_max, sketch_rank
+        self.m, self.n, self.rank = inner.m, inner.n, inner.rank
+        self.left = inner.left or side == "left"
+        self.d = self.m if side == "left" else self.n
+        self.keys = (*inner.keys, "history")
+        self.basis_dims = {**inner.basis_dims, "history": (self.d, h_max)}
+        self.low_dims = inner.low_dims
+
+    def low_shape(self, batch: int):
+        return self.inner.low_shape(batch)
+
+    def basis(self, batch: int, batched: bool) -> dict[str, State]:
+        """GaLore's bases, then ``history`` (B, d, h_max), ``history_count`` (B,) and, with
+        a sketch, ``sketch`` (B, d, ℓ): whole per matrix, zeros to start."""
+        state = {**self.inner.basis(batch, batched), "history": State((batch, self.d, self.h_max), AT_LEAST_FP32),
+                 "history_count": State((batch,), torch.int32)}
+        if self.sketch_rank:
+            state["sketch"] = State((batch, self.d, self.sketch_rank), AT_LEAST_FP32)
+        return state
+
+    def refresh_outputs(self, dtype):
+        *bases, status = self.inner.refresh_outputs(dtype)
+        return [*bases, Out(self.basis_dims["history"], dtype, whole=True), status]
+
+    def refresh(self, G, *previous, seeds=None, warm=True):
+        """GaLore's refresh of Π(G); the history passes through unchanged."""
+        *inner, H = previous
+        *bases, status = self.inner.refresh(complement(G.to(H.dtype), H, self.side), *inner, seeds=seeds,
+                                            warm=warm)
+        return (*bases, H, status)
+
+    def project(self, G, *bases):
+        *inner, H = bases
+        return self.inner.project(complement(G.to(H.dtype), H, self.side), *inner)
+
+    def project_back(self, L, *bases):
+        *inner, H = bases
+        return complement(self.inner.project_back(L, *inner).to(H.dtype), H, self.side)
+
+    def projected_gradient(self, G, *bases):
+        """Ĝ = Π(project_back(project(Π(G)))), seen from the protected side (B, d, ·)."""
+        return _from_side(self.project_back(self.project(G, *bases), *bases), self.side)
+
+    def transition(self, old, new):
+        return self.inner.transition(old, new)
+
+    def carry(self, M, V, transition):
+        return self.inner.carry(M, V, transition)
+
+
+def _sketch(proj, G, *stacks):
+    """The sketches updated with this step's projected gradients: stacks are the bases (in
+    ``proj.keys`` order), then the sketches."""
+    *bases, S = stacks
+    return frequent_directions(S, proj.projected_gradient(G.to(S.dtype), *bases).to(S.dtype))
+
+
+def _fold_task(side, use_sketch, use_weights, history_energy, weight_energy, H, count, active, *rest):
+    """A task boundary for a stack: the sketch folded into H (and reset), then W; ``rest``
+    holds the sketches and/or the weights, in that order."""
+    full = torch.zeros(H.shape[0], dtype=torch.int8, device=H.device)
+    rest = list(rest)
+    outs = []
+    if use_sketch:
+        S = rest.pop(0)
+        H, count, f = fold(H, count, S, active, history_energy)
+        full |= f
+        outs.append(torch.where(active[:, None, None], torch.zeros_like(S), S))
+    if use_weights:
+        W = rest.pop(0)
+        H, count, f = fold(H, count, _from_side(W, side), active, weight_energy)
+        full |= f
+    return (H, count, *outs, full)
+
+
+def coso_projector(m: int, n: int, *, rank, proj_type, svd, proj_dtype, side, max_history, sketch_rank,
+                   protect) -> CoSOProjector:
+    """The CoSO projector of m×n matrices for a group's settings."""
+    inner = svd_projector(m, n, rank=rank, proj_type=proj_type, svd=svd, proj_dtype=proj_dtype)
+    ell = None
+    if protect != "weights":
+        ell = min(resolve_rank(sketch_rank if sketch_rank is not None else rank, m, n), n if side == "right" else m)
+    return CoSOProjector(inner, side, resolve_rank(max_history, m, n), ell)
+
+
+class CoSOAdamW(LowRankAdamW):
+    r"""GaLore-style AdamW for continual learning: every update orthogonal to a protected
+    subspace of each matrix, grown task by task (CoSO) and/or taken from the weights
+    (Sculpting Subspaces). The rule is defined in :mod:`matrixopt.coso`.
+
+    Call :meth:`end_task` when a task's training ends (on every rank when distributed).
+
+    This is :class:`~matrixopt.lowrank.LowRankAdamW` with a :class:`CoSOProjector` (an
+    :class:`~matrixopt.projectors.SVDProjector` on Π(G)).
+
+    Args (as :class:`~matrixopt.GaLoreAdamW`: params, lr, betas, eps, rank, update_proj_gap,
+    scale, proj_type, svd, reproject_states, seed, proj_dtype, nonfinite, fallback,
+    distributed, process_group), and:
+        weight_decay: λ, applied to Π(W) only (decay of W inside H would erase what is
+            protected); default 0.
+        protect: "gradients" (default; CoSO), "weights" (Sculpting Subspaces) or "both".
+        side: the protected side, "right" (default: a Linear's input space) or "left".
+        history_energy: e for the sketch at ``end_task`` (default 0.9).
+        weight_energy: e for the weights at a task's start (default 0.5).
+        max_history: h_max, the most protected directions per matrix, an int or a fraction
+            of min(m, n) (default 0.5); memory: d·h_max floats per matrix.
+        sketch_rank: ℓ, the sketch's columns (default: the rank r); d·ℓ floats per matrix.
+    """
+
+    hyperparameters = {
+        **GaLoreAdamW.hyperparameters,
+        "protect": choice(*PROTECT),
+        "side": choice("left", "right"),
+        "history_energy": real(0.0, 1.0, lo_open=True),
+        "weight_energy": real(0.0, 1.0, lo_open=True),
+        "max_history": rank_spec,
+        "sketch_rank": lambda name, value: value is None or rank_spec(name, value),
+    }
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, rank=128,
+                 update_proj_gap=200, scale=None, proj_type="std", svd="randomized", reproject_states=False,
+                 protect="gradients", side="right", history_energy=0.9, weight_energy=0.5, max_history=0.5,
+                 sketch_rank=None, nonfinite="skip", seed=0, proj_dtype=None, *, fallback=None,
+                 distributed=None, process_group=None):
+        self._full_warned: set[str] = set()
+        super().__init__(params, coso_projector,
+                         ("rank", "proj_type", "svd", "proj_dtype", "side", "max_history", "sketch_rank", "protect"),
+                         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                         update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype, nonfinite=nonfinite,
+                         carry_moments="reproject_states", fallback=fallback, distributed=distributed,
+                         process_group=process_group, proj_type=proj_type, svd=svd,
+                         reproject_states=reproject_states, seed=seed, protect=protect, side=side,
+                         history_energy=history_energy, weight_energy=weight_energy, max_history=max_history,
+                         sketch_rank=sketch_rank)
+
+    # -- the step --------------------------------------------------------------------------------
+    def _update(self, group, bucket):
+        proj = self._projector(group, *bucket.shape)
+        first = [s["step"] == 0 for s in bucket.states]
+        if group["protect"] != "gradients" and any(first):   # a task starts: protect W's top subspace
+            self._task_boundary(group, proj, bucket.params, bucket.weights, bucket.states, bucket.matrix_map,
+                                first, sketch=False)
+        weight_decay = group["weight_decay"]
+        if weight_decay and float(group["lr"]):
+            self._decay(group, proj, bucket)
+        group["weight_decay"] = 0.0   # decayed above, in the complement only
+        try:
+            super()._update(group, bucket)
+        finally:
+            group["weight_decay"] = weight_decay
+        if proj.sketch_rank:
+            sketches = [s["sketch"] for s in bucket.states]
+            bases = [Whole([self._bases(proj, s)[key] for s in bucket.states]) for key in proj.keys]
+            (new,) = bucket.matrix_map(functools.partial(_sketch, proj), [Rows(bucket.grads), *bases,
+                                                                            Whole(sketches)],
+                                       [Out(sketches[0].shape[-2:], sketches[0].dtype, whole=True)])
+            for S, fresh in zip(sketches, new):
+                S.copy_(fresh)
+
+    def _decay(self, group, proj, bucket):
+        """W ← W − ηλ·Π(W)."""
+        histories = [s["history"] for s in bucket.states]
+        fn = functools.partial(lambda side, W, H: complement(W.to(H.dtype), H, side).to(W.dtype), proj.side)
+        if proj.side == "left":
+            (decays,) = bucket.matrix_map(fn, [Rows(bucket.weights), Whole(histories)],
+                                          [Out(bucket.shape, bucket.weights[0].dtype)])
+        else:   # row-local
+            decays = [fn(w, local_matrices(p, h)) for p, w, h in zip(bucket.params, bucket.weights, histories)]
+        torch._foreach_add_(bucket.weights, decays, alpha=-float(group["lr"]) * group["weight_decay"])
+
+    # -- task boundaries -------------------------------------------------------------------------
+    @torch.no_grad()
+    def end_task(self) -> None:
+        """The current task is finished: fold each matrix's sketch (``protect`` "gradients"
+        or "both") and then its weights ("weights" or "both") into its protected history,
+        and start a new sketch. Params that never stepped have nothing to fold (their
+        weights are protected at their first step). Distributed, every rank must call it."""
+        loads = {}
+        for group in self.param_groups:
+            params = [p for p in group["params"] if self.is_matrix(group, p) and self.state.get(p)]
+            for chunk in self._buckets(group, params):
+                shapes = [self._shape(group, p) for p in chunk]
+                _, m, n = shapes[0]
+                states = [self.state[p] for p in chunk]
+                self._task_boundary(group, self._projector(group, m, n), chunk,
+                                    [as_matrices(local(p), self._blocks(group, p)) for p in chunk], states,
+                                    self._matrix_map(chunk, shapes, loads), [True] * len(chunk), sketch=True)
+
+    def _task_boundary(self, group, proj, params, weights, states, matrix_map, active, *, sketch: bool):
+        """Fold the sketches (if ``sketch`` and the group keeps one) and the weights (if the
+        group protects them) of the params flagged ``active`` into their histories."""
+        use_sketch = sketch and proj.sketch_rank is not None
+        use_weights = group["protect"] != "gradients"
+        if not (use_sketch or use_weights):
+            return
+        H = [s["history"] for s in states]
+        count = [s["history_count"] for s in states]
+        flags = [torch.full((self._shape(group, p)[0],), a, dtype=torch.bool, device=h.device)
+                 for p, a, h in zip(params, active, H)]
+        inputs = [Whole(H), Whole(count), Whole(flags)]
+        outputs = [Out(H[0].shape[-2:], H[0].dtype, whole=True), Out((), torch.int32, whole=True)]
+        if use_sketch:
+            S = [s["sketch"] for s in states]
+            inputs.append(Whole(S))
+            outputs.append(Out(S[0].shape[-2:], S[0].dtype, whole=True))
+        if use_weights:
+            inputs.append(Rows(weights))
+        outputs.append(Out((), torch.int8, whole=True))
+        fn = functools.partial(_fold_task, proj.side, use_sketch, use_weights, group["history_energy"],
+                               group["weight_energy"])
+        results = matrix_map(fn, inputs, outputs)
+        for i, s in enumerate(states):
+            s["history"].copy_(results[0][i])
+            s["history_count"].copy_(results[1][i])
+            if use_sketch:
+                s["sketch"].copy_(results[2][i])
+        index = {id(q): i for i, q in enumerate(group["params"])}
+        full = [self._param_name(group, index[id(p)]) for p, f in zip(params, results[-1]) if bool(f.any())]
+        self._warn_once(self._full_warned, full,
+                        f"{type(self).__name__}: the protected history of {{}} is full (max_history): its "
+                        "newest directions were cut to fit and no more will be added (warned once per param)")
