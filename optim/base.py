@@ -38,6 +38,7 @@ import os
 import sys
 import warnings
 from collections import defaultdict
+from collections.abc import MutableMapping
 from typing import Callable, NamedTuple
 
 import torch
@@ -79,23 +80,46 @@ def as_matrices(t: Tensor, blocks: int | None = None) -> Tensor:
     return t.reshape(matrix_shape(t, blocks))
 
 
-def block_count(name: str, value, p: Tensor) -> int | None:
-    """A group's ``blocks`` for ``p`` as a count k (None: not split); ValueError naming the
-    param unless p is a 2-D or 3-D matrix whose rows split into k equal blocks."""
+def block_sizes(name: str, value, p: Tensor) -> list[int] | None:
+    """A group's ``blocks`` for ``p`` as row sizes (None: not split); ValueError naming the
+    param unless they split the rows of a 2-D or 3-D, non-DTensor matrix (unequal sizes: of a
+    2-D one)."""
     if value is None:
         return None
-    sizes = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    sizes = value
     if isinstance(value, int) and not isinstance(value, bool):
         sizes = [p.shape[-2] // value] * value if p.ndim in (2, 3) and value >= 1 else [0]
     ok = (isinstance(sizes, (list, tuple)) and sizes and p.ndim in (2, 3) and not isinstance(p, DTensor)
-          and all(isinstance(s, int) and s >= 1 for s in sizes) and sum(sizes) == p.shape[-2])
+          and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)
+          and sum(sizes) == p.shape[-2] and (len(set(sizes)) == 1 or p.ndim == 2))
     if not ok:
-        raise ValueError(f"Invalid blocks for {name}: {value!r}; expected a count k (or k equal row sizes) "
-                         f"splitting the rows of a 2-D or 3-D, non-DTensor param of shape {tuple(p.shape)}")
-    if len(set(sizes)) > 1:
-        raise ValueError(f"Invalid blocks for {name}: {value!r}; blocks of unequal sizes are not supported "
-                         "(give the blocks separate params, or equal sizes)")
-    return len(sizes)
+        raise ValueError(f"Invalid blocks for {name}: {value!r}; expected a count k or row sizes splitting "
+                         f"the rows of a 2-D (unequal sizes) or 3-D (equal ones), non-DTensor param of "
+                         f"shape {tuple(p.shape)}")
+    return list(sizes)
+
+
+class BlockState(MutableMapping):
+    """Block ``b``'s view of a param's state dict, whose entries for it are named ``<key>.<b>``
+    (params split into blocks of unequal sizes keep a state per block)."""
+
+    def __init__(self, state: dict, b: int):
+        self._state, self._suffix = state, f".{b}"
+
+    def __getitem__(self, key):
+        return self._state[key + self._suffix]
+
+    def __setitem__(self, key, value):
+        self._state[key + self._suffix] = value
+
+    def __delitem__(self, key):
+        del self._state[key + self._suffix]
+
+    def __iter__(self):
+        return (k[:-len(self._suffix)] for k in list(self._state) if k.endswith(self._suffix))
+
+    def __len__(self):
+        return sum(1 for _ in self)
 
 
 def local(t: Tensor) -> Tensor:
@@ -234,6 +258,9 @@ class Bucket(NamedTuple):
     ``states``: their state dicts, created from the rule's declaration.
     ``shape``: the whole matrices' (m, n). ``sharded``: whether the params are FSDP2 DTensors.
     ``matrix_map``: runs whole-matrix work (see :meth:`MatrixOptimizer._update`).
+    ``blocks``: per entry, None (all of the param's matrices) or b (block b of a param split
+    into blocks of unequal sizes; then ``params`` repeats the param and ``states`` is the
+    block's).
     """
     params: list
     weights: list
@@ -242,6 +269,7 @@ class Bucket(NamedTuple):
     shape: tuple
     sharded: bool
     matrix_map: Callable
+    blocks: list
 
 
 # -- warnings --------------------------------------------------------------------------------
@@ -334,7 +362,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                  f"{self._param_name(group, i)} is {p.dtype}")
             check_placement(p, self._param_name(group, i))
             if group.get("blocks") is not None and self.is_matrix(group, p):
-                block_count(self._param_name(group, i), group["blocks"], p)
+                block_sizes(self._param_name(group, i), group["blocks"], p)
 
     # -- naming and routing --------------------------------------------------------------------
     def _param_name(self, group: dict, index: int) -> str:
@@ -377,17 +405,35 @@ class MatrixOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     @staticmethod
-    def _blocks(group: dict, p: Tensor) -> int | None:
-        """How many row blocks ``group`` splits p's matrices into (None: not split)."""
+    def _block_sizes(group: dict, p: Tensor) -> list[int] | None:
         blocks = group.get("blocks")
-        return None if blocks is None else block_count("blocks", blocks, p)
+        return None if blocks is None else block_sizes("blocks", blocks, p)
+
+    def _blocks(self, group: dict, p: Tensor) -> int | None:
+        """How many equal row blocks ``group`` splits p's matrices into (None: not split, or
+        into blocks of unequal sizes, which are matrices of their own: :meth:`_unequal`)."""
+        sizes = self._block_sizes(group, p)
+        return len(sizes) if sizes and len(set(sizes)) == 1 else None
+
+    def _unequal(self, group: dict, p: Tensor) -> list[int] | None:
+        """The row sizes of p's blocks when they differ (None otherwise)."""
+        sizes = self._block_sizes(group, p)
+        return sizes if sizes and len(set(sizes)) > 1 else None
 
     def _shape(self, group: dict, p: Tensor) -> tuple[int, int, int]:
-        """p's (B, m, n) matrix view in ``group`` (its ``blocks`` applied)."""
+        """p's (B, m, n) matrix view in ``group`` (its equal ``blocks`` applied)."""
         return matrix_shape(p, self._blocks(group, p))
 
     def _declared(self, p: Tensor, group: dict) -> dict[str, State]:
-        return self._state(p, group) if self.is_matrix(group, p) else self.fallback.state(p, group)
+        if not self.is_matrix(group, p):
+            return self.fallback.state(p, group)
+        sizes = self._unequal(group, p)
+        if sizes is None:
+            return self._state(p, group)
+        # One matrix per block, its state named "<key>.<b>" (whole: blocked params are not sharded).
+        plain = {**group, "blocks": None}
+        return {f"{key}.{b}": spec._replace(sharded=False)
+                for b, rows in enumerate(sizes) for key, spec in self._state(p.detach()[:rows], plain).items()}
 
     # -- the step ------------------------------------------------------------------------------
     @torch.compiler.disable
@@ -426,8 +472,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
             for i in indices:
                 p = group["params"][i]
                 (matrices if self.is_matrix(group, p) else fallback).append(p)
-            for bucket in self._buckets(group, matrices):
-                self._step_bucket(group, bucket, loads)
+            for items in self._buckets(group, matrices):
+                self._step_bucket(group, items, loads)
             if fallback:
                 self.fallback.update(group, [local(p) for p in fallback], [local(p.grad) for p in fallback],
                                      self._states(group, fallback))
@@ -491,27 +537,56 @@ class MatrixOptimizer(torch.optim.Optimizer):
             seen.update(new)
             warnings.warn(message.format(", ".join(new)), RuntimeWarning, stacklevel=_caller_stacklevel())
 
-    def _buckets(self, group: dict, params: list[Tensor]) -> list[list[Tensor]]:
-        """Group params whose matrices share (m, n, dtype, device, device mesh), in first-seen order.
+    def _buckets(self, group: dict, params: list[Tensor]) -> list[list[tuple[Tensor, int | None]]]:
+        """Group the matrices of ``params`` that share (m, n, dtype, device, device mesh), in
+        first-seen order, as items (param, block): block None for all of a param's matrices,
+        b for block b of a param split into blocks of unequal sizes.
 
-        A bucket holds at most ``max_bucket_elements`` elements (a single larger param makes
+        A bucket holds at most ``max_bucket_elements`` elements (a single larger item makes
         a bucket of its own).
         """
         buckets = defaultdict(list)
         for p in params:
-            _, m, n = self._shape(group, p)
-            buckets[(m, n, p.dtype, p.device, getattr(p, "device_mesh", None))].append(p)
+            key = (p.dtype, p.device, getattr(p, "device_mesh", None))
+            sizes = self._unequal(group, p)
+            if sizes is None:
+                _, m, n = self._shape(group, p)
+                buckets[(m, n, *key)].append(((p, None), p.numel()))
+            else:
+                for b, rows in enumerate(sizes):
+                    buckets[(rows, p.shape[1], *key)].append(((p, b), rows * p.shape[1]))
         chunks = []
         for bucket in buckets.values():
             chunk, size = [], 0
-            for p in bucket:
-                if chunk and size + p.numel() > self.max_bucket_elements:
+            for item, numel in bucket:
+                if chunk and size + numel > self.max_bucket_elements:
                     chunks.append(chunk)
                     chunk, size = [], 0
-                chunk.append(p)
-                size += p.numel()
+                chunk.append(item)
+                size += numel
             chunks.append(chunk)
         return chunks
+
+    def _views(self, group: dict, items: list, tensors: list[Tensor]) -> tuple[list[Tensor], list[tuple]]:
+        """Each item's (B, m, n) matrix view of the corresponding tensor (a param's local
+        shard or its gradient), and the items' whole (B, m, n) shapes."""
+        views, shapes = [], []
+        for (p, b), t in zip(items, tensors):
+            if b is None:
+                k = self._blocks(group, p)
+                views.append(as_matrices(t, k))
+                shapes.append(matrix_shape(p, k))
+            else:
+                sizes = self._unequal(group, p)
+                start = sum(sizes[:b])
+                views.append(t[start:start + sizes[b]].unsqueeze(0))
+                shapes.append((1, sizes[b], p.shape[1]))
+        return views, shapes
+
+    def _item_states(self, group: dict, items: list) -> list:
+        """Each item's state: its param's, or a block's view of it (:class:`BlockState`)."""
+        states = self._states(group, [p for p, _ in items])
+        return [s if b is None else BlockState(s, b) for s, (_, b) in zip(states, items)]
 
     def _replicated_group(self):
         """The process group replicated params split their matrix work over, or None."""
@@ -522,19 +597,19 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                "initialized process group (torch.distributed.init_process_group)")
         return self._process_group or torch.distributed.group.WORLD
 
-    def _step_bucket(self, group: dict, params: list[Tensor], loads: dict) -> None:
+    def _step_bucket(self, group: dict, items: list, loads: dict) -> None:
         # Sharded (DTensor) params are updated through their local shards.
+        params = [p for p, _ in items]
         shards = [local(p) for p in params]
-        blocks = [self._blocks(group, p) for p in params]
-        weights = [as_matrices(t, k) for t, k in zip(shards, blocks)]
-        grads = [as_matrices(local(p.grad), k) for p, k in zip(params, blocks)]
-        shapes = [matrix_shape(p, k) for p, k in zip(params, blocks)]
+        weights, shapes = self._views(group, items, shards)
+        grads, _ = self._views(group, items, [local(p.grad) for p in params])
         _, m, n = shapes[0]
-        self._update(group, Bucket(params, weights, grads, self._states(group, params), (m, n),
-                                   isinstance(params[0], DTensor), self._matrix_map(params, shapes, loads)))
+        self._update(group, Bucket(params, weights, grads, self._item_states(group, items), (m, n),
+                                   isinstance(params[0], DTensor), self._matrix_map(params, shapes, loads),
+                                   [b for _, b in items]))
         # as_matrices copies a param it cannot view (e.g. channels_last); write those back.
-        for t, w in zip(shards, weights):
-            if w.data_ptr() != t.data_ptr():
+        for (_, b), t, w in zip(items, shards, weights):
+            if b is None and w.data_ptr() != t.data_ptr():
                 t.copy_(w.reshape(t.shape))
 
     def _matrix_map(self, params: list[Tensor], shapes: list[tuple[int, int, int]], loads: dict) -> Callable:

@@ -84,7 +84,7 @@ import functools
 
 import torch
 
-from .base import AT_LEAST_FP32, Out, Rows, State, Whole, as_matrices, local, local_matrices, resolve_rank
+from .base import AT_LEAST_FP32, Out, Rows, State, Whole, local, local_matrices, resolve_rank
 from .galore import GaLoreAdamW, svd_projector
 from .lowrank import LowRankAdamW
 from .validation import choice, rank_spec, real
@@ -350,13 +350,13 @@ class CoSOAdamW(LowRankAdamW):
         loads = {}
         for group in self.param_groups:
             params = [p for p in group["params"] if self.is_matrix(group, p) and self.state.get(p)]
-            for chunk in self._buckets(group, params):
-                shapes = [self._shape(group, p) for p in chunk]
+            for items in self._buckets(group, params):
+                chunk = [p for p, _ in items]
+                weights, shapes = self._views(group, items, [local(p) for p in chunk])
                 _, m, n = shapes[0]
-                states = [self.state[p] for p in chunk]
-                self._task_boundary(group, self._projector(group, m, n), chunk,
-                                    [as_matrices(local(p), self._blocks(group, p)) for p in chunk], states,
-                                    self._matrix_map(chunk, shapes, loads), [True] * len(chunk), sketch=True)
+                self._task_boundary(group, self._projector(group, m, n), chunk, weights,
+                                    self._item_states(group, items), self._matrix_map(chunk, shapes, loads),
+                                    [True] * len(chunk), sketch=True)
 
     def _task_boundary(self, group, proj, params, weights, states, matrix_map, active, *, sketch: bool):
         """Fold the sketches (if ``sketch`` and the group keeps one) and the weights (if the
@@ -367,8 +367,7 @@ class CoSOAdamW(LowRankAdamW):
             return
         H = [s["history"] for s in states]
         count = [s["history_count"] for s in states]
-        flags = [torch.full((self._shape(group, p)[0],), a, dtype=torch.bool, device=h.device)
-                 for p, a, h in zip(params, active, H)]
+        flags = [torch.full((h.shape[0],), a, dtype=torch.bool, device=h.device) for a, h in zip(active, H)]
         inputs = [Whole(H), Whole(count), Whole(flags)]
         outputs = [Out(H[0].shape[-2:], H[0].dtype, whole=True), Out((), torch.int32, whole=True)]
         if use_sketch:

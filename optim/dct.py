@@ -1,7 +1,7 @@
 """DCTAdamW: Adam in a low-rank subspace picked from a fixed DCT basis (no SVD)."""
-from .base import matrix_shape, resolve_rank
+from .base import resolve_rank
 from .lowrank import LowRankAdamW
-from .projectors import DCTProjector
+from .projectors import DCTProjector, work_dtype
 from .validation import choice
 
 
@@ -71,11 +71,12 @@ class DCTAdamW(LowRankAdamW):
         bases = {}
         for group in self.param_groups:
             for p in group["params"]:
-                s = self.state.get(p, {})
-                if "indices" in s:
-                    _, m, n = matrix_shape(p)
+                if not (self.state.get(p) and self.is_matrix(group, p)):
+                    continue
+                sizes = self._unequal(group, p)
+                for m, n in [(rows, p.shape[1]) for rows in sizes] if sizes else [self._shape(group, p)[1:]]:
                     proj = self._projector(group, m, n)
-                    bases[(proj.k, p.device, s["exp_avg"].dtype)] = proj
+                    bases[(proj.k, p.device, work_dtype(p.dtype))] = proj
         return [proj.shared_basis(device, dtype) for (_, device, dtype), proj in bases.items()]
 
 

@@ -80,13 +80,14 @@ def _stacks(tensors):
     return [t.view(-1, *t.shape[-2:]) for t in tensors]
 
 
-def sketch_seeds(seed: int, group_index: int, place: int, count: int, matrices: int) -> torch.Tensor:
-    """(B,) seeds of a param's randomized sketches at one refresh: each a function of
-    (``seed``, the param's group and place in it, the matrix, the refresh ``count``) only,
+def sketch_seeds(seed: int, group_index: int, place: int, count: int, matrices: range) -> torch.Tensor:
+    """Seeds of a param's randomized sketches at one refresh, for its ``matrices`` (indices
+    into its (B, m, n) view, or its blocks): each a function of (``seed``, the param's group
+    and place in it, the matrix, the refresh ``count``) only,
     so every split of the refreshes (one batch, DDP shares, FSDP2 owners) and every resumed
     run draws the same numbers for a matrix. numpy's ``SeedSequence(seed, spawn_key=key)``'s
     first word (:func:`seed_sequence_word`), so the streams are well separated."""
-    return torch.tensor([seed_sequence_word(seed, (group_index, place, j, count)) for j in range(matrices)],
+    return torch.tensor([seed_sequence_word(seed, (group_index, place, j, count)) for j in matrices],
                         dtype=torch.int64)
 
 
@@ -278,8 +279,10 @@ class LowRankAdamW(MatrixOptimizer):
         inputs = [Rows(grads), *(Whole([o[key] for o in old]) for key in proj.keys)]
         if proj.randomized:
             g = self._group_index(group)
-            inputs.append(Whole([sketch_seeds(group["seed"], g, place, s["step"] // group["update_proj_gap"],
-                                              self._shape(group, p)[0]) for p, place, s in zip(params, places, states)]))
+            matrices = [range(self._shape(group, p)[0]) if b is None else range(b, b + 1)   # block b: matrix b
+                        for p, b in zip(params, (bucket.blocks[i] for i in due))]
+            inputs.append(Whole([sketch_seeds(group["seed"], g, place, s["step"] // group["update_proj_gap"], js)
+                                 for place, s, js in zip(places, states, matrices)]))
         # A cold start at a param's first refresh: its identity-slice basis is no estimate.
         warm = all(s["step"] > 0 for s in states)
         outputs = proj.refresh_outputs(work_dtype(grads[0].dtype))

@@ -72,7 +72,7 @@ def param_groups(model: nn.Module, *, fallback: dict | None = None, **overrides)
     their k equal row blocks is orthogonalized / projected as its own matrix —
     ``nn.MultiheadAttention.in_proj_weight`` (q, k, v: 3), LSTM (4) and GRU (3) gate
     weights. Fused ``qkv`` / ``gate_up_proj`` Linears of other models are not recognizable
-    by type: give them a group with ``blocks`` yourself.
+    by type: give them a group with ``blocks`` yourself (row sizes for GQA's unequal q, k, v).
 
     ``overrides`` (e.g. ``weight_decay=0.0``) go into every group; ``fallback`` into the
     fallback group only (e.g. ``fallback={"lr": 3e-4}``). Params are given as (name, tensor)

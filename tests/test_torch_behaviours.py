@@ -159,18 +159,20 @@ def test_bf16_params_get_fp32_momentum(cls):
                                     (matrixopt.GaLoreAdamW, dict(rank=2, svd="exact", update_proj_gap=3)),
                                     (matrixopt.DCTAdamW, dict(rank=2, update_proj_gap=3))],
                          ids=["Muon", "ROOT", "ARO", "GaLoreAdamW", "DCTAdamW"])
-@pytest.mark.parametrize("blocks", [3, (4, 4, 4)], ids=["count", "sizes"])
+@pytest.mark.parametrize("blocks", [3, (4, 4, 4), (6, 3, 3)], ids=["count", "sizes", "unequal-sizes"])
 def test_each_block_of_a_packed_matrix_is_its_own_matrix(cls, kw, blocks):
-    """A (12, 5) param split into 3 row blocks steps exactly like three (4, 5) params."""
+    """A (12, 5) param split into row blocks steps like the blocks as separate params (GQA's
+    fused qkv: unequal blocks)."""
     torch.manual_seed(0)
     packed = torch.nn.Parameter(torch.randn(12, 5))
-    parts = [torch.nn.Parameter(b.detach().clone()) for b in packed.detach().split(4)]
+    sizes = [4, 4, 4] if blocks == 3 else list(blocks)
+    parts = [torch.nn.Parameter(b.detach().clone()) for b in packed.detach().split(sizes)]
     a = cls([{"params": [packed], "blocks": blocks}], lr=0.01, **kw)
     b = cls(parts, lr=0.01, **kw)
     for i in range(7):
         g = torch.randn(12, 5, generator=torch.Generator().manual_seed(i))
         packed.grad = g.clone()
-        for part, gb in zip(parts, g.split(4)):
+        for part, gb in zip(parts, g.split(sizes)):
             part.grad = gb.clone()
         a.step()
         b.step()
@@ -182,10 +184,13 @@ def test_each_block_of_a_packed_matrix_is_its_own_matrix(cls, kw, blocks):
 
 def test_blocks_are_validated_naming_the_param():
     p = torch.nn.Parameter(torch.randn(12, 5))
-    with pytest.raises(ValueError, match=r"blocks for w\.qkv.*unequal"):
-        matrixopt.Muon([{"params": [("w.qkv", p)], "blocks": (8, 2, 2)}])
     with pytest.raises(ValueError, match=r"blocks for w\.qkv"):
         matrixopt.Muon([{"params": [("w.qkv", p)], "blocks": 5}])
+    with pytest.raises(ValueError, match=r"blocks for w\.qkv"):
+        matrixopt.Muon([{"params": [("w.qkv", p)], "blocks": (8, 2, 1)}])
+    experts = torch.nn.Parameter(torch.randn(2, 12, 5))   # unequal blocks: 2-D params only
+    with pytest.raises(ValueError, match=r"blocks for w\.experts"):
+        matrixopt.Muon([{"params": [("w.experts", experts)], "blocks": (8, 2, 2)}])
 
 
 def test_param_groups_splits_multihead_attention_and_lstm_gates():
