@@ -278,7 +278,7 @@ _INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for
                                                                                        torch))
 
 
-def _caller_stacklevel() -> int:
+def caller_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning point at the first frame outside matrixopt and
     torch (whose wrappers — no_grad, the step hooks, GradScaler — call ``step``): the
     user's call of ``step()``, however many frames lie between."""
@@ -535,7 +535,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         new = [n for n in names if n not in seen]
         if new:
             seen.update(new)
-            warnings.warn(message.format(", ".join(new)), RuntimeWarning, stacklevel=_caller_stacklevel())
+            warnings.warn(message.format(", ".join(new)), RuntimeWarning, stacklevel=caller_stacklevel())
 
     def _buckets(self, group: dict, params: list[Tensor]) -> list[list[tuple[Tensor, int | None]]]:
         """Group the matrices of ``params`` that share (m, n, dtype, device, device mesh), in

@@ -10,11 +10,14 @@ elsewhere). Per-shape triples come from ROOT's release, then the table shipped i
 import functools
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
 
 from matrixopt.kernels import newton_schulz
+
+from .base import caller_stacklevel
 
 #: Keller Jordan's quintic, the one torch.optim.Muon uses at every step.
 MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -162,7 +165,8 @@ def shipped_table() -> dict[tuple[int, int], tuple[float, float, float]]:
 def root_coefficients(m: int, n: int, steps: int = 5) -> tuple[float, float, float]:
     """ROOT's triple for m×n (or n×m: NS sees the same singular values), looked up once per
     shape: the released one unless it overshoots (peak > MAX_PEAK), else the shipped fit,
-    else one fitted now."""
+    else one fitted now — which needs numpy and scipy (``pip install 'matrixopt[fit]'``);
+    without them Muon's triple stands in, with one warning per shape."""
     return _root_coefficients(min(m, n), max(m, n), steps)
 
 
@@ -174,6 +178,11 @@ def _root_coefficients(k: int, K: int, steps: int) -> tuple[float, float, float]
             return ROOT_RELEASED_COEFFICIENTS[key]
         if key in shipped_table():
             return shipped_table()[key]
-    from .ns_fit import fit_ns_coefficients   # numpy and scipy: only a fit needs them
-
+    try:
+        from .ns_fit import fit_ns_coefficients   # numpy and scipy: only a fit needs them
+    except ImportError as e:
+        warnings.warn(f"No fitted Newton-Schulz triple for {k}×{K} at {steps} steps and none can be fitted "
+                      f"({e}; pip install 'matrixopt[fit]'): using Muon's {MUON_COEFFICIENTS}", RuntimeWarning,
+                      stacklevel=caller_stacklevel())
+        return MUON_COEFFICIENTS
     return fit_ns_coefficients(k, K, steps)

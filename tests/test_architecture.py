@@ -87,7 +87,8 @@ def test_the_path_the_tracer_sees_includes_a_refresh():
 def test_import_and_steps_need_neither_numpy_nor_scipy():
     """In a fresh interpreter where, once torch is imported (torch itself imports numpy when
     it is installed), numpy and scipy cannot be imported, matrixopt imports and every
-    optimizer steps (ROOT on a shipped shape; fitting a new one needs scipy)."""
+    optimizer steps, ROOT also on a shape no table has (fitting needs scipy: it warns and
+    uses Muon's triple)."""
     code = textwrap.dedent("""
         import sys, warnings
         import torch
@@ -98,12 +99,15 @@ def test_import_and_steps_need_neither_numpy_nor_scipy():
         import matrixopt
         for cls in (matrixopt.Muon, matrixopt.ROOT, matrixopt.ARO, matrixopt.GaLoreAdamW, matrixopt.DCTAdamW):
             p = torch.nn.Parameter(torch.randn(128, 512))
+            q = torch.nn.Parameter(torch.randn(16, 24))
             b = torch.nn.Parameter(torch.randn(512))
-            opt = cls([p, b], lr=0.01)
+            opt = cls([p, q, b], lr=0.01)
             for _ in range(2):
-                p.grad, b.grad = torch.randn_like(p), torch.randn_like(b)
+                p.grad, q.grad, b.grad = torch.randn_like(p), torch.randn_like(q), torch.randn_like(b)
                 opt.step()
         assert "scipy" not in sys.modules
+        from matrixopt.orthogonalize import MUON_COEFFICIENTS, root_coefficients
+        assert root_coefficients(16, 24) == MUON_COEFFICIENTS
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
