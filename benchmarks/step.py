@@ -16,6 +16,8 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
+import matrixopt
+
 from .common import cpu_peak_bytes, default_device, median_ms
 from .optimizers import ADAMW, Settings, build, contenders, is_low_rank, state_bytes
 
@@ -111,6 +113,8 @@ def run(quick: bool = False, sets=None, optimizers=None, warmup: int | None = No
         sections[title] = rows
         del params
     progress.close()
+    sections[f"Batching: {'Muon, GaLoreAdamW'}, 8 same-shape matrices, stacked vs one per bucket ({device.type})"] = \
+        batching(QUICK_BATCHING_SHAPES if quick else BATCHING_SHAPES, device, warmup, repeats)
     extra = {"settings": {"device": str(device), "warmup": warmup, "repeats": repeats, "dtype": "float32",
                           **vars(settings)},
              "notes": notes + ["state_MB counts each storage held by the state once: galore-torch's "
@@ -118,6 +122,36 @@ def run(quick: bool = False, sets=None, optimizers=None, warmup: int | None = No
                                "torch.optim.Muon orthogonalizes in bf16 everywhere; matrixopt in bf16 on "
                                "CUDA and fp32 elsewhere (its ns_dtype default)"]}
     return sections, extra, figure(sections)
+
+
+#: Shapes of the batching table: where stacking same-shape matrices into one bucket pays.
+BATCHING_SHAPES = [(32, 32), (64, 64), (128, 128), (64, 256), (128, 256), (256, 256), (128, 512), (512, 512),
+                   (512, 1376)]
+QUICK_BATCHING_SHAPES = [(32, 32), (256, 256)]
+
+
+def batching(shapes, device, warmup: int, repeats: int, count: int = 8) -> list[dict]:
+    """ms per step of ``count`` same-shape matrices stacked into one bucket, and one matrix
+    per bucket, for Muon and GaLoreAdamW (rank d/4, no refresh): the measurement behind
+    each optimizer's ``unbatched_elements``."""
+    rows = []
+    for cls, kwargs in ((matrixopt.Muon, {}), (matrixopt.GaLoreAdamW, dict(rank=0.25, update_proj_gap=10**9))):
+        for shape in shapes:
+            times = {}
+            for label, cap in (("batched", 1 << 30), ("one per bucket", 1)):
+                g = torch.Generator().manual_seed(0)
+                params = [torch.nn.Parameter((0.02 * torch.randn(shape, generator=g)).to(device)) for _ in range(count)]
+                for p in params:
+                    p.grad = (1e-3 * torch.randn(shape, generator=g)).to(device)
+                opt = cls(params, lr=0.01, **kwargs)
+                opt.max_bucket_elements, opt.unbatched_elements = cap, {device.type: 1 << 62}
+                times[label] = median_ms(opt.step, device, warmup, repeats)
+            rows.append({"optimizer": cls.__name__, "shape": f"{count}×{shape[0]}×{shape[1]}",
+                         "elements": shape[0] * shape[1], "batched ms": times["batched"],
+                         "one per bucket ms": times["one per bucket"],
+                         "one per bucket / batched": times["one per bucket"] / times["batched"]})
+            print(rows[-1], flush=True)
+    return rows
 
 
 def add_ratios(rows: list[dict]) -> None:

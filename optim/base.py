@@ -316,6 +316,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
     #: stacked ones; 32 stacked 1024² ones run 7× faster than one by one): 2^25 elements
     #: batch 32 matrices of 1024², 8 of 2048².
     max_bucket_elements = 1 << 25
+    #: Per device type, the matrix size (elements) from which a matrix gets a bucket of its
+    #: own: stacking copies every matrix of a bucket, which pays only while the batched
+    #: kernel saves more than the copy costs. On a CPU (one thread, 8 same-shape matrices,
+    #: `python -m benchmarks step`, benchmarks/results/step-cpu2-2026-12-01.md) a Muon step
+    #: is faster stacked up to 128×256 and slower from 256² on (0.82× one per bucket at 256²,
+    #: 0.91× at 512×1376). On a GPU batching pays for Newton-Schulz up to 2048² (32 stacked
+    #: 1024² ones run 7× faster than one by one on an H200), so CUDA has no entry.
+    unbatched_elements = {"cpu": 1 << 16}
 
     hyperparameters: dict = {}
 
@@ -556,10 +564,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 for b, rows in enumerate(sizes):
                     buckets[(rows, p.shape[1], *key)].append(((p, b), rows * p.shape[1]))
         chunks = []
-        for bucket in buckets.values():
+        for key, bucket in buckets.items():
+            # A matrix from this size on runs alone: batching it does not pay on this device.
+            alone = key[0] * key[1] >= self.unbatched_elements.get(key[3].type, 1 << 62)
             chunk, size = [], 0
             for item, numel in bucket:
-                if chunk and size + numel > self.max_bucket_elements:
+                if chunk and (alone or size + numel > self.max_bucket_elements):
                     chunks.append(chunk)
                     chunk, size = [], 0
                 chunk.append(item)

@@ -185,6 +185,10 @@ class LowRankAdamW(MatrixOptimizer):
     #: elements: one 2048², or 64 of 256²), where batching stops paying on a GPU anyway.
     #: (At 2^26, 24 matrices of 2048×1024 made 360 MB of temporaries for 120 MB of state.)
     max_bucket_elements = 1 << 22
+    #: The projections are cheaper per element than Newton-Schulz, so stacking pays longer on
+    #: a CPU: up to 128×512 (1.14× slower one per bucket) and about even at 256², slower
+    #: from 512² (0.95×) and 512×1376 (0.81×) on (`python -m benchmarks step`).
+    unbatched_elements = {"cpu": 1 << 18}
 
     def __init__(self, params, make_projector: Callable, projector_keys: tuple[str, ...], *, lr, betas, eps,
                  weight_decay, rank, update_proj_gap, scale, proj_dtype, nonfinite, carry_moments: str | None = None,
