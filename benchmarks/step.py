@@ -169,7 +169,7 @@ def figure(sections: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    title, rows = list(sections.items())[-1]
+    title, rows = [(t, rows) for t, rows in sections.items() if "step_ms" in rows[0]][-1]   # not the batching table
     names = [r["optimizer"] for r in rows]
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.5), sharey=True)
     ax_time.barh(names, [r["amortized_ms"] or r["step_ms"] for r in rows], color="tab:gray",
