@@ -114,7 +114,7 @@ def run(quick: bool = False, sets=None, optimizers=None, warmup: int | None = No
         del params
     progress.close()
     sections[f"Batching: {'Muon, GaLoreAdamW'}, 8 same-shape matrices, stacked vs one per bucket ({device.type})"] = \
-        batching(QUICK_BATCHING_SHAPES if quick else BATCHING_SHAPES, device, warmup, repeats)
+        batching(CI_BATCHING_SHAPES if "ci" in sets else BATCHING_SHAPES, device, warmup, repeats)
     extra = {"settings": {"device": str(device), "warmup": warmup, "repeats": repeats, "dtype": "float32",
                           **vars(settings)},
              "notes": notes + ["state_MB counts each storage held by the state once: galore-torch's "
@@ -127,7 +127,7 @@ def run(quick: bool = False, sets=None, optimizers=None, warmup: int | None = No
 #: Shapes of the batching table: where stacking same-shape matrices into one bucket pays.
 BATCHING_SHAPES = [(32, 32), (64, 64), (128, 128), (64, 256), (128, 256), (256, 256), (128, 512), (512, 512),
                    (512, 1376)]
-QUICK_BATCHING_SHAPES = [(32, 32), (256, 256)]
+CI_BATCHING_SHAPES = [(32, 32), (256, 256)]   # for the "ci" set the tests run
 
 
 def batching(shapes, device, warmup: int, repeats: int, count: int = 8) -> list[dict]:
