@@ -26,6 +26,11 @@ from matrixopt.base import MATCH_ADAMW_RMS
 ADAMW = "torch.optim.AdamW"
 TORCH_MUON = "torch.optim.Muon"
 GALORE_TORCH = "galore_torch.GaLoreAdamW"
+#: Muon peers for the step benchmark, asked for by name (`--optimizers`): not in the default
+#: lists, so train and the tests stay as they are.
+MUON_PEERS = {"pytorch_optimizer.Muon": ("pytorch_optimizer", {"ns_method": "newton_schulz"}, True),
+              "pytorch_optimizer.Muon (gram)": ("pytorch_optimizer", {"ns_method": "gram_newton_schulz"}, True),
+              "heavyball.Muon": ("heavyball", {"compile_step": False}, False)}
 
 
 @dataclass
@@ -175,6 +180,7 @@ def contenders(only=None, variants: bool = False) -> tuple[list[str], list[str]]
     if variants:
         names += [name for name, variant in VARIANTS.items() if variant.base in names]
     if only:
+        names += [n for n in MUON_PEERS if n in only and find_spec(MUON_PEERS[n][0]) is not None]
         parsed = [n for n in dict.fromkeys(only) if n not in names and parse_variant(n) is not None]
         unknown = sorted(set(only) - set(names) - set(parsed))
         if unknown:
@@ -223,6 +229,14 @@ def build(name: str, matrices: list[tuple[str, Tensor]], others: list[tuple[str,
         # to AdamW's lr that torch.optim.Muon has (matrixopt's match_adamw is 0.5·sqrt(max(m, n))).
         muon = torch.optim.Muon([p for _, p in matrices], lr=lr, weight_decay=wd,
                                 adjust_lr_fn="match_rms_adamw")
+        if not others:
+            return muon
+        return Chained(muon, torch.optim.AdamW([p for _, p in others], lr=lr, betas=betas, weight_decay=wd))
+    if name in MUON_PEERS:
+        module, kwargs, grouped = MUON_PEERS[name]
+        cls = getattr(__import__(module), "Muon")
+        params = [p for _, p in matrices]
+        muon = cls([{"params": params, "use_muon": True}] if grouped else params, lr=lr, weight_decay=wd, **kwargs)
         if not others:
             return muon
         return Chained(muon, torch.optim.AdamW([p for _, p in others], lr=lr, betas=betas, weight_decay=wd))

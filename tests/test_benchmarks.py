@@ -716,3 +716,17 @@ def test_continual_command(tmp_path):
         assert [r["lr"] for r in grid] == list(continual.QUICK.lrs)
         assert row["lr"] == min(grid, key=lambda r: r["task1_val_loss"])["lr"]
     assert rows[1]["protected_directions"] > 0 and rows[0]["forgetting_vs_adamw"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(optimizers.MUON_PEERS))
+def test_muon_peers_step_the_matrices_named(name):
+    """The step benchmark's Muon peers (asked for by name) build and move every matrix."""
+    pytest.importorskip(optimizers.MUON_PEERS[name][0])
+    assert optimizers.contenders([name])[0] == [name]
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))
+    opt = optimizers.build(name, [("w", w)], [("b", b)], 0.01, optimizers.Settings())
+    before = [w.detach().clone(), b.detach().clone()]
+    w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+    opt.step()
+    assert not torch.equal(w, before[0]) and not torch.equal(b, before[1])
