@@ -143,13 +143,22 @@ def galore_torch_class() -> tuple[type | None, list[str]]:
     """
     if "galore_torch" not in sys.modules and find_spec("galore_torch") is None:
         return None, []
-    notes = []
-    if "transformers" not in sys.modules and find_spec("transformers") is None:
-        for name in ("transformers", "transformers.utils", "transformers.utils.versions"):
+    notes, stubs = [], []
+    if "galore_torch" not in sys.modules and "transformers" not in sys.modules and find_spec("transformers") is None:
+        stubs = ["transformers", "transformers.utils", "transformers.utils.versions"]
+        for name in stubs:
             sys.modules[name] = types.ModuleType(name)
         sys.modules["transformers.utils.versions"].require_version = lambda requirement, hint=None: None
         notes.append("galore-torch imported with a no-op stub for transformers.utils.versions."
                      "require_version (transformers is not installed)")
+    try:
+        return _import_galore_torch(notes)
+    finally:
+        for name in stubs:   # only for galore-torch's import: other packages probe for transformers
+            del sys.modules[name]
+
+
+def _import_galore_torch(notes):
     try:
         from galore_torch import GaLoreAdamW
     except ImportError:
