@@ -319,11 +319,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
     #: Per device type, the matrix size (elements) from which a matrix gets a bucket of its
     #: own: stacking copies every matrix of a bucket, which pays only while the batched
     #: kernel saves more than the copy costs. On a CPU (one thread, 8 same-shape matrices,
-    #: `python -m benchmarks step`, benchmarks/results/step-cpu2-2026-12-01.md) a Muon step
-    #: is faster stacked up to 128×256 and slower from 256² on (0.82× one per bucket at 256²,
-    #: 0.91× at 512×1376). On a GPU batching pays for Newton-Schulz up to 2048² (32 stacked
-    #: 1024² ones run 7× faster than one by one on an H200), so CUDA has no entry.
-    unbatched_elements = {"cpu": 1 << 16}
+    #: the batching table of `python -m benchmarks step --quick`,
+    #: benchmarks/results/step-cpu2-2026-12-01.md) one Muon matrix per bucket takes 1.13-2.4×
+    #: the stacked time up to 128×512, about the same at 256² (0.97×), and less from 512²
+    #: (0.94×) and 512×1376 (0.87×) on. On a GPU batching pays for Newton-Schulz up to 2048²
+    #: (32 stacked 1024² ones run 7× faster than one by one on an H200): no CUDA entry.
+    unbatched_elements = {"cpu": 1 << 18}
 
     hyperparameters: dict = {}
 

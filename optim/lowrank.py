@@ -186,9 +186,9 @@ class LowRankAdamW(MatrixOptimizer):
     #: (At 2^26, 24 matrices of 2048×1024 made 360 MB of temporaries for 120 MB of state.)
     max_bucket_elements = 1 << 22
     #: The projections are cheaper per element than Newton-Schulz, so stacking pays longer on
-    #: a CPU: up to 128×512 (1.14× slower one per bucket) and about even at 256², slower
-    #: from 512² (0.95×) and 512×1376 (0.81×) on (`python -m benchmarks step`).
-    unbatched_elements = {"cpu": 1 << 18}
+    #: a CPU: one matrix per bucket is 1.04-1.9× slower up to 512² and faster only at
+    #: 512×1376 (0.89×) in the step benchmark's batching table.
+    unbatched_elements = {"cpu": 1 << 19}
 
     def __init__(self, params, make_projector: Callable, projector_keys: tuple[str, ...], *, lr, betas, eps,
                  weight_decay, rank, update_proj_gap, scale, proj_dtype, nonfinite, carry_moments: str | None = None,
