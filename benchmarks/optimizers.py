@@ -27,7 +27,9 @@ ADAMW = "torch.optim.AdamW"
 TORCH_MUON = "torch.optim.Muon"
 GALORE_TORCH = "galore_torch.GaLoreAdamW"
 #: Muon peers for the step benchmark, asked for by name (`--optimizers`): not in the default
-#: lists, so train and the tests stay as they are.
+#: lists, so train and the tests stay as they are. (heavyball's Muon sets ``p.grad`` to None in
+#: its step, so the step benchmark, which times repeated steps on fixed gradients, can time it
+#: once only: use it in ``train``; its Newton-Schulz routine is in the ns benchmark.)
 MUON_PEERS = {"pytorch_optimizer.Muon": ("pytorch_optimizer", {"ns_method": "newton_schulz"}, True),
               "pytorch_optimizer.Muon (gram)": ("pytorch_optimizer", {"ns_method": "gram_newton_schulz"}, True),
               "heavyball.Muon": ("heavyball", {"compile_step": False}, False)}
