@@ -320,9 +320,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
     #: own: stacking copies every matrix of a bucket, which pays only while the batched
     #: kernel saves more than the copy costs. On a CPU (one thread, 8 same-shape matrices,
     #: the batching table of `python -m benchmarks step --quick`,
-    #: benchmarks/results/step-cpu2-2026-12-01.md) one Muon matrix per bucket takes 1.13-2.4×
+    #: benchmarks/results/step-cpu2-2026-12-01.md) one Muon matrix per bucket takes 1.1-2.4×
     #: the stacked time up to 128×512, about the same at 256² (0.97×), and less from 512²
-    #: (0.94×) and 512×1376 (0.87×) on. On a GPU batching pays for Newton-Schulz up to 2048²
+    #: (0.89×) and 512×1376 (0.87×) on. On a GPU batching pays for Newton-Schulz up to 2048²
     #: (32 stacked 1024² ones run 7× faster than one by one on an H200): no CUDA entry.
     unbatched_elements = {"cpu": 1 << 18}
 

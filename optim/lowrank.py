@@ -186,8 +186,8 @@ class LowRankAdamW(MatrixOptimizer):
     #: (At 2^26, 24 matrices of 2048×1024 made 360 MB of temporaries for 120 MB of state.)
     max_bucket_elements = 1 << 22
     #: The projections are cheaper per element than Newton-Schulz, so stacking pays longer on
-    #: a CPU: one matrix per bucket is 1.04-1.9× slower up to 512² and faster only at
-    #: 512×1376 (0.89×) in the step benchmark's batching table.
+    #: a CPU: one matrix per bucket is 1.1-1.9× slower up to 128×512, even at 512² (0.99-1.04×
+    #: over two runs) and faster at 512×1376 (0.53-0.89×) in the step benchmark's batching table.
     unbatched_elements = {"cpu": 1 << 19}
 
     def __init__(self, params, make_projector: Callable, projector_keys: tuple[str, ...], *, lr, betas, eps,
