@@ -312,14 +312,7 @@ class CoSOAdamW(LowRankAdamW):
         if group["protect"] != "gradients" and any(first):   # a task starts: protect W's top subspace
             self._task_boundary(group, proj, bucket.params, bucket.weights, bucket.states, bucket.matrix_map,
                                 first, sketch=False)
-        weight_decay = group["weight_decay"]
-        if weight_decay and float(group["lr"]):
-            self._decay(group, proj, bucket)
-        group["weight_decay"] = 0.0   # decayed above, in the complement only
-        try:
-            super()._update(group, bucket)
-        finally:
-            group["weight_decay"] = weight_decay
+        super()._update(group, bucket)
         if proj.sketch_rank:
             sketches = [s["sketch"] for s in bucket.states]
             bases = [Whole([self._bases(proj, s)[key] for s in bucket.states]) for key in proj.keys]
@@ -328,6 +321,13 @@ class CoSOAdamW(LowRankAdamW):
                                        [Out(sketches[0].shape[-2:], sketches[0].dtype, whole=True)])
             for S, fresh in zip(sketches, new):
                 S.copy_(fresh)
+
+    def _apply(self, group, proj, bucket, updates, scale):
+        """W ← W − ηλ·Π(W) − η·s·U: weight decay in the complement only (decaying W inside H
+        would erase what is protected)."""
+        if group["weight_decay"] and float(group["lr"]):
+            self._decay(group, proj, bucket)
+        torch._foreach_add_(bucket.weights, updates, alpha=-float(group["lr"]) * scale)
 
     def _decay(self, group, proj, bucket):
         """W ← W − ηλ·Π(W)."""

@@ -235,6 +235,10 @@ class LowRankAdamW(MatrixOptimizer):
                              lows, [s["step"] for s in states], group["betas"], group["eps"])
         updates = self._projected(proj.project_back, proj, steps, bucket, range(len(params)), back=True)
         scale = math.sqrt(min(proj.m, proj.n) / proj.rank) if group["scale"] is None else group["scale"]
+        self._apply(group, proj, bucket, updates, scale)
+
+    def _apply(self, group, proj, bucket, updates, scale: float) -> None:
+        """W ← W(1 − ηλ) − η·s·U for the bucket's weights and their projected-back steps U."""
         apply_update(bucket.weights, updates, lr=float(group["lr"]), weight_decay=group["weight_decay"], scale=scale)
 
     # -- projections -------------------------------------------------------------------------
@@ -253,7 +257,8 @@ class LowRankAdamW(MatrixOptimizer):
         UᵀG sums over G's rows, so the owner of the whole matrix computes it, through
         ``matrix_map``.
         """
-        bases = [[bucket.states[i][key].view(-1, *dims) for i in which] for key, dims in proj.basis_dims.items()]
+        per_param = [self._bases(proj, bucket.states[i]) for i in which]
+        bases = [[b[key] for b in per_param] for key in proj.keys]
         if whole_low(proj):
             if back:   # rows of the param, in the matmuls' dtype
                 out = Out((proj.m, proj.n), proj.dtype or tensors[0].dtype)
