@@ -65,11 +65,11 @@ def test_a_checkpoint_resumes_on_params_of_another_dtype(cls, to):
     ps = params()
     opt = make(cls, ps)
     run(opt, ps, 4)
-    saved = opt.state_dict()
-    for dtype, source in ((to, saved), (torch.float32, None)):
+    source = opt.state_dict()
+    for dtype in (to, torch.float32):   # there, then back from the resumed run's checkpoint
         qs = params(dtype, seed=1)
         resumed = make(cls, qs)
-        resumed.load_state_dict(source if source is not None else saved_other)
+        resumed.load_state_dict(source)
         run(resumed, qs, 3, start=4)
         for q in qs:
             for key, value in resumed.state[q].items():
@@ -78,7 +78,7 @@ def test_a_checkpoint_resumes_on_params_of_another_dtype(cls, to):
                     want = torch.float32 if fixed else torch.promote_types(dtype, torch.float32)
                     assert value.dtype == want, (key, value.dtype)
             assert q.isfinite().all()
-        saved_other = resumed.state_dict()
+        source = resumed.state_dict()
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
