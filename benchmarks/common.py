@@ -131,13 +131,21 @@ def cpu_peak_bytes(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
     current = peak = 0
-    for event in events:
-        current += event.nbytes()  # negative for frees
+    for _, nbytes in allocation_events(prof):
+        current += nbytes
         peak = max(peak, current)
     return peak
+
+
+def allocation_events(prof) -> list[tuple[int, int]]:
+    """(time in ns, bytes) of every CPU allocation (positive) and free (negative) a
+    ``profile_memory=True`` profile recorded, in time order. Frees of storages allocated
+    before profiling started are not reported by torch's CPU allocator, so the running sum
+    from 0 is the bytes allocated since the start that are still live."""
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type().name == "CPU"]
+    return sorted(events)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool) -> None:

@@ -253,16 +253,8 @@ def build(name: str, matrices: list[tuple[str, Tensor]], others: list[tuple[str,
         return Chained(muon, torch.optim.AdamW([p for _, p in others], lr=lr, betas=betas, weight_decay=wd))
     if name == GALORE_TORCH:
         cls, _ = galore_torch_class()
-        # galore-torch takes one int rank per group: one group per smaller-side size.
-        by_side = {}
-        for _, p in matrices:
-            by_side.setdefault(min(p.shape), []).append(p)
-        groups = [{"params": ps, "rank": max(1, round(settings.rank_fraction * k)),
-                   "update_proj_gap": settings.update_proj_gap, "scale": 0.25, "proj_type": "std"}
-                  for k, ps in by_side.items()]
-        if others:
-            groups.append({"params": [p for _, p in others]})
-        return cls(groups, lr=lr, betas=betas, weight_decay=wd, no_deprecation_warning=True)
+        return cls(galore_torch_groups(matrices, others, settings), lr=lr, betas=betas, weight_decay=wd,
+                   no_deprecation_warning=True)
     base, extra, attributes = variant_of(name)
     cls = matrixopt_classes()[base]
     if is_low_rank(name):
@@ -287,6 +279,21 @@ def build(name: str, matrices: list[tuple[str, Tensor]], others: list[tuple[str,
     return opt
 
 
+def galore_torch_groups(matrices, others, settings: Settings) -> list[dict]:
+    """galore-torch's param groups for ``matrices`` (GaLore at rank ``rank_fraction`` of each
+    smaller side, its ``scale=0.25``) and ``others`` (plain AdamW): it takes one int rank per
+    group, so one group per smaller-side size."""
+    by_side = {}
+    for _, p in matrices:
+        by_side.setdefault(min(p.shape), []).append(p)
+    groups = [{"params": ps, "rank": max(1, round(settings.rank_fraction * k)),
+               "update_proj_gap": settings.update_proj_gap, "scale": 0.25, "proj_type": "std"}
+              for k, ps in by_side.items()]
+    if others:
+        groups.append({"params": [p for _, p in others]})
+    return groups
+
+
 def smaller_side_and_rank(p: Tensor, rank: int | float) -> tuple[int, int]:
     """min(m, n) of p's matrices and the rank r matrixopt gives them for ``rank`` (an int, or
     a fraction of min(m, n), capped at it); 3-D params are stacks of (m, n) matrices, N-D
@@ -303,7 +310,8 @@ def state_bytes(opt) -> int:
 
     For torch and galore-torch optimizers the tensors are the state's values and the
     tensors held by objects in it (galore-torch keeps its projector matrix in a
-    ``GaLoreProjector``); each storage is counted once.
+    ``GaLoreProjector``); a tensor subclass (torchao's 8-bit state) counts as the plain
+    tensors it is made of (codes, scales); each storage is counted once.
     """
     if hasattr(opt, "state_bytes"):
         return opt.state_bytes()
@@ -314,6 +322,15 @@ def state_bytes(opt) -> int:
                 held = [value]
             else:
                 held = vars(value).values() if hasattr(value, "__dict__") else []
-            tensors += [t for t in held if isinstance(t, Tensor)]
+            tensors += [inner for t in held if isinstance(t, Tensor) for inner in plain_tensors(t)]
     storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
+
+
+def plain_tensors(t: Tensor) -> list[Tensor]:
+    """The plain tensors behind ``t``: itself, or a wrapper subclass's inner tensors
+    (``__tensor_flatten__``), recursively."""
+    if type(t) in (Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [inner for name in names for inner in plain_tensors(getattr(t, name))]

@@ -1,0 +1,608 @@
+"""`python -m benchmarks memory`: the peak memory of a whole training step, per optimizer.
+
+A training step of a LLaMA-style model (:mod:`benchmarks.model`: RMSNorm, RoPE, SwiGLU,
+untied head, fp32) — forward, ``loss.backward()``, ``opt.step()``, ``opt.zero_grad()``, or,
+with ``matrixopt.step_in_backward(opt)``, forward and a backward that updates each param as
+its gradient is final — is run twice from a fresh model and optimizer (step 1 creates the
+state and, for the low-rank optimizers, the projections; step 2 is a steady step). The peak
+of the bytes of live tensors over both steps, counted from before the model was built
+(weights, gradients, optimizer state, activations and every temporary), is the row's peak.
+No gradient clipping: a global norm needs every gradient at once, which step_in_backward
+does not hold.
+
+**How the peak is measured.** On CUDA, ``torch.cuda.max_memory_allocated`` (reset when the
+meter starts and the bytes allocated then subtracted). On CPU torch has no allocator
+statistics (``torch.cpu`` has none, ``torch.accelerator``'s memory functions are for
+accelerators); what it has is the profiler's memory events: with ``profile_memory=True``
+the CPU allocator reports every tensor allocation and free, with its size, to the profiler,
+from every thread the profiler follows (the autograd engine runs CPU backward on the
+calling thread; a test allocates a known tensor inside a backward node and finds it). The
+running sum of those events from a meter started before the model is built is the bytes of
+live tensors allocated since then, event by event, so its maximum is the exact peak of live
+tensor bytes — not a sample. Spans (``record_function``) give the peak within each step and
+phase (forward, backward, optimizer step) from the same events. Not counted, on either
+device: memory that is not a tensor's (the Python heap, BLAS/oneDNN workspaces, the CUDA
+context) and, on CPU, what the C allocator keeps from freed blocks (a process's RSS
+includes it, which is why RSS is not the measure here: it depends on glibc's heap
+and mmap thresholds, not on the step).
+
+**The byte model next to it**, from independent counts::
+
+    model = W + S + max(A + L, G + T)
+
+W: the weights (params and buffers); S: the optimizer state after the steps
+(``opt.state_bytes()`` for matrixopt, the state's tensors for the peers); A: the activations,
+the bytes of the tensors autograd saves for backward in one forward (counted with
+``saved_tensors_hooks``, each storage once, weights excluded); L: the loss's backward, the
+gradients of the log-probabilities and of the logits (2 · tokens · vocabulary · 4 bytes),
+live with every activation when backward starts; G: the gradients held at
+once — every param's in the ordinary loop, one layer's (the largest of the embedding, a
+block, the final norm and head) with step_in_backward; T: the optimizer step's
+temporaries, measured on their own: a fresh optimizer over a fresh model with the
+gradients of one backward on the same tokens, the peak of its first step above its state and of its second step (a
+step_in_backward row uses its ordinary row's T: it updates a layer at a time, so its
+temporaries are at most those of the whole step). The max is the two moments a step can
+peak at: the start of backward (the activations all live, no gradient yet) and the
+optimizer step (every gradient live, activations freed). ``measured − model`` is what the
+model leaves out: backward's other temporaries, activations still live while the first
+gradients arrive, and with step_in_backward, a layer's update overlapping the activations
+not yet freed.
+
+**Sizes.** The default CPU model ("70M": d = 768, 8 layers, 12 heads, SwiGLU 2048,
+vocabulary 8192; 69.2M params) has its hidden matrices at 82% of the params, as in LLaMA-1B
+(90%) and 7B (96%), whose memory GaLore's headline is about; with GaLore's 60M config
+(vocabulary 32000, ``--config 60M``) the embedding and head are 56% of the params and every
+optimizer's state is mostly theirs (AdamW's). Batch 1 × 128 tokens: the activations and
+loss gradients are then 7% of AdamW's peak, so the rows compare what the optimizers hold,
+not what the model's forward holds. ``--quick`` is a 4M-param model (batch 1 × 64 tokens)
+that runs in a few minutes.
+
+Rows: torch.optim.AdamW (fp32, torch's default implementation for the device; fused on
+CUDA as in the other benchmarks), the 8-bit AdamW peers that run here (bitsandbytes
+``AdamW8bit``, torchao ``AdamW8bit``, galore-torch's ``GaLoreAdamW8bit``), galore-torch's
+``GaLoreAdamW``, and every matrixopt optimizer × ``state_precision`` ("fp32", "bf16",
+"int8") × with/without ``matrixopt.step_in_backward``, built with
+``matrixopt.param_groups(model)`` as a user would. A row this build cannot run (an
+argument or function matrixopt does not have yet, a peer that is not installed or fails on
+this device) is listed with the reason.
+
+**On a GPU** also: the largest LLaMA config (GaLore's 60M … 7B shapes) whose training step
+fits under ``torch.cuda.set_per_process_memory_fraction`` for 24 GB, per optimizer (bf16
+weights, batch 1 × 256 tokens), by a binary search over the configs (a larger config
+needs more memory), each try a model built and stepped twice; not fitting = running out of
+memory.
+"""
+import bisect
+import gc
+import inspect
+import itertools
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.util import find_spec
+
+import torch
+from tqdm import tqdm
+
+import matrixopt
+
+from .common import allocation_events, default_device
+from .model import ModelConfig, Transformer
+from .optimizers import (ADAMW, GALORE_TORCH, Settings, build, galore_torch_class, galore_torch_groups,
+                         state_bytes)
+
+MB = 2**20
+GB = 10**9
+PRECISIONS = ("fp32", "bf16", "int8")
+MATRIXOPT = tuple(f"matrixopt.{name}" for name in ("Muon", "ROOT", "ARO", "GaLoreAdamW", "DCTAdamW", "CoSOAdamW"))
+BNB_ADAMW8BIT = "bitsandbytes.AdamW8bit"
+TORCHAO_ADAMW8BIT = "torchao.AdamW8bit"
+GALORE_TORCH_8BIT = "galore_torch.GaLoreAdamW8bit"
+PEERS = (ADAMW, BNB_ADAMW8BIT, TORCHAO_ADAMW8BIT, GALORE_TORCH, GALORE_TORCH_8BIT)
+#: How a peer installs without replacing torch (the Makefile's --no-deps line).
+PEER_INSTALL = {BNB_ADAMW8BIT: "bitsandbytes==0.50.2", TORCHAO_ADAMW8BIT: "torchao==0.18.0",
+                GALORE_TORCH: "galore-torch==1.0", GALORE_TORCH_8BIT: "galore-torch==1.0 bitsandbytes==0.50.2"}
+#: The issue's targets: peak of the row ≤ this fraction of torch.optim.AdamW's.
+TARGETS = {("matrixopt.GaLoreAdamW", "int8", True): 0.40, ("matrixopt.Muon", "int8", True): 0.45}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A LLaMA-style model's size."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    hidden_dim: int
+    vocab_size: int
+
+    def model_config(self, seq_len: int) -> ModelConfig:
+        return ModelConfig(self.vocab_size, self.dim, self.n_layers, self.n_heads, hidden_dim=self.hidden_dim,
+                           seq_len=seq_len)
+
+
+# GaLore's LLaMA shapes (60M … 7B, vocabulary 32000), and smaller ones for CPUs and tests.
+CONFIGS = {
+    "ci": Shape(64, 2, 4, 176, 256),
+    "quick": Shape(256, 4, 4, 688, 2048),
+    "70M": Shape(768, 8, 12, 2048, 8192),
+    "60M": Shape(512, 8, 8, 1376, 32000),
+    "130M": Shape(768, 12, 12, 2048, 32000),
+    "350M": Shape(1024, 24, 16, 2736, 32000),
+    "1B": Shape(2048, 24, 32, 5461, 32000),
+    "3B": Shape(2560, 32, 32, 6848, 32000),
+    "7B": Shape(4096, 32, 32, 11008, 32000),
+}
+FIT_CONFIGS = ("60M", "130M", "350M", "1B", "3B", "7B")
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One row: an optimizer, its state precision and whether it steps inside backward."""
+
+    optimizer: str
+    precision: str = "fp32"
+    in_backward: bool = False
+
+    @property
+    def label(self) -> str:
+        suffix = " + step_in_backward" if self.in_backward else ""
+        return f"{self.optimizer}{f' {self.precision}' if self.optimizer in MATRIXOPT else ''}{suffix}"
+
+
+def contenders(optimizers=None, precisions=PRECISIONS) -> list[Contender]:
+    """The peers, then every matrixopt optimizer × precision × (ordinary, step_in_backward);
+    only the optimizers named in ``optimizers`` if given."""
+    unknown = sorted(set(optimizers or ()) - set(PEERS) - set(MATRIXOPT))
+    if unknown:
+        raise ValueError(f"Unknown optimizers {unknown}; available: {list(PEERS + MATRIXOPT)}")
+    rows = [Contender(name) for name in PEERS]
+    rows += [Contender(name, precision, in_backward) for name in MATRIXOPT for precision in precisions
+             for in_backward in (False, True)]
+    return [c for c in rows if not optimizers or c.optimizer in optimizers]
+
+
+def matrixopt_class(name: str) -> type:
+    return getattr(matrixopt, name.removeprefix("matrixopt."))
+
+
+def missing(c: Contender) -> str | None:
+    """Why this build cannot run row ``c`` (None if it can)."""
+    if c.optimizer in MATRIXOPT:
+        reasons = []
+        if c.precision != "fp32" and "state_precision" not in inspect.signature(matrixopt_class(c.optimizer)).parameters:
+            reasons.append("state_precision")
+        if c.in_backward and not hasattr(matrixopt, "step_in_backward"):
+            reasons.append("matrixopt.step_in_backward")
+        return f"{' and '.join(reasons)} not in this build of matrixopt" if reasons else None
+    module = {BNB_ADAMW8BIT: "bitsandbytes", TORCHAO_ADAMW8BIT: "torchao"}.get(c.optimizer)
+    if module is not None and find_spec(module) is None:
+        return f"not installed (pip install --no-deps {PEER_INSTALL[c.optimizer]})"
+    if c.optimizer in (GALORE_TORCH, GALORE_TORCH_8BIT) and galore_torch_class()[0] is None:
+        return f"not installed (pip install --no-deps {PEER_INSTALL[c.optimizer]})"
+    if c.optimizer == GALORE_TORCH_8BIT and find_spec("bitsandbytes") is None:
+        return f"needs bitsandbytes (pip install --no-deps {PEER_INSTALL[BNB_ADAMW8BIT]})"
+    return None
+
+
+def make_optimizer(c: Contender, model: torch.nn.Module, settings: Settings, lr: float = 1e-4):
+    """Row ``c``'s optimizer over ``model``: matrixopt's through ``matrixopt.param_groups``
+    (``state_precision`` passed wherever the class takes it), the peers as the other
+    benchmarks build them (torch AdamW and the 8-bit AdamWs over every param; galore-torch
+    with GaLore on the hidden matrices, AdamW on the rest)."""
+    wd, betas = settings.weight_decay, settings.betas
+    if c.optimizer in MATRIXOPT:
+        cls = matrixopt_class(c.optimizer)
+        kwargs = {}
+        signature = inspect.signature(cls).parameters
+        if "state_precision" in signature:
+            kwargs["state_precision"] = c.precision
+        if "rank" in signature:
+            kwargs.update(rank=settings.rank_fraction, update_proj_gap=settings.update_proj_gap)
+        return cls(matrixopt.param_groups(model), lr=lr, weight_decay=wd, betas=betas, **kwargs)
+    if c.optimizer == ADAMW:
+        return build(ADAMW, list(model.named_parameters()), [], lr, settings)
+    if c.optimizer == BNB_ADAMW8BIT:
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
+    if c.optimizer == TORCHAO_ADAMW8BIT:
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
+    groups = matrixopt.param_groups(model)
+    matrices = [pair for g in groups if g["matrix"] for pair in g["params"]]
+    others = [pair for g in groups if not g["matrix"] for pair in g["params"]]
+    if c.optimizer == GALORE_TORCH:
+        return build(GALORE_TORCH, matrices, others, lr, settings)
+    galore_torch_class()   # imports galore_torch (its package __init__ imports the 8-bit class)
+    from galore_torch import GaLoreAdamW8bit
+
+    return GaLoreAdamW8bit(galore_torch_groups(matrices, others, settings), lr=lr, betas=betas, weight_decay=wd)
+
+
+class PeakMeter:
+    """Peak bytes of live tensors on ``device`` allocated since the meter started: overall
+    (``peak``) and within named spans (``peaks[name]``, the max over spans of that name).
+    CUDA: ``max_memory_allocated``; CPU: the running sum of the profiler's allocation events
+    (see the module docstring)."""
+
+    def __init__(self, device: torch.device, collect: bool = True):
+        self.device = torch.device(device)
+        self.collect = collect
+        self.cuda = self.device.type == "cuda"
+        self.peaks, self.peak = {}, 0
+        self._active, self._span_names = [], set()
+
+    def __enter__(self):
+        if self.collect:   # garbage of earlier rows freed now, not inside the measurement
+            gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+            return False
+        self._profile.__exit__(*exc)
+        events = allocation_events(self._profile)
+        times = [t for t, _ in events]
+        running = list(itertools.accumulate(n for _, n in events))
+        self.peak = max(running, default=0)
+        self.lowest = min(running, default=0)   # < 0: frees of tensors from before the meter
+        for e in self._profile.profiler.kineto_results.events():
+            if e.name() in self._span_names:
+                start, end = e.start_ns(), e.start_ns() + e.duration_ns()
+                i, j = bisect.bisect_left(times, start), bisect.bisect_right(times, end)
+                at_start = running[i - 1] if i else 0
+                self.peaks[e.name()] = max(self.peaks.get(e.name(), 0), at_start, *running[i:j])
+        return False
+
+    @contextmanager
+    def span(self, name: str):
+        if not self.cuda:
+            self._span_names.add(name)
+            with torch.profiler.record_function(name):
+                yield
+            return
+        self._fold()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._active.append(name)
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize(self.device)
+            self._fold()
+            self._active.pop()
+
+    def _fold(self):
+        """Credit the peak since the last reset to every open span (CUDA)."""
+        now = torch.cuda.max_memory_allocated(self.device) - self.base
+        self.peak = max(self.peak, now)
+        for name in self._active:
+            self.peaks[name] = max(self.peaks.get(name, 0), now)
+
+
+def train_step(model, opt, tokens, meter: PeakMeter, in_backward: bool) -> None:
+    """Forward, backward and (unless the optimizer steps in backward) step and zero_grad."""
+    with meter.span("forward"):
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    with meter.span("backward"):
+        loss.backward()
+    if not in_backward:
+        with meter.span("optimizer step"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def layer_grad_bytes(model: Transformer) -> int:
+    """Bytes of the largest layer's gradients: the embedding, a block, or the final norm and
+    head (each param once: a tied head counts in the embedding)."""
+    seen = set()
+
+    def new(module):
+        params = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(map(id, params))
+        return params
+
+    layers = [new(model.tok_embeddings), *(new(block) for block in model.layers), new(model.norm) + new(model.output)]
+    return max(tensor_bytes(params) for params in layers)
+
+
+def saved_activation_bytes(model: Transformer, tokens: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward and loss, each storage
+    once, the model's own params and buffers excluded."""
+    own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    del loss
+    return sum(saved.values())
+
+
+def build_model(shape: Shape, seq_len: int, device, dtype=torch.float32) -> Transformer:
+    """The model of ``shape``, its params created on ``device`` in ``dtype`` (a 7B model
+    built in fp32 first would not fit the budget its bf16 copy is measured in)."""
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return Transformer(shape.model_config(seq_len))
+    finally:
+        torch.set_default_dtype(default)
+
+
+def random_tokens(shape: Shape, batch: int, seq_len: int, device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(shape.vocab_size, (batch, seq_len + 1), generator=generator).to(device)
+
+
+def step_temporaries(c: Contender, shape: Shape, batch: int, seq_len: int, settings: Settings, device,
+                     dtype=torch.float32) -> int:
+    """Peak bytes one optimizer step allocates beyond the state it leaves (its temporaries),
+    on their own: a fresh optimizer over a fresh model with the gradients of one backward on
+    the row's tokens (a low-rank refresh's work can depend on the gradients' rank), the larger
+    of its first step (above the state it creates) and its second."""
+    model = build_model(shape, seq_len, device, dtype)
+    tokens = random_tokens(shape, batch, seq_len, device)
+    model.loss(tokens[:, :-1], tokens[:, 1:]).backward()
+    opt = make_optimizer(Contender(c.optimizer, c.precision), model, settings)
+    peaks = []
+    for _ in range(2):
+        before = state_bytes(opt)
+        with PeakMeter(device, collect=False) as meter:
+            opt.step()
+        peaks.append(meter.peak - (state_bytes(opt) - before))
+    return max(peaks)
+
+
+def measure(c: Contender, shape: Shape, batch: int, seq_len: int, settings: Settings, device,
+            dtype=torch.float32, temporaries: int | None = None, activations: int | None = None) -> dict:
+    """Row ``c``: the measured peak of two training steps from a fresh model and optimizer,
+    the byte model's terms (see the module docstring) and the peak of each phase. Raises
+    what the optimizer raises."""
+    tokens = random_tokens(shape, batch, seq_len, device)
+    with PeakMeter(device) as meter:
+        model = build_model(shape, seq_len, device, dtype)
+        opt = make_optimizer(c, model, settings)
+        handle = matrixopt.step_in_backward(opt) if c.in_backward else None
+        for i in range(2):
+            with meter.span(f"step {i + 1}"):
+                train_step(model, opt, tokens, meter, c.in_backward)
+        state = state_bytes(opt)
+        weights = tensor_bytes(itertools.chain(model.parameters(), model.buffers()))
+        grads = layer_grad_bytes(model) if c.in_backward else tensor_bytes(model.parameters())
+        if handle is not None:
+            handle.remove()
+        del opt, model, handle
+    row = {"optimizer": c.label, "peak_MB": meter.peak / MB, "vs_adamw": None,
+           "weights_MB": weights / MB, "grads_MB": grads / MB, "state_MB": state / MB}
+    if activations is not None and temporaries is not None:
+        loss_grads = loss_gradient_bytes(shape, batch, seq_len)
+        model_bytes = weights + state + max(activations + loss_grads, grads + temporaries)
+        row.update(activations_MB=activations / MB, loss_grads_MB=loss_grads / MB, temporaries_MB=temporaries / MB,
+                   model_MB=model_bytes / MB, measured_minus_model_MB=(meter.peak - model_bytes) / MB,
+                   measured_minus_model_pct=100 * (meter.peak - model_bytes) / meter.peak)
+    row.update({f"{column}_peak_MB": meter.peaks[span] / MB if span in meter.peaks else None
+                for column, span in PHASES.items()})
+    return row
+
+
+#: Table column → span of :func:`train_step` / :func:`measure` whose peak it shows.
+PHASES = {"forward": "forward", "backward": "backward", "step": "optimizer step", "step1": "step 1", "step2": "step 2"}
+
+
+def loss_gradient_bytes(shape: Shape, batch: int, seq_len: int, element_size: int = 4) -> int:
+    """Bytes of the cross-entropy's backward at backward's start: the gradients of the
+    log-probabilities and of the logits, each (batch·seq_len, vocab) fp32."""
+    return 2 * batch * seq_len * shape.vocab_size * element_size
+
+
+def run(quick: bool = False, config: str | None = None, batch: int | None = None, seq_len: int | None = None,
+        optimizers=None, precisions=PRECISIONS, device=None, fit_budget_gb: float | None = None,
+        fit_configs=None, settings: Settings | None = None):
+    """Every row on one config; on CUDA (or with ``fit_budget_gb``) also the largest config
+    that fits the budget per optimizer. Returns (table sections, extra JSON, figure)."""
+    device = default_device(device)
+    cuda = device.type == "cuda"
+    config = config or ("quick" if quick else "1B" if cuda else "70M")
+    batch = batch or 1
+    seq_len = seq_len or (64 if quick else 128)
+    settings = settings or Settings()
+    shape = CONFIGS[config]
+    rows_to_run = contenders(optimizers, precisions)
+    tokens = random_tokens(shape, batch, seq_len, device)
+    model = build_model(shape, seq_len, device)
+    params = sum(p.numel() for p in model.parameters())
+    activations = saved_activation_bytes(model, tokens)
+    del model
+    rows, notes, temporaries = [], [], {}
+    progress = tqdm(rows_to_run, desc="memory", unit="row")
+    for c in progress:
+        progress.set_postfix_str(c.label)
+        reason = missing(c)
+        if reason is None:
+            try:
+                key = (c.optimizer, c.precision)
+                if key not in temporaries:
+                    temporaries[key] = step_temporaries(c, shape, batch, seq_len, settings, device)
+                row = measure(c, shape, batch, seq_len, settings, device, temporaries=temporaries[key],
+                              activations=activations)
+            except Exception as error:   # a peer that does not run here; matrixopt's errors are bugs
+                if c.optimizer in MATRIXOPT:
+                    raise
+                reason = f"does not run on {device.type}: {type(error).__name__}: {str(error).strip()}"
+                gc.collect()
+        if reason is not None:
+            row = {"optimizer": c.label, "note": reason}
+            notes.append(f"{c.label}: {reason}")
+        rows.append(row)
+        tqdm.write(str(row))
+    progress.close()
+    add_ratios(rows)
+    title = (f"{config}: {params / 1e6:.1f}M params (d={shape.dim}, {shape.n_layers} layers, h={shape.hidden_dim}, "
+             f"vocab {shape.vocab_size}), batch {batch} × {seq_len} tokens, fp32, {device.type}")
+    sections = {title: [r for r in rows if "note" not in r],
+                "Not run in this build": [r for r in rows if "note" in r],
+                "Targets (issue 15): peak vs torch.optim.AdamW's": targets(rows)}
+    extra = {"settings": {"config": config, "batch": batch, "seq_len": seq_len, "device": str(device),
+                          "dtype": "float32", "activations_bytes": activations, **vars(settings)},
+             "byte_model": "W + S + max(A + L, G + T) (see benchmarks/memory.py)", "notes": notes}
+    if cuda or fit_budget_gb is not None:
+        budget = (fit_budget_gb or 24) * GB
+        fit_rows = fit_search(contenders(optimizers, precisions), fit_configs or FIT_CONFIGS, budget, settings, device)
+        sections[f"Largest config whose step fits in {budget / GB:g} GB (bf16 weights, batch 1 × 256 tokens)"] = fit_rows
+    return sections, extra, figure(title, sections[title])
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's peak relative to torch.optim.AdamW's."""
+    base = next((r for r in rows if r["optimizer"] == ADAMW and "peak_MB" in r), None)
+    for r in rows:
+        if "peak_MB" in r and base is not None:
+            r["vs_adamw"] = r["peak_MB"] / base["peak_MB"]
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, each with the measured ratio (or why it has none)."""
+    out = []
+    for (name, precision, in_backward), limit in TARGETS.items():
+        label = Contender(name, precision, in_backward).label
+        row = next((r for r in rows if r["optimizer"] == label), None)
+        ratio = None if row is None else row.get("vs_adamw")
+        out.append({"row": label, "target": f"≤ {limit:.0%}", "vs_adamw": ratio,
+                    "met": None if ratio is None else ratio <= limit,
+                    "note": None if row is None else row.get("note")})
+    return out
+
+
+def fits(c: Contender, shape: Shape, budget: int, settings: Settings, device, seq_len: int = 256) -> float | None:
+    """Peak bytes of two training steps of ``shape`` in bf16 for row ``c``, or None when it
+    does not fit in ``budget``: on CUDA under ``set_per_process_memory_fraction`` (an OOM),
+    elsewhere when the measured peak exceeds it."""
+    device = torch.device(device)
+    try:
+        peak = measure(c, shape, 1, seq_len, settings, device, dtype=torch.bfloat16)["peak_MB"] * MB
+    except torch.OutOfMemoryError:
+        peak = None
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return peak if peak is not None and peak <= budget else None
+
+
+def largest_fitting(names, try_config) -> tuple[str | None, float | None]:
+    """The largest of ``names`` (in increasing size) for which ``try_config(name)`` gives a
+    peak (None: it does not fit), and that peak. A step's memory grows with the config, so
+    the configs that fit are a prefix of ``names``: a binary search tries ⌈log₂(n+1)⌉ of them
+    (3 of GaLore's 6), each try a model built and stepped."""
+    fitting, lo, hi = (None, None), 0, len(names)   # names[:lo] fit, names[hi:] do not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        peak = try_config(names[mid])
+        if peak is None:
+            hi = mid
+        else:
+            fitting, lo = (names[mid], peak), mid + 1
+    return fitting
+
+
+def fit_search(rows_to_run, configs, budget: int, settings: Settings, device) -> list[dict]:
+    """Per row, the largest of ``configs`` whose step fits in ``budget`` bytes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(device).total_memory),
+                                                   device)
+    out = []
+    try:
+        for c in rows_to_run:
+            reason = missing(c)
+            if reason is not None:
+                out.append({"optimizer": c.label, "note": reason})
+                continue
+            try:
+                name, peak = largest_fitting(configs, lambda n: fits(c, CONFIGS[n], budget, settings, device))
+            except Exception as error:
+                if c.optimizer in MATRIXOPT:
+                    raise
+                out.append({"optimizer": c.label, "note": f"{type(error).__name__}: {str(error).strip()}"})
+                continue
+            out.append({"optimizer": c.label, "largest_config": name,
+                        "params_M": None if name is None else params_of(CONFIGS[name]) / 1e6,
+                        "peak_GB": None if peak is None else peak / GB})
+            tqdm.write(str(out[-1]))
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return out
+
+
+def params_of(shape: Shape) -> int:
+    """Parameter count of a config (untied head)."""
+    d, h, v = shape.dim, shape.hidden_dim, shape.vocab_size
+    return 2 * v * d + d + shape.n_layers * (4 * d * d + 3 * d * h + 2 * d)
+
+
+def figure(title: str, rows: list[dict]):
+    """Stacked bars of the byte model per row, the measured peak as a mark, and the issue's
+    40% / 45% of AdamW's peak as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "peak_MB" in r]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.8))
+    names = [r["optimizer"] for r in rows]
+    left = [0.0] * len(rows)
+    for key, label, color in (("weights_MB", "weights", "tab:gray"), ("state_MB", "optimizer state", "tab:orange")):
+        ax.barh(names, [r[key] for r in rows], left=left, color=color, label=label)
+        left = [x + r[key] for x, r in zip(left, rows)]
+    modeled = [r.get("model_MB") is not None for r in rows]
+    grads_first = [m and r["grads_MB"] + r["temporaries_MB"] >= r["activations_MB"] + r["loss_grads_MB"]
+                   for m, r in zip(modeled, rows)]
+    for key, label, color, when in (("grads_MB", "gradients held", "tab:blue", grads_first),
+                                    ("temporaries_MB", "step temporaries", "tab:cyan", grads_first),
+                                    ("activations_MB", "activations (peak at backward's start)", "tab:green",
+                                     [m and not g for m, g in zip(modeled, grads_first)]),
+                                    ("loss_grads_MB", "loss gradients", "tab:olive",
+                                     [m and not g for m, g in zip(modeled, grads_first)])):
+        widths = [r[key] if w else 0.0 for r, w in zip(rows, when)]
+        ax.barh(names, widths, left=left, color=color, label=label)
+        left = [x + w for x, w in zip(left, widths)]
+    ax.scatter([r["peak_MB"] for r in rows], names, color="black", marker="|", s=200, zorder=3,
+               label="measured peak")
+    base = next((r["peak_MB"] for r in rows if r["optimizer"] == ADAMW), None)
+    if base is not None:
+        for fraction, style in ((0.40, ":"), (0.45, "--")):
+            ax.axvline(fraction * base, color="tab:red", linestyle=style, linewidth=1,
+                       label=f"{fraction:.0%} of AdamW's peak")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.03 * max(max(left), max(r["peak_MB"] for r in rows)))
+    ax.set_xlabel("MB (bars: byte model W + S + max(A + L, G + T); mark: measured)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.65 / (0.32 * len(rows) + 0.5)), ncol=4, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
