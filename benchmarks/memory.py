@@ -58,7 +58,8 @@ not what the model's forward holds. ``--quick`` is a 4M-param model (batch 1 × 
 that runs in a few minutes.
 
 Rows: torch.optim.AdamW (fp32, torch's default implementation for the device; fused on
-CUDA as in the other benchmarks), the 8-bit AdamW peers that run here (bitsandbytes
+CUDA as in the other benchmarks), alone and with torch's own step-in-backward recipe (an
+AdamW per param stepped from its post-accumulate-grad hook), the 8-bit AdamW peers that run here (bitsandbytes
 ``AdamW8bit``, torchao ``AdamW8bit``, galore-torch's ``GaLoreAdamW8bit``), galore-torch's
 ``GaLoreAdamW``, and every matrixopt optimizer × ``state_precision`` ("fp32", "bf16",
 "int8") × with/without ``matrixopt.step_in_backward``, built with
@@ -76,6 +77,7 @@ import bisect
 import gc
 import inspect
 import itertools
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -87,7 +89,7 @@ import matrixopt
 
 from .common import allocation_events, default_device
 from .model import ModelConfig, Transformer
-from .optimizers import (ADAMW, GALORE_TORCH, Settings, build, galore_torch_class, galore_torch_groups,
+from .optimizers import (ADAMW, GALORE_TORCH, Chained, Settings, build, galore_torch_class, galore_torch_groups,
                          state_bytes)
 
 MB = 2**20
@@ -145,17 +147,19 @@ class Contender:
 
     @property
     def label(self) -> str:
-        suffix = " + step_in_backward" if self.in_backward else ""
-        return f"{self.optimizer}{f' {self.precision}' if self.optimizer in MATRIXOPT else ''}{suffix}"
+        if self.optimizer not in MATRIXOPT:
+            return self.optimizer + (" + step in backward (torch's recipe)" if self.in_backward else "")
+        return f"{self.optimizer} {self.precision}{' + step_in_backward' if self.in_backward else ''}"
 
 
 def contenders(optimizers=None, precisions=PRECISIONS) -> list[Contender]:
-    """The peers, then every matrixopt optimizer × precision × (ordinary, step_in_backward);
-    only the optimizers named in ``optimizers`` if given."""
+    """The peers (torch AdamW also with torch's step-in-backward recipe), then every matrixopt
+    optimizer × precision × (ordinary, step_in_backward); only the optimizers named in
+    ``optimizers`` if given."""
     unknown = sorted(set(optimizers or ()) - set(PEERS) - set(MATRIXOPT))
     if unknown:
         raise ValueError(f"Unknown optimizers {unknown}; available: {list(PEERS + MATRIXOPT)}")
-    rows = [Contender(name) for name in PEERS]
+    rows = [Contender(ADAMW), Contender(ADAMW, in_backward=True)] + [Contender(name) for name in PEERS[1:]]
     rows += [Contender(name, precision, in_backward) for name in MATRIXOPT for precision in precisions
              for in_backward in (False, True)]
     return [c for c in rows if not optimizers or c.optimizer in optimizers]
@@ -190,6 +194,8 @@ def make_optimizer(c: Contender, model: torch.nn.Module, settings: Settings, lr:
     benchmarks build them (torch AdamW and the 8-bit AdamWs over every param; galore-torch
     with GaLore on the hidden matrices, AdamW on the rest)."""
     wd, betas = settings.weight_decay, settings.betas
+    if c.optimizer == ADAMW and c.in_backward:
+        return TorchStepInBackward(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
     if c.optimizer in MATRIXOPT:
         cls = matrixopt_class(c.optimizer)
         kwargs = {}
@@ -218,6 +224,27 @@ def make_optimizer(c: Contender, model: torch.nn.Module, settings: Settings, lr:
     from galore_torch import GaLoreAdamW8bit
 
     return GaLoreAdamW8bit(galore_torch_groups(matrices, others, settings), lr=lr, betas=betas, weight_decay=wd)
+
+
+class TorchStepInBackward:
+    """torch's recipe for the optimizer step in backward (its tutorial "How to save memory by
+    fusing the optimizer step into the backward pass"): one AdamW per param, stepped from the
+    param's post-accumulate-grad hook, which then frees the gradient. ``remove()`` unhooks."""
+
+    def __init__(self, params, **adamw):
+        self.optimizers = {p: torch.optim.AdamW([p], **adamw) for p in params}
+        self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in self.optimizers]
+
+    def _step(self, p):
+        self.optimizers[p].step()
+        self.optimizers[p].zero_grad(set_to_none=True)
+
+    def state_bytes(self) -> int:
+        return Chained(*self.optimizers.values()).state_bytes()
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 class PeakMeter:
@@ -250,14 +277,16 @@ class PeakMeter:
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+            self._fold()
             return False
         self._profile.__exit__(*exc)
         events = allocation_events(self._profile)
         times = [t for t, _ in events]
         running = list(itertools.accumulate(n for _, n in events))
         self.peak = max(running, default=0)
-        self.lowest = min(running, default=0)   # < 0: frees of tensors from before the meter
+        if min(running, default=0) < 0:
+            warnings.warn("PeakMeter: tensors allocated under an earlier profiler were freed during the "
+                          "measurement; its peak may be understated by their bytes")
         for e in self._profile.profiler.kineto_results.events():
             if e.name() in self._span_names:
                 start, end = e.start_ns(), e.start_ns() + e.duration_ns()
@@ -385,7 +414,8 @@ def measure(c: Contender, shape: Shape, batch: int, seq_len: int, settings: Sett
     with PeakMeter(device) as meter:
         model = build_model(shape, seq_len, device, dtype)
         opt = make_optimizer(c, model, settings)
-        handle = matrixopt.step_in_backward(opt) if c.in_backward else None
+        handle = None if not c.in_backward else opt if isinstance(opt, TorchStepInBackward) else \
+            matrixopt.step_in_backward(opt)
         for i in range(2):
             with meter.span(f"step {i + 1}"):
                 train_step(model, opt, tokens, meter, c.in_backward)
@@ -492,7 +522,7 @@ def targets(rows: list[dict]) -> list[dict]:
         ratio = None if row is None else row.get("vs_adamw")
         out.append({"row": label, "target": f"≤ {limit:.0%}", "vs_adamw": ratio,
                     "met": None if ratio is None else ratio <= limit,
-                    "note": None if row is None else row.get("note")})
+                    "note": "not in this run" if row is None else row.get("note")})
     return out
 
 

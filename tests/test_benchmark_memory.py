@@ -37,6 +37,49 @@ def test_meter_peak_is_the_most_bytes_live_at_once_overall_and_per_span():
     assert meter.peaks == {"first": 3 * MB, "second": 2.5 * MB}
 
 
+class FakeCudaAllocator:
+    """torch.cuda's allocator statistics over explicit alloc/free calls: the meter's CUDA
+    path (spans reset the peak statistic) tested without a GPU."""
+
+    def __init__(self, monkeypatch):
+        self.allocated = self.max = 0
+        for name in ("synchronize", "memory_allocated", "max_memory_allocated", "reset_peak_memory_stats"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+    def alloc(self, nbytes):
+        self.allocated += nbytes
+        self.max = max(self.max, self.allocated)
+
+    def synchronize(self, device=None):
+        pass
+
+    def memory_allocated(self, device=None):
+        return self.allocated
+
+    def max_memory_allocated(self, device=None):
+        return self.max
+
+    def reset_peak_memory_stats(self, device=None):
+        self.max = self.allocated
+
+
+def test_meter_on_cuda_keeps_each_spans_peak_across_the_resets_of_nested_spans(monkeypatch):
+    fake = FakeCudaAllocator(monkeypatch)
+    fake.alloc(5 * MB)                             # live before the meter: not counted
+    with PeakMeter("cuda") as meter:
+        with meter.span("step"):
+            with meter.span("forward"):
+                fake.alloc(4 * MB)
+                fake.alloc(-3 * MB)
+            with meter.span("backward"):           # resets the peak: step's 4 MiB must survive
+                fake.alloc(2 * MB)
+                fake.alloc(-2 * MB)
+        fake.alloc(1 * MB)
+        fake.alloc(-1 * MB)
+    assert meter.peaks == {"step": 4 * MB, "forward": 4 * MB, "backward": 3 * MB}
+    assert meter.peak == 4 * MB
+
+
 class HoldInBackward(torch.autograd.Function):
     """Identity whose backward allocates ``held`` (kept alive by the caller's list until
     after the step): a step that allocates a known extra tensor inside backward."""
@@ -154,12 +197,13 @@ def test_memory_command_writes_its_table_chart_and_json(tmp_path):
     measured, not_run = (result["sections"][title] for title in list(result["sections"])[:2])
     labels = [r["optimizer"] for r in measured + not_run]
     assert sorted(labels) == sorted(c.label for c in memory.contenders(names, ("fp32", "int8")))
-    for row in measured:
-        assert row["peak_MB"] > row["weights_MB"] + row["state_MB"] and abs(row["measured_minus_model_pct"]) <= 3
+    for row in measured:   # with a step in backward the model's G (a layer's) is an upper bound: 5%
+        assert row["peak_MB"] > row["weights_MB"] + row["state_MB"] and abs(row["measured_minus_model_pct"]) <= 5
     for row in not_run:
         assert memory.missing(Contender(*row_key(row))) == row["note"]
-    adamw = next(r for r in measured if r["optimizer"] == ADAMW)
-    assert adamw["vs_adamw"] == 1
+    adamw, recipe = measured[:2]
+    assert adamw["optimizer"] == ADAMW and adamw["vs_adamw"] == 1
+    assert recipe["peak_MB"] < adamw["peak_MB"] - adamw["grads_MB"] / 2     # its gradients are freed in backward
     assert result["settings"]["seq_len"] == 8 and "memory" in paths["md"].name
 
 
