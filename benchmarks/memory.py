@@ -28,25 +28,27 @@ and mmap thresholds, not on the step).
 
 **The byte model next to it**, from independent counts::
 
-    model = W + S + max(A + L, G + T)
+    model = W + S + max(A + L, G + T)      (ordinary loop)
+    model = W + S + A + L + G + T           (step in backward)
 
 W: the weights (params and buffers); S: the optimizer state after the steps
-(``opt.state_bytes()`` for matrixopt, the state's tensors for the peers); A: the activations,
-the bytes of the tensors autograd saves for backward in one forward (counted with
-``saved_tensors_hooks``, each storage once, weights excluded); L: the loss's backward, the
-gradients of the log-probabilities and of the logits (2 · tokens · vocabulary · 4 bytes),
-live with every activation when backward starts; G: the gradients held at
-once — every param's in the ordinary loop, one layer's (the largest of the embedding, a
-block, the final norm and head) with step_in_backward; T: the optimizer step's
-temporaries, measured on their own: a fresh optimizer over a fresh model with the
-gradients of one backward on the same tokens, the peak of its first step above its state and of its second step (a
-step_in_backward row uses its ordinary row's T: it updates a layer at a time, so its
-temporaries are at most those of the whole step). The max is the two moments a step can
-peak at: the start of backward (the activations all live, no gradient yet) and the
-optimizer step (every gradient live, activations freed). ``measured − model`` is what the
-model leaves out: backward's other temporaries, activations still live while the first
-gradients arrive, and with step_in_backward, a layer's update overlapping the activations
-not yet freed.
+(``opt.state_bytes()`` for matrixopt, the state's tensors for the peers); A: the
+activations, the bytes of the tensors autograd saves for backward in one forward (counted
+with ``saved_tensors_hooks``, each storage once, weights excluded); L: the loss's backward,
+the gradients of the log-probabilities and of the logits (2 · tokens · vocabulary · 4
+bytes), live with every activation when backward starts; G: the gradients held at once —
+every param's in the ordinary loop, one layer's (the largest of the embedding, a block, the
+final norm and head) with a step in backward; T: the optimizer step's temporaries, measured
+on their own: a fresh optimizer over a fresh model with the gradients of one backward on the
+same tokens, the peak of its first step above its state and of its second step (a step in
+backward uses its ordinary row's T: it updates a layer at a time, so its temporaries are at
+most those of the whole step). In the ordinary loop a step peaks at one of two moments: the
+start of backward (every activation live, no gradient yet) or the optimizer step (every
+gradient live, activations freed), hence the max. A step in backward updates the head and
+the last block while nearly every activation is still live, so there the terms add up (an
+upper bound: the layer updated first is not the largest everywhere). ``measured − model``
+is what the model leaves out: backward's other temporaries, and activations still live
+while the first gradients arrive.
 
 **Sizes.** The default CPU model ("70M": d = 768, 8 layers, 12 heads, SwiGLU 2048,
 vocabulary 8192; 69.2M params) has its hidden matrices at 82% of the params, as in LLaMA-1B
@@ -68,10 +70,11 @@ argument or function matrixopt does not have yet, a peer that is not installed o
 this device) is listed with the reason.
 
 **On a GPU** also: the largest LLaMA config (GaLore's 60M … 7B shapes) whose training step
-fits under ``torch.cuda.set_per_process_memory_fraction`` for 24 GB, per optimizer (bf16
-weights, batch 1 × 256 tokens), by a binary search over the configs (a larger config
-needs more memory), each try a model built and stepped twice; not fitting = running out of
-memory.
+fits under ``torch.cuda.set_per_process_memory_fraction`` for 24 GiB (a "24 GB" card), per
+optimizer (bf16 weights, batch 1 × 256 tokens), by a binary search over the configs (a
+larger config needs more memory), each try a model built and stepped twice; not fitting =
+running out of memory. ``--fit-budget-gib`` runs the same search on CPU against the
+measured peak.
 """
 import bisect
 import gc
@@ -93,7 +96,7 @@ from .optimizers import (ADAMW, GALORE_TORCH, Chained, Settings, build, galore_t
                          state_bytes)
 
 MB = 2**20
-GB = 10**9
+GiB = 2**30   # a "24 GB" card (RTX 3090/4090) has 24 GiB
 PRECISIONS = ("fp32", "bf16", "int8")
 MATRIXOPT = tuple(f"matrixopt.{name}" for name in ("Muon", "ROOT", "ARO", "GaLoreAdamW", "DCTAdamW", "CoSOAdamW"))
 BNB_ADAMW8BIT = "bitsandbytes.AdamW8bit"
@@ -173,7 +176,8 @@ def missing(c: Contender) -> str | None:
     """Why this build cannot run row ``c`` (None if it can)."""
     if c.optimizer in MATRIXOPT:
         reasons = []
-        if c.precision != "fp32" and "state_precision" not in inspect.signature(matrixopt_class(c.optimizer)).parameters:
+        takes_precision = "state_precision" in inspect.signature(matrixopt_class(c.optimizer)).parameters
+        if c.precision != "fp32" and not takes_precision:
             reasons.append("state_precision")
         if c.in_backward and not hasattr(matrixopt, "step_in_backward"):
             reasons.append("matrixopt.step_in_backward")
@@ -425,11 +429,13 @@ def measure(c: Contender, shape: Shape, batch: int, seq_len: int, settings: Sett
         if handle is not None:
             handle.remove()
         del opt, model, handle
-    row = {"optimizer": c.label, "peak_MB": meter.peak / MB, "vs_adamw": None,
+    row = {"optimizer": c.label, "in_backward": c.in_backward, "peak_MB": meter.peak / MB, "vs_adamw": None,
            "weights_MB": weights / MB, "grads_MB": grads / MB, "state_MB": state / MB}
     if activations is not None and temporaries is not None:
         loss_grads = loss_gradient_bytes(shape, batch, seq_len)
-        model_bytes = weights + state + max(activations + loss_grads, grads + temporaries)
+        backward_start, optimizer_step = activations + loss_grads, grads + temporaries
+        model_bytes = weights + state + (backward_start + optimizer_step if c.in_backward else
+                                         max(backward_start, optimizer_step))
         row.update(activations_MB=activations / MB, loss_grads_MB=loss_grads / MB, temporaries_MB=temporaries / MB,
                    model_MB=model_bytes / MB, measured_minus_model_MB=(meter.peak - model_bytes) / MB,
                    measured_minus_model_pct=100 * (meter.peak - model_bytes) / meter.peak)
@@ -449,10 +455,10 @@ def loss_gradient_bytes(shape: Shape, batch: int, seq_len: int, element_size: in
 
 
 def run(quick: bool = False, config: str | None = None, batch: int | None = None, seq_len: int | None = None,
-        optimizers=None, precisions=PRECISIONS, device=None, fit_budget_gb: float | None = None,
+        optimizers=None, precisions=PRECISIONS, device=None, fit_budget_gib: float | None = None,
         fit_configs=None, settings: Settings | None = None):
-    """Every row on one config; on CUDA (or with ``fit_budget_gb``) also the largest config
-    that fits the budget per optimizer. Returns (table sections, extra JSON, figure)."""
+    """Every row on one config; on CUDA (or with ``fit_budget_gib``) also the largest config
+    that fits the budget (GiB; 24 by default) per optimizer. Returns (table sections, extra JSON, figure)."""
     device = default_device(device)
     cuda = device.type == "cuda"
     config = config or ("quick" if quick else "1B" if cuda else "70M")
@@ -481,7 +487,7 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
             except Exception as error:   # a peer that does not run here; matrixopt's errors are bugs
                 if c.optimizer in MATRIXOPT:
                     raise
-                reason = f"does not run on {device.type}: {type(error).__name__}: {str(error).strip()}"
+                reason = f"does not run on {device.type}: {first_line(error)}"
                 gc.collect()
         if reason is not None:
             row = {"optimizer": c.label, "note": reason}
@@ -497,12 +503,20 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
                 "Targets (issue 15): peak vs torch.optim.AdamW's": targets(rows)}
     extra = {"settings": {"config": config, "batch": batch, "seq_len": seq_len, "device": str(device),
                           "dtype": "float32", "activations_bytes": activations, **vars(settings)},
-             "byte_model": "W + S + max(A + L, G + T) (see benchmarks/memory.py)", "notes": notes}
-    if cuda or fit_budget_gb is not None:
-        budget = (fit_budget_gb or 24) * GB
+             "byte_model": "W + S + max(A + L, G + T); with a step in backward W + S + A + L + G + T "
+                           "(see benchmarks/memory.py)", "notes": notes}
+    if cuda or fit_budget_gib is not None:
+        budget = (fit_budget_gib or 24) * GiB
         fit_rows = fit_search(contenders(optimizers, precisions), fit_configs or FIT_CONFIGS, budget, settings, device)
-        sections[f"Largest config whose step fits in {budget / GB:g} GB (bf16 weights, batch 1 × 256 tokens)"] = fit_rows
+        fit_title = f"Largest config whose step fits in {budget / GiB:g} GiB (bf16 weights, batch 1 × 256 tokens)"
+        sections[fit_title] = fit_rows
     return sections, extra, figure(title, sections[title])
+
+
+def first_line(error: Exception) -> str:
+    """``Type: the first line of the message``, for a table cell."""
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''}"
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -563,8 +577,8 @@ def fit_search(rows_to_run, configs, budget: int, settings: Settings, device) ->
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(device).total_memory),
-                                                   device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     out = []
     try:
         for c in rows_to_run:
@@ -577,11 +591,11 @@ def fit_search(rows_to_run, configs, budget: int, settings: Settings, device) ->
             except Exception as error:
                 if c.optimizer in MATRIXOPT:
                     raise
-                out.append({"optimizer": c.label, "note": f"{type(error).__name__}: {str(error).strip()}"})
+                out.append({"optimizer": c.label, "note": first_line(error)})
                 continue
             out.append({"optimizer": c.label, "largest_config": name,
                         "params_M": None if name is None else params_of(CONFIGS[name]) / 1e6,
-                        "peak_GB": None if peak is None else peak / GB})
+                        "peak_GiB": None if peak is None else peak / GiB})
             tqdm.write(str(out[-1]))
     finally:
         if device.type == "cuda":
@@ -611,14 +625,15 @@ def figure(title: str, rows: list[dict]):
         ax.barh(names, [r[key] for r in rows], left=left, color=color, label=label)
         left = [x + r[key] for x, r in zip(left, rows)]
     modeled = [r.get("model_MB") is not None for r in rows]
-    grads_first = [m and r["grads_MB"] + r["temporaries_MB"] >= r["activations_MB"] + r["loss_grads_MB"]
-                   for m, r in zip(modeled, rows)]
-    for key, label, color, when in (("grads_MB", "gradients held", "tab:blue", grads_first),
-                                    ("temporaries_MB", "step temporaries", "tab:cyan", grads_first),
-                                    ("activations_MB", "activations (peak at backward's start)", "tab:green",
-                                     [m and not g for m, g in zip(modeled, grads_first)]),
-                                    ("loss_grads_MB", "loss gradients", "tab:olive",
-                                     [m and not g for m, g in zip(modeled, grads_first)])):
+    at_step = [m and r["grads_MB"] + r["temporaries_MB"] >= r["activations_MB"] + r["loss_grads_MB"]
+               for m, r in zip(modeled, rows)]
+    # the terms each row's model adds: both moments' with a step in backward, else the larger's
+    grads_too = [m and (r["in_backward"] or g) for m, g, r in zip(modeled, at_step, rows)]
+    activations_too = [m and (r["in_backward"] or not g) for m, g, r in zip(modeled, at_step, rows)]
+    for key, label, color, when in (("grads_MB", "gradients held", "tab:blue", grads_too),
+                                    ("temporaries_MB", "step temporaries", "tab:cyan", grads_too),
+                                    ("activations_MB", "activations", "tab:green", activations_too),
+                                    ("loss_grads_MB", "loss gradients", "tab:olive", activations_too)):
         widths = [r[key] if w else 0.0 for r, w in zip(rows, when)]
         ax.barh(names, widths, left=left, color=color, label=label)
         left = [x + w for x, w in zip(left, widths)]
@@ -631,7 +646,8 @@ def figure(title: str, rows: list[dict]):
                        label=f"{fraction:.0%} of AdamW's peak")
     ax.invert_yaxis()
     ax.set_xlim(0, 1.03 * max(max(left), max(r["peak_MB"] for r in rows)))
-    ax.set_xlabel("MB (bars: byte model W + S + max(A + L, G + T); mark: measured)")
+    ax.set_xlabel("MB (bars: byte model W + S + max(A + L, G + T), with a step in backward W + S + A + L + G + T; "
+                  "mark: measured)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.65 / (0.32 * len(rows) + 0.5)), ncol=4, fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -127,21 +127,38 @@ def test_byte_model_explains_the_measured_peak_within_3_percent(name, seq_len):
     """W + S + max(A + L, G + T), from counts (params, state_bytes, saved tensors, the loss's
     shape) and the step's temporaries measured alone, vs the whole step's measured peak:
     at 4 tokens the peak is the optimizer step's, at 256 backward's start."""
-    shape, settings = CONFIGS["ci"], Settings()
-    c = Contender(name)
-    model = memory.build_model(shape, seq_len, "cpu")
-    activations = memory.saved_activation_bytes(model, memory.random_tokens(shape, 1, seq_len, "cpu"))
-    temporaries = memory.step_temporaries(c, shape, 1, seq_len, settings, "cpu")
-    row = memory.measure(c, shape, 1, seq_len, settings, "cpu", temporaries=temporaries, activations=activations)
-    params = sum(p.numel() for p in model.parameters())
-    assert row["grads_MB"] == pytest.approx(4 * params / MB)
-    assert row["weights_MB"] >= row["grads_MB"]
+    row = modeled_row(Contender(name), seq_len)
     at_step = row["grads_MB"] + row["temporaries_MB"] > row["activations_MB"] + row["loss_grads_MB"]
     assert at_step == (seq_len == 4)
     assert abs(row["measured_minus_model_pct"]) <= 3, row
     # the phase peaks come from the same events: the overall peak is one of them
     assert row["peak_MB"] == pytest.approx(max(row["step1_peak_MB"], row["step2_peak_MB"]))
     assert row["peak_MB"] == pytest.approx(max(row["backward_peak_MB"], row["step_peak_MB"]))
+
+
+@pytest.mark.parametrize("seq_len", [4, 256])
+def test_a_step_in_backward_peaks_between_the_larger_moment_and_the_sum_of_both(seq_len):
+    """torch's recipe (AdamW stepped from each param's hook): the model adds both moments
+    (activations still live when the first layers update) as an upper bound; the peak is at
+    least the larger of them."""
+    row = modeled_row(Contender(ADAMW, in_backward=True), seq_len)
+    base = row["weights_MB"] + row["state_MB"]
+    at_least = base + max(row["activations_MB"] + row["loss_grads_MB"], row["temporaries_MB"])
+    assert 0.995 * at_least <= row["peak_MB"] <= row["model_MB"], row
+    assert row["step_peak_MB"] is None      # no optimizer.step() call: the updates ran in backward
+
+
+def modeled_row(c: Contender, seq_len: int) -> dict:
+    """Row ``c`` measured on the "ci" model with its byte model's terms."""
+    shape, settings = CONFIGS["ci"], Settings()
+    model = memory.build_model(shape, seq_len, "cpu")
+    activations = memory.saved_activation_bytes(model, memory.random_tokens(shape, 1, seq_len, "cpu"))
+    temporaries = memory.step_temporaries(c, shape, 1, seq_len, settings, "cpu")
+    row = memory.measure(c, shape, 1, seq_len, settings, "cpu", temporaries=temporaries, activations=activations)
+    params = sum(p.numel() for p in model.parameters())
+    assert row["weights_MB"] >= 4 * params / MB
+    assert row["grads_MB"] == pytest.approx((memory.layer_grad_bytes(model) if c.in_backward else 4 * params) / MB)
+    return row
 
 
 def test_layer_gradient_is_the_largest_layer_of_the_model():
@@ -179,7 +196,7 @@ def test_fit_search_finds_the_largest_config_whose_measured_peak_is_under_the_bu
     assert peaks["ci"] < peaks["ci2"]
     budget = (peaks["ci"] + peaks["ci2"]) / 2
     [row] = memory.fit_search([c], ["ci", "ci2"], budget, settings, "cpu")
-    assert row["largest_config"] == "ci" and row["peak_GB"] * memory.GB == pytest.approx(peaks["ci"])
+    assert row["largest_config"] == "ci" and row["peak_GiB"] * memory.GiB == pytest.approx(peaks["ci"])
     names = [f"c{i}" for i in range(6)]
     for fit in range(7):    # the first `fit` configs fit
         tried = []
@@ -197,8 +214,10 @@ def test_memory_command_writes_its_table_chart_and_json(tmp_path):
     measured, not_run = (result["sections"][title] for title in list(result["sections"])[:2])
     labels = [r["optimizer"] for r in measured + not_run]
     assert sorted(labels) == sorted(c.label for c in memory.contenders(names, ("fp32", "int8")))
-    for row in measured:   # with a step in backward the model's G (a layer's) is an upper bound: 5%
-        assert row["peak_MB"] > row["weights_MB"] + row["state_MB"] and abs(row["measured_minus_model_pct"]) <= 5
+    for row in measured:   # with a step in backward the model is an upper bound
+        assert row["peak_MB"] > row["weights_MB"] + row["state_MB"]
+        assert -15 <= row["measured_minus_model_pct"] <= 0 if row["in_backward"] else \
+            abs(row["measured_minus_model_pct"]) <= 3
     for row in not_run:
         assert memory.missing(Contender(*row_key(row))) == row["note"]
     adamw, recipe = measured[:2]
