@@ -106,6 +106,16 @@ PEERS = (ADAMW, BNB_ADAMW8BIT, TORCHAO_ADAMW8BIT, GALORE_TORCH, GALORE_TORCH_8BI
 #: How a peer installs without replacing torch (the Makefile's --no-deps line).
 PEER_INSTALL = {BNB_ADAMW8BIT: "bitsandbytes==0.50.2", TORCHAO_ADAMW8BIT: "torchao==0.18.0",
                 GALORE_TORCH: "galore-torch==1.0", GALORE_TORCH_8BIT: "galore-torch==1.0 bitsandbytes==0.50.2"}
+#: What the peers do on this kind of device, checked when this benchmark was written (bitsandbytes
+#: 0.50.2, torchao 0.18.0, galore-torch 1.0 on torch 2.13 CPU), for the results' notes.
+PEER_NOTES = [
+    "bitsandbytes.AdamW8bit runs on CPU tensors: block-wise 8-bit moments (256-element blocks, "
+    "fp32 absmax per block); params under 4096 elements (min_8bit_size) keep fp32 moments",
+    "torchao.AdamW8bit runs on CPU tensors: its per-param step is torch.compile'd (inductor's C++ "
+    "backend, compiled on the first step); params under 4096 elements keep fp32 moments",
+    "galore_torch.GaLoreAdamW8bit does not run on CPU: its step() calls torch.cuda.synchronize() "
+    "(on a CPU build of torch: AssertionError: Torch not compiled with CUDA enabled)",
+]
 #: The issue's targets: peak of the row ≤ this fraction of torch.optim.AdamW's.
 TARGETS = {("matrixopt.GaLoreAdamW", "int8", True): 0.40, ("matrixopt.Muon", "int8", True): 0.45}
 
@@ -504,7 +514,7 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
     extra = {"settings": {"config": config, "batch": batch, "seq_len": seq_len, "device": str(device),
                           "dtype": "float32", "activations_bytes": activations, **vars(settings)},
              "byte_model": "W + S + max(A + L, G + T); with a step in backward W + S + A + L + G + T "
-                           "(see benchmarks/memory.py)", "notes": notes}
+                           "(see benchmarks/memory.py)", "notes": notes + PEER_NOTES}
     if cuda or fit_budget_gib is not None:
         budget = (fit_budget_gib or 24) * GiB
         fit_rows = fit_search(contenders(optimizers, precisions), fit_configs or FIT_CONFIGS, budget, settings, device)
