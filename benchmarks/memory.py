@@ -112,7 +112,8 @@ PEER_NOTES = [
     "bitsandbytes.AdamW8bit runs on CPU tensors: block-wise 8-bit moments (256-element blocks, "
     "fp32 absmax per block); params under 4096 elements (min_8bit_size) keep fp32 moments",
     "torchao.AdamW8bit runs on CPU tensors: its per-param step is torch.compile'd (inductor's C++ "
-    "backend, compiled on the first step); params under 4096 elements keep fp32 moments",
+    "backend, compiled on the first step); params under 4096 elements or not a multiple of its "
+    "256-element block keep fp32 moments",
     "galore_torch.GaLoreAdamW8bit does not run on CPU: its step() calls torch.cuda.synchronize() "
     "(on a CPU build of torch: AssertionError: Torch not compiled with CUDA enabled)",
 ]
