@@ -322,9 +322,10 @@ class CoSOAdamW(LowRankAdamW):
             for S, fresh in zip(sketches, new):
                 S.copy_(fresh)
 
-    def _apply(self, group, proj, bucket, updates, scale):
-        """W ← W − ηλ·Π(W) − η·s·U: weight decay in the complement only (decaying W inside H
-        would erase what is protected)."""
+    def _apply(self, group, proj, bucket, steps, scale):
+        """W ← W − ηλ·Π(W) − η·s·project_back(S): weight decay in the complement only
+        (decaying W inside H would erase what is protected)."""
+        updates = self._back(proj, steps, bucket)
         if group["weight_decay"] and float(group["lr"]):
             self._decay(group, proj, bucket)
         torch._foreach_add_(bucket.weights, updates, alpha=-float(group["lr"]) * scale)

@@ -412,7 +412,7 @@ def test_step_command(tmp_path):
     assert {(r["optimizer"], r["shape"]) for r in batching} == {
         (o, f"8×{m}×{n}") for o in ("Muon", "GaLoreAdamW") for m, n in step.CI_BATCHING_SHAPES}
     for r in batching:
-        assert r["one per bucket / batched"] == r["one per bucket ms"] / r["batched ms"]
+        assert r["per matrix / stacked"] == r["per matrix ms"] / r["stacked ms"]
     names, _ = optimizers.contenders(variants=True)
     assert [r["optimizer"] for r in rows] == names and "matrixopt.GaLoreAdamW (proj_dtype=bf16)" in names
     d, h, layers = step.SHAPES["ci"]
