@@ -482,11 +482,20 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_params([(group, range(len(group["params"]))) for group in self.param_groups])
+        return loss
+
+    def _step_params(self, selection: list[tuple[dict, range | list[int]]]) -> None:
+        """The step of the params ``selection`` names, as (group, indices in its params)
+        pairs: those with a gradient and elements go the whole way of :meth:`step` (checks,
+        non-finite policy, buckets, state, the rules) and no other param is touched.
+        :meth:`step` passes every param; :func:`matrixopt.step_in_backward` one whose
+        gradient is final."""
         loads = {}   # process group -> FLOPs of matrix work per rank, this step
         # Check every group before updating any, so that an error leaves all params untouched.
         work = []
-        for group in self.param_groups:
-            indices = [i for i, p in enumerate(group["params"]) if p.grad is not None and p.numel()]
+        for group, candidates in selection:
+            indices = [i for i in candidates if group["params"][i].grad is not None and group["params"][i].numel()]
             if indices and isinstance(group["lr"], Tensor) and group["lr"].numel() != 1:  # set after construction
                 raise ValueError("Invalid lr: a Tensor lr must have one element")
             for i in indices:
@@ -508,7 +517,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 params = [group["params"][i] for i in fallback]
                 self.fallback.update(group, [local(p) for p in params], [local(p.grad) for p in params],
                                      self._states(group, params))
-        return loss
 
     def _plan(self, group: dict, indices: list[int], loads: dict):
         """A group's buckets of matrices (prepared where every param has state), its fallback
