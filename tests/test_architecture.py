@@ -170,20 +170,26 @@ def test_a_new_rule_gets_state_checkpoints_and_validation_from_the_shell():
 
 # -- the functional layer: each rule's math runs without an optimizer object ----------------------
 
-def test_functional_adamw_is_torch_adamw():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_functional_adamw_is_torch_adamw(dtype):
+    """fp32 weights: torch.optim.AdamW(fused=True) bit for bit; bf16 weights (fp32 moments):
+    torch.optim.AdamW(foreach=True) on fp32 master weights, rounded to bf16 each step."""
     from matrixopt.fallback import adamw
 
     torch.manual_seed(0)
-    w, ref = torch.randn(5, 3), torch.nn.Parameter(torch.randn(5, 3))
-    w.copy_(ref.detach())
-    m, v = torch.zeros_like(w), torch.zeros_like(w)
-    opt = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
+    w, ref = torch.randn(5, 3).to(dtype), torch.nn.Parameter(torch.randn(5, 3))
+    ref.data.copy_(w)
+    m, v = torch.zeros(5, 3), torch.zeros(5, 3)
+    opt = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                            **({"fused": True} if dtype == torch.float32 else {"foreach": True}))
     for t in range(1, 6):
         g = torch.randn(5, 3, generator=torch.Generator().manual_seed(t))
-        ref.grad = g.clone()
+        ref.grad = g.to(dtype).float()
         opt.step()
-        adamw([w], [g], [m], [v], [t], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    assert torch.equal(w, ref.detach())
+        if dtype != torch.float32:
+            ref.data.copy_(ref.data.to(dtype))   # the bf16 weight is what the next step starts from
+        adamw([w], [g.to(dtype)], [m], [v], [t], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    assert torch.equal(w, ref.detach().to(dtype))
 
 
 def test_functional_muon_is_the_formula_in_float64():
