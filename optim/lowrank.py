@@ -13,6 +13,25 @@ with the subspace picked anew from G every ``update_proj_gap`` steps. The projec
 (:mod:`matrixopt.projectors`: SVD for GaLoreAdamW, DCT columns for DCTAdamW) is the only
 thing that differs between the rules; this class is the whole rule, and GaLoreAdamW and
 DCTAdamW are configurations of it.
+
+Passes over memory of a step between refreshes (a bandwidth model; G, W: m×n, L, M, V and the
+step S: the low-rank gradient's size ℓ = r·max(m, n) for a one-sided projection, a fraction
+r/min(m, n) of G's), for a matrix the step does not stack (``unbatched_elements``) and fp32 or
+fp64 weights:
+
+======================  ===============================================================
+G                       1 read: the projection L = project(G), one matmul
+L                       1 write (the matmul), 2 reads (the non-finite check Σ|L|, Adam)
+M, V                    1 read and 1 write each: torch's fused Adam kernel (lowrank_adam)
+S                       1 write (zeros) + 1 read and write (Adam), 1 read (the back-projection)
+W                       1 read and 1 write: W ← (1 − ηλ)W − η·s·project_back(S) is one matmul
+                        accumulating into W (``add_back``); decay costs no pass of its own
+bases                   read by the two matmuls (m·r or n·r)
+======================  ===============================================================
+
+so the full-size traffic is one read of G and one read and write of W, as plain SGD's.
+Stacked (small) matrices are copied into a stack once more each way, and their update is
+added through a (B, m, n) temporary; a refresh step also reads G for the new bases.
 """
 import functools
 import math
