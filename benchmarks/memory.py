@@ -34,15 +34,16 @@ and mmap thresholds, not on the step).
 W: the weights (params and buffers); S: the optimizer state after the steps
 (``opt.state_bytes()`` for matrixopt, the state's tensors for the peers); A: the
 activations, the bytes of the tensors autograd saves for backward in one forward (counted
-with ``saved_tensors_hooks``, each storage once, weights excluded); L: the loss's backward,
-the gradients of the log-probabilities and of the logits (2 · tokens · vocabulary · 4
-bytes), live with every activation when backward starts; G: the gradients held at once —
+with ``saved_tensors_hooks``, each storage once, weights and input tokens excluded); L: the
+loss's backward, the gradients of the log-probabilities and of the logits (2 · tokens ·
+vocabulary · 4 bytes), live with every activation when backward starts; G: the gradients
+held at once —
 every param's in the ordinary loop, one layer's (the largest of the embedding, a block, the
 final norm and head) with a step in backward; T: the optimizer step's temporaries, measured
 on their own: a fresh optimizer over a fresh model with the gradients of one backward on the
-same tokens, the peak of its first step above its state and of its second step (a step in
-backward uses its ordinary row's T: it updates a layer at a time, so its temporaries are at
-most those of the whole step). In the ordinary loop a step peaks at one of two moments: the
+same tokens, the peak of its first step above its state and of its second step (for a step
+in backward, which updates each param on its own, with one matrix per bucket:
+``max_bucket_elements = 1``). In the ordinary loop a step peaks at one of two moments: the
 start of backward (every activation live, no gradient yet) or the optimizer step (every
 gradient live, activations freed), hence the max. A step in backward updates the head and
 the last block while nearly every activation is still live, so there the terms add up (an
@@ -92,7 +93,7 @@ import matrixopt
 
 from .common import allocation_events, default_device
 from .model import ModelConfig, Transformer
-from .optimizers import (ADAMW, GALORE_TORCH, Chained, Settings, build, galore_torch_class, galore_torch_groups,
+from .optimizers import (ADAMW, GALORE_TORCH, PEER_EPS, Chained, Settings, build, low_rank_peer_groups, peer_class,
                          state_bytes)
 
 MB = 2**20
@@ -196,7 +197,7 @@ def missing(c: Contender) -> str | None:
     module = {BNB_ADAMW8BIT: "bitsandbytes", TORCHAO_ADAMW8BIT: "torchao"}.get(c.optimizer)
     if module is not None and find_spec(module) is None:
         return f"not installed (pip install --no-deps {PEER_INSTALL[c.optimizer]})"
-    if c.optimizer in (GALORE_TORCH, GALORE_TORCH_8BIT) and galore_torch_class()[0] is None:
+    if c.optimizer in (GALORE_TORCH, GALORE_TORCH_8BIT) and peer_class(GALORE_TORCH)[0] is None:
         return f"not installed (pip install --no-deps {PEER_INSTALL[c.optimizer]})"
     if c.optimizer == GALORE_TORCH_8BIT and find_spec("bitsandbytes") is None:
         return f"needs bitsandbytes (pip install --no-deps {PEER_INSTALL[BNB_ADAMW8BIT]})"
@@ -235,10 +236,11 @@ def make_optimizer(c: Contender, model: torch.nn.Module, settings: Settings, lr:
     others = [pair for g in groups if not g["matrix"] for pair in g["params"]]
     if c.optimizer == GALORE_TORCH:
         return build(GALORE_TORCH, matrices, others, lr, settings)
-    galore_torch_class()   # imports galore_torch (its package __init__ imports the 8-bit class)
+    peer_class(GALORE_TORCH)   # imports galore_torch (its package __init__ imports the 8-bit class)
     from galore_torch import GaLoreAdamW8bit
 
-    return GaLoreAdamW8bit(galore_torch_groups(matrices, others, settings), lr=lr, betas=betas, weight_decay=wd)
+    return GaLoreAdamW8bit(low_rank_peer_groups(GALORE_TORCH, matrices, others, settings), lr=lr, betas=betas,
+                           eps=PEER_EPS, weight_decay=wd)
 
 
 class TorchStepInBackward:
@@ -367,8 +369,8 @@ def layer_grad_bytes(model: Transformer) -> int:
 
 def saved_activation_bytes(model: Transformer, tokens: torch.Tensor) -> int:
     """Bytes of the tensors autograd saves for backward in one forward and loss, each storage
-    once, the model's own params and buffers excluded."""
-    own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    once, the model's own params and buffers and the input tokens excluded."""
+    own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers(), [tokens])}
     saved = {}
 
     def pack(t):
@@ -406,11 +408,15 @@ def step_temporaries(c: Contender, shape: Shape, batch: int, seq_len: int, setti
     """Peak bytes one optimizer step allocates beyond the state it leaves (its temporaries),
     on their own: a fresh optimizer over a fresh model with the gradients of one backward on
     the row's tokens (a low-rank refresh's work can depend on the gradients' rank), the larger
-    of its first step (above the state it creates) and its second."""
+    of its first step (above the state it creates) and its second. For a step in backward,
+    which updates each param on its own, the matrixopt step runs one matrix per bucket
+    (``max_bucket_elements = 1``); torch's recipe is one AdamW per param already."""
     model = build_model(shape, seq_len, device, dtype)
     tokens = random_tokens(shape, batch, seq_len, device)
     model.loss(tokens[:, :-1], tokens[:, 1:]).backward()
     opt = make_optimizer(Contender(c.optimizer, c.precision), model, settings)
+    if c.in_backward and c.optimizer in MATRIXOPT:
+        opt.max_bucket_elements = 1
     peaks = []
     for _ in range(2):
         before = state_bytes(opt)
@@ -490,7 +496,7 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
         reason = missing(c)
         if reason is None:
             try:
-                key = (c.optimizer, c.precision)
+                key = (c.optimizer, c.precision, c.in_backward and c.optimizer in MATRIXOPT)
                 if key not in temporaries:
                     temporaries[key] = step_temporaries(c, shape, batch, seq_len, settings, device)
                 row = measure(c, shape, batch, seq_len, settings, device, temporaries=temporaries[key],
