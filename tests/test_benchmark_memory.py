@@ -10,7 +10,7 @@ from benchmarks import __main__ as cli
 from benchmarks import memory
 from benchmarks.memory import CONFIGS, Contender, PeakMeter, Shape
 from benchmarks.model import Transformer
-from benchmarks.optimizers import ADAMW, Settings
+from benchmarks.optimizers import ADAMW, Settings, state_bytes
 
 MB = 2**20
 
@@ -165,6 +165,18 @@ def modeled_row(c: Contender, seq_len: int) -> dict:
     assert row["weights_MB"] >= 4 * params / MB
     assert row["grads_MB"] == pytest.approx((memory.layer_grad_bytes(model) if c.in_backward else 4 * params) / MB)
     return row
+
+
+def test_state_bytes_of_torchaos_8bit_state_are_its_codes_scales_and_maps():
+    """torchao keeps each moment as a tensor subclass; its bytes are the plain tensors in it."""
+    AdamW8bit = pytest.importorskip("torchao.optim").AdamW8bit
+    p = torch.nn.Parameter(torch.randn(256, 64))
+    p.grad = torch.randn_like(p)
+    opt = AdamW8bit([p], lr=1e-3)
+    opt.step()
+    blocks = p.numel() // 256
+    per_moment = p.numel() * 1 + blocks * 4 + 256 * 4     # uint8 codes, fp32 scale per block, fp32 map
+    assert state_bytes(opt) == 4 + 2 * per_moment    # + the fp32 step count
 
 
 def test_layer_gradient_is_the_largest_layer_of_the_model():
