@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import matrixopt
 
+from . import passes
 from .common import cpu_peak_bytes, default_device, median_ms
 from .optimizers import ADAMW, PEER_EPS, Settings, build, contenders, is_low_rank, smaller_side_and_rank, state_bytes
 
@@ -150,6 +151,10 @@ def run(quick: bool = False, sets=None, optimizers=None, warmup: int | None = No
               "(galore-torch and apollo-torch: a per-tensor Adam loop; pytorch-optimizer: foreach)",
               "torch.optim.Muon orthogonalizes in bf16 everywhere; matrixopt in bf16 on CUDA and fp32 "
               "elsewhere (its ns_dtype default)"]
+    sections.update(passes.run())
+    notes.append("Passes over memory (benchmarks.passes): the aten ops of one plain step that read or write "
+                 "each tensor; torch's fused Adam/AdamW kernels declare their gradient arguments mutable in "
+                 "their schema (they do not write them here), so the fallback's G counts one write")
     sections["Notes"] = [{"note": note} for note in notes]
     extra = {"settings": {"device": str(device), "warmup": warmup, "repeats": repeats, "dtype": "float32",
                           **vars(settings)}}

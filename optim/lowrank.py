@@ -60,7 +60,7 @@ def lowrank_adam(exp_avgs, exp_avg_sqs, lows, steps, betas, eps) -> list[torch.T
     tensors: a strided L (DCT's left side) is made contiguous first.
     """
     beta1, beta2 = betas
-    out = [torch.zeros_like(m) for m in exp_avgs]
+    out = [torch.zeros(m.shape, dtype=m.dtype, device=m.device) for m in exp_avgs]
     for t in sorted(set(steps)):
         which = [i for i, s in enumerate(steps) if s == t]
         step = torch.full((), float(t), device=exp_avgs[which[0]].device)
