@@ -16,7 +16,7 @@ DCTAdamW are configurations of it.
 
 Passes over memory of a step between refreshes (a bandwidth model; G, W: m×n, L, M, V and the
 step S: the low-rank gradient's size ℓ = r·max(m, n) for a one-sided projection, a fraction
-r/min(m, n) of G's), for a matrix the step does not stack (``unbatched_elements``) and fp32 or
+r/min(m, n) of G's), for a matrix in a bucket of its own (``unbatched_elements``) and fp32 or
 fp64 weights:
 
 ======================  ===============================================================
@@ -211,7 +211,7 @@ class LowRankAdamW(MatrixOptimizer):
     #: memory, so a bucket is about one large matrix (2^22 elements: one 2048², or 64 of 256²),
     #: where batching stops paying on a GPU anyway.
     max_bucket_elements = 1 << 22
-    #: Per matrix on views from 2^14 elements on a CPU: there the projections run as one
+    #: A bucket of its own from 2^14 elements on a CPU: there the projections run as one
     #: matmul each and the update as one matmul into the weight (``add_back``), with no stack
     #: to copy in and out: 0.78-0.88× the stacked time from 128×128 to 512×1376, the same
     #: (0.98-1.01×) at 32² and 64² (the step benchmark's batching table,
@@ -283,8 +283,8 @@ class LowRankAdamW(MatrixOptimizer):
         """W ← W(1 − ηλ) − η·s·project_back(S) for the bucket's weights and low-rank steps S.
 
         Where the back-projection is local (a single process, or a right projection, whose
-        rows are the weight's), the matrices are not stacked and the matmuls multiply in
-        the weights' dtype, each weight is updated by one matmul into it
+        rows are the weight's), the matrix has a bucket of its own and the matmuls multiply
+        in the weights' dtype, each weight is updated by one matmul into it
         (``proj.add_back``): no (B, m, n) temporary, no extra pass over the weights."""
         lr, weight_decay = float(group["lr"]), group["weight_decay"]
         if self._adds_back(proj, bucket):
@@ -336,7 +336,7 @@ class LowRankAdamW(MatrixOptimizer):
             bases = [[local_matrices(p, b) for p, b in zip(params, key_bases)] for key_bases in bases]
             if len({x.shape[1:] for x in tensors}) > 1:
                 return [fn(x, *b) for x, *b in zip(tensors, *bases)]
-        (result,) = stacked_call(fn, tensors, *bases, stack=bucket.stack)
+        (result,) = stacked_call(fn, tensors, *bases)
         return result
 
     # -- refresh -------------------------------------------------------------------------------

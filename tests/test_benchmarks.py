@@ -497,7 +497,7 @@ def test_step_command(tmp_path, monkeypatch):
     assert {(r["optimizer"], r["shape"]) for r in batching} == {
         (o, f"8×{m}×{n}") for o in ("Muon", "GaLoreAdamW") for m, n in step.CI_BATCHING_SHAPES}
     for r in batching:
-        assert r["per matrix / stacked"] == r["per matrix ms"] / r["stacked ms"]
+        assert r["one per bucket / stacked"] == r["one per bucket ms"] / r["stacked ms"]
     names, _ = optimizers.contenders(variants=True, peers=True)
     assert [r["optimizer"] for r in rows] == names and "matrixopt.GaLoreAdamW (proj_dtype=bf16)" in names
     installed = [n for n in optimizers.LOW_RANK_PEERS if optimizers.peer_class(n)[0] is not None]
