@@ -302,3 +302,33 @@ def test_fallback_chunks_change_nothing(precision):
         train(n, o, range(3))
     for p, r in zip(*(n.parameters() for n in nets)):
         assert torch.equal(p, r)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_unequal_blocks_keep_codes_per_block_and_resume(precision, tmp_path):
+    """A param split into row blocks of unequal sizes stores each block's codes and scales
+    under its own keys ("exp_avg.0", "exp_avg.0.scale"), and resumes bit for bit."""
+    def run(steps, opt=None, p=None):
+        if p is None:
+            torch.manual_seed(0)
+            p = torch.nn.Parameter(torch.randn(16, 12))
+            opt = matrixopt.GaLoreAdamW([{"params": [("qkv", p)], "blocks": (8, 4, 4)}], lr=1e-2, rank=2,
+                                        update_proj_gap=2, state_precision=precision)
+        for i in steps:
+            p.grad = torch.randn(16, 12, generator=torch.Generator().manual_seed(i))
+            opt.step()
+        return opt, p
+
+    opt, p = run(range(3))
+    keys = set(opt.state[p])
+    assert {"exp_avg.0", "exp_avg_sq.2", "proj_left.1"} <= keys or {"exp_avg.0", "exp_avg_sq.2", "proj_right.1"} <= keys
+    assert ({"exp_avg.0.scale", "exp_avg_sq.2.scale"} <= keys) == (precision == "int8")
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    saved_p = p.detach().clone()
+    run(range(3, 6), opt, p)
+    resumed, q2 = run([])
+    with torch.no_grad():
+        q2.copy_(saved_p)
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    run(range(3, 6), resumed, q2)
+    assert torch.equal(q2, p)
