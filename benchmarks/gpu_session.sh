@@ -12,9 +12,10 @@
 #
 # 1. step --sets 1B: every optimizer's step, refresh and peak memory on the LLaMA-1B matrix
 #    set (issue 4: GaLore amortized <= 2x fused AdamW, fp32/bf16 projections, two bucket caps;
-#    issue 6: Muon vs torch.optim.Muon); galore-torch is in the table only where it is
-#    installed: it is pure Python, so carry its wheel (`pip download --no-deps galore-torch==1.0
-#    -d .whl` here); a .whl/ folder in the repo root is installed first;
+#    issue 6: Muon vs torch.optim.Muon); the low-rank peers are in the table only where they
+#    are installed: they are pure Python, so carry their wheels (`pip download --no-deps
+#    galore-torch==1.0 apollo-torch==1.0.3 pytorch-optimizer==4.1.0 -d .whl` here); a .whl/
+#    folder in the repo root is installed first;
 # 2. lowrank: refresh time and captured energy, ours vs torch.linalg.svd/svd_lowrank, the
 #    refreshes whose eigh runs on the host also with it on the device, and the p×p eigh
 #    candidates (device, host, MAGMA, one thread/stream per matrix) (issue 7);

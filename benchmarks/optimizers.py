@@ -2,12 +2,16 @@
 
 Contenders: ``torch.optim.AdamW`` (fused on CUDA), ``torch.optim.Muon`` on the hidden
 matrices with AdamW for the rest, galore-torch's ``GaLoreAdamW`` when it is installed, and
-every optimizer ``matrixopt`` exports. All get the same weight decay and Adam betas; the
-low-rank ones (GaLore, DCT) the same rank (a fraction of each matrix's smaller side,
-default d/4) and projector refresh gap. Matrices (hidden-layer weights) and the rest
-(embeddings, output head, 1-D params) are split once, by the caller, the same way for all.
+every optimizer ``matrixopt`` exports; the step benchmark adds the other low-rank peers
+(:data:`LOW_RANK_PEERS`) and any of them can be asked for by name. All get the same weight
+decay and Adam betas; the low-rank ones (GaLore, DCT, the peers) the same rank (a fraction of
+each matrix's smaller side, default d/4; APOLLO-mini's is 1 by design) and projector refresh
+gap. Matrices (hidden-layer weights) and the rest (embeddings, output head, 1-D params) are
+split once, by the caller, the same way for all: the rest goes to each optimizer's plain
+Adam(W) path (torch.optim.AdamW, matrixopt's fallback, a peer's groups without a rank).
 """
 import ast
+import importlib
 import inspect
 import math
 import re
@@ -33,6 +37,48 @@ GALORE_TORCH = "galore_torch.GaLoreAdamW"
 MUON_PEERS = {"pytorch_optimizer.Muon": ("pytorch_optimizer", {"ns_method": "newton_schulz"}, True),
               "pytorch_optimizer.Muon (gram)": ("pytorch_optimizer", {"ns_method": "gram_newton_schulz"}, True),
               "heavyball.Muon": ("heavyball", {"compile_step": False}, False)}
+
+
+class Peer(NamedTuple):
+    """A low-rank peer: where its class is, and the group settings besides rank and gap.
+
+    ``module`` and ``defined_as`` name the submodule that defines the class, imported on its
+    own when the package ``__init__`` cannot be (it imports bitsandbytes for an 8-bit variant);
+    ``version_check``: the class imports ``transformers`` only for ``require_version``.
+    ``rank``: a fixed rank instead of the shared rank fraction. ``kwargs``: constructor
+    arguments besides lr, betas, eps and weight decay.
+    """
+
+    package: str
+    exported_as: str
+    module: str
+    defined_as: str
+    group: dict
+    version_check: bool = False
+    rank: int | None = None
+    kwargs: dict = {}
+
+
+#: The low-rank peers of GaLoreAdamW and DCTAdamW, each with its own Adam for the params of
+#: groups without a rank. galore-torch's is a default contender (train, the tests); the others
+#: are in the step benchmark's table and, by name, anywhere. Scales are each peer's own
+#: convention (galore-torch's 0.25, APOLLO's 1 and APOLLO-mini's 128 from its README); they
+#: do not change a step's cost.
+LOW_RANK_PEERS = {
+    GALORE_TORCH: Peer("galore_torch", "GaLoreAdamW", "adamw", "AdamW",
+                       {"scale": 0.25, "proj_type": "std"}, version_check=True,
+                       kwargs={"no_deprecation_warning": True}),
+    "pytorch_optimizer.GaLore": Peer("pytorch_optimizer", "GaLore", "optimizer.galore", "GaLore",
+                                     {"scale": 0.25, "projection_type": "std"}),
+    "apollo_torch.APOLLO": Peer("apollo_torch", "APOLLOAdamW", "apollo", "AdamW",
+                                {"proj": "random", "scale_type": "channel", "scale": 1, "proj_type": "std"},
+                                version_check=True),
+    "apollo_torch.APOLLO-mini": Peer("apollo_torch", "APOLLOAdamW", "apollo", "AdamW",
+                                     {"proj": "random", "scale_type": "tensor", "scale": 128, "proj_type": "std"},
+                                     version_check=True, rank=1),
+}
+#: The peers' eps: matrixopt.GaLoreAdamW's (1e-6, also each peer's default).
+PEER_EPS = inspect.signature(matrixopt.GaLoreAdamW).parameters["eps"].default
 
 
 @dataclass
@@ -135,58 +181,67 @@ def matrixopt_classes() -> dict[str, type]:
     return classes
 
 
-def galore_torch_class() -> tuple[type | None, list[str]]:
-    """galore-torch's GaLoreAdamW (None when not installed) and notes on how it was imported.
+def peer_class(name: str) -> tuple[type | None, list[str]]:
+    """The class of low-rank peer ``name`` (None when its package is not installed) and notes
+    on how it was imported.
 
-    galore-torch 1.0 imports ``transformers.utils.versions.require_version`` (only to check
-    torch >= 1.5) and, in its package ``__init__``, bitsandbytes for the 8-bit variant. When
-    those are missing, a no-op ``require_version`` stub is installed and ``galore_torch.adamw``
-    is loaded without the package ``__init__``; the notes say so, for the results.
+    galore-torch 1.0 and apollo-torch 1.0.3 import ``transformers.utils.versions.require_version``
+    (only to check torch >= 1.5) and, in their package ``__init__``, bitsandbytes for the 8-bit
+    variants. When transformers is missing, a no-op ``require_version`` stub is installed for
+    the import, and when the package ``__init__`` fails the defining submodule is loaded without
+    it; the notes say so, for the results.
     """
-    if "galore_torch" not in sys.modules and find_spec("galore_torch") is None:
+    peer = LOW_RANK_PEERS[name]
+    if peer.package not in sys.modules and find_spec(peer.package) is None:
         return None, []
     notes, stubs = [], []
-    if "galore_torch" not in sys.modules and "transformers" not in sys.modules and find_spec("transformers") is None:
+    if peer.version_check and peer.package not in sys.modules and "transformers" not in sys.modules \
+            and find_spec("transformers") is None:
         stubs = ["transformers", "transformers.utils", "transformers.utils.versions"]
-        for name in stubs:
-            sys.modules[name] = types.ModuleType(name)
+        for module in stubs:
+            sys.modules[module] = types.ModuleType(module)
         sys.modules["transformers.utils.versions"].require_version = lambda requirement, hint=None: None
-        notes.append("galore-torch imported with a no-op stub for transformers.utils.versions."
+        notes.append(f"{peer.package} imported with a no-op stub for transformers.utils.versions."
                      "require_version (transformers is not installed)")
     try:
-        return _import_galore_torch(notes)
+        return _import_peer(peer, notes), notes
     finally:
-        for name in stubs:   # only for galore-torch's import: other packages probe for transformers
-            del sys.modules[name]
+        for module in stubs:   # only for the peer's import: other packages probe for transformers
+            del sys.modules[module]
 
 
-def _import_galore_torch(notes):
+def _import_peer(peer: Peer, notes: list[str]) -> type:
     try:
-        from galore_torch import GaLoreAdamW
+        return getattr(importlib.import_module(peer.package), peer.exported_as)
     except ImportError:
-        # Its __init__ failed on bitsandbytes after loading .adamw: expose that module
-        # through a package without the __init__.
-        package = types.ModuleType("galore_torch")
-        package.__path__ = list(find_spec("galore_torch").submodule_search_locations)
-        sys.modules["galore_torch"] = package
-        from galore_torch.adamw import AdamW as GaLoreAdamW
-
-        package.GaLoreAdamW = GaLoreAdamW
-        notes.append("galore-torch's GaLoreAdamW loaded from galore_torch.adamw (its package "
+        # Its __init__ failed on bitsandbytes: expose the defining module through a package
+        # without the __init__.
+        spec = find_spec(peer.package)
+        package = types.ModuleType(peer.package)
+        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+        sys.modules[peer.package] = package
+        cls = getattr(importlib.import_module(f"{peer.package}.{peer.module}"), peer.defined_as)
+        setattr(package, peer.exported_as, cls)
+        notes.append(f"{peer.package}'s {peer.exported_as} loaded from {peer.package}.{peer.module} (its package "
                      "__init__ needs bitsandbytes, which is not installed)")
-    return GaLoreAdamW, notes
+        return cls
 
 
-def contenders(only=None, variants: bool = False) -> tuple[list[str], list[str]]:
+def contenders(only=None, variants: bool = False, peers: bool = False) -> tuple[list[str], list[str]]:
     """Names of the optimizers available here (those in ``only`` if given), baselines
-    first, then (with ``variants``) the VARIANTS, then the bracketed variants named in
-    ``only`` (see :func:`parse_variant`) in the order given, and import notes."""
-    galore_cls, notes = galore_torch_class()
-    names = [ADAMW]
+    first, galore-torch and (with ``peers``) the other low-rank peers next, then every
+    matrixopt optimizer, (with ``variants``) the VARIANTS, the Muon peers named in ``only``,
+    then the bracketed variants named in ``only`` (see :func:`parse_variant`) in the order
+    given, and import notes. A low-rank peer named in ``only`` is in without ``peers``."""
+    names, notes = [ADAMW], []
     if hasattr(torch.optim, "Muon"):
         names.append(TORCH_MUON)
-    if galore_cls is not None:
-        names.append(GALORE_TORCH)
+    for name in LOW_RANK_PEERS:
+        if name == GALORE_TORCH or peers or (only and name in only):
+            cls, how = peer_class(name)
+            if cls is not None:
+                names.append(name)
+                notes += [note for note in how if note not in notes]
     names += list(matrixopt_classes())
     if variants:
         names += [name for name, variant in VARIANTS.items() if variant.base in names]
@@ -203,7 +258,7 @@ def contenders(only=None, variants: bool = False) -> tuple[list[str], list[str]]
 
 def is_low_rank(name: str) -> bool:
     """Whether the optimizer projects gradients to a rank (and has a refresh gap)."""
-    if name == GALORE_TORCH:
+    if name in LOW_RANK_PEERS:
         return True
     cls = matrixopt_classes().get(variant_of(name).base)
     return cls is not None and "rank" in inspect.signature(cls).parameters
@@ -251,18 +306,19 @@ def build(name: str, matrices: list[tuple[str, Tensor]], others: list[tuple[str,
         if not others:
             return muon
         return Chained(muon, torch.optim.AdamW([p for _, p in others], lr=lr, betas=betas, weight_decay=wd))
-    if name == GALORE_TORCH:
-        cls, _ = galore_torch_class()
-        # galore-torch takes one int rank per group: one group per smaller-side size.
-        by_side = {}
+    if name in LOW_RANK_PEERS:
+        peer = LOW_RANK_PEERS[name]
+        cls, _ = peer_class(name)
+        # The peers take one int rank per group: one group per rank. The rest is in a group
+        # without a rank, which each of them steps with plain Adam(W).
+        by_rank = {}
         for _, p in matrices:
-            by_side.setdefault(min(p.shape), []).append(p)
-        groups = [{"params": ps, "rank": max(1, round(settings.rank_fraction * k)),
-                   "update_proj_gap": settings.update_proj_gap, "scale": 0.25, "proj_type": "std"}
-                  for k, ps in by_side.items()]
+            by_rank.setdefault(peer.rank or smaller_side_and_rank(p, settings.rank_fraction)[1], []).append(p)
+        groups = [{"params": ps, "rank": r, "update_proj_gap": settings.update_proj_gap, **peer.group}
+                  for r, ps in by_rank.items()]
         if others:
             groups.append({"params": [p for _, p in others]})
-        return cls(groups, lr=lr, betas=betas, weight_decay=wd, no_deprecation_warning=True)
+        return cls(groups, lr=lr, betas=betas, eps=PEER_EPS, weight_decay=wd, **peer.kwargs)
     base, extra, attributes = variant_of(name)
     cls = matrixopt_classes()[base]
     if is_low_rank(name):
@@ -301,9 +357,12 @@ def smaller_side_and_rank(p: Tensor, rank: int | float) -> tuple[int, int]:
 def state_bytes(opt) -> int:
     """Bytes of optimizer state: ``state_bytes()`` where defined, else the state's tensors.
 
-    For torch and galore-torch optimizers the tensors are the state's values and the
-    tensors held by objects in it (galore-torch keeps its projector matrix in a
-    ``GaLoreProjector``); each storage is counted once.
+    For torch optimizers and the peers the tensors are the state's values and the tensors
+    held by objects in it: each low-rank peer keeps its projector matrix in a projector object
+    in the param's state (galore-torch's is a slice of the SVD factor and keeps the whole
+    factor alive; APOLLO's random matrix is drawn again from a seed only at a refresh and held
+    in between); each storage is counted once. Nothing else holds tensors: the peers' other
+    state (step counts, seeds; pytorch-optimizer's step count in the group) is Python ints.
     """
     if hasattr(opt, "state_bytes"):
         return opt.state_bytes()

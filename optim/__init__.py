@@ -1,5 +1,6 @@
 """matrixopt: memory-efficient, matrix-aware optimizers that drop in for torch.optim.AdamW."""
 from .aro import ARO
+from .backward import step_in_backward
 from .base import MatrixOptimizer, State
 from .coso import CoSOAdamW
 from .dct import DCTAdamW
@@ -11,7 +12,7 @@ from .param_groups import param_groups
 from .root import ROOT
 
 __all__ = ["ARO", "AdamWFallback", "CoSOAdamW", "DCTAdamW", "GaLoreAdamW", "LowRankAdamW", "MatrixOptimizer", "Muon", "ROOT",
-           "State", "fit_ns_coefficients", "param_groups"]
+           "State", "fit_ns_coefficients", "param_groups", "step_in_backward"]
 __version__ = "0.1.0"
 
 

@@ -163,17 +163,27 @@ def matmul_in(A: Tensor, B: Tensor, dtype: torch.dtype | None) -> Tensor:
     return A.to(dtype) @ B.to(dtype)
 
 
-def stacked_call(fn: Callable, *lists: list[Tensor]) -> tuple[list[Tensor], ...]:
+def stacked_call(fn: Callable, *lists: list[Tensor], stack: bool = True) -> tuple[list[Tensor], ...]:
     """``fn`` on the concatenations along dim 0 of ``lists`` (each one (B_i, ...) tensor per
-    param); each of its outputs (one stack or a tuple of stacks) split back per param."""
+    param); each of its outputs (one stack or a tuple of stacks) split back per param.
+
+    With ``stack=False``, ``fn`` runs once per param on its own tensors instead: no copy into
+    a stack, where the batched kernel would not pay for it (see
+    :attr:`MatrixOptimizer.unbatched_elements`). ``fn`` works per matrix of a stack, so both
+    give the same values.
+    """
+    if not stack:
+        outs = [fn(*args) for args in zip(*lists)]
+        return tuple(list(col) for col in zip(*(o if isinstance(o, tuple) else (o,) for o in outs)))
     sizes = [t.shape[0] for t in lists[0]]
     out = fn(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in lists))
     return tuple(list(o.split(sizes)) for o in (out if isinstance(out, tuple) else (out,)))
 
 
-def local_map(fn: Callable, inputs, outputs) -> tuple[list[Tensor], ...]:
-    """The single-process ``matrix_map``: ``fn`` once on the stacks of ``inputs``."""
-    return stacked_call(fn, *(inp.tensors for inp in inputs))
+def local_map(fn: Callable, inputs, outputs, stack: bool = True) -> tuple[list[Tensor], ...]:
+    """The single-process ``matrix_map``: ``fn`` on the stacks of ``inputs`` (once, or per
+    param with ``stack=False``: see :func:`stacked_call`)."""
+    return stacked_call(fn, *(inp.tensors for inp in inputs), stack=stack)
 
 
 def decay_weights(weights, *, lr: float, weight_decay: float):
@@ -272,15 +282,22 @@ class Bucket(NamedTuple):
     ``blocks``: per entry, None (all of the param's matrices) or b (block b of a param split
     into blocks of unequal sizes; then ``params`` repeats the param and ``states`` is the
     block's).
+    ``stack``: whether the bucket's whole-matrix work stacks its matrices (small ones, where
+    the batched kernel pays for the copy) or runs per param on views
+    (:attr:`MatrixOptimizer.unbatched_elements`); ``matrix_map`` already follows it.
+    ``prepared``: per entry, what the rule's :meth:`~MatrixOptimizer._prepare` computed before
+    the non-finite check (None: nothing).
     """
     params: list
     weights: list
     grads: list
-    states: list
+    states: list | None
     shape: tuple
     sharded: bool
     matrix_map: Callable
     blocks: list
+    stack: bool = True
+    prepared: list | None = None
 
 
 # -- warnings --------------------------------------------------------------------------------
@@ -328,11 +345,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
     #: stacked ones; 32 stacked 1024² ones run 7× faster than one by one): 2^25 elements
     #: batch 32 matrices of 1024², 8 of 2048².
     max_bucket_elements = 1 << 25
-    #: Per device type, the matrix size (elements) from which a matrix gets a bucket of its
-    #: own: stacking copies every matrix of a bucket, which pays only while the batched
-    #: kernel saves more than the copy costs. On a CPU (one thread, 8 same-shape matrices,
-    #: the batching table of `python -m benchmarks step --quick`,
-    #: benchmarks/results/step-cpu2-2026-12-01.md) one Muon matrix per bucket takes 1.1-2.4×
+    #: Per device type, the matrix size (elements) from which a bucket's whole-matrix work
+    #: runs one param at a time on views (:func:`stacked_call` with ``stack=False``) instead of
+    #: on a stack: stacking copies every matrix of a bucket, which pays only while the batched
+    #: kernel saves more than the copy costs. The element-wise work (momenta, moments, the
+    #: update) is one foreach call over the whole bucket either way. On a CPU (one thread, 8
+    #: same-shape matrices, the batching table of `python -m benchmarks step --quick`,
+    #: benchmarks/results/step-cpu2-2026-12-01.md) one Muon matrix at a time takes 1.1-2.4×
     #: the stacked time up to 128×512, about the same at 256² (0.97×), and less from 512²
     #: (0.89×) and 512×1376 (0.87×) on. On a GPU batching pays for Newton-Schulz up to 2048²
     #: (32 stacked 1024² ones run 7× faster than one by one on an H200): no CUDA entry.
@@ -484,29 +503,76 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_params([(group, range(len(group["params"]))) for group in self.param_groups])
+        return loss
+
+    def _step_params(self, selection: list[tuple[dict, range | list[int]]]) -> None:
+        """The step of the params ``selection`` names, as (group, indices in its params)
+        pairs: those with a gradient and elements go the whole way of :meth:`step` (checks,
+        non-finite policy, buckets, state, the rules) and no other param is touched.
+        :meth:`step` passes every param; :func:`matrixopt.step_in_backward` one whose
+        gradient is final."""
         loads = {}   # process group -> FLOPs of matrix work per rank, this step
         # Check every group before updating any, so that an error leaves all params untouched.
         work = []
-        for group in self.param_groups:
-            indices = [i for i, p in enumerate(group["params"]) if p.grad is not None and p.numel()]
+        for group, candidates in selection:
+            indices = [i for i in candidates if group["params"][i].grad is not None and group["params"][i].numel()]
             if indices and isinstance(group["lr"], Tensor) and group["lr"].numel() != 1:  # set after construction
                 raise ValueError("Invalid lr: a Tensor lr must have one element")
             for i in indices:
                 self._check_grad(group, i)
             if indices:
                 work.append((group, indices))
-        for group, indices in work:
-            indices[:] = self._drop_nonfinite(group, indices)
-        for group, indices in work:
-            matrices, fallback = [], []
-            for i in indices:
-                p = group["params"][i]
-                (matrices if self.is_matrix(group, p) else fallback).append(p)
-            for items in self._buckets(group, matrices):
-                self._step_bucket(group, items, loads)
+        # Two passes: first every bucket's _prepare (the rule's work on the gradients that changes
+        # nothing) and the non-finite check on what it read, then the updates.
+        plans = [self._plan(group, indices, loads) for group, indices in work]
+        verdicts = [self._finite(group, indices, checked) for (group, indices), (_, _, checked) in zip(work, plans)]
+        for (group, indices), (buckets, fallback, _), finite in zip(work, plans, verdicts):
+            if not all(finite.values()):
+                buckets = [self._keep(group, bucket, finite, loads) for bucket in buckets]
+                fallback = [i for i in fallback if finite[i]]
+            for bucket in buckets:
+                if bucket is not None:
+                    self._step_bucket(group, bucket)
             if fallback:
-                self._step_fallback(group, fallback)
-        return loss
+                self._step_fallback(group, [group["params"][i] for i in fallback])
+
+    def _plan(self, group: dict, indices: list[int], loads: dict):
+        """A group's buckets of matrices (prepared where every param has state), its fallback
+        params' indices and, per param index, the tensors its non-finite check reads."""
+        index = {id(p): i for i, p in enumerate(group["params"])}
+        matrices, fallback = [], []
+        for i in indices:
+            p = group["params"][i]
+            if self.is_matrix(group, p):
+                matrices.append(p)
+            else:
+                fallback.append(i)
+        checked = {i: [local(group["params"][i].grad)] for i in fallback}
+        buckets = []
+        for items in self._buckets(group, matrices):
+            bucket = self._bucket(group, items, loads)
+            tensors = bucket.grads
+            # State is created only once the check has passed (an error leaves none behind).
+            if all(self.state.get(p) for p in bucket.params):
+                # Working views dequantize an entry only when read (_prepare reads bases, not
+                # moments) and are dropped here: _step_bucket makes the update's own.
+                views = self._item_states(group, items, self._working(group, bucket.params))
+                tensors, prepared = self._prepare(group, bucket._replace(states=views))
+                bucket = bucket._replace(prepared=prepared)
+            for p, t in zip(bucket.params, tensors):
+                checked.setdefault(index[id(p)], []).append(t)
+            buckets.append(bucket)
+        return buckets, fallback, checked
+
+    def _prepare(self, group: dict, bucket: Bucket) -> tuple[list[Tensor], list | None]:
+        """The rule's first pass over a bucket, before the non-finite check: per entry the
+        tensor the check reads (it must hold a NaN/Inf exactly when the gradient does), and
+        per entry what the rule computed to get it, passed on as ``bucket.prepared`` (None:
+        nothing). It must change no param and no state. The default checks the gradients
+        themselves; a low-rank rule checks the projected gradient it computes anyway
+        (:class:`~matrixopt.lowrank.LowRankAdamW`), a fraction of the reads."""
+        return bucket.grads, None
 
     def _step_fallback(self, group: dict, params: list[Tensor]) -> None:
         """The fallback's update of ``params``: in one call at fp32; at a lower
@@ -549,24 +615,28 @@ class MatrixOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Gradient of {self._param_name(group, i)} has shape "
                              f"{tuple(p.grad.shape)}, expected {tuple(p.shape)}")
 
-    def _drop_nonfinite(self, group: dict, indices: list[int]) -> list[int]:
-        """Indices whose gradients are all finite; applies the group's non-finite policy."""
+    def _finite(self, group: dict, indices: list[int], checked: dict[int, list[Tensor]]) -> dict[int, bool]:
+        """Whether each param's checked tensors (:meth:`_plan`) are all finite; applies the
+        group's non-finite policy to those that are not."""
         params = group["params"]
         # One device sync for the whole group rather than one per param (a group may span
         # devices, so the flags meet on the first param's), and one fused reduction rather
-        # than isfinite's four ops per tensor: Σ|g| in fp32 (or fp64) is NaN or inf exactly when
-        # g holds a NaN or inf, or sums past 3e38 (where Adam's g² has overflowed long before).
-        grads = [local(params[i].grad) for i in indices]
-        dtype = functools.reduce(torch.promote_types, {g.dtype for g in grads}, torch.float32)
-        sums = torch._foreach_norm(grads, 1, dtype=dtype)
-        finite = torch.stack([s.to(grads[0].device) for s in sums]).isfinite()
+        # than isfinite's four ops per tensor: Σ|t| in fp32 (or fp64) is NaN or inf exactly when
+        # t holds a NaN or inf, or sums past 3e38 (where Adam's g² has overflowed long before).
+        owners = [i for i in indices for _ in checked[i]]
+        tensors = [t for i in indices for t in checked[i]]
+        dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors}, torch.float32)
+        sums = torch._foreach_norm(tensors, 1, dtype=dtype)
+        flags = torch.stack([s.to(sums[0].device) for s in sums]).isfinite()
         process_group = group_of([params[i] for i in indices], self._replicated_group())
         if process_group is not None:  # every rank must skip the same params
-            finite = agree_finite(finite, process_group)
-        finite = finite.tolist()
-        if all(finite):
-            return indices
-        bad = [i for i, ok in zip(indices, finite) if not ok]
+            flags = agree_finite(flags, process_group)
+        finite = dict.fromkeys(indices, True)
+        for i, ok in zip(owners, flags.tolist()):
+            finite[i] = finite[i] and ok
+        bad = [i for i in indices if not finite[i]]
+        if not bad:
+            return finite
         names = [self._param_name(group, i) for i in bad]
         if group["nonfinite"] == "raise":
             raise FloatingPointError(f"Non-finite gradient in {', '.join(names)}")
@@ -574,7 +644,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._warn_once(self._nonfinite_warned, names,
                         "Non-finite gradient in {}: skipped this step, its weights and state left "
                         "unchanged (nonfinite='skip'; counted in nonfinite_skips; warned once per param)")
-        return [i for i, ok in zip(indices, finite) if ok]
+        return finite
 
     @staticmethod
     def _warn_once(seen: set[str], names: list[str], message: str) -> None:
@@ -604,12 +674,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 for b, rows in enumerate(sizes):
                     buckets[(rows, p.shape[1], *key)].append(((p, b), rows * p.shape[1]))
         chunks = []
-        for key, bucket in buckets.items():
-            # A matrix from this size on runs alone: batching it does not pay on this device.
-            alone = key[0] * key[1] >= self.unbatched_elements.get(key[3].type, 1 << 62)
+        for bucket in buckets.values():
             chunk, size = [], 0
             for item, numel in bucket:
-                if chunk and (alone or size + numel > self.max_bucket_elements):
+                if chunk and size + numel > self.max_bucket_elements:
                     chunks.append(chunk)
                     chunk, size = [], 0
                 chunk.append(item)
@@ -680,29 +748,49 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                "initialized process group (torch.distributed.init_process_group)")
         return self._process_group or torch.distributed.group.WORLD
 
-    def _step_bucket(self, group: dict, items: list, loads: dict) -> None:
+    def _bucket(self, group: dict, items: list, loads: dict) -> Bucket:
+        """The :class:`Bucket` of ``items``, without its states (:meth:`_item_states` adds them)."""
         # Sharded (DTensor) params are updated through their local shards.
         params = [p for p, _ in items]
-        shards = [local(p) for p in params]
-        weights, shapes = self._views(group, items, shards)
+        weights, shapes = self._views(group, items, [local(p) for p in params])
         grads, _ = self._views(group, items, [local(p.grad) for p in params])
         _, m, n = shapes[0]
-        states = self._working(group, params)
-        self._update(group, Bucket(params, weights, grads, self._item_states(group, items, states), (m, n),
-                                   isinstance(params[0], DTensor), self._matrix_map(params, shapes, loads),
-                                   [b for _, b in items]))
-        self._write_back(group, params, states)
+        stack = m * n < self.unbatched_elements.get(weights[0].device.type, 1 << 62)
+        return Bucket(params, weights, grads, None, (m, n), isinstance(params[0], DTensor),
+                      self._matrix_map(params, shapes, loads, stack), [b for _, b in items], stack)
+
+    def _keep(self, group: dict, bucket: Bucket, finite: dict, loads: dict) -> Bucket | None:
+        """``bucket`` without its params whose check failed (None if none is left)."""
+        index = {id(p): i for i, p in enumerate(group["params"])}
+        keep = [j for j, p in enumerate(bucket.params) if finite[index[id(p)]]]
+        if len(keep) == len(bucket.params):
+            return bucket
+        if not keep:
+            return None
+        items = [(bucket.params[j], bucket.blocks[j]) for j in keep]
+        prepared = bucket.prepared and [bucket.prepared[j] for j in keep]
+        return self._bucket(group, items, loads)._replace(prepared=prepared)
+
+    def _step_bucket(self, group: dict, bucket: Bucket) -> None:
+        items = list(zip(bucket.params, bucket.blocks))
+        states = self._working(group, bucket.params)
+        bucket = bucket._replace(states=self._item_states(group, items, states))
+        self._update(group, bucket)
+        self._write_back(group, bucket.params, states)
         # as_matrices copies a param it cannot view (e.g. channels_last); write those back.
-        for (_, b), t, w in zip(items, shards, weights):
+        for (p, b), w in zip(items, bucket.weights):
+            t = local(p)
             if b is None and w.data_ptr() != t.data_ptr():
                 t.copy_(w.reshape(t.shape))
 
-    def _matrix_map(self, params: list[Tensor], shapes: list[tuple[int, int, int]], loads: dict) -> Callable:
+    def _matrix_map(self, params: list[Tensor], shapes: list[tuple[int, int, int]], loads: dict,
+                    stack: bool = True) -> Callable:
         """The ``matrix_map`` of a bucket (see :meth:`_update`): :func:`local_map` in a
-        single process, else the bucket's owner split (:class:`~matrixopt.distributed.MatrixWork`)."""
+        single process (stacking, or per param without ``stack``), else the bucket's owner
+        split (:class:`~matrixopt.distributed.MatrixWork`)."""
         process_group = group_of(params, self._replicated_group())
         if process_group is None:
-            return local_map
+            return local_map if stack else functools.partial(local_map, stack=False)
         sharded = isinstance(params[0], DTensor)
         _, m, n = shapes[0]
         load = loads.setdefault(process_group, [0] * torch.distributed.get_world_size(process_group))

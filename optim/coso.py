@@ -43,15 +43,21 @@ even though P is taken from Π(G): Adam's element-wise division, a refresh's war
 a history that grew at ``end_task`` would all leak into H otherwise.
 
 With ``protect`` = "gradients" or "both" each step also updates the task's sketch S (d×ℓ,
-ℓ = ``sketch_rank``, default r) by Frequent Directions over the *projected* gradients
-Ĝ = Π(project_back_P(project_P(G̃))) seen from the protected side (Y = Ĝᵀ, n×m, for
-"right"; Y = Ĝ for "left"): with C = S Sᵀ + Y Yᵀ = Q diag(λ₁ ≥ … ≥ λ_d) Qᵀ,
+ℓ = ``sketch_rank``, default h_max) by Frequent Directions over the gradients outside the
+history, G̃ = Π(G), seen from the protected side (Y = G̃ᵀ, n×m, for "right"; Y = G̃ for
+"left"): with C = S Sᵀ + Y Yᵀ = Q diag(λ₁ ≥ … ≥ λ_d) Qᵀ,
 
 .. math::
     S \leftarrow Q_{:, :\ell}\ \mathrm{diag}\big(\sqrt{\max(\lambda_i - \lambda_{\ell+1}, 0)}\big)_{i \le \ell}
 
-(λ_{ℓ+1} = 0 when ℓ ≥ d), so S Sᵀ tracks the task's gradient covariance on that side, and
-its top directions are the directions the task moved W in most.
+(λ_{ℓ+1} = 0 when ℓ ≥ d), so S Sᵀ tracks the task's gradient covariance on that side. What
+the history must hold is the old task's *input* space (gradient projection memory's
+argument: ΔW·x = 0 for the inputs x the task saw keeps the layer's outputs on it), and a
+Linear's gradient G = Σ δ xᵀ has its rows in the span of those inputs, so G̃ is sketched
+rather than GaLore's rank-r projection of it: that one holds only the input directions of
+the current rank-r subspace (for a right-side GaLore projector, r of the n), and a history
+folded from it left most of the task's inputs unprotected (measured: see
+``benchmarks.continual``).
 
 **Folding** a matrix X (d×k) into H with energy threshold e: X̃ = X − H Hᵀ X with SVD
 X̃ = U Σ Vᵀ; the k′ = min{j : Σ_{i≤j} σᵢ² ≥ e·Σᵢ σᵢ²} leading columns of U (directions of
@@ -67,8 +73,41 @@ columns h_max − c, only the top h_max − c directions by energy are added and
   e = ``weight_energy``: the top singular subspace of W outside H.
 - ``protect="both"``: at ``end_task``, S first, then W; at the first step, W.
 
+The sketch's width ℓ defaults to h_max, the history's capacity: Frequent Directions with ℓ
+columns holds at most ℓ directions and each update subtracts λ_{ℓ+1} from every one, which
+removes the tail of the spectrum, so a narrower sketch reports a task's energy as more
+concentrated than it is and the threshold e folds fewer directions than the task used (with
+ℓ ≥ d the sketch is exact: S Sᵀ = Σ Y Yᵀ). ``max_history`` defaults to 1.0, min(m, n)
+directions: a memory bound (d·min(m, n) floats, at most one fp32 copy of W), not a
+forgetting rule — e decides how many directions a task keeps.
+
+**The fallback params** (norms' gains, biases, a table left on the fallback) are protected
+by the same rule, for the maps they are. Such a param acts entry-wise: a gain g gives
+yᵢ = gᵢ x̂ᵢ, a bias b gives yᵢ = xᵢ + bᵢ·1, an embedding E gives E[token] — each entry is a
+map whose input is one coordinate of x̂, the constant 1, or the one-hot token. Its input
+space in an earlier task is the set of entries that task used, and an update orthogonal to
+it (the rule's Hᵀ-side condition, with H the used coordinates) leaves those entries
+unchanged. So, with ``protect_fallback`` (default True), the fallback's rule (AdamW) runs as
+usual and then
+
+.. math::
+    \theta_i \leftarrow \theta_i^{\text{before}} \quad \text{for every } i \text{ with } \Omega_i = 1,
+    \qquad \Omega \leftarrow \Omega \lor T \text{ at } \texttt{end\_task}, \quad
+    T \leftarrow T \lor (G \ne 0) \text{ each step}
+
+with T (``touched``) the entries the current task gave a nonzero gradient and Ω
+(``protected``) those of the earlier tasks: gains and biases are learned on the first task
+and kept after it (as gradient projection memory does for batch norm), an embedding on the
+fallback keeps the rows of tokens the earlier tasks saw and learns the new ones. Without it
+a gain or a norm upstream of a protected matrix moves that matrix's inputs on the old tasks
+and the orthogonality of ΔW no longer keeps its outputs. A table meant to keep learning
+belongs on the matrix rule (it is then protected by subspace, ``side="left"`` for an
+embedding: its rows are its inputs). The moments of protected entries still follow their
+gradients; only the param is held.
+
 The protected history is optimizer state (``history`` (B, d, h_max), ``history_count``
-(B,), and with a sketch ``sketch`` (B, d, ℓ); whole per matrix, at least fp32), saved and
+(B,), and with a sketch ``sketch`` (B, d, ℓ); whole per matrix, at least fp32; for a
+fallback param the bool masks ``protected`` and ``touched``, shaped like it), saved and
 loaded with the state dict (fixed shapes, so the load-time shape check and
 ``torch.distributed.checkpoint`` keep working), counted by ``state_bytes()``, bounded by
 ``max_history``.
@@ -85,6 +124,7 @@ import functools
 import torch
 
 from .base import AT_LEAST_FP32, Out, Rows, State, Whole, local, local_matrices, resolve_rank
+from .fallback import AdamW
 from .galore import GaLoreAdamW, svd_projector
 from .lowrank import LowRankAdamW
 from .validation import choice, rank_spec, real
@@ -209,9 +249,9 @@ class CoSOProjector:
         *inner, H = bases
         return complement(self.inner.project_back(L, *inner).to(H.dtype), H, self.side)
 
-    def projected_gradient(self, G, *bases):
-        """Ĝ = Π(project_back(project(Π(G)))), seen from the protected side (B, d, ·)."""
-        return _from_side(self.project_back(self.project(G, *bases), *bases), self.side)
+    def sketched_gradient(self, G, history):
+        """G̃ = Π(G), seen from the protected side (B, d, ·): the columns the sketch takes."""
+        return _from_side(complement(G.to(history.dtype), history, self.side), self.side)
 
     def transition(self, old, new):
         return self.inner.transition(old, new)
@@ -220,11 +260,9 @@ class CoSOProjector:
         return self.inner.carry(M, V, transition)
 
 
-def _sketch(proj, G, *stacks):
-    """The sketches updated with this step's projected gradients: stacks are the bases (in
-    ``proj.keys`` order), then the sketches."""
-    *bases, S = stacks
-    return frequent_directions(S, proj.projected_gradient(G.to(S.dtype), *bases).to(S.dtype))
+def _sketch(proj, G, H, S):
+    """The sketches S updated with this step's gradients outside the histories H."""
+    return frequent_directions(S, proj.sketched_gradient(G.to(S.dtype), H).to(S.dtype))
 
 
 def _fold_task(side, use_sketch, use_weights, history_energy, weight_energy, H, count, active, *rest):
@@ -249,10 +287,44 @@ def coso_projector(m: int, n: int, *, rank, proj_type, svd, proj_dtype, side, ma
                    protect) -> CoSOProjector:
     """The CoSO projector of m×n matrices for a group's settings."""
     inner = svd_projector(m, n, rank=rank, proj_type=proj_type, svd=svd, proj_dtype=proj_dtype)
+    h_max = resolve_rank(max_history, m, n)
     ell = None
     if protect != "weights":
-        ell = min(resolve_rank(sketch_rank if sketch_rank is not None else rank, m, n), n if side == "right" else m)
-    return CoSOProjector(inner, side, resolve_rank(max_history, m, n), ell)
+        ell = min(resolve_rank(sketch_rank, m, n) if sketch_rank is not None else h_max, n if side == "right" else m)
+    return CoSOProjector(inner, side, h_max, ell)
+
+
+class ProtectedFallback:
+    """A fallback rule (``inner``, default :class:`~matrixopt.fallback.AdamW`) whose updates
+    leave the entries earlier tasks used unchanged (``protect_fallback``; the rule is in the
+    module docstring): the fallback protocol of :mod:`matrixopt.fallback`, plus
+    :meth:`end_task`. Costs a copy of each protected fallback param per step."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.hyperparameters = {**inner.hyperparameters, "protect_fallback": choice(True, False)}
+
+    def state(self, p, group) -> dict[str, State]:
+        mask = State(tuple(p.shape), torch.bool, sharded=True)
+        return {**self.inner.state(p, group), "protected": mask, "touched": mask}
+
+    def update(self, group, weights, grads, states) -> None:
+        for g, s in zip(grads, states):
+            s["touched"].logical_or_(g != 0)
+        if not group["protect_fallback"]:
+            self.inner.update(group, weights, grads, states)
+            return
+        before = [w.clone() for w in weights]
+        self.inner.update(group, weights, grads, states)
+        for w, old, s in zip(weights, before, states):
+            torch.where(s["protected"], old, w, out=w)
+
+    @staticmethod
+    def end_task(states) -> None:
+        """Ω ← Ω ∨ T, T ← 0 for each state."""
+        for s in states:
+            s["protected"].logical_or_(s["touched"])
+            s["touched"].zero_()
 
 
 class CoSOAdamW(LowRankAdamW):
@@ -275,8 +347,12 @@ class CoSOAdamW(LowRankAdamW):
         history_energy: e for the sketch at ``end_task`` (default 0.9).
         weight_energy: e for the weights at a task's start (default 0.5).
         max_history: h_max, the most protected directions per matrix, an int or a fraction
-            of min(m, n) (default 0.5); memory: d·h_max floats per matrix.
-        sketch_rank: ℓ, the sketch's columns (default: the rank r); d·ℓ floats per matrix.
+            of min(m, n) (default 1.0); memory: d·h_max floats per matrix.
+        sketch_rank: ℓ, the sketch's columns (default: h_max); d·ℓ floats per matrix.
+        protect_fallback: keep the entries of fallback params that earlier tasks used
+            (default True); False: the fallback runs unprotected.
+        fallback: as for every optimizer; CoSOAdamW wraps it (default AdamW) in a
+            :class:`ProtectedFallback`.
     """
 
     hyperparameters = {
@@ -291,10 +367,11 @@ class CoSOAdamW(LowRankAdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, rank=128,
                  update_proj_gap=200, scale=None, proj_type="std", svd="randomized", reproject_states=False,
-                 protect="gradients", side="right", history_energy=0.9, weight_energy=0.5, max_history=0.5,
-                 sketch_rank=None, nonfinite="skip", seed=0, proj_dtype=None, *, fallback=None,
-                 distributed=None, process_group=None, state_precision="fp32"):
+                 protect="gradients", side="right", history_energy=0.9, weight_energy=0.5, max_history=1.0,
+                 sketch_rank=None, protect_fallback=True, nonfinite="skip", seed=0, proj_dtype=None, *,
+                 fallback=None, distributed=None, process_group=None, state_precision="fp32"):
         self._full_warned: set[str] = set()
+        fallback = ProtectedFallback(AdamW() if fallback is None else fallback)
         super().__init__(params, coso_projector,
                          ("rank", "proj_type", "svd", "proj_dtype", "side", "max_history", "sketch_rank", "protect"),
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
@@ -303,7 +380,7 @@ class CoSOAdamW(LowRankAdamW):
                          process_group=process_group, state_precision=state_precision, proj_type=proj_type, svd=svd,
                          reproject_states=reproject_states, seed=seed, protect=protect, side=side,
                          history_energy=history_energy, weight_energy=weight_energy, max_history=max_history,
-                         sketch_rank=sketch_rank)
+                         sketch_rank=sketch_rank, protect_fallback=protect_fallback)
 
     # -- the step --------------------------------------------------------------------------------
     def _update(self, group, bucket):
@@ -315,16 +392,17 @@ class CoSOAdamW(LowRankAdamW):
         super()._update(group, bucket)
         if proj.sketch_rank:
             sketches = [s["sketch"] for s in bucket.states]
-            bases = [Whole([self._bases(proj, s)[key] for s in bucket.states]) for key in proj.keys]
-            (new,) = bucket.matrix_map(functools.partial(_sketch, proj), [Rows(bucket.grads), *bases,
+            histories = Whole([self._bases(proj, s)["history"] for s in bucket.states])
+            (new,) = bucket.matrix_map(functools.partial(_sketch, proj), [Rows(bucket.grads), histories,
                                                                             Whole(sketches)],
                                        [Out(sketches[0].shape[-2:], sketches[0].dtype, whole=True)])
             for S, fresh in zip(sketches, new):
                 S.copy_(fresh)
 
-    def _apply(self, group, proj, bucket, updates, scale):
-        """W ← W − ηλ·Π(W) − η·s·U: weight decay in the complement only (decaying W inside H
-        would erase what is protected)."""
+    def _apply(self, group, proj, bucket, steps, scale):
+        """W ← W − ηλ·Π(W) − η·s·project_back(S): weight decay in the complement only
+        (decaying W inside H would erase what is protected)."""
+        updates = self._back(proj, steps, bucket)
         if group["weight_decay"] and float(group["lr"]):
             self._decay(group, proj, bucket)
         torch._foreach_add_(bucket.weights, updates, alpha=-float(group["lr"]) * scale)
@@ -345,10 +423,13 @@ class CoSOAdamW(LowRankAdamW):
     def end_task(self) -> None:
         """The current task is finished: fold each matrix's sketch (``protect`` "gradients"
         or "both") and then its weights ("weights" or "both") into its protected history,
-        and start a new sketch. Params that never stepped have nothing to fold (their
-        weights are protected at their first step). Distributed, every rank must call it."""
+        and start a new sketch; the entries of fallback params this task used join their
+        protected entries. Params that never stepped have nothing to fold (their weights are
+        protected at their first step). Distributed, every rank must call it."""
         loads = {}
         for group in self.param_groups:
+            self.fallback.end_task([self.state[p] for p in group["params"]
+                                    if not self.is_matrix(group, p) and self.state.get(p)])
             params = [p for p in group["params"] if self.is_matrix(group, p) and self.state.get(p)]
             for items in self._buckets(group, params):
                 chunk = [p for p, _ in items]

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .base import (AT_LEAST_FP32, MatrixOptimizer, Out, Rows, State, Whole, apply_update, counter,
+from .base import (AT_LEAST_FP32, MatrixOptimizer, Out, Rows, State, Whole, apply_update, counter, group_of,
                    local_matrices, stacked_call)
 from .precision import MOMENT, SECOND_MOMENT
 from .projectors import REFRESHED, SVD_FAILED, ZERO_GRADIENT, stored_shape, work_dtype
@@ -28,21 +28,28 @@ from .validation import compute_dtype, integer, rank_spec, real
 
 
 def lowrank_adam(exp_avgs, exp_avg_sqs, lows, steps, betas, eps) -> list[torch.Tensor]:
-    """Adam on low-rank gradients as galore-torch does it, over lists of tensors.
+    r"""Adam on low-rank gradients as galore-torch does it, over lists of tensors.
 
-    Updates the moments M, V in place and returns the steps
-    sqrt(1-β₂ᵗ)/(1-β₁ᵗ)·M/(√V + ε) (ε on the uncorrected √V; ``steps``: each t, already
-    incremented) to project back.
+    Updates the moments M, V in place and returns the steps to project back,
+
+    .. math::
+        M \leftarrow \beta_1 M + (1-\beta_1) L, \quad V \leftarrow \beta_2 V + (1-\beta_2) L^2, \quad
+        S = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t} \frac{M}{\sqrt{V} + \epsilon}
+
+    (ε on the uncorrected √V; ``steps``: each t, already incremented). One pass over L, M, V
+    and S: torch's fused Adam kernel, whose ε sits on the corrected √V̂ = √V/√(1-β₂ᵗ), run
+    with ε/√(1-β₂ᵗ) (the same S, up to rounding) and lr -1 on S = 0. The kernel takes dense
+    tensors: a strided L (DCT's left side) is made contiguous first.
     """
     beta1, beta2 = betas
-    torch._foreach_lerp_(exp_avgs, lows, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, lows, lows, value=1 - beta2)
-    step_sizes = [math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) for t in steps]
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denominators, eps)
-    out = torch._foreach_div(exp_avgs, denominators)
-    torch._foreach_mul_(out, step_sizes)
+    out = [torch.zeros_like(m) for m in exp_avgs]
+    for t in sorted(set(steps)):
+        which = [i for i, s in enumerate(steps) if s == t]
+        step = torch.full((), float(t), device=exp_avgs[which[0]].device)
+        torch._fused_adam_([out[i] for i in which], [lows[i].contiguous() for i in which], [exp_avgs[i] for i in which],
+                           [exp_avg_sqs[i] for i in which], [], [step] * len(which), lr=-1.0, beta1=beta1,
+                           beta2=beta2, weight_decay=0.0, eps=eps / math.sqrt(1 - beta2 ** t), amsgrad=False,
+                           maximize=False)
     return out
 
 
@@ -192,7 +199,7 @@ class LowRankAdamW(MatrixOptimizer):
     #: The projections are cheaper per element than Newton-Schulz, so stacking pays longer on
     #: a CPU: one matrix per bucket is 1.1-1.9× slower up to 128×512, even at 512² (0.99-1.04×
     #: over two runs) and faster at 512×1376 (0.53-0.89×) in the step benchmark's batching table.
-    unbatched_elements = {"cpu": 1 << 19}
+    unbatched_elements = {"cpu": 1 << 18}
 
     def __init__(self, params, make_projector: Callable, projector_keys: tuple[str, ...], *, lr, betas, eps,
                  weight_decay, rank, update_proj_gap, scale, proj_dtype, nonfinite, carry_moments: str | None = None,
@@ -222,15 +229,30 @@ class LowRankAdamW(MatrixOptimizer):
         return {"step": counter(), "exp_avg": moment, "exp_avg_sq": moment._replace(role=SECOND_MOMENT),
                 **proj.basis(B, batched)}
 
+    def _prepare(self, group, bucket):
+        """The low-rank gradients L of the params not due for a refresh, projected before the
+        non-finite check so that it reads L rather than G: a NaN or Inf in G reaches every
+        column (or row) of L, and L is r/min(m, n) of G's size. A param due for a refresh
+        is checked on G, which the refresh reads anyway. The prepared L of every low-rank
+        bucket are held until the check has passed: the size of one moment in all."""
+        proj = self._projector(group, *bucket.shape)
+        rest = [i for i, s in enumerate(bucket.states) if s["step"] % group["update_proj_gap"]]
+        lows = [None] * len(bucket.params)
+        if rest:
+            projected = self._projected(proj.project, proj, [bucket.grads[i] for i in rest], bucket, rest)
+            for i, low in zip(rest, projected):
+                lows[i] = low
+        return [g if low is None else low for g, low in zip(bucket.grads, lows)], lows
+
     def _update(self, group, bucket):
         proj = self._projector(group, *bucket.shape)
         params, grads, states = bucket.params, bucket.grads, bucket.states
+        lows = list(bucket.prepared or [None] * len(params))
         due = [i for i, s in enumerate(states) if s["step"] % group["update_proj_gap"] == 0]
-        lows = [None] * len(params)
         if due:
             for i, low in zip(due, self._refresh(group, proj, bucket, due)):
                 lows[i] = low
-        rest = [i for i, low in enumerate(lows) if low is None]
+        rest = [i for i, low in enumerate(lows) if low is None]   # not prepared: state made this step
         if rest:
             for i, low in zip(rest, self._projected(proj.project, proj, [grads[i] for i in rest], bucket, rest)):
                 lows[i] = low
@@ -238,13 +260,35 @@ class LowRankAdamW(MatrixOptimizer):
             s["step"] += 1
         steps = lowrank_adam(_stacks([s["exp_avg"] for s in states]), _stacks([s["exp_avg_sq"] for s in states]),
                              lows, [s["step"] for s in states], group["betas"], group["eps"])
-        updates = self._projected(proj.project_back, proj, steps, bucket, range(len(params)), back=True)
         scale = math.sqrt(min(proj.m, proj.n) / proj.rank) if group["scale"] is None else group["scale"]
-        self._apply(group, proj, bucket, updates, scale)
+        self._apply(group, proj, bucket, steps, scale)
 
-    def _apply(self, group, proj, bucket, updates, scale: float) -> None:
-        """W ← W(1 − ηλ) − η·s·U for the bucket's weights and their projected-back steps U."""
-        apply_update(bucket.weights, updates, lr=float(group["lr"]), weight_decay=group["weight_decay"], scale=scale)
+    def _apply(self, group, proj, bucket, steps, scale: float) -> None:
+        """W ← W(1 − ηλ) − η·s·project_back(S) for the bucket's weights and low-rank steps S.
+
+        Where the back-projection is local (a single process, or a right projection, whose
+        rows are the weight's), the matrices are not stacked and the matmuls multiply in
+        the weights' dtype, each weight is updated by one matmul into it
+        (``proj.add_back``): no (B, m, n) temporary, no extra pass over the weights."""
+        lr, weight_decay = float(group["lr"]), group["weight_decay"]
+        if self._adds_back(proj, bucket):
+            for p, w, step, state in zip(bucket.params, bucket.weights, steps, bucket.states):
+                bases = self._bases(proj, state)
+                bases = [bases[key] if not bucket.sharded else local_matrices(p, bases[key]) for key in proj.keys]
+                proj.add_back(w, step, *bases, alpha=-lr * scale, beta=1 - lr * weight_decay)
+            return
+        updates = self._back(proj, steps, bucket)
+        apply_update(bucket.weights, updates, lr=lr, weight_decay=weight_decay, scale=scale)
+
+    def _adds_back(self, proj, bucket) -> bool:
+        """Whether :meth:`_apply` can add each back-projected step into its weight in place."""
+        if bucket.stack or (proj.dtype or bucket.states[0]["exp_avg"].dtype) != bucket.weights[0].dtype:
+            return False
+        return not whole_low(proj) or group_of(bucket.params, self._replicated_group()) is None
+
+    def _back(self, proj, steps, bucket) -> list:
+        """The full-size back-projections project_back(S) of the bucket's low-rank steps S."""
+        return self._projected(proj.project_back, proj, steps, bucket, range(len(bucket.params)), back=True)
 
     # -- projections -------------------------------------------------------------------------
     @staticmethod
@@ -276,7 +320,7 @@ class LowRankAdamW(MatrixOptimizer):
             bases = [[local_matrices(p, b) for p, b in zip(params, key_bases)] for key_bases in bases]
             if len({x.shape[1:] for x in tensors}) > 1:
                 return [fn(x, *b) for x, *b in zip(tensors, *bases)]
-        (result,) = stacked_call(fn, tensors, *bases)
+        (result,) = stacked_call(fn, tensors, *bases, stack=bucket.stack)
         return result
 
     # -- refresh -------------------------------------------------------------------------------

@@ -178,9 +178,10 @@ def quantize(x: Tensor, code: Code) -> tuple[Tensor, Tensor]:
 
 
 def dequantize(codes: Tensor, scale: Tensor, code: Code) -> Tensor:
-    """The values of ``codes`` (uint8 indices into ``code``) times their blocks' ``scale``."""
+    """The values of ``codes`` (uint8 indices into ``code``) times their blocks' ``scale``, as
+    a dense tensor (like the state it stands for: fused kernels take no strides)."""
     values = code.values.to(codes.device)[_blocks(codes).int()]
-    return _unblock(values * scale[..., None], codes.shape)
+    return _unblock(values * scale[..., None], codes.shape).contiguous()
 
 
 def code_for(role: str) -> Code:
@@ -275,19 +276,32 @@ def stored(declared: dict, precision: str, counter) -> dict:
 
 
 class Working(MutableMapping):
-    """A param's state as its rule sees it (``declared``: the rule's declaration): the
-    entries ``temporaries`` holds (fp32 copies of the stored ones) in place of the stored
-    ones; every other entry is the stored state's, read and written through. The int8 scales
-    and the rounding counter are not seen."""
+    """A param's state as its rule sees it (``declared``: the rule's declaration): each entry
+    of ``pending`` (key → how it is stored: "int8" or "bf16") is read as a temporary of its
+    declared dtype, dequantized (or upcast) on first access and kept in ``temporaries``;
+    every other entry is the stored state's, read and written through. The int8 scales and
+    the rounding counter are not seen."""
 
-    def __init__(self, state: dict, declared: dict, temporaries: dict[str, Tensor], hidden: set[str]):
-        self.state, self.declared, self.temporaries, self._hidden = state, declared, temporaries, hidden
+    def __init__(self, state: dict, declared: dict, pending: dict[str, str], dtype_of):
+        self.state, self.declared, self.temporaries = state, declared, {}
+        self._pending, self._dtype_of = pending, dtype_of
+        self._hidden = {ROUNDING_STEP} | {key + SCALE_SUFFIX for key, kind in pending.items() if kind == "int8"}
 
     def __getitem__(self, key):
+        if key in self._pending:
+            kind, spec = self._pending.pop(key), self.declared[key]
+            value = self.state[key]
+            if kind == "int8":
+                value = dequantize(value, self.state[key + SCALE_SUFFIX], code_for(spec.role))
+            self.temporaries[key] = value.to(self._dtype_of(spec))
         return self.temporaries[key] if key in self.temporaries else self.state[key]
 
     def __setitem__(self, key, value):
-        (self.temporaries if key in self.temporaries else self.state)[key] = value
+        if key in self._pending or key in self.temporaries:
+            self._pending.pop(key, None)
+            self.temporaries[key] = value
+        else:
+            self.state[key] = value
 
     def __delitem__(self, key):
         raise TypeError("a rule does not delete its declared state")
@@ -301,25 +315,16 @@ class Working(MutableMapping):
 
 def working(state: dict, declared: dict, precision: str, p: Tensor) -> Working:
     """The rule's view of param ``p``'s ``state`` (stored by :func:`stored` from
-    ``declared``): each entry stored in fewer bits dequantized (int8) or upcast (bf16) to a
-    temporary of its declared dtype."""
-    temporaries, hidden = {}, {ROUNDING_STEP}
-    for key, spec in declared.items():
-        kind = storage(spec, precision)
-        if kind is None or key not in state:
-            continue
-        if kind == "int8":
-            hidden.add(key + SCALE_SUFFIX)
-            codes, scale = state[key], state[key + SCALE_SUFFIX]
-            temporaries[key] = dequantize(codes, scale, code_for(spec.role)).to(spec.dtype_for(p))
-        else:
-            temporaries[key] = state[key].to(spec.dtype_for(p))
-    return Working(state, declared, temporaries, hidden)
+    ``declared``): each entry stored in fewer bits read as a temporary of its declared dtype
+    (for ``p``), made when first read."""
+    pending = {key: kind for key, spec in declared.items()
+               if (kind := storage(spec, precision)) is not None and key in state}
+    return Working(state, declared, pending, lambda spec: spec.dtype_for(p))
 
 
 def write_back(view: Working, precision: str, place: tuple, offsets: dict[str, int]) -> None:
-    """Store the temporaries of ``view`` into its state: int8 requantized, bf16 moments
-    stochastically rounded (seeded by ``place``, the key, and the state's rounding counter,
+    """Store the temporaries of ``view`` (the entries the rule read) into its state: int8
+    requantized, bf16 moments stochastically rounded (seeded by ``place``, the key, and the state's rounding counter,
     advanced here; ``offsets``: key → global index of the local piece's first entry), bases
     rounded to nearest. In place, so each state keeps its storage."""
     state, declared = view.state, view.declared

@@ -9,6 +9,9 @@ matrix shape m×n and a stack of same-shape gradients G (B, m, n):
   :class:`~matrixopt.base.State` (whole per matrix; ``batched``: see :func:`stored_shape`); ``keys``: those names; ``basis_dims``: key → the per-matrix shape;
 - ``project(G, *bases)`` → L and ``project_back(L, *bases)`` → (B, m, n), with ``bases``
   the (B, ...) stacks of that state in ``keys`` order; ``low_dims``: L's per-matrix shape;
+  ``add_back(W, L, *bases, alpha, beta)``: W ← βW + α·project_back(L) in place, one matmul
+  into W (a rule whose update is not W's plain sum with the back-projection, as CoSOAdamW's,
+  need not have it);
 - ``refresh(G, *previous, seeds=None, warm=True)`` → the new bases (in ``keys`` order), a (B,) int8
   status (:data:`REFRESHED`, :data:`ZERO_GRADIENT`, :data:`SVD_FAILED`) and, where
   ``refresh_gives_low``, the low-rank gradient too; ``refresh_outputs(dtype)`` declares
@@ -130,6 +133,17 @@ class SVDProjector:
         if self.right:
             L = matmul_in(L, bases[-1].mT, self.dtype)
         return L
+
+    def add_back(self, W: torch.Tensor, L: torch.Tensor, *bases: torch.Tensor, alpha: float, beta: float) -> None:
+        """W ← βW + α·project_back(L) in place, the last matmul accumulating into W (whose
+        dtype the matmuls then use): no (B, m, n) temporary, one pass over W."""
+        bases = [b.to(W.dtype) for b in bases]
+        L = L.to(W.dtype)
+        if self.right:
+            left = bases[0] @ L if self.left else L
+            W.baddbmm_(left, bases[-1].mT, beta=beta, alpha=alpha)
+        else:
+            W.baddbmm_(bases[0], L, beta=beta, alpha=alpha)
 
     def transition(self, old, new) -> dict[str, torch.Tensor]:
         """Change of basis R = P_newᵀ P_old (B, r, r) per side, for carrying low-rank state."""
@@ -253,6 +267,12 @@ class DCTProjector:
     def project_back(self, L: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Map a low-rank step L back to (B, m, n), in the matmul's dtype."""
         return self._tall(matmul_in(self._tall(L), self._columns(indices, L.device, L.dtype).mT, self.dtype))
+
+    def add_back(self, W: torch.Tensor, L: torch.Tensor, indices: torch.Tensor, *, alpha: float, beta: float) -> None:
+        """W ← βW + α·project_back(L) in place, the matmul accumulating into W (whose dtype it
+        then uses)."""
+        self._tall(W).baddbmm_(self._tall(L.to(W.dtype)), self._columns(indices, W.device, W.dtype).mT,
+                               beta=beta, alpha=alpha)
 
     def refresh(self, G: torch.Tensor, *previous, seeds=None, warm=True):
         """New ``indices`` (B, r) int32 for the stack G (B, m, n), a (B,) status (always

@@ -152,7 +152,7 @@ def test_state_bytes_of_torch_and_galore_torch_optimizers():
     adamw.step()
     # Two fp32 moments per element and a 4-byte step counter per param.
     assert optimizers.state_bytes(adamw) == 2 * 4 * (2 * 32 * 48 + 32) + 3 * 4
-    cls, _ = optimizers.galore_torch_class()
+    cls, _ = optimizers.peer_class(optimizers.GALORE_TORCH)
     if cls is None:
         pytest.skip("galore-torch is not installed")
     galore = optimizers.build(optimizers.GALORE_TORCH, params, others, 1e-3, settings)
@@ -160,6 +160,87 @@ def test_state_bytes_of_torch_and_galore_torch_optimizers():
     # Low-rank moments (rank 8) plus the projector, which keeps the SVD's whole 32×32
     # factor alive (it is a view of it); AdamW moments for the vector.
     assert optimizers.state_bytes(galore) == 4 * (2 * (2 * 8 * 48) + 2 * 32 * 32 + 2 * 32)
+
+
+NEW_LOW_RANK_PEERS = [n for n in optimizers.LOW_RANK_PEERS if n != optimizers.GALORE_TORCH]
+
+
+def peer_or_skip(name):
+    if optimizers.peer_class(name)[0] is None:
+        pytest.skip(f"{optimizers.LOW_RANK_PEERS[name].package} is not installed")
+
+
+def tiny_model():
+    """Two matrices (a wide and a tall one, smaller side 32: rank 8 at d/4) and a 40×16
+    embedding-like matrix, which a projection would shrink, all with gradients."""
+    torch.manual_seed(0)
+    matrices = [("a", torch.nn.Parameter(torch.randn(32, 48))), ("b", torch.nn.Parameter(torch.randn(48, 32)))]
+    others = [("embedding", torch.nn.Parameter(torch.randn(40, 16)))]
+    for _, p in matrices + others:
+        p.grad = torch.randn_like(p)
+    return matrices, others
+
+
+# Hand counts after a step, in fp32 elements. A wide m×n matrix (m < n) is projected from
+# the left (an m×r projector, r×n moments), a tall one from the right (r×n, m×r): 32×48 and
+# 48×32 at rank r hold 2·(2·r·48) moments and 2·(32·r) projector entries. pytorch-optimizer
+# clones its projector slice; APOLLO draws its random one and keeps the norm of the last
+# scaled gradient (one 0-d tensor per matrix, Fira's norm-growth limiter). The embedding:
+# two full 40×16 moments.
+PEER_STATE_ELEMENTS = {
+    "pytorch_optimizer.GaLore": 2 * (2 * 8 * 48) + 2 * 32 * 8 + 2 * 40 * 16,
+    "apollo_torch.APOLLO": 2 * (2 * 8 * 48) + 2 * 32 * 8 + 2 + 2 * 40 * 16,
+    "apollo_torch.APOLLO-mini": 2 * (2 * 1 * 48) + 2 * 32 * 1 + 2 + 2 * 40 * 16,   # rank 1
+}
+
+
+@pytest.mark.parametrize("name", NEW_LOW_RANK_PEERS)
+def test_state_bytes_of_the_low_rank_peers_count_their_projectors(name):
+    peer_or_skip(name)
+    matrices, others = tiny_model()
+    opt = optimizers.build(name, matrices, others, 1e-3, optimizers.Settings(rank_fraction=0.25))
+    opt.step()
+    opt.step()   # no state is added after the first step
+    assert optimizers.state_bytes(opt) == 4 * PEER_STATE_ELEMENTS[name]
+
+
+@pytest.mark.parametrize("name", [*optimizers.LOW_RANK_PEERS, "matrixopt.GaLoreAdamW", "matrixopt.DCTAdamW",
+                                  optimizers.TORCH_MUON])
+def test_every_contender_steps_the_embedding_as_torch_adamw(name):
+    """The embedding is on each optimizer's plain Adam(W) path, never projected: three steps
+    move it as torch.optim.AdamW does, up to eps (gradient entries of at least 0.5 make
+    1e-6 vs 1e-8 negligible) and whether weight decay comes before or after the update
+    (lr²·λ per step, 1e-5), while each step moves it by about lr = 1e-2 per entry."""
+    if name in optimizers.LOW_RANK_PEERS:
+        peer_or_skip(name)
+    matrices, others = tiny_model()
+    (_, embedding), = others
+    start = embedding.detach().clone()
+    reference = torch.nn.Parameter(start.clone())
+    settings = optimizers.Settings()
+    adamw = torch.optim.AdamW([reference], lr=1e-2, betas=settings.betas, weight_decay=settings.weight_decay)
+    opt = optimizers.build(name, matrices, others, 1e-2, settings)
+    before = [p.detach().clone() for _, p in matrices]
+    signs = torch.randn_like(embedding).sign()
+    for _ in range(3):
+        grad = signs * (0.5 + torch.rand_like(embedding))
+        embedding.grad, reference.grad = grad.clone(), grad.clone()
+        opt.step()
+        adamw.step()
+    assert (reference.detach() - start).abs().mean() > 1e-2
+    torch.testing.assert_close(embedding.detach(), reference.detach(), rtol=0, atol=1e-4)
+    assert all(not torch.equal(p, b) for (_, p), b in zip(matrices, before))
+
+
+def test_low_rank_peers_are_in_the_step_benchmark_and_selectable_by_name():
+    available = [n for n in NEW_LOW_RANK_PEERS if optimizers.peer_class(n)[0] is not None]
+    names, _ = optimizers.contenders(peers=True)
+    assert [n for n in names if n in optimizers.LOW_RANK_PEERS] == [
+        n for n in optimizers.LOW_RANK_PEERS if optimizers.peer_class(n)[0] is not None]
+    assert not set(available) & set(optimizers.contenders()[0])   # train and the others: by name only
+    for name in available:
+        assert optimizers.contenders([name, "matrixopt.GaLoreAdamW"])[0] == [name, "matrixopt.GaLoreAdamW"]
+        assert optimizers.is_low_rank(name)
 
 
 def test_contenders_are_the_baselines_and_every_matrixopt_optimizer():
@@ -403,30 +484,43 @@ def test_update_rms_command(tmp_path):
     assert result["widths"] == [32] and result["run_steps"] == [8, 10]
 
 
-def test_step_command(tmp_path):
+def test_step_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(step.EMBEDDING_ROWS, "ci", 96)   # a 96×64 embedding, on each one's AdamW
     result = written(cli.main(["step", "--quick", "--sets", "ci", "--warmup", "1", "--repeats", "2",
                                "--threads", "1", "--out", str(tmp_path)]))
-    (title, rows), (batching_title, batching) = result["sections"].items()
-    assert title.startswith("ci: 7 matrices") and batching_title.startswith("Batching")
+    (title, rows), (batching_title, batching), (notes_title, notes) = result["sections"].items()
+    assert title.startswith("ci: 7 matrices + a 96×64 embedding on AdamW") and "rank 16, gap 200" in title
+    assert batching_title.startswith("Batching") and notes_title == "Notes"
+    assert any("Embedding" in r["note"] and "never projected" in r["note"] for r in notes)
     # The batching table: one row per optimizer and shape, its ratio from its two timings.
     assert {(r["optimizer"], r["shape"]) for r in batching} == {
         (o, f"8×{m}×{n}") for o in ("Muon", "GaLoreAdamW") for m, n in step.CI_BATCHING_SHAPES}
     for r in batching:
-        assert r["one per bucket / batched"] == r["one per bucket ms"] / r["batched ms"]
-    names, _ = optimizers.contenders(variants=True)
+        assert r["per matrix / stacked"] == r["per matrix ms"] / r["stacked ms"]
+    names, _ = optimizers.contenders(variants=True, peers=True)
     assert [r["optimizer"] for r in rows] == names and "matrixopt.GaLoreAdamW (proj_dtype=bf16)" in names
+    installed = [n for n in optimizers.LOW_RANK_PEERS if optimizers.peer_class(n)[0] is not None]
+    assert set(installed) <= set(names)
     d, h, layers = step.SHAPES["ci"]
-    numel = layers * (4 * d * d + 3 * d * h)
+    numel, embedding = layers * (4 * d * d + 3 * d * h), 96 * d
     for row in rows:
         assert set(row) == set(step.COLUMNS)
         assert row["step_ms"] > 0 and row["peak_extra_MB"] >= row["state_MB"]
         low_rank = optimizers.is_low_rank(row["optimizer"])
         assert (row["refresh_step_ms"] is not None) == low_rank == (row["amortized_ms"] is not None)
+        if low_rank:
+            assert row["refresh_step_ms"] > 0 and row["amortized_ms"] == pytest.approx(
+                row["step_ms"] + (row["refresh_step_ms"] - row["step_ms"]) / 200)
     adamw = rows[0]
-    assert adamw["state_MB"] * 2**20 == 2 * 4 * numel + 4 * 7
+    assert adamw["state_MB"] * 2**20 == 2 * 4 * (numel + embedding) + 4 * 8
     assert adamw["step_vs_adamw"] == adamw["state_vs_adamw"] == 1
-    muon = next(r for r in rows if r["optimizer"] == "matrixopt.Muon")
-    assert muon["state_MB"] * 2**20 == 4 * numel  # one fp32 momentum buffer
+    by_name = {r["optimizer"]: r for r in rows}
+    # One fp32 momentum buffer per matrix; two AdamW moments for the embedding.
+    assert by_name["matrixopt.Muon"]["state_MB"] * 2**20 == 4 * numel + 2 * 4 * embedding
+    if "apollo_torch.APOLLO-mini" in by_name:
+        # Rank 1: per matrix an m×1 or 1×n projector, two moments of the other side, a norm.
+        per_layer = 4 * (d + 2 * d + 1) + 3 * (d + 2 * h + 1)  # wq, wk, wv, wo (d×d); w1, w3 (h×d), w2 (d×h)
+        assert by_name["apollo_torch.APOLLO-mini"]["state_MB"] * 2**20 == 4 * (layers * per_layer + 2 * embedding)
 
 
 def test_variants_set_their_arguments_and_attributes_on_the_instance():

@@ -12,7 +12,9 @@ import torch
 
 import matrixopt
 
-HYPER = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-6, scale=0.5, rank=3, update_proj_gap=4)
+# max_history 0.5: a history that can fill min(m, n) = d would leave no direction to step in
+# (Π(G) = 0 up to rounding, whose SVD is noise), which the reference cannot follow to 1e-9.
+HYPER = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-6, scale=0.5, rank=3, update_proj_gap=4, max_history=0.5)
 
 
 def grad_fn(task: int, shape=(12, 8)):
@@ -33,7 +35,7 @@ class Reference:
     """The rule for one matrix in float64, growing H as a d×c matrix (no padding)."""
 
     def __init__(self, W, *, lr, betas, eps, scale, rank, update_proj_gap, weight_decay=0.0, protect="gradients",
-                 side="right", history_energy=0.9, weight_energy=0.5, max_history=0.5, sketch_rank=None,
+                 side="right", history_energy=0.9, weight_energy=0.5, max_history=1.0, sketch_rank=None,
                  proj_type="std"):
         self.W, self.lr, self.betas, self.eps, self.scale = W.clone(), lr, betas, eps, scale
         self.T, self.wd, self.protect, self.side = update_proj_gap, weight_decay, protect, side
@@ -43,7 +45,7 @@ class Reference:
         self.r = min(rank, k)
         self.h_max = max(1, round(max_history * k)) if isinstance(max_history, float) else max_history
         self.d = m if side == "left" else n
-        ell = sketch_rank if sketch_rank is not None else self.r
+        ell = sketch_rank if sketch_rank is not None else self.h_max
         self.S = torch.zeros(self.d, min(ell, self.d), dtype=torch.float64)
         self.H = torch.zeros(self.d, 0, dtype=torch.float64)
         self.right = (m >= n) == (proj_type == "std")   # which side GaLore projects
@@ -94,8 +96,8 @@ class Reference:
         size = math.sqrt(1 - b2**self.t) / (1 - b1**self.t)
         delta = self.pi(self.back(self.M / (self.V.sqrt() + self.eps)))
         self.W = self.W - self.lr * self.wd * self.pi(self.W) - self.lr * self.scale * size * delta
-        if self.protect != "weights":   # Frequent Directions on the projected gradient
-            Y = self.tall(self.pi(self.back(self.project(Gt))))
+        if self.protect != "weights":   # Frequent Directions on the gradient outside H
+            Y = self.tall(Gt)
             lam, Q = torch.linalg.eigh(self.S @ self.S.T + Y @ Y.T)
             lam, Q = lam.flip(0), Q.flip(1)
             ell = self.S.shape[1]
@@ -154,8 +156,8 @@ def test_history_merge_and_cap():
     there; at max_history it stops adding and warns once, naming the param."""
     W0 = torch.randn(12, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     p = torch.nn.Parameter(W0.clone())
-    opt = matrixopt.CoSOAdamW([("w", p)], svd="exact", **{**HYPER, "max_history": 5, "history_energy": 0.99})
-    ref = Reference(W0, **{**HYPER, "max_history": 5, "history_energy": 0.99})
+    opt = matrixopt.CoSOAdamW([("w", p)], svd="exact", **{**HYPER, "max_history": 5, "history_energy": 0.7})
+    ref = Reference(W0, **{**HYPER, "max_history": 5, "history_energy": 0.7})
     counts = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -218,12 +220,49 @@ def test_first_task_is_galore():
     """With protect="gradients" nothing is protected during the first task: GaLoreAdamW's run."""
     W0 = torch.randn(12, 8, generator=torch.Generator().manual_seed(3))
     a, b = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
-    coso, galore = matrixopt.CoSOAdamW([a], **HYPER), matrixopt.GaLoreAdamW([b], **HYPER)
+    galore_hyper = {k: v for k, v in HYPER.items() if k != "max_history"}
+    coso, galore = matrixopt.CoSOAdamW([a], **HYPER), matrixopt.GaLoreAdamW([b], **galore_hyper)
     for t in range(9):
         a.grad = b.grad = grad_fn(0)(W0.double(), t).float()
         coso.step()
         galore.step()
     assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("protect_fallback", [True, False])
+def test_fallback_keeps_the_entries_earlier_tasks_used(protect_fallback):
+    """A gain and an embedding on the fallback against torch.optim.AdamW: the first task is
+    AdamW's; after end_task the entries it gave gradients to (the gain, the embedding rows of
+    tokens 0-2) stay bit for bit, the others (rows 3-5, never seen) follow AdamW's run of the
+    second task; with protect_fallback=False everything follows AdamW."""
+    gen = torch.Generator().manual_seed(6)
+    g0, e0 = torch.randn(4, generator=gen), torch.randn(6, 4, generator=gen)
+    ours = [torch.nn.Parameter(g0.clone()), torch.nn.Parameter(e0.clone())]
+    theirs = [torch.nn.Parameter(g0.clone()), torch.nn.Parameter(e0.clone())]
+    kw = dict(lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    opt = matrixopt.CoSOAdamW([{"params": ours, "matrix": False}], protect_fallback=protect_fallback, **kw)
+    ref = torch.optim.AdamW(theirs, **kw)
+    for task, rows in enumerate((slice(0, 3), slice(3, 6))):
+        if task == 1:
+            kept = [p.detach().clone() for p in ours]
+        for t in range(4):
+            gg = torch.randn(4, generator=gen)
+            ge = torch.zeros(6, 4)
+            ge[rows] = torch.randn(3, 4, generator=gen)
+            for params, o in ((ours, opt), (theirs, ref)):
+                params[0].grad, params[1].grad = gg.clone(), ge.clone()
+                o.step()
+        if task == 0:
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        opt.end_task()
+    if protect_fallback:
+        assert torch.equal(ours[0], kept[0]) and torch.equal(ours[1][:3], kept[1][:3])
+        torch.testing.assert_close(ours[1][3:], theirs[1][3:], rtol=1e-6, atol=1e-7)
+        assert opt.state[ours[1]]["protected"].all()   # rows 3-5 joined at the second end_task
+    else:
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_state_round_trip_is_bit_identical(tmp_path):
@@ -285,7 +324,11 @@ def _dist_worker(rank):
     from dist_utils import assert_params_close, batches, full_params, model, sharded, train
 
     data = batches(6)
-    kwargs = dict(lr=0.02, rank=4, update_proj_gap=2, protect="both", weight_decay=0.1)
+    # The exact SVD: a warm-started randomized refresh of these flat random-token spectra is
+    # far from converged, so the last-bit roundings that differ between a rank's shard of the
+    # moments and the whole (torch's fused Adam kernel rounds a tensor's scalar tail apart
+    # from its vectorized body) move its subspace by 10-30% within six steps.
+    kwargs = dict(lr=0.02, rank=4, update_proj_gap=2, protect="both", weight_decay=0.1, svd="exact")
 
     def run(net, opt, trained):
         train(trained, opt, data[:3])

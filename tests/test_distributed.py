@@ -67,6 +67,11 @@ def _check(case, rank, checkpoint_dir, **kwargs):
     gradient rounding of 1e-7 to 1e-2, so split batches could not test it).
     """
     data = batches(STEPS)
+    # The sharded and replicated paths equal the single process to fp32 rounding (1e-7 after
+    # 5 steps: matmuls over shards round differently), not bit for bit; int8 codes and bf16's
+    # stochastic rounding turn such a difference into a code step (≤ 1.4%) or a bf16 step of
+    # the few entries it flips, ~2e-4 of a param after 5 steps.
+    rtol = 1e-5 if kwargs.get("state_precision", "fp32") == "fp32" else 1e-3
 
     # The single-process reference, run with the process group up: it calls no collective.
     ref = model()
@@ -83,7 +88,7 @@ def _check(case, rank, checkpoint_dir, **kwargs):
     opt = make_optimizer(case, ddp.module, distributed="replicated", **kwargs)
     work = CountingWork(opt)
     train(ddp, opt, data)
-    assert_params_close(full_params(ddp.module), want)
+    assert_params_close(full_params(ddp.module), want, rtol)
     _assert_shared(gathered(work.flops), ref_work.flops, largest)
 
     # FSDP2: sharded params, owner-rank matrix work.
@@ -91,7 +96,7 @@ def _check(case, rank, checkpoint_dir, **kwargs):
     opt = make_optimizer(case, net, **kwargs)
     work = CountingWork(opt)
     train(net, opt, data)
-    assert_params_close(full_params(net), want)
+    assert_params_close(full_params(net), want, rtol)
     _assert_shared(gathered(work.flops), ref_work.flops, largest)
 
     _check_nonfinite(case, rank, data[0], **kwargs)

@@ -1,0 +1,162 @@
+"""The optimizer step fused into backward: each param is updated as soon as its gradient is
+final, and the gradient freed, so a backward holds about one layer's gradients, not the model's.
+
+:func:`step_in_backward` registers a post-accumulate-grad hook
+(``Tensor.register_post_accumulate_grad_hook``) on every param of a
+:class:`~matrixopt.base.MatrixOptimizer`. Autograd calls it right after it has accumulated the
+param's gradient of a backward into ``p.grad``; FSDP2 (``fully_shard``) calls it on the sharded
+param after the gradient's reduce-scatter. The hook hands that one param to the optimizer's own
+step path (``MatrixOptimizer._step_params``: the checks, the non-finite policy, buckets, state
+creation, the rule — exactly what ``step()`` runs for every param) and sets ``p.grad = None``.
+"""
+import weakref
+
+import torch
+from torch.autograd import Variable
+
+from .base import MatrixOptimizer
+from .validation import integer, real
+
+#: Optimizers with an active handle (two handles would update every param twice).
+_ACTIVE: "weakref.WeakSet[MatrixOptimizer]" = weakref.WeakSet()
+
+
+def step_in_backward(optimizer: MatrixOptimizer, *, accumulation_steps: int = 1,
+                     max_grad_norm: float | None = None) -> "StepInBackward":
+    """Update ``optimizer``'s params inside ``loss.backward()``, each as soon as its gradient
+    is final, freeing the gradient; returns a handle whose ``.remove()`` restores ordinary
+    ``backward(); step()`` training.
+
+    A window of ``accumulation_steps`` = k backward passes (a pass: one backward that reaches
+    any of the optimizer's params) replaces k backwards and one ``step()``: in passes 1…k-1
+    the gradients accumulate in ``p.grad`` as usual; in pass k each param is updated by the
+    optimizer from its gradient summed over the k passes when that gradient is final, and
+    ``p.grad`` is set to None. Scale the loss by 1/k for the mean, as in an ordinary
+    accumulation loop. At the end of pass k the handle calls ``optimizer.step()`` once, through
+    every wrapper torch puts on it (step pre/post hooks, an LR scheduler's check that
+    ``optimizer.step()`` ran): that step updates the params that still hold a gradient — those
+    that got one in an earlier pass of the window but not in pass k — and sets every
+    ``p.grad`` to None (``zero_grad()``), so the window equals the ordinary loop for them
+    too. Call ``scheduler.step()`` after pass k, where the ordinary loop calls it after
+    ``optimizer.step()``. Every param's update is the one ``step()`` would make: results
+    equal the ordinary loop bit for bit where its buckets hold one param each, and within
+    1e-6 relative (a stack of same-shape matrices is orthogonalized / projected in one
+    batched call there, one by one here: same-shape matrices are not batched) otherwise.
+    With ``accumulation_steps`` > 1, activation checkpointing must be non-reentrant
+    (``use_reentrant=False``): a reentrant segment's backward counts as a pass of its own.
+
+    With FSDP2, load a DCP checkpoint into a fresh optimizer before calling this
+    (``get_state_dict`` / ``set_state_dict`` create its state by a ``step()``).
+
+    While the handle is active, ``optimizer.step()`` raises ``RuntimeError`` (the updates
+    happen in backward); so does ``GradScaler.step(optimizer)`` (with GradScaler's own
+    assertion once pass k has consumed every gradient): fp16 loss scaling needs every
+    gradient unscaled and checked before any update, and is not supported — bf16 autocast
+    needs no scaler and works. A global ``clip_grad_norm_`` needs every gradient and sees
+    none after pass k; ``max_grad_norm`` = c instead clips each param's gradient to norm c
+    (``clip_grad_norm_([p], c)``, the whole param's norm under FSDP2) before its update —
+    per param, not the global clipping. The non-finite policy applies per param: a NaN or
+    Inf in one param's gradient skips that param only (``nonfinite="skip"``, counted and
+    warned as by ``step()``), or raises ``FloatingPointError`` out of ``backward()`` with
+    ``nonfinite="raise"``, after the params updated before it in that pass.
+
+    Not supported, refused: an optimizer with ``distributed="replicated"`` or a
+    ``process_group`` (DDP): the hooks run before DDP averages the gradients, so each rank
+    would update from its own. Do not wrap the model in ``DistributedDataParallel`` either
+    (nothing on a param tells that it is). FSDP2 works (each rank updates its shards after
+    the reduce-scatter, whole-matrix work on owner ranks as in ``step()``) with gradient sync
+    on every backward (FSDP2's default). Checkpoints: ``optimizer.state_dict()`` and
+    ``load_state_dict`` work as without the handle; save at the end of a window (after pass k),
+    since the accumulated gradients of a window in progress live in ``p.grad``. Params added by
+    ``add_param_group`` afterwards get no hook: they are updated by the step at the end of
+    pass k.
+    """
+    return StepInBackward(optimizer, accumulation_steps, max_grad_norm)
+
+
+class StepInBackward:
+    """The handle of :func:`step_in_backward`: the hooks and the window's pass count."""
+
+    def __init__(self, optimizer: MatrixOptimizer, accumulation_steps: int, max_grad_norm: float | None):
+        if not isinstance(optimizer, MatrixOptimizer):
+            raise TypeError(f"step_in_backward needs a matrixopt optimizer, got {type(optimizer).__name__}")
+        integer(1)("accumulation_steps", accumulation_steps)
+        if max_grad_norm is not None:
+            real(0.0, lo_open=True)("max_grad_norm", max_grad_norm)
+        if optimizer._replicated:
+            raise ValueError(f"step_in_backward does not support {type(optimizer).__name__}(distributed="
+                             "'replicated' or process_group=...): its hooks run before DDP averages the "
+                             "gradients, so each rank would update from its own; use FSDP2 (fully_shard) or "
+                             "the ordinary backward(); step() loop")
+        if optimizer in _ACTIVE:
+            raise RuntimeError(f"step_in_backward is already active on this {type(optimizer).__name__}; "
+                               "remove() its handle first")
+        self._optimizer = optimizer
+        self._accumulation_steps = accumulation_steps
+        self._max_grad_norm = max_grad_norm
+        self._passes = 0            # passes ended in the current window
+        self._pass_task = None      # the backward (autograd graph task) whose end is queued
+        self._finishing = False     # the handle's own optimizer.step() at the end of a window
+        self._handles = [optimizer.register_step_pre_hook(self._refuse_step)]
+        for gi, group in enumerate(optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(gi, i)))
+        _ACTIVE.add(optimizer)
+
+    def remove(self) -> None:
+        """Remove the hooks: ``backward()`` accumulates gradients and ``step()`` updates again.
+        Gradients accumulated by a window in progress stay in ``p.grad``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        _ACTIVE.discard(self._optimizer)
+
+    def _hook(self, gi: int, i: int):
+        # By index: load_state_dict replaces the group dicts.
+        def ready(p):
+            self._count_pass()
+            if self._passes + 1 < self._accumulation_steps:
+                return   # accumulating: the gradient stays for the next pass
+            with torch.no_grad():
+                self._clip(p)
+                self._optimizer._step_params([(self._optimizer.param_groups[gi], [i])])
+            p.grad = None
+
+        return ready
+
+    def _count_pass(self) -> None:
+        """At a backward's first hook, queue the end of the pass (autograd's final callback)."""
+        task = torch._C._current_graph_task_id()
+        if task != self._pass_task:
+            self._pass_task = task
+            Variable._execution_engine.queue_callback(self._end_pass)
+
+    def _end_pass(self) -> None:
+        self._pass_task = None
+        self._passes += 1
+        if self._passes == self._accumulation_steps:
+            self._passes = 0
+            self._finishing = True
+            try:
+                self._optimizer.step()
+            finally:
+                self._finishing = False
+            self._optimizer.zero_grad(set_to_none=True)   # the leftovers', as the ordinary loop's zero_grad
+
+    def _clip(self, p) -> None:
+        if self._max_grad_norm is not None and p.grad is not None:
+            torch.nn.utils.clip_grad_norm_([p], self._max_grad_norm)
+
+    def _refuse_step(self, optimizer, args, kwargs) -> None:
+        """The step pre-hook: the handle's own step (at a window's end) clips the params it
+        will update; any other step() raises."""
+        if self._finishing:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    self._clip(p)
+        else:
+            raise RuntimeError(
+                f"{type(optimizer).__name__}.step() called while step_in_backward is active: loss.backward() "
+                "updates the params (call scheduler.step() after it, not optimizer.step()); GradScaler is not "
+                "supported with step_in_backward; handle.remove() restores optimizer.step()")
