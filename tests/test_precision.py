@@ -333,3 +333,27 @@ def test_unequal_blocks_keep_codes_per_block_and_resume(precision, tmp_path):
     resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     run(range(3, 6), resumed, q2)
     assert torch.equal(q2, p)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("cls", [matrixopt.Muon, matrixopt.GaLoreAdamW], ids=lambda c: c.__name__)
+def test_step_in_backward_equals_the_ordinary_loop(cls, precision):
+    """Updates inside backward, one param at a time, store the same codes and draw the same
+    rounding bits as the ordinary step (every matrix here has a shape of its own, so the
+    buckets are the same)."""
+    nets = [model(), model()]
+    opts = [make(cls, n, state_precision=precision) for n in nets]
+    matrixopt.step_in_backward(opts[1])
+    for i in range(4):
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(16, 10, generator=g), torch.randn(16, 3, generator=g)
+        for n in nets:
+            (n(x) - y).square().mean().backward()
+        opts[0].step()
+        opts[0].zero_grad()
+    for p, r in zip(nets[1].parameters(), nets[0].parameters()):
+        assert torch.equal(p, r)
+    for p, r in zip(nets[1].parameters(), nets[0].parameters()):
+        for key, value in opts[0].state[r].items():
+            other = opts[1].state[p][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
