@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import matrixopt
 
+from . import passes
 from .common import cpu_peak_bytes, default_device, median_ms
 from .optimizers import ADAMW, PEER_EPS, Settings, build, contenders, is_low_rank, smaller_side_and_rank, state_bytes
 
@@ -134,7 +135,7 @@ def run(quick: bool = False, sets=None, optimizers=None, warmup: int | None = No
         sections[title] = rows
         del params, others
     progress.close()
-    sections[f"Batching: {'Muon, GaLoreAdamW'}, 8 same-shape matrices, stacked vs per matrix ({device.type})"] = \
+    sections[f"Batching: {'Muon, GaLoreAdamW'}, 8 same-shape matrices, stacked vs one per bucket ({device.type})"] = \
         batching(CI_BATCHING_SHAPES if "ci" in sets else BATCHING_SHAPES, device, warmup, repeats)
     notes += ["state_MB counts each storage held by the state once: galore-torch's projector is a view of "
               "the full SVD factor, so the whole factor counts; APOLLO's and APOLLO-mini's random projection "
@@ -150,6 +151,10 @@ def run(quick: bool = False, sets=None, optimizers=None, warmup: int | None = No
               "(galore-torch and apollo-torch: a per-tensor Adam loop; pytorch-optimizer: foreach)",
               "torch.optim.Muon orthogonalizes in bf16 everywhere; matrixopt in bf16 on CUDA and fp32 "
               "elsewhere (its ns_dtype default)"]
+    sections.update(passes.run())
+    notes.append("Passes over memory (benchmarks.passes): the aten ops of one plain step that read or write "
+                 "each tensor; torch's fused Adam/AdamW kernels declare their gradient arguments mutable in "
+                 "their schema (they do not write them here), so the fallback's G counts one write")
     sections["Notes"] = [{"note": note} for note in notes]
     extra = {"settings": {"device": str(device), "warmup": warmup, "repeats": repeats, "dtype": "float32",
                           **vars(settings)}}
@@ -163,14 +168,14 @@ CI_BATCHING_SHAPES = [(32, 32), (256, 256)]   # for the "ci" set the tests run
 
 
 def batching(shapes, device, warmup: int, repeats: int, count: int = 8) -> list[dict]:
-    """ms per step of ``count`` same-shape matrices in one bucket, their whole-matrix work
-    stacked into one batch or run per matrix on views, for Muon and GaLoreAdamW (rank d/4, no
-    refresh): the measurement behind each optimizer's ``unbatched_elements``."""
+    """ms per step of ``count`` same-shape matrices stacked into one bucket, and one matrix per
+    bucket, for Muon and GaLoreAdamW (rank d/4, no refresh): the measurement behind each
+    optimizer's ``unbatched_elements``."""
     rows = []
     for cls, kwargs in ((matrixopt.Muon, {}), (matrixopt.GaLoreAdamW, dict(rank=0.25, update_proj_gap=10**9))):
         for shape in shapes:
             times = {}
-            for label, threshold in (("stacked", 1 << 62), ("per matrix", 0)):
+            for label, threshold in (("stacked", 1 << 62), ("one per bucket", 0)):
                 g = torch.Generator().manual_seed(0)
                 params = [torch.nn.Parameter((0.02 * torch.randn(shape, generator=g)).to(device)) for _ in range(count)]
                 for p in params:
@@ -180,8 +185,8 @@ def batching(shapes, device, warmup: int, repeats: int, count: int = 8) -> list[
                 times[label] = median_ms(opt.step, device, warmup, repeats)
             rows.append({"optimizer": cls.__name__, "shape": f"{count}×{shape[0]}×{shape[1]}",
                          "elements": shape[0] * shape[1], "stacked ms": times["stacked"],
-                         "per matrix ms": times["per matrix"],
-                         "per matrix / stacked": times["per matrix"] / times["stacked"]})
+                         "one per bucket ms": times["one per bucket"],
+                         "one per bucket / stacked": times["one per bucket"] / times["stacked"]})
             print(rows[-1], flush=True)
     return rows
 

@@ -135,7 +135,12 @@ def aro(weights, grads, momenta, rotations, *, lr: float, momentum: float, weigh
     r"""One ARO step over lists of same-shape (B, m, n) weights, gradients and fp32 momenta,
     and the (B, k, k) rotations (updated in place); see :class:`ARO` for the math. Under
     FSDP2 the weights, gradients and momenta are local rows and ``shape`` is the whole
-    matrices' (m, n)."""
+    matrices' (m, n).
+
+    Passes over memory per step (each m×n; the shell's non-finite check reads G once more
+    before): G 1 read; M 1 read and write (momentum), then the rotation's four products
+    with M (RᵀM twice, M·f(·)ᵀ, R·f(·)) and f's passes over RᵀM (compute-bound); U 1 write, 2
+    reads (its norm, the update); W 1 read and write, one more when λ > 0 (the decay)."""
     torch._foreach_lerp_(momenta, [g.float() for g in grads], 1 - momentum)
     m, n = shape or momenta[0].shape[1:]
     k = rotations[0].shape[-1]

@@ -163,27 +163,17 @@ def matmul_in(A: Tensor, B: Tensor, dtype: torch.dtype | None) -> Tensor:
     return A.to(dtype) @ B.to(dtype)
 
 
-def stacked_call(fn: Callable, *lists: list[Tensor], stack: bool = True) -> tuple[list[Tensor], ...]:
+def stacked_call(fn: Callable, *lists: list[Tensor]) -> tuple[list[Tensor], ...]:
     """``fn`` on the concatenations along dim 0 of ``lists`` (each one (B_i, ...) tensor per
-    param); each of its outputs (one stack or a tuple of stacks) split back per param.
-
-    With ``stack=False``, ``fn`` runs once per param on its own tensors instead: no copy into
-    a stack, where the batched kernel would not pay for it (see
-    :attr:`MatrixOptimizer.unbatched_elements`). ``fn`` works per matrix of a stack, so both
-    give the same values.
-    """
-    if not stack:
-        outs = [fn(*args) for args in zip(*lists)]
-        return tuple(list(col) for col in zip(*(o if isinstance(o, tuple) else (o,) for o in outs)))
+    param); each of its outputs (one stack or a tuple of stacks) split back per param."""
     sizes = [t.shape[0] for t in lists[0]]
     out = fn(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in lists))
     return tuple(list(o.split(sizes)) for o in (out if isinstance(out, tuple) else (out,)))
 
 
-def local_map(fn: Callable, inputs, outputs, stack: bool = True) -> tuple[list[Tensor], ...]:
-    """The single-process ``matrix_map``: ``fn`` on the stacks of ``inputs`` (once, or per
-    param with ``stack=False``: see :func:`stacked_call`)."""
-    return stacked_call(fn, *(inp.tensors for inp in inputs), stack=stack)
+def local_map(fn: Callable, inputs, outputs) -> tuple[list[Tensor], ...]:
+    """The single-process ``matrix_map``: ``fn`` once on the stacks of ``inputs``."""
+    return stacked_call(fn, *(inp.tensors for inp in inputs))
 
 
 def decay_weights(weights, *, lr: float, weight_decay: float):
@@ -282,9 +272,8 @@ class Bucket(NamedTuple):
     ``blocks``: per entry, None (all of the param's matrices) or b (block b of a param split
     into blocks of unequal sizes; then ``params`` repeats the param and ``states`` is the
     block's).
-    ``stack``: whether the bucket's whole-matrix work stacks its matrices (small ones, where
-    the batched kernel pays for the copy) or runs per param on views
-    (:attr:`MatrixOptimizer.unbatched_elements`); ``matrix_map`` already follows it.
+    ``stack``: whether the bucket's matrices are small enough to be stacked with others
+    (:attr:`MatrixOptimizer.unbatched_elements`); a larger one has a bucket of its own.
     ``prepared``: per entry, what the rule's :meth:`~MatrixOptimizer._prepare` computed before
     the non-finite check (None: nothing).
     """
@@ -345,15 +334,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
     #: stacked ones; 32 stacked 1024² ones run 7× faster than one by one): 2^25 elements
     #: batch 32 matrices of 1024², 8 of 2048².
     max_bucket_elements = 1 << 25
-    #: Per device type, the matrix size (elements) from which a bucket's whole-matrix work
-    #: runs one param at a time on views (:func:`stacked_call` with ``stack=False``) instead of
-    #: on a stack: stacking copies every matrix of a bucket, which pays only while the batched
-    #: kernel saves more than the copy costs. The element-wise work (momenta, moments, the
-    #: update) is one foreach call over the whole bucket either way. On a CPU (one thread, 8
-    #: same-shape matrices, the batching table of `python -m benchmarks step --quick`,
-    #: benchmarks/results/step-cpu2-2026-12-01.md) one Muon matrix at a time takes 1.1-2.4×
-    #: the stacked time up to 128×512, about the same at 256² (0.97×), and less from 512²
-    #: (0.89×) and 512×1376 (0.87×) on. On a GPU batching pays for Newton-Schulz up to 2048²
+    #: Per device type, the matrix size (elements) from which a matrix gets a bucket of its
+    #: own: stacking copies every matrix of a bucket, which pays only while the batched
+    #: kernel saves more than the copy costs (and a bucket's element-wise temporaries — the
+    #: Nesterov inputs, the updates — live together: one matrix's, alone). On a CPU (one
+    #: thread, 8 same-shape matrices, the batching table of `python -m benchmarks step
+    #: --quick`, benchmarks/results/step-cpu2-2026-12-01.md) one Muon matrix per bucket takes
+    #: 1.1-1.6× the stacked time up to 128×512, about the same at 256² and 512² (0.95-0.96×),
+    #: and less at 512×1376 (0.88×). On a GPU batching pays for Newton-Schulz up to 2048²
     #: (32 stacked 1024² ones run 7× faster than one by one on an H200): no CUDA entry.
     unbatched_elements = {"cpu": 1 << 18}
 
@@ -621,12 +609,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
         params = group["params"]
         # One device sync for the whole group rather than one per param (a group may span
         # devices, so the flags meet on the first param's), and one fused reduction rather
-        # than isfinite's four ops per tensor: Σ|t| in fp32 (or fp64) is NaN or inf exactly when
-        # t holds a NaN or inf, or sums past 3e38 (where Adam's g² has overflowed long before).
+        # than isfinite's four ops per tensor: ‖t‖₂ in fp32 (or fp64) is NaN or inf exactly
+        # when t holds a NaN or inf or Σt² overflows — where Adam's t² (and Newton-Schulz's
+        # normalization) would overflow too. (The 2-norm reduces 4× faster than Σ|t| on a CPU.)
         owners = [i for i in indices for _ in checked[i]]
         tensors = [t for i in indices for t in checked[i]]
         dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors}, torch.float32)
-        sums = torch._foreach_norm(tensors, 1, dtype=dtype)
+        sums = torch._foreach_norm(tensors, 2, dtype=dtype)
         flags = torch.stack([s.to(sums[0].device) for s in sums]).isfinite()
         process_group = group_of([params[i] for i in indices], self._replicated_group())
         if process_group is not None:  # every rank must skip the same params
@@ -674,10 +663,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 for b, rows in enumerate(sizes):
                     buckets[(rows, p.shape[1], *key)].append(((p, b), rows * p.shape[1]))
         chunks = []
-        for bucket in buckets.values():
+        for key, bucket in buckets.items():
+            # A matrix from this size on runs alone: batching it does not pay on this device.
+            alone = key[0] * key[1] >= self.unbatched_elements.get(key[3].type, 1 << 62)
             chunk, size = [], 0
             for item, numel in bucket:
-                if chunk and size + numel > self.max_bucket_elements:
+                if chunk and (alone or size + numel > self.max_bucket_elements):
                     chunks.append(chunk)
                     chunk, size = [], 0
                 chunk.append(item)
@@ -757,7 +748,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         _, m, n = shapes[0]
         stack = m * n < self.unbatched_elements.get(weights[0].device.type, 1 << 62)
         return Bucket(params, weights, grads, None, (m, n), isinstance(params[0], DTensor),
-                      self._matrix_map(params, shapes, loads, stack), [b for _, b in items], stack)
+                      self._matrix_map(params, shapes, loads), [b for _, b in items], stack)
 
     def _keep(self, group: dict, bucket: Bucket, finite: dict, loads: dict) -> Bucket | None:
         """``bucket`` without its params whose check failed (None if none is left)."""
@@ -783,14 +774,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
             if b is None and w.data_ptr() != t.data_ptr():
                 t.copy_(w.reshape(t.shape))
 
-    def _matrix_map(self, params: list[Tensor], shapes: list[tuple[int, int, int]], loads: dict,
-                    stack: bool = True) -> Callable:
+    def _matrix_map(self, params: list[Tensor], shapes: list[tuple[int, int, int]], loads: dict) -> Callable:
         """The ``matrix_map`` of a bucket (see :meth:`_update`): :func:`local_map` in a
-        single process (stacking, or per param without ``stack``), else the bucket's owner
-        split (:class:`~matrixopt.distributed.MatrixWork`)."""
+        single process, else the bucket's owner split (:class:`~matrixopt.distributed.MatrixWork`)."""
         process_group = group_of(params, self._replicated_group())
         if process_group is None:
-            return local_map if stack else functools.partial(local_map, stack=False)
+            return local_map
         sharded = isinstance(params[0], DTensor)
         _, m, n = shapes[0]
         load = loads.setdefault(process_group, [0] * torch.distributed.get_world_size(process_group))

@@ -13,7 +13,7 @@ from .precision import MOMENT, SECOND_MOMENT
 
 def adamw(weights, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, betas: tuple[float, float],
           eps: float, weight_decay: float) -> None:
-    r"""AdamW as ``torch.optim.AdamW`` computes it (foreach), over lists of tensors.
+    r"""AdamW as ``torch.optim.AdamW`` computes it, over lists of tensors.
 
     For each weight W with gradient G, moments M, V and step t (already incremented):
 
@@ -22,10 +22,32 @@ def adamw(weights, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, betas: tup
         V \leftarrow \beta_2 V + (1-\beta_2) G^2, \\
         W \leftarrow W - \frac{\eta}{1-\beta_1^t} \frac{M}{\sqrt{V}/\sqrt{1-\beta_2^t} + \epsilon}
 
-    ``weights`` and ``grads`` are computed in fp32: low-precision weights go through an fp32
-    copy that is written back (``.float()`` of an fp32 tensor is the tensor itself, so fp32
-    weights are updated in place).
+    A weight whose dtype is its moments' and its gradient's (fp32 or fp64 params) goes
+    through torch's fused AdamW kernel (``torch.optim.AdamW(fused=True)``'s, bit for bit): one
+    pass that reads G, M, V and W and writes M, V and W, where the foreach form makes eight
+    passes over M, V and a temporary of W's size. Low-precision weights (fp32 moments) take
+    ``torch.optim.AdamW(foreach=True)``'s form through an fp32 copy that is written back.
     """
+    fused = [i for i, (w, g, m) in enumerate(zip(weights, grads, exp_avgs))
+             if w.dtype == g.dtype == m.dtype and w.device.type in ("cpu", "cuda")
+             and w.is_contiguous() and g.is_contiguous()]
+    if fused:
+        device = weights[fused[0]].device
+        torch._fused_adamw_([weights[i] for i in fused], [grads[i] for i in fused], [exp_avgs[i] for i in fused],
+                            [exp_avg_sqs[i] for i in fused], [],
+                            [torch.full((), float(steps[i]), device=device) for i in fused], lr=lr,
+                            beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
+                            maximize=False)
+    rest = sorted(set(range(len(weights))) - set(fused))
+    if rest:
+        _adamw_foreach([weights[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
+                       [exp_avg_sqs[i] for i in rest], [steps[i] for i in rest], lr=lr, betas=betas, eps=eps,
+                       weight_decay=weight_decay)
+
+
+def _adamw_foreach(weights, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, eps, weight_decay) -> None:
+    """:func:`adamw` in torch.optim.AdamW's foreach form, ``weights`` and ``grads`` in fp32
+    (``.float()`` of an fp32 tensor is the tensor itself)."""
     beta1, beta2 = betas
     work = [w.float() for w in weights]
     grads = [g.float() for g in grads]

@@ -13,6 +13,25 @@ with the subspace picked anew from G every ``update_proj_gap`` steps. The projec
 (:mod:`matrixopt.projectors`: SVD for GaLoreAdamW, DCT columns for DCTAdamW) is the only
 thing that differs between the rules; this class is the whole rule, and GaLoreAdamW and
 DCTAdamW are configurations of it.
+
+Passes over memory of a step between refreshes (a bandwidth model; G, W: m×n, L, M, V and the
+step S: the low-rank gradient's size ℓ = r·max(m, n) for a one-sided projection, a fraction
+r/min(m, n) of G's), for a matrix in a bucket of its own (``unbatched_elements``) and fp32 or
+fp64 weights:
+
+======================  ===============================================================
+G                       1 read: the projection L = project(G), one matmul
+L                       1 write (the matmul), 2 reads (the non-finite check ‖L‖₂, Adam)
+M, V                    1 read and 1 write each: torch's fused Adam kernel (lowrank_adam)
+S                       1 write (zeros) + 1 read and write (Adam), 1 read (the back-projection)
+W                       1 read and 1 write: W ← (1 − ηλ)W − η·s·project_back(S) is one matmul
+                        accumulating into W (``add_back``); decay costs no pass of its own
+bases                   read by the two matmuls (m·r or n·r)
+======================  ===============================================================
+
+so the full-size traffic is one read of G and one read and write of W, as plain SGD's.
+Stacked (small) matrices are copied into a stack once more each way, and their update is
+added through a (B, m, n) temporary; a refresh step also reads G for the new bases.
 """
 import functools
 import math
@@ -42,7 +61,7 @@ def lowrank_adam(exp_avgs, exp_avg_sqs, lows, steps, betas, eps) -> list[torch.T
     tensors: a strided L (DCT's left side) is made contiguous first.
     """
     beta1, beta2 = betas
-    out = [torch.zeros_like(m) for m in exp_avgs]
+    out = [torch.zeros(m.shape, dtype=m.dtype, device=m.device) for m in exp_avgs]
     for t in sorted(set(steps)):
         which = [i for i, s in enumerate(steps) if s == t]
         step = torch.full((), float(t), device=exp_avgs[which[0]].device)
@@ -191,15 +210,17 @@ class LowRankAdamW(MatrixOptimizer):
 
     hyperparameters = {"rank": rank_spec, "update_proj_gap": integer(1), "scale": _scale,
                        "proj_dtype": compute_dtype, "seed": integer(0)}
-    #: A bucket's projection stacks its gradients and its back-projected steps (full size);
-    #: these optimizers exist to save memory, so a bucket is about one large matrix (2^22
-    #: elements: one 2048², or 64 of 256²), where batching stops paying on a GPU anyway.
-    #: (At 2^26, 24 matrices of 2048×1024 made 360 MB of temporaries for 120 MB of state.)
+    #: A stacked bucket copies its gradients and back-projected steps into stacks (full size),
+    #: and every bucket holds its low-rank gradients and steps; these optimizers exist to save
+    #: memory, so a bucket is about one large matrix (2^22 elements: one 2048², or 64 of 256²),
+    #: where batching stops paying on a GPU anyway.
     max_bucket_elements = 1 << 22
-    #: The projections are cheaper per element than Newton-Schulz, so stacking pays longer on
-    #: a CPU: one matrix per bucket is 1.1-1.9× slower up to 128×512, even at 512² (0.99-1.04×
-    #: over two runs) and faster at 512×1376 (0.53-0.89×) in the step benchmark's batching table.
-    unbatched_elements = {"cpu": 1 << 18}
+    #: A bucket of its own from 2^14 elements on a CPU: there the projections run as one
+    #: matmul each and the update as one matmul into the weight (``add_back``), with no stack
+    #: to copy in and out: 0.78-0.88× the stacked time from 128×128 to 512×1376, the same
+    #: (0.98-1.01×) at 32² and 64² (the step benchmark's batching table,
+    #: benchmarks/results/step-cpu2-2026-12-01.md).
+    unbatched_elements = {"cpu": 1 << 14}
 
     def __init__(self, params, make_projector: Callable, projector_keys: tuple[str, ...], *, lr, betas, eps,
                  weight_decay, rank, update_proj_gap, scale, proj_dtype, nonfinite, carry_moments: str | None = None,
@@ -267,8 +288,8 @@ class LowRankAdamW(MatrixOptimizer):
         """W ← W(1 − ηλ) − η·s·project_back(S) for the bucket's weights and low-rank steps S.
 
         Where the back-projection is local (a single process, or a right projection, whose
-        rows are the weight's), the matrices are not stacked and the matmuls multiply in
-        the weights' dtype, each weight is updated by one matmul into it
+        rows are the weight's), the matrix has a bucket of its own and the matmuls multiply
+        in the weights' dtype, each weight is updated by one matmul into it
         (``proj.add_back``): no (B, m, n) temporary, no extra pass over the weights."""
         lr, weight_decay = float(group["lr"]), group["weight_decay"]
         if self._adds_back(proj, bucket):
@@ -320,7 +341,7 @@ class LowRankAdamW(MatrixOptimizer):
             bases = [[local_matrices(p, b) for p, b in zip(params, key_bases)] for key_bases in bases]
             if len({x.shape[1:] for x in tensors}) > 1:
                 return [fn(x, *b) for x, *b in zip(tensors, *bases)]
-        (result,) = stacked_call(fn, tensors, *bases, stack=bucket.stack)
+        (result,) = stacked_call(fn, tensors, *bases)
         return result
 
     # -- refresh -------------------------------------------------------------------------------

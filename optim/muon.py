@@ -47,6 +47,13 @@ def muon(weights, grads, momenta, *, lr: float, momentum: float, nesterov: bool,
     ``transform`` of a stack (ROOT's outlier clipping). The NS inputs are cast to
     ``ns_dtype`` before they are stacked (and, distributed, sent to owner ranks): a bf16
     stack is half an fp32 one, and NS would round to bf16 first anyway.
+
+    Passes over memory per step (a bandwidth model, each m×n; the shell's non-finite check
+    reads G once more before): G 2 reads (the momentum, the Nesterov input); B 1 read and
+    write (momentum), 1 read (Nesterov); X 1 write (in ``ns_dtype``: no copy when it is B's
+    dtype); NS ``ns_steps`` × a few passes over X and its Gram matrix (compute-bound); O 1
+    write, 1 read; W 1 read and write, and one more when λ > 0 (the decay). Without Nesterov,
+    X is B itself. Stacked (small) matrices are copied into a stack once more.
     """
     grads = [g.to(b.dtype) for g, b in zip(grads, momenta)]   # bf16 grads into fp32 momenta
     torch._foreach_lerp_(momenta, grads, 1 - momentum)

@@ -255,24 +255,29 @@ class DCTProjector:
         return X.mT if self.left else X
 
     def _columns(self, indices, device, dtype) -> torch.Tensor:
-        """Q[:, I] for each matrix of the stack, (B, k, r)."""
-        return self.shared_basis(device, dtype).T[indices.long()].mT
+        """C = Q[:, I] for each matrix of the stack, (B, k, r): one gather of Q's columns."""
+        columns = self.shared_basis(device, dtype).index_select(1, indices.reshape(-1).long())
+        return columns.view(self.k, -1, self.rank).permute(1, 0, 2)
 
     def project(self, G: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Low-rank gradient of G (B, m, n) for the (B, r) ``indices``."""
+        """Low-rank gradient of G (B, m, n) for the (B, r) ``indices``: CᵀG (left) or G·C."""
         work = work_dtype(G.dtype)
-        low = matmul_in(self._tall(G), self._columns(indices, G.device, work), self.dtype)
-        return self._tall(low.to(work))
+        C = self._columns(indices, G.device, work)
+        return (matmul_in(C.mT, G, self.dtype) if self.left else matmul_in(G, C, self.dtype)).to(work)
 
     def project_back(self, L: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Map a low-rank step L back to (B, m, n), in the matmul's dtype."""
-        return self._tall(matmul_in(self._tall(L), self._columns(indices, L.device, L.dtype).mT, self.dtype))
+        """Map a low-rank step L back to (B, m, n), in the matmul's dtype: C·L or L·Cᵀ."""
+        C = self._columns(indices, L.device, L.dtype)
+        return matmul_in(C, L, self.dtype) if self.left else matmul_in(L, C.mT, self.dtype)
 
     def add_back(self, W: torch.Tensor, L: torch.Tensor, indices: torch.Tensor, *, alpha: float, beta: float) -> None:
         """W ← βW + α·project_back(L) in place, the matmul accumulating into W (whose dtype it
         then uses)."""
-        self._tall(W).baddbmm_(self._tall(L.to(W.dtype)), self._columns(indices, W.device, W.dtype).mT,
-                               beta=beta, alpha=alpha)
+        C, L = self._columns(indices, W.device, W.dtype), L.to(W.dtype)
+        if self.left:
+            W.baddbmm_(C, L, beta=beta, alpha=alpha)
+        else:
+            W.baddbmm_(L, C.mT, beta=beta, alpha=alpha)
 
     def refresh(self, G: torch.Tensor, *previous, seeds=None, warm=True):
         """New ``indices`` (B, r) int32 for the stack G (B, m, n), a (B,) status (always

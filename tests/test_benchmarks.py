@@ -488,7 +488,8 @@ def test_step_command(tmp_path, monkeypatch):
     monkeypatch.setitem(step.EMBEDDING_ROWS, "ci", 96)   # a 96×64 embedding, on each one's AdamW
     result = written(cli.main(["step", "--quick", "--sets", "ci", "--warmup", "1", "--repeats", "2",
                                "--threads", "1", "--out", str(tmp_path)]))
-    (title, rows), (batching_title, batching), (notes_title, notes) = result["sections"].items()
+    (title, rows), (batching_title, batching), *pass_sections, (notes_title, notes) = result["sections"].items()
+    assert [t.split(":")[0] for t, _ in pass_sections] == ["GaLoreAdamW", "DCTAdamW", "Muon", "ARO"]
     assert title.startswith("ci: 7 matrices + a 96×64 embedding on AdamW") and "rank 16, gap 200" in title
     assert batching_title.startswith("Batching") and notes_title == "Notes"
     assert any("Embedding" in r["note"] and "never projected" in r["note"] for r in notes)
@@ -496,7 +497,7 @@ def test_step_command(tmp_path, monkeypatch):
     assert {(r["optimizer"], r["shape"]) for r in batching} == {
         (o, f"8×{m}×{n}") for o in ("Muon", "GaLoreAdamW") for m, n in step.CI_BATCHING_SHAPES}
     for r in batching:
-        assert r["per matrix / stacked"] == r["per matrix ms"] / r["stacked ms"]
+        assert r["one per bucket / stacked"] == r["one per bucket ms"] / r["stacked ms"]
     names, _ = optimizers.contenders(variants=True, peers=True)
     assert [r["optimizer"] for r in rows] == names and "matrixopt.GaLoreAdamW (proj_dtype=bf16)" in names
     installed = [n for n in optimizers.LOW_RANK_PEERS if optimizers.peer_class(n)[0] is not None]
@@ -841,6 +842,25 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "DCTAdamW"])
+def test_a_low_rank_step_reads_each_gradient_once_and_writes_each_weight_once(name):
+    """The bandwidth model of the low-rank rules, counted from the dispatched ops of a plain
+    step: G read once (the projection), W read and written once (the matmul into it), each
+    moment read and written once (the fused Adam kernel); the basis is read by the two
+    projections."""
+    from benchmarks import passes
+
+    (rows,) = passes.run([name]).values()
+    counts = {r["tensor"]: (r["reads"], r["writes"]) for r in rows}
+    assert counts["w: G"] == (1, 0) and counts["w: W"] == (1, 1)
+    assert counts["w: exp_avg"] == counts["w: exp_avg_sq"] == (1, 1)
+    basis = "w: proj_right" if name == "GaLoreAdamW" else "w: indices"
+    assert counts[basis] == (2, 0)
+    # The tracer sees what it should: Muon reads G in the check, the momentum and the Nesterov input.
+    (muon,) = passes.run(["Muon"]).values()
+    assert {r["tensor"]: r["reads"] for r in muon}["w: G"] == 3
 
 
 def test_quantization_benchmark_reports_each_storage(tmp_path):
