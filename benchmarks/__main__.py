@@ -62,6 +62,7 @@ def main(argv=None):
                        help="lrs added beyond an end of the grid where an optimizer's best sits, at most N per side "
                             "(default 2; 0: the grid only)")
     train.add_argument("--dim", type=int, help="model width (overrides the size's default)")
+    train.add_argument("--seed", type=int, help="seed of the init and the batches (default 0)")
     add_run_options(train)
     continual = command("continual", "three text tasks in a row (plays, Python, tragedies): forgetting, plasticity")
     continual.add_argument("--steps", type=int, help="training steps per task (overrides the size's default)")
@@ -107,7 +108,7 @@ def main(argv=None):
         from .train import run
 
         sections, extra, fig = run(args.quick, steps=args.steps, lrs=args.lrs, optimizers=args.optimizers,
-                                   device=args.device, dim=args.dim, extend=args.extend)
+                                   device=args.device, dim=args.dim, extend=args.extend, seed=args.seed)
     elif args.command == "continual":
         from .continual import run
 

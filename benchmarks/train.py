@@ -207,7 +207,7 @@ def sweep(run_at, lrs, extend: int, must_include: float | None = None) -> tuple[
 
 
 def run(quick: bool = False, steps: int | None = None, lrs=None, optimizers=None, device=None,
-        dim: int | None = None, extend: int | None = None):
+        dim: int | None = None, extend: int | None = None, seed: int | None = None):
     """The sweep and the comparison; returns (table sections, extra JSON, figure)."""
     cfg = QUICK if quick else TrainConfig()
     if steps is not None:
@@ -218,6 +218,8 @@ def run(quick: bool = False, steps: int | None = None, lrs=None, optimizers=None
         cfg = replace(cfg, dim=dim)
     if extend is not None:
         cfg = replace(cfg, extend=extend)
+    if seed is not None:   # another init and batch order: how much of a difference is noise
+        cfg = replace(cfg, seed=seed)
     device = default_device(device)
     corpus = load_shakespeare()
     names, notes = contenders(optimizers)

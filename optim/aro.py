@@ -7,6 +7,7 @@ import torch
 
 from .base import (MATCH_ADAMW_RMS, MatrixOptimizer, Out, Rows, State, Whole, apply_update, default_compute_dtype, local_map,
                    matmul_in)
+from .precision import MOMENT
 from .validation import choice, compute_dtype, integer, real
 
 BASE_MAPS = ("sinkhorn", "row_norm", "sign")
@@ -194,6 +195,10 @@ class ARO(MatrixOptimizer):
         betas, eps: the AdamW fallback's (defaults (0.9, 0.95), 1e-8).
         nonfinite: "skip" (default) or "raise" on NaN/Inf gradients.
         fallback, distributed, process_group: as for :class:`~matrixopt.Muon`.
+        state_precision: "fp32" (default), "bf16" or "int8": how the momentum and the
+            fallback's moments are stored (:mod:`matrixopt.precision`). The rotation R stays
+            fp32 at every precision: it is the warm start of the next QR and the basis f
+            acts in, and in bf16 it would be orthogonal only to 2⁻⁸.
     """
 
     hyperparameters = {
@@ -209,13 +214,13 @@ class ARO(MatrixOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.95, weight_decay=0.1, base="sinkhorn",
                  sinkhorn_iters=5, rotate_side="smaller", qr="shifted_cholesky",
                  lr_scaling="match_adamw", betas=(0.9, 0.95), eps=1e-8, nonfinite="skip",
-                 matmul_dtype=None, *, fallback=None, distributed=None, process_group=None):
+                 matmul_dtype=None, *, fallback=None, distributed=None, process_group=None, state_precision="fp32"):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, base=base,
                         sinkhorn_iters=sinkhorn_iters, rotate_side=rotate_side, qr=qr,
                         lr_scaling=lr_scaling, betas=betas, eps=eps, nonfinite=nonfinite,
                         matmul_dtype=matmul_dtype)
         super().__init__(params, defaults, fallback=fallback, distributed=distributed,
-                         process_group=process_group)
+                         process_group=process_group, state_precision=state_precision)
 
     @staticmethod
     def _rotates_rows(group, m: int, n: int) -> bool:
@@ -226,7 +231,7 @@ class ARO(MatrixOptimizer):
         B, m, n = self._shape(group, p)
         k = m if self._rotates_rows(group, m, n) else n
         # B per param: a bucket mixes 2-D params with 3-D expert stacks of the same m, n.
-        return {"momentum_buffer": State(tuple(p.shape), torch.float32, sharded=True),
+        return {"momentum_buffer": State(tuple(p.shape), torch.float32, sharded=True, role=MOMENT),
                 "rotation": State((B, k, k), torch.float32, init=_identities)}
 
     def _update(self, group, bucket):

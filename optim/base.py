@@ -48,6 +48,7 @@ from torch.distributed.tensor import DTensor
 # Out, Rows, Whole: the matrix-map argument types rules import from here.
 from .distributed import (MODES, MatrixWork, Out, Rows, Whole, agree_finite, check_placement,  # noqa: F401
                           dtensor_like, shard_sizes)
+from .precision import PRECISIONS, SCALE_SUFFIX, stored, working, write_back
 from .validation import betas_in_unit_interval, choice, real
 
 # -- matrix views ----------------------------------------------------------------------------
@@ -220,11 +221,16 @@ class State(NamedTuple):
     ``sharded``: element-wise state split like the param on dim 0 under FSDP2 (its dim 0 is
     the param's); else whole per matrix, identical on every rank.
     ``init``: ``init(shape, dtype, device)`` gives the initial value (None: zeros).
+    ``role``: what the state is, for ``state_precision`` (:mod:`matrixopt.precision`):
+    ``"moment"`` (a signed moment: a momentum, Adam's M), ``"second_moment"`` (a
+    non-negative one: Adam's V), ``"basis"`` (a projection basis); None (default): kept in
+    ``dtype`` at every precision.
     """
     shape: tuple | None
     dtype: torch.dtype | str = PARAM_DTYPE
     sharded: bool = False
     init: Callable | None = None
+    role: str | None = None
 
     def dtype_for(self, p: Tensor) -> torch.dtype:
         if self.dtype == PARAM_DTYPE:
@@ -243,6 +249,11 @@ class State(NamedTuple):
         if self.init is None:
             return torch.zeros(shape, dtype=dtype, device=shard.device)
         return self.init(shape, dtype, shard.device)
+
+
+def precision_of(group: dict) -> str:
+    """A group's ``state_precision`` (groups of checkpoints older than it have none: fp32)."""
+    return group.get("state_precision", "fp32")
 
 
 def counter() -> State:
@@ -302,6 +313,7 @@ SHARED_HYPERPARAMETERS = {
     "betas": betas_in_unit_interval,
     "eps": real(0.0, lo_open=True),
     "nonfinite": choice("skip", "raise"),
+    "state_precision": choice(*PRECISIONS),
 }
 
 
@@ -336,8 +348,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
     hyperparameters: dict = {}
 
     def __init__(self, params, defaults: dict, *, fallback=None, distributed: str | None = None,
-                 process_group=None):
+                 process_group=None, state_precision: str = "fp32"):
         choice(*MODES)("distributed", distributed)
+        choice(*PRECISIONS)("state_precision", state_precision)
+        if state_precision != "fp32":   # groups without the key are fp32: their state dicts stay as they were
+            defaults = {"state_precision": state_precision, **defaults}
         if fallback is None:
             from .fallback import AdamW   # the default; it builds on this module, hence imported here
 
@@ -441,6 +456,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return matrix_shape(p, self._blocks(group, p))
 
     def _declared(self, p: Tensor, group: dict) -> dict[str, State]:
+        """p's state as stored: the rule's (or the fallback's) declaration at the group's
+        ``state_precision`` (:func:`matrixopt.precision.stored`)."""
+        return stored(self._rule_state(p, group), precision_of(group), counter())
+
+    def _rule_state(self, p: Tensor, group: dict) -> dict[str, State]:
+        """p's state as the rule (or the fallback) declares it and sees it in its update."""
         if not self.is_matrix(group, p):
             return self.fallback.state(p, group)
         sizes = self._unequal(group, p)
@@ -502,9 +523,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 if bucket is not None:
                     self._step_bucket(group, bucket)
             if fallback:
-                params = [group["params"][i] for i in fallback]
-                self.fallback.update(group, [local(p) for p in params], [local(p.grad) for p in params],
-                                     self._states(group, params))
+                self._step_fallback(group, [group["params"][i] for i in fallback])
 
     def _plan(self, group: dict, indices: list[int], loads: dict):
         """A group's buckets of matrices (prepared where every param has state), its fallback
@@ -524,8 +543,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
             tensors = bucket.grads
             # State is created only once the check has passed (an error leaves none behind).
             if all(self.state.get(p) for p in bucket.params):
-                bucket = bucket._replace(states=self._item_states(group, items))
-                tensors, prepared = self._prepare(group, bucket)
+                # Working views dequantize an entry only when read (_prepare reads bases, not
+                # moments) and are dropped here: _step_bucket makes the update's own.
+                views = self._item_states(group, items, self._working(group, bucket.params))
+                tensors, prepared = self._prepare(group, bucket._replace(states=views))
                 bucket = bucket._replace(prepared=prepared)
             for p, t in zip(bucket.params, tensors):
                 checked.setdefault(index[id(p)], []).append(t)
@@ -540,6 +561,25 @@ class MatrixOptimizer(torch.optim.Optimizer):
         themselves; a low-rank rule checks the projected gradient it computes anyway
         (:class:`~matrixopt.lowrank.LowRankAdamW`), a fraction of the reads."""
         return bucket.grads, None
+
+    def _step_fallback(self, group: dict, params: list[Tensor]) -> None:
+        """The fallback's update of ``params``: in one call at fp32; at a lower
+        ``state_precision`` in chunks of at most ``max_bucket_elements`` elements, so the fp32
+        temporaries of their state stay a bucket's size (the update is element-wise, so the
+        chunks change nothing else)."""
+        chunks = [params]
+        if precision_of(group) != "fp32":
+            chunks, size = [[]], 0
+            for p in params:
+                if chunks[-1] and size + p.numel() > self.max_bucket_elements:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append(p)
+                size += p.numel()
+        for chunk in chunks:
+            states = self._working(group, chunk)
+            self.fallback.update(group, [local(p) for p in chunk], [local(p.grad) for p in chunk], states)
+            self._write_back(group, chunk, states)
 
     def _states(self, group: dict, params: list[Tensor]) -> list[dict]:
         """The params' state, created from the declarations on a param's first step."""
@@ -652,10 +692,43 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 shapes.append((1, sizes[b], p.shape[1]))
         return views, shapes
 
-    def _item_states(self, group: dict, items: list) -> list:
-        """Each item's state: its param's, or a block's view of it (:class:`BlockState`)."""
-        states = self._states(group, [p for p, _ in items])
+    def _item_states(self, group: dict, items: list, states: list | None = None) -> list:
+        """Each item's state (``states``, one per item, or else its param's stored state), or
+        a block's view of it (:class:`BlockState`)."""
+        states = states or self._states(group, [p for p, _ in items])
         return [s if b is None else BlockState(s, b) for s, (_, b) in zip(states, items)]
+
+    def _working(self, group: dict, params: list[Tensor]) -> list:
+        """The params' state as their rule sees it: at fp32 the stored state itself; at a
+        lower ``state_precision`` a :class:`~matrixopt.precision.Working` view with fp32
+        temporaries of what is stored in fewer bits (one per param, however often it repeats)."""
+        states = self._states(group, params)
+        precision = precision_of(group)
+        if precision == "fp32":
+            return states
+        views = {}
+        return [views.setdefault(id(p), working(s, self._rule_state(p, group), precision, local(p)))
+                for p, s in zip(params, states)]
+
+    def _write_back(self, group: dict, params: list[Tensor], states: list) -> None:
+        """Store the temporaries of :meth:`_working`'s views (nothing to do at fp32); the
+        stochastic rounding is seeded by each param's place (group, index) in the optimizer
+        and, for a shard, offset by the global index of its first entry."""
+        precision = precision_of(group)
+        if precision == "fp32":
+            return
+        index = {id(q): i for i, q in enumerate(group["params"])}
+        g, done = self._group_index(group), set()
+        for p, view in zip(params, states):
+            if id(p) in done:
+                continue
+            done.add(id(p))
+            offsets = {}
+            if isinstance(p, DTensor):
+                start = sum(shard_sizes(p.shape[0], p.device_mesh.size())[:p.device_mesh.get_local_rank()])
+                offsets = {key: start * math.prod(spec.shape[1:]) for key, spec in view.declared.items()
+                           if spec.sharded and spec.shape}
+            write_back(view, precision, (g, index[id(p)]), offsets)
 
     def _replicated_group(self):
         """The process group replicated params split their matrix work over, or None."""
@@ -691,9 +764,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _step_bucket(self, group: dict, bucket: Bucket) -> None:
         items = list(zip(bucket.params, bucket.blocks))
-        if bucket.states is None:
-            bucket = bucket._replace(states=self._item_states(group, items))
+        states = self._working(group, bucket.params)
+        bucket = bucket._replace(states=self._item_states(group, items, states))
         self._update(group, bucket)
+        self._write_back(group, bucket.params, states)
         # as_matrices copies a param it cannot view (e.g. channels_last); write those back.
         for (p, b), w in zip(items, bucket.weights):
             t = local(p)
@@ -748,8 +822,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
         def declared_dtypes(optimizer):
             # From the saved values, not torch.optim's copies cast to the param's dtype.
-            for p, group, saved_state in loaded:
-                declared = self._declared(p, group)
+            for p, declared, saved_state in loaded:
                 for key, value in saved_state.items():
                     if isinstance(value, Tensor):
                         dtype = declared[key].dtype_for(p) if key in declared else value.dtype
@@ -766,9 +839,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 handle.remove()
 
     def _check_state_shapes(self, state_dict: dict) -> list[tuple[Tensor, dict, dict]]:
-        """(param, group, its saved state) triples; ValueError naming the param if a saved
-        state tensor's shape differs from the declared one, or naming the hyperparameter if a
-        saved group's is invalid."""
+        """(param, its declared state, its saved state) triples; ValueError naming the param
+        if a saved state tensor's shape differs from the declared one (int8 codes: or their
+        dtype, or their scales are missing), or naming the hyperparameter if a saved group's
+        is invalid. The declarations are at the saved group's ``state_precision``, which the
+        load restores (as every saved hyperparameter)."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"State dict has {len(saved_groups)} param groups, this optimizer "
@@ -781,17 +856,27 @@ class MatrixOptimizer(torch.optim.Optimizer):
             self._validate_group({**saved, "params": group["params"]})
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 saved_state = state_dict["state"].get(pid, {})
-                declared = self._declared(p, group)
+                precision = precision_of(saved)
+                declared = self._declared(p, {**group, "state_precision": precision})
+                name = self._param_name(group, i)
                 for key, value in saved_state.items():
                     if key not in declared:
-                        raise ValueError(f"State dict does not fit {self._param_name(group, i)}: "
-                                         f"state '{key}' is not one of {sorted(declared)}")
+                        raise ValueError(f"State dict does not fit {name}: state '{key}' is not one of "
+                                         f"{sorted(declared)} (state_precision={precision!r})")
                     want = declared[key].shape
                     if isinstance(value, Tensor) and tuple(value.shape) != tuple(want or ()):
                         raise ValueError(
-                            f"State dict does not fit {self._param_name(group, i)}: state "
+                            f"State dict does not fit {name}: state "
                             f"'{key}' has shape {tuple(value.shape)}, expected {tuple(want or ())}")
-                triples.append((p, group, saved_state))
+                    if key + SCALE_SUFFIX in declared:   # int8 codes
+                        if not isinstance(value, Tensor) or value.dtype != declared[key].dtype:
+                            raise ValueError(f"State dict does not fit {name}: state '{key}' is "
+                                             f"{getattr(value, 'dtype', type(value).__name__)}, expected "
+                                             f"{declared[key].dtype} codes (state_precision={precision!r})")
+                        if key + SCALE_SUFFIX not in saved_state:
+                            raise ValueError(f"State dict does not fit {name}: state '{key}' has no scales "
+                                             f"'{key + SCALE_SUFFIX}' (state_precision={precision!r})")
+                triples.append((p, declared, saved_state))
         return triples
 
     def _shared_state_tensors(self) -> list[Tensor]:

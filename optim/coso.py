@@ -369,7 +369,7 @@ class CoSOAdamW(LowRankAdamW):
                  update_proj_gap=200, scale=None, proj_type="std", svd="randomized", reproject_states=False,
                  protect="gradients", side="right", history_energy=0.9, weight_energy=0.5, max_history=1.0,
                  sketch_rank=None, protect_fallback=True, nonfinite="skip", seed=0, proj_dtype=None, *,
-                 fallback=None, distributed=None, process_group=None):
+                 fallback=None, distributed=None, process_group=None, state_precision="fp32"):
         self._full_warned: set[str] = set()
         fallback = ProtectedFallback(AdamW() if fallback is None else fallback)
         super().__init__(params, coso_projector,
@@ -377,7 +377,7 @@ class CoSOAdamW(LowRankAdamW):
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                          update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype, nonfinite=nonfinite,
                          carry_moments="reproject_states", fallback=fallback, distributed=distributed,
-                         process_group=process_group, proj_type=proj_type, svd=svd,
+                         process_group=process_group, state_precision=state_precision, proj_type=proj_type, svd=svd,
                          reproject_states=reproject_states, seed=seed, protect=protect, side=side,
                          history_energy=history_energy, weight_energy=weight_energy, max_history=max_history,
                          sketch_rank=sketch_rank, protect_fallback=protect_fallback)

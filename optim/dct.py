@@ -49,6 +49,9 @@ class DCTAdamW(LowRankAdamW):
         distributed: None (default; FSDP2's DTensor params are detected by themselves) or
             "replicated" (DDP): refreshes and projections are split over the ranks of
             ``process_group`` (default: the default group). See :mod:`matrixopt.distributed`.
+        state_precision: "fp32" (default), "bf16" or "int8": the moments (and the
+            fallback's) in bf16 or int8 codes (:mod:`matrixopt.precision`); the indices I
+            stay int32 and the DCT basis, shared by every matrix of a size, fp32.
     """
 
     hyperparameters = {
@@ -59,11 +62,12 @@ class DCTAdamW(LowRankAdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128,
                  update_proj_gap=200, scale=None, score_norm=1, rotate_states=False, nonfinite="skip",
-                 proj_dtype=None, *, fallback=None, distributed=None, process_group=None):
+                 proj_dtype=None, *, fallback=None, distributed=None, process_group=None, state_precision="fp32"):
         super().__init__(params, dct_projector, ("rank", "score_norm", "proj_dtype"), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype,
                          nonfinite=nonfinite, carry_moments="rotate_states", fallback=fallback,
-                         distributed=distributed, process_group=process_group, score_norm=score_norm,
+                         distributed=distributed, process_group=process_group, state_precision=state_precision,
+                         score_norm=score_norm,
                          rotate_states=rotate_states)
 
     def _shared_state_tensors(self):

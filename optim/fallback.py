@@ -8,6 +8,7 @@ import math
 import torch
 
 from .base import State, counter, decay_weights
+from .precision import MOMENT, SECOND_MOMENT
 
 
 def adamw(weights, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, betas: tuple[float, float],
@@ -65,14 +66,16 @@ def _adamw_foreach(weights, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, e
 
 class AdamW:
     """The default fallback: :func:`adamw` with the group's ``lr``, ``betas``, ``eps`` and
-    ``weight_decay``, and fp32 moments shaped (and, under FSDP2, sharded) like the param."""
+    ``weight_decay``, and fp32 moments shaped (and, under FSDP2, sharded) like the param,
+    marked for the group's ``state_precision`` (M a moment, V a second moment: see
+    :mod:`matrixopt.precision`; the shell hands :func:`adamw` fp32 temporaries of them)."""
 
     hyperparameters: dict = {}   # lr, betas, eps, weight_decay: every optimizer validates them
 
     @staticmethod
     def state(p, group) -> dict[str, State]:
-        moment = State(tuple(p.shape), torch.float32, sharded=True)
-        return {"step": counter(), "exp_avg": moment, "exp_avg_sq": moment}
+        moment = State(tuple(p.shape), torch.float32, sharded=True, role=MOMENT)
+        return {"step": counter(), "exp_avg": moment, "exp_avg_sq": moment._replace(role=SECOND_MOMENT)}
 
     @staticmethod
     def update(group, weights, grads, states) -> None:

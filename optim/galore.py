@@ -64,6 +64,10 @@ class GaLoreAdamW(LowRankAdamW):
             "full") projection U_rᵀ·G sums over rows, so it and its back-projection run on the
             owner of the whole gradient, and those moments (r×n) are whole on every rank, as
             are the bases. See :mod:`matrixopt.distributed`.
+        state_precision: "fp32" (default), "bf16" or "int8": the moments (and the
+            fallback's) in bf16 or int8 codes, the bases P in bf16 at both (orthonormal and
+            recomputed each refresh: 2⁻⁹ relative error in a projection), see
+            :mod:`matrixopt.precision`.
     """
 
     hyperparameters = {
@@ -76,12 +80,12 @@ class GaLoreAdamW(LowRankAdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, rank=128,
                  update_proj_gap=200, scale=None, proj_type="std", svd="randomized",
                  reproject_states=False, nonfinite="skip", seed=0, proj_dtype=None, *, fallback=None,
-                 distributed=None, process_group=None):
+                 distributed=None, process_group=None, state_precision="fp32"):
         super().__init__(params, svd_projector, ("rank", "proj_type", "svd", "proj_dtype"), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype,
                          nonfinite=nonfinite, carry_moments="reproject_states", fallback=fallback,
-                         distributed=distributed, process_group=process_group, proj_type=proj_type, svd=svd,
-                         reproject_states=reproject_states, seed=seed)
+                         distributed=distributed, process_group=process_group, state_precision=state_precision,
+                         proj_type=proj_type, svd=svd, reproject_states=reproject_states, seed=seed)
 
 
 def svd_projector(m: int, n: int, *, rank, proj_type, svd, proj_dtype) -> SVDProjector:

@@ -41,6 +41,7 @@ import torch
 
 from .base import (AT_LEAST_FP32, MatrixOptimizer, Out, Rows, State, Whole, apply_update, counter, group_of,
                    local_matrices, stacked_call)
+from .precision import MOMENT, SECOND_MOMENT
 from .projectors import REFRESHED, SVD_FAILED, ZERO_GRADIENT, stored_shape, work_dtype
 from .validation import compute_dtype, integer, rank_spec, real
 
@@ -202,6 +203,9 @@ class LowRankAdamW(MatrixOptimizer):
     State per matrix param: ``step``, the moments ``exp_avg``/``exp_avg_sq`` (the low-rank
     gradient's shape, at least fp32; sharded like the param for a right projection, whole
     for a left one, see :func:`whole_low`) and the projector's bases (whole).
+    ``state_precision`` ("fp32" default, "bf16", "int8"; every subclass takes it) stores the
+    moments and the fallback's in bf16 or int8 codes, and the SVD bases in bf16 at both
+    (:mod:`matrixopt.precision`); the math runs in fp32 either way.
     """
 
     hyperparameters = {"rank": rank_spec, "update_proj_gap": integer(1), "scale": _scale,
@@ -220,7 +224,7 @@ class LowRankAdamW(MatrixOptimizer):
 
     def __init__(self, params, make_projector: Callable, projector_keys: tuple[str, ...], *, lr, betas, eps,
                  weight_decay, rank, update_proj_gap, scale, proj_dtype, nonfinite, carry_moments: str | None = None,
-                 fallback=None, distributed=None, process_group=None, **rule):
+                 fallback=None, distributed=None, process_group=None, state_precision="fp32", **rule):
         self._make_projector, self._projector_keys, self._projectors = make_projector, projector_keys, {}
         self._carry_key = carry_moments
         self._refresh_warned: dict[int, set[str]] = {ZERO_GRADIENT: set(), SVD_FAILED: set()}
@@ -228,7 +232,7 @@ class LowRankAdamW(MatrixOptimizer):
                         update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype,
                         nonfinite=nonfinite, **rule)
         super().__init__(params, defaults, fallback=fallback, distributed=distributed,
-                         process_group=process_group)
+                         process_group=process_group, state_precision=state_precision)
 
     def _projector(self, group, m: int, n: int):
         settings = tuple(group[k] for k in self._projector_keys)
@@ -242,8 +246,9 @@ class LowRankAdamW(MatrixOptimizer):
         proj = self._projector(group, m, n)
         batched = p.ndim == 3 or group.get("blocks") is not None
         low = stored_shape(proj.low_shape(B), batched)
-        moment = State(low, AT_LEAST_FP32, sharded=not whole_low(proj))
-        return {"step": counter(), "exp_avg": moment, "exp_avg_sq": moment, **proj.basis(B, batched)}
+        moment = State(low, AT_LEAST_FP32, sharded=not whole_low(proj), role=MOMENT)
+        return {"step": counter(), "exp_avg": moment, "exp_avg_sq": moment._replace(role=SECOND_MOMENT),
+                **proj.basis(B, batched)}
 
     def _prepare(self, group, bucket):
         """The low-rank gradients L of the params not due for a refresh, projected before the

@@ -7,6 +7,7 @@ import torch
 
 from .base import AT_LEAST_FP32, MATCH_ADAMW_RMS, MatrixOptimizer, Out, Rows, State, apply_update, default_compute_dtype, local_map
 from .orthogonalize import ns_schedule, orthogonalize
+from .precision import MOMENT
 from .validation import choice, compute_dtype, integer, real
 
 LR_SCALINGS = ("match_adamw", "original", "spectral", "none")
@@ -82,7 +83,8 @@ class Muon(MatrixOptimizer):
     ``torch.optim.Muon``. Same-shape matrices are orthogonalized as one batch
     (:func:`muon`). State: the momentum B, fp32 (fp64 for fp64 params; torch.optim.Muon
     keeps it in the param's dtype, where a bf16 momentum keeps each step's (1 − μ)·G to a
-    few bits), sharded like the param.
+    few bits), sharded like the param; with ``state_precision`` "bf16" (stochastically
+    rounded) or "int8" (block-wise codes), see :mod:`matrixopt.precision`.
 
     Params that are not matrices (see :class:`~matrixopt.base.MatrixOptimizer`) get the
     fallback, AdamW with ``betas`` and ``eps`` and the group's lr and weight decay.
@@ -114,6 +116,9 @@ class Muon(MatrixOptimizer):
             "replicated" (DDP): each rank orthogonalizes a share of the matrices and the
             results are all-gathered over ``process_group`` (default: the default group).
             See :mod:`matrixopt.distributed`.
+        state_precision: "fp32" (default), "bf16" or "int8": how the momentum and the
+            fallback's moments are stored (the math runs in fp32 either way); see
+            :mod:`matrixopt.precision`.
     """
 
     hyperparameters = {
@@ -128,7 +133,7 @@ class Muon(MatrixOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1,
                  ns_steps=5, ns_coefficients="polar_express", lr_scaling="match_adamw",
                  betas=(0.9, 0.95), eps=1e-8, nonfinite="skip", ns_dtype=None, ns_method="auto", *,
-                 fallback=None, distributed=None, process_group=None, **rule_defaults):
+                 fallback=None, distributed=None, process_group=None, state_precision="fp32", **rule_defaults):
         unknown = sorted(rule_defaults.keys() - self.hyperparameters.keys())
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {unknown}")
@@ -137,7 +142,7 @@ class Muon(MatrixOptimizer):
                         lr_scaling=lr_scaling, betas=betas, eps=eps, nonfinite=nonfinite,
                         ns_dtype=ns_dtype, ns_method=ns_method, **rule_defaults)
         super().__init__(params, defaults, fallback=fallback, distributed=distributed,
-                         process_group=process_group)
+                         process_group=process_group, state_precision=state_precision)
 
     def _validate_group(self, group):
         super()._validate_group(group)
@@ -146,7 +151,7 @@ class Muon(MatrixOptimizer):
     def _state(self, p, group):
         # fp32 for bf16/fp16 params: in bf16 (8 significant bits) the step's increment
         # (1 − μ)·G ≈ 0.05·G would keep ~4 bits relative to B, and vanish below 2⁻⁹·B.
-        return {"momentum_buffer": State(tuple(p.shape), AT_LEAST_FP32, sharded=True)}
+        return {"momentum_buffer": State(tuple(p.shape), AT_LEAST_FP32, sharded=True, role=MOMENT)}
 
     def _transform(self, group) -> Callable | None:
         """The input transform T of :func:`muon` (none for Muon)."""

@@ -27,6 +27,7 @@ import torch
 from matrixopt import kernels
 
 from .base import AT_LEAST_FP32, Out, State, matmul_in
+from .precision import BASIS
 
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -108,7 +109,7 @@ class SVDProjector:
         """State ``proj_left`` (B, m, r) and/or ``proj_right`` (B, n, r) (B kept for every
         param), starting as identity slices (the first r coordinate axes) until a refresh
         succeeds."""
-        return {key: State((batch, *dims), AT_LEAST_FP32, init=_identity_slices)
+        return {key: State((batch, *dims), AT_LEAST_FP32, init=_identity_slices, role=BASIS)
                 for key, dims in self.basis_dims.items()}
 
     def refresh_outputs(self, dtype: torch.dtype) -> list[Out]:

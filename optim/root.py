@@ -71,7 +71,7 @@ class ROOT(Muon):
 
     Args:
         params, lr, momentum, nesterov, weight_decay, ns_steps, lr_scaling, betas, eps,
-        nonfinite, ns_dtype, ns_method, fallback, distributed, process_group: as for
+        nonfinite, ns_dtype, ns_method, fallback, distributed, process_group, state_precision: as for
         :class:`~matrixopt.Muon`.
         ns_coefficients: "auto" (default; per shape, see above) or anything Muon accepts.
         threshold_quantile: q in (0, 1] (default 0.90); None turns outlier suppression off.
@@ -82,10 +82,11 @@ class ROOT(Muon):
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1,
                  ns_steps=5, ns_coefficients="auto", threshold_quantile=0.90,
                  lr_scaling="match_adamw", betas=(0.9, 0.95), eps=1e-8, nonfinite="skip",
-                 ns_dtype=None, ns_method="auto", *, fallback=None, distributed=None, process_group=None):
+                 ns_dtype=None, ns_method="auto", *, fallback=None, distributed=None, process_group=None,
+                 state_precision="fp32"):
         super().__init__(params, lr, momentum, nesterov, weight_decay, ns_steps, ns_coefficients,
                          lr_scaling, betas, eps, nonfinite, ns_dtype, ns_method, fallback=fallback,
-                         distributed=distributed, process_group=process_group,
+                         distributed=distributed, process_group=process_group, state_precision=state_precision,
                          threshold_quantile=threshold_quantile)
 
     def _transform(self, group):

@@ -98,6 +98,16 @@ CASES = {
     "DCT-groups": ("DCTAdamW", LOWRANK, {"groups": True}),
     "CoSO": ("CoSOAdamW", LOWRANK, {}),
     "CoSO-both-left-wd": ("CoSOAdamW", dict(LOWRANK, protect="both", side="left", weight_decay=0.1), {}),
+    # state_precision (matrixopt.precision): codes, scales and stochastic rounding bit for bit.
+    "Muon-state-int8": ("Muon", dict(state_precision="int8"), {}),
+    "Muon-state-bf16": ("Muon", dict(state_precision="bf16"), {}),
+    "Muon-state-int8-nan": ("Muon", dict(state_precision="int8"), {"nan": True}),
+    "ROOT-state-bf16": ("ROOT", dict(state_precision="bf16"), {}),
+    "ARO-state-int8": ("ARO", dict(state_precision="int8"), {}),
+    "GaLore-state-int8": ("GaLoreAdamW", dict(LOWRANK, state_precision="int8"), {}),
+    "GaLore-state-bf16-groups": ("GaLoreAdamW", dict(LOWRANK, state_precision="bf16"), {"groups": True}),
+    "DCT-state-int8": ("DCTAdamW", dict(LOWRANK, state_precision="int8"), {}),
+    "CoSO-state-int8": ("CoSOAdamW", dict(LOWRANK, state_precision="int8"), {}),
 }
 
 

@@ -861,3 +861,21 @@ def test_a_low_rank_step_reads_each_gradient_once_and_writes_each_weight_once(na
     # The tracer sees what it should: Muon reads G in the check, the momentum and the Nesterov input.
     (muon,) = passes.run(["Muon"]).values()
     assert {r["tensor"]: r["reads"] for r in muon}["w: G"] == 3
+
+
+def test_quantization_benchmark_reports_each_storage(tmp_path):
+    """benchmarks/quantization.py on a few steps: one row per candidate storage, the moment
+    it leaves in fp32 exact, bf16 far below int8, and every error finite and below 1."""
+    from benchmarks import quantization
+
+    paths = quantization.main(["--quick", "--device", "cpu", "--steps", "3", "--out", str(tmp_path)])
+    (rows,) = json.loads(paths["json"].read_text())["sections"].values()
+    by_name = {r["storage"]: r for r in rows}
+    assert list(by_name) == list(quantization.CANDIDATES)
+    for name, row in by_name.items():
+        assert all(0 <= row[k] < 1 for k in row if k != "storage"), row
+        if name.startswith("V "):
+            assert row["M rel. err"] == 0 < row["V rel. err"]
+        if name.startswith("M int8"):
+            assert row["V rel. err"] == 0 < row["M rel. err"]
+    assert by_name["M, V bf16, stochastic rounding"]["V rel. err"] < by_name["M, V int8 (the chosen codes)"]["V rel. err"]

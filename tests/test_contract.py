@@ -31,6 +31,8 @@ CONTRACT_KWARGS = {
 }
 
 pytestmark = pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+#: The tests that exercise state run at every state_precision (matrixopt.precision).
+precisions = pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 
 
 class Tiny(nn.Module):
@@ -109,28 +111,30 @@ def assert_same(a, b):
 
 # -- checkpoints ---------------------------------------------------------------------------------
 
-def test_checkpoint_resumes_bit_identically(cls, tmp_path):
+@precisions
+def test_checkpoint_resumes_bit_identically(cls, tmp_path, precision):
     model = make_model()
-    opt = make_opt(cls, model)
+    opt = make_opt(cls, model, state_precision=precision)
     train(model, opt, range(3))
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     resumed_model = copy.deepcopy(model)
     train(model, opt, range(3, 9))  # crosses refreshes at steps 3 and 6
 
     torch.manual_seed(12345)  # resuming must not depend on the global RNG's state
-    resumed = make_opt(cls, resumed_model)
+    resumed = make_opt(cls, resumed_model, state_precision=precision)
     resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     train(resumed_model, resumed, range(3, 9))
     assert_same(weights(resumed_model), weights(model))
     assert_same(resumed.state_dict(), opt.state_dict())
 
 
+@precisions
 @pytest.mark.parametrize("only", [None, "tall.bias"], ids=["all", "fallback"])
-def test_state_dict_for_other_shapes_is_rejected(cls, only):
+def test_state_dict_for_other_shapes_is_rejected(cls, only, precision):
     model = make_model()
-    opt = make_opt(cls, model, only=only)
+    opt = make_opt(cls, model, only=only, state_precision=precision)
     train(model, opt, range(2))
-    fresh = make_opt(cls, make_model(hidden=7), only=only)
+    fresh = make_opt(cls, make_model(hidden=7), only=only, state_precision=precision)
     with pytest.raises(ValueError, match=re.escape(only or "tall.weight")):
         fresh.load_state_dict(opt.state_dict())
     assert not fresh.state
@@ -270,9 +274,10 @@ def test_params_without_grad_are_untouched(cls):
     assert not torch.equal(model.tall.weight, before["tall.weight"])
 
 
-def test_step_without_grads_is_a_noop(cls):
+@precisions
+def test_step_without_grads_is_a_noop(cls, precision):
     model = make_model()
-    opt = make_opt(cls, model)
+    opt = make_opt(cls, model, state_precision=precision)
     opt.step()
     assert not opt.state
     train(model, opt, range(2))
@@ -289,12 +294,13 @@ NONFINITE = [("wide.weight", float("nan")), ("experts", float("inf")),
              ("conv.weight", -float("inf")), ("tall.bias", float("nan"))]
 
 
+@precisions
 @pytest.mark.parametrize("bad,value", NONFINITE, ids=[n for n, _ in NONFINITE])
-def test_nonfinite_grad_is_skipped(cls, bad, value):
+def test_nonfinite_grad_is_skipped(cls, bad, value, precision):
     """The bad param and its state stay bit-identical; the others step exactly as if it had
     no grad; nonfinite_skips counts; one warning names it, however often it recurs."""
     model, reference = make_model(), make_model()
-    opt, ref_opt = make_opt(cls, model), make_opt(cls, reference)
+    opt, ref_opt = make_opt(cls, model, state_precision=precision), make_opt(cls, reference, state_precision=precision)
     train(model, opt, range(2))
     train(reference, ref_opt, range(2))
     p = dict(model.named_parameters())[bad]
@@ -319,9 +325,10 @@ def test_nonfinite_grad_is_skipped(cls, bad, value):
             torch.testing.assert_close(dict(model.named_parameters())[name], q, rtol=1e-6, atol=1e-7)
 
 
-def test_nonfinite_raise(cls):
+@precisions
+def test_nonfinite_raise(cls, precision):
     model = make_model()
-    opt = make_opt(cls, model, nonfinite="raise")
+    opt = make_opt(cls, model, nonfinite="raise", state_precision=precision)
     train(model, opt, range(2))
     backward(model, 2)
     model.experts.grad[0, 0, 0] = float("nan")
@@ -365,11 +372,13 @@ def test_complex_param_is_rejected(cls):
 
 # -- dtypes, AMP, memory ------------------------------------------------------------------------------
 
+@precisions
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_params(cls, dtype):
-    """Params keep their dtype, move and stay finite; state is fp32 or the param's dtype."""
+def test_low_precision_params(cls, dtype, precision):
+    """Params keep their dtype, move and stay finite; state is fp32 or the param's dtype (or
+    bf16 / uint8 codes, as state_precision says)."""
     model = make_model(dtype=dtype)
-    opt = make_opt(cls, model)
+    opt = make_opt(cls, model, state_precision=precision)
     before = weights(model)
     train(model, opt, range(4))
     for name, p in model.named_parameters():
@@ -378,13 +387,15 @@ def test_low_precision_params(cls, dtype):
     for s in opt.state.values():
         for v in s.values():
             if isinstance(v, torch.Tensor) and v.is_floating_point():
-                assert v.dtype in (torch.float32, dtype) and v.isfinite().all()
+                assert v.dtype in (torch.float32, dtype, *[torch.bfloat16] * (precision != "fp32"))
+                assert v.isfinite().all()
 
 
-def test_grad_scaler(cls):
+@precisions
+def test_grad_scaler(cls, precision):
     """scaler.step(opt) steps like opt.step() on unscaled grads, and skips on inf."""
     model, reference = make_model(), make_model()
-    opt, ref_opt = make_opt(cls, model), make_opt(cls, reference)
+    opt, ref_opt = make_opt(cls, model, state_precision=precision), make_opt(cls, reference, state_precision=precision)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for i in range(3):
         opt.zero_grad()
@@ -411,40 +422,64 @@ MATRICES = {"tall.weight": (1, 12, 6), "wide.weight": (1, 5, 12), "experts": (3,
 VECTORS = {"tall.bias": 12, "conv.bias": 3}
 
 
-def expected_state_bytes(name):
+def moment_bytes(shape, precision):
+    """Bytes of one moment stored as ``shape``: fp32, bf16, or (2+ dims) one byte per entry
+    and a 4-byte scale per 256 entries of each row (dim-0 slice), counted row by row."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if precision == "bf16":
+        return 2 * numel
+    if precision == "int8" and len(shape) >= 2:
+        row = numel // shape[0]
+        return numel + 4 * shape[0] * -(-row // 256)
+    return 4 * numel
+
+
+#: The param shapes, and the low-rank moments' stored shapes (GaLore's "std" and DCT project the
+#: smaller side: m ≥ n on the right, (m, r); else on the left, (r, n); a 3-D param keeps its E).
+SHAPES = {"tall.weight": (12, 6), "wide.weight": (5, 12), "experts": (3, 5, 4), "conv.weight": (3, 2, 2, 2)}
+LOW = {"tall.weight": (12, 2), "wide.weight": (2, 12), "experts": (3, 5, 2), "conv.weight": (2, 8)}
+
+
+def expected_state_bytes(name, precision="fp32"):
     """Bytes of state after a step with fp32 params, from each rule's definition (step
-    counters are Python ints, not tensors)."""
-    fallback = sum(2 * 4 * n for n in VECTORS.values())        # AdamW's exp_avg, exp_avg_sq in fp32
+    counters are Python ints, not tensors) at ``state_precision``: moments as
+    :func:`moment_bytes`, bases (GaLore, CoSO) bf16 below fp32, everything else fp32 / int32."""
+    fallback = sum(2 * moment_bytes((n,), precision) for n in VECTORS.values())   # AdamW's exp_avg, exp_avg_sq
+    basis = 2 if precision != "fp32" else 4
     r = 2                                                       # CONTRACT_KWARGS' rank
-    floats = 0
-    for B, m, n in MATRICES.values():
+    total = 0
+    for key, (B, m, n) in MATRICES.items():
         k = min(m, n)
+        low = 2 * moment_bytes(LOW[key], precision)
         if name in ("Muon", "ROOT"):
-            floats += B * m * n                                 # the momentum
-        elif name == "ARO":
-            floats += B * m * n + B * k * k                     # momentum, rotation of the smaller side
-        elif name == "GaLoreAdamW":   # "std": the smaller side; 2 moments of the low-rank gradient + its basis
-            floats += B * (2 * r * max(m, n) + r * k)
+            total += moment_bytes(SHAPES[key], precision)      # the momentum
+        elif name == "ARO":                                     # momentum, rotation of the smaller side
+            total += moment_bytes(SHAPES[key], precision) + 4 * B * k * k
+        elif name == "GaLoreAdamW":   # 2 moments of the low-rank gradient + its basis
+            total += low + basis * B * r * k
         elif name == "DCTAdamW":      # 2 moments (smaller side projected), r int32 indices
-            floats += B * (2 * r * max(m, n) + r)
+            total += low + 4 * B * r
         elif name == "CoSOAdamW":     # GaLore's, and on the input side (n): a history of
             h = k                       # max_history = min(m, n), its int32 count, a sketch as wide as h
-            floats += B * (2 * r * max(m, n) + r * k) + B * (n * h + 1 + n * min(h, n))
-    if name == "DCTAdamW":            # one shared k×k DCT basis per distinct k (6, 5, 4, 3)
-        floats += sum({min(m, n): min(m, n) ** 2 for _, m, n in MATRICES.values()}.values())
+            total += low + basis * B * r * k + 4 * B * (n * h + 1 + n * min(h, n))
+    if name == "DCTAdamW":            # one shared k×k DCT basis per distinct k (6, 5, 4, 3), fp32
+        total += 4 * sum({min(m, n): min(m, n) ** 2 for _, m, n in MATRICES.values()}.values())
     if name == "CoSOAdamW":           # the fallback's bool masks: entries protected, entries touched
         fallback += sum(2 * n for n in VECTORS.values())
-    return 4 * floats + fallback
+    return total + fallback
 
 
-def test_state_bytes(cls):
+@precisions
+def test_state_bytes(cls, precision):
     """state_bytes() is the state each rule defines (counted here by hand), and 0 before a step."""
     model = make_model()
-    opt = make_opt(cls, model)
+    opt = make_opt(cls, model, state_precision=precision)
     assert opt.state_bytes() == 0
     assert {n for n, p in model.named_parameters()} == MATRICES.keys() | VECTORS.keys()
     train(model, opt, range(4))
-    assert opt.state_bytes() == expected_state_bytes(cls.__name__)
+    assert opt.state_bytes() == expected_state_bytes(cls.__name__, precision)
 
 
 def test_unknown_state_key_is_rejected_naming_the_param(cls):
@@ -461,12 +496,13 @@ def test_unknown_state_key_is_rejected_naming_the_param(cls):
     assert not fresh.state
 
 
-def test_loaded_state_takes_the_declared_dtypes(cls):
+@precisions
+def test_loaded_state_takes_the_declared_dtypes(cls, precision):
     """A checkpoint whose state tensors were saved as float64 loads with each state's declared
     dtype (here: what the optimizer itself holds for fp32 params), and the run continues bit
     for bit (fp32 → fp64 → fp32 is exact)."""
     model = make_model()
-    opt = make_opt(cls, model)
+    opt = make_opt(cls, model, state_precision=precision)
     train(model, opt, range(3))
     saved = copy.deepcopy(opt.state_dict())
     for s in saved["state"].values():
@@ -474,7 +510,7 @@ def test_loaded_state_takes_the_declared_dtypes(cls):
             if isinstance(v, torch.Tensor) and v.is_floating_point():
                 s[k] = v.double()
     resumed_model = copy.deepcopy(model)
-    resumed = make_opt(cls, resumed_model)
+    resumed = make_opt(cls, resumed_model, state_precision=precision)
     resumed.load_state_dict(saved)
     dtypes = lambda o: {(pid, k): v.dtype for pid, s in o.state_dict()["state"].items() for k, v in s.items()
                         if isinstance(v, torch.Tensor)}

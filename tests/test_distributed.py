@@ -6,7 +6,10 @@ DDP with distributed="replicated" and under FSDP2 (fully_shard per block + root;
 split unevenly, an empty shard, 3-D experts) 5 steps end at the single-process params, with
 the matrix work done once and split by FLOPs; a torch.distributed.checkpoint save → load →
 continue equals the uninterrupted run; a NaN in one rank's gradient shard skips the param on
-every rank; unsupported DTensor layouts are refused by name.
+every rank; unsupported DTensor layouts are refused by name. All of it again with
+``state_precision="int8"`` for every optimizer (int8 codes and scales sharded like the param,
+saved by DCP as DTensors), and with "bf16" for Muon and GaLoreAdamW (stochastic rounding
+seeded by global position, so a shard rounds as the single process does).
 """
 import pytest
 import torch
@@ -32,11 +35,12 @@ def _assert_shared(flops: list[int], total: int, largest: int):
 
 
 def _worker(rank, checkpoint_dir):
-    for case in CHECKED:
+    for case, precision in [(case, "fp32") for case in CHECKED] + [(case, "int8") for case in CHECKED] + \
+            [("Muon", "bf16"), ("GaLoreAdamW", "bf16")]:
         try:
-            _check(case, rank, f"{checkpoint_dir}/{case}")
+            _check(case, rank, f"{checkpoint_dir}/{case}-{precision}", state_precision=precision)
         except Exception as e:
-            raise AssertionError(f"{case} on rank {rank}: {e}") from e
+            raise AssertionError(f"{case} at state_precision={precision} on rank {rank}: {e}") from e
     _check_process_group()
 
 
@@ -55,18 +59,23 @@ def _check_process_group():
     assert sum(gathered(work.flops)) == ref_work.flops > work.flops > 0
 
 
-def _check(case, rank, checkpoint_dir):
-    """Every check of one optimizer.
+def _check(case, rank, checkpoint_dir, **kwargs):
+    """Every check of one optimizer (``kwargs``: its extra arguments, e.g. state_precision).
 
     Every rank trains on the whole batch: FSDP's and DDP's averaged gradients then equal the
     single-process ones bit for bit, so the comparison sees only the optimizer (ARO amplifies
     gradient rounding of 1e-7 to 1e-2, so split batches could not test it).
     """
     data = batches(STEPS)
+    # The sharded and replicated paths equal the single process to fp32 rounding (1e-7 after
+    # 5 steps: matmuls over shards round differently), not bit for bit; int8 codes and bf16's
+    # stochastic rounding turn such a difference into a code step (≤ 1.4%) or a bf16 step of
+    # the few entries it flips, ~2e-4 of a param after 5 steps.
+    rtol = 1e-5 if kwargs.get("state_precision", "fp32") == "fp32" else 1e-3
 
     # The single-process reference, run with the process group up: it calls no collective.
     ref = model()
-    ref_opt = make_optimizer(case, ref)
+    ref_opt = make_optimizer(case, ref, **kwargs)
     ref_work = CountingWork(ref_opt)
     with NoCollectives():
         train(ref, ref_opt, data)
@@ -76,32 +85,34 @@ def _check(case, rank, checkpoint_dir):
 
     # DDP with replicated params: each rank computes its share, results all-gathered.
     ddp = DistributedDataParallel(model())
-    opt = make_optimizer(case, ddp.module, distributed="replicated")
+    opt = make_optimizer(case, ddp.module, distributed="replicated", **kwargs)
     work = CountingWork(opt)
     train(ddp, opt, data)
-    assert_params_close(full_params(ddp.module), want)
+    assert_params_close(full_params(ddp.module), want, rtol)
     _assert_shared(gathered(work.flops), ref_work.flops, largest)
 
     # FSDP2: sharded params, owner-rank matrix work.
     net = sharded(model())
-    opt = make_optimizer(case, net)
+    opt = make_optimizer(case, net, **kwargs)
     work = CountingWork(opt)
     train(net, opt, data)
     # Sharded fallback moments round a few last bits apart from whole ones (torch's fused
     # AdamW kernel rounds each tensor's scalar tail apart from its vectorized body), which
-    # ARO's rotation amplifies to ~3e-5 within these steps; the others stay within 1e-5.
-    assert_params_close(full_params(net), want, rtol=1e-3 if CASES[case][0] == "ARO" else 1e-5)
+    # ARO's rotation amplifies to ~3e-5 within these steps; the others stay within 1e-5 at fp32
+    # (and within rtol, above, at a lower state_precision).
+    assert_params_close(full_params(net), want, rtol=1e-3 if CASES[case][0] == "ARO" else rtol)
     _assert_shared(gathered(work.flops), ref_work.flops, largest)
 
-    _check_nonfinite(case, rank, data[0])
-    _check_checkpoint(case, data, checkpoint_dir)
-    _check_layouts(case)
+    _check_nonfinite(case, rank, data[0], **kwargs)
+    _check_checkpoint(case, data, checkpoint_dir, **kwargs)
+    if kwargs.get("state_precision", "fp32") == "fp32":   # layouts do not depend on it
+        _check_layouts(case)
 
 
-def _check_nonfinite(case, rank, tokens):
+def _check_nonfinite(case, rank, tokens, **kwargs):
     """A NaN in one rank's shard of a gradient skips that param on every rank."""
     net = sharded(model())
-    opt = make_optimizer(case, net)
+    opt = make_optimizer(case, net, **kwargs)
     before = full_params(net)
     train(net, _NanOn(opt, net.blocks[0].up.weight, rank), [tokens])
     after = full_params(net)
@@ -125,10 +136,10 @@ class _NanOn:
         self.opt.step()
 
 
-def _check_checkpoint(case, data, checkpoint_dir):
+def _check_checkpoint(case, data, checkpoint_dir, **kwargs):
     """Distributed checkpoint after 3 steps, resumed in a fresh model and optimizer."""
     net = sharded(model())
-    opt = make_optimizer(case, net)
+    opt = make_optimizer(case, net, **kwargs)
     train(net, opt, data[:3])
     model_sd, optim_sd = get_state_dict(net, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir)
@@ -136,7 +147,7 @@ def _check_checkpoint(case, data, checkpoint_dir):
     uninterrupted = full_params(net)
 
     resumed = sharded(model(seed=1))
-    opt = make_optimizer(case, resumed)
+    opt = make_optimizer(case, resumed, **kwargs)
     model_sd, optim_sd = get_state_dict(resumed, opt)
     loaded = {"model": model_sd, "optim": optim_sd}
     dcp.load(loaded, checkpoint_id=checkpoint_dir)
