@@ -35,16 +35,25 @@ def _canonical(device) -> torch.device:
     return device
 
 
-def dct_basis(k: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Q = Cᵀ (k×k): column j is the j-th orthonormal DCT-II basis vector.
+def dct_basis(k: int, device=None, dtype: torch.dtype = torch.float32, *, transposed: bool = False) -> Tensor:
+    """Q = Cᵀ (k×k): column j is the j-th orthonormal DCT-II basis vector; with
+    ``transposed``, C itself, contiguous (row j is that vector: a gather of rows of C is a
+    contiguous copy, 3× faster on a CPU than the same gather of Q's columns).
 
-    Built in float64 and cast, and cached per (k, device, dtype): every layer of the same
-    size shares one tensor, so callers must not modify it (``dct_basis.cache_clear()``
-    frees the cache).
+    Built in float64 and cast, and cached per (k, device, dtype, transposed): every layer of
+    the same size shares one tensor, so callers must not modify it
+    (``dct_basis.cache_clear()`` frees the cache).
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"Invalid k: {k!r}; expected an integer >= 1")
+    if transposed:
+        return _rows(k, _canonical(device), dtype)
     return _basis(k, _canonical(device), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _rows(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return _basis(k, device, dtype).T.contiguous()
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,7 +68,12 @@ def _basis(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return C.T.contiguous().to(device=device, dtype=dtype)
 
 
-dct_basis.cache_clear = _basis.cache_clear
+def _clear_caches() -> None:
+    _basis.cache_clear()
+    _rows.cache_clear()
+
+
+dct_basis.cache_clear = _clear_caches
 
 
 def dct_matmul(x: Tensor) -> Tensor:

@@ -609,14 +609,15 @@ class MatrixOptimizer(torch.optim.Optimizer):
         params = group["params"]
         # One device sync for the whole group rather than one per param (a group may span
         # devices, so the flags meet on the first param's), and one fused reduction rather
-        # than isfinite's four ops per tensor: Σ|t| in fp32 (or fp64) is NaN or inf exactly when
-        # t holds a NaN or inf, or sums past 3e38. (Not the 2-norm, 4× faster on a CPU: Σt²
-        # overflows from |t| ~ 1e19, and a scale-invariant rule (ARO, Muon) steps on 1e30 fine.)
+        # than isfinite's four ops per tensor: Σt in fp32 (or fp64) is NaN or inf exactly when
+        # t holds a NaN or inf (+inf and -inf sum to NaN), or sums past 3e38. (A plain sum
+        # reduces 3.6× faster than Σ|t| on a CPU; not the 2-norm, as fast: Σt² overflows from
+        # |t| ~ 1e19, and a scale-invariant rule (ARO, Muon) steps on 1e30 fine.)
         owners = [i for i in indices for _ in checked[i]]
         tensors = [t for i in indices for t in checked[i]]
         dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors}, torch.float32)
-        sums = torch._foreach_norm(tensors, 1, dtype=dtype)
-        flags = torch.stack([s.to(sums[0].device) for s in sums]).isfinite()
+        device = tensors[0].device
+        flags = torch.stack([t.sum(dtype=dtype).to(device) for t in tensors]).isfinite()
         process_group = group_of([params[i] for i in indices], self._replicated_group())
         if process_group is not None:  # every rank must skip the same params
             flags = agree_finite(flags, process_group)

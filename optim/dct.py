@@ -71,7 +71,8 @@ class DCTAdamW(LowRankAdamW):
                          rotate_states=rotate_states)
 
     def _shared_state_tensors(self):
-        """The DCT bases the matrices in state use, once per (size, device, dtype)."""
+        """The DCT bases the matrices in state use (Q and its contiguous transpose), once per (size,
+        device, dtype)."""
         bases = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -81,7 +82,8 @@ class DCTAdamW(LowRankAdamW):
                 for m, n in [(rows, p.shape[1]) for rows in sizes] if sizes else [self._shape(group, p)[1:]]:
                     proj = self._projector(group, m, n)
                     bases[(proj.k, p.device, work_dtype(p.dtype))] = proj
-        return [proj.shared_basis(device, dtype) for (_, device, dtype), proj in bases.items()]
+        return [t for (_, device, dtype), proj in bases.items()
+                for t in (proj.shared_basis(device, dtype), proj.shared_rows(device, dtype))]
 
 
 def dct_projector(m: int, n: int, *, rank, score_norm, proj_dtype) -> DCTProjector:

@@ -21,7 +21,7 @@ fp64 weights:
 
 ======================  ===============================================================
 G                       1 read: the projection L = project(G), one matmul
-L                       1 write (the matmul), 2 reads (the non-finite check Σ|L|, Adam)
+L                       1 write (the matmul), 2 reads (the non-finite check ΣL, Adam)
 M, V                    1 read and 1 write each: torch's fused Adam kernel (lowrank_adam)
 S                       1 write (zeros) + 1 read and write (Adam), 1 read (the back-projection)
 W                       1 read and 1 write: W ← (1 − ηλ)W − η·s·project_back(S) is one matmul

@@ -254,10 +254,14 @@ class DCTProjector:
         # The left side is the right side of the transpose: work on (B, max(m,n), ·) views.
         return X.mT if self.left else X
 
+    def shared_rows(self, device, dtype: torch.dtype) -> torch.Tensor:
+        """Qᵀ (k×k, contiguous, shared like Q), whose rows the projections gather."""
+        return kernels.dct_basis(self.k, device, dtype, transposed=True)
+
     def _columns(self, indices, device, dtype) -> torch.Tensor:
-        """C = Q[:, I] for each matrix of the stack, (B, k, r): one gather of Q's columns."""
-        columns = self.shared_basis(device, dtype).index_select(1, indices.reshape(-1).long())
-        return columns.view(self.k, -1, self.rank).permute(1, 0, 2)
+        """C = Q[:, I] for each matrix of the stack, (B, k, r): one gather of rows of Qᵀ."""
+        rows = self.shared_rows(device, dtype).index_select(0, indices.reshape(-1).long())
+        return rows.view(*indices.shape, self.k).mT
 
     def project(self, G: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Low-rank gradient of G (B, m, n) for the (B, r) ``indices``: CᵀG (left) or G·C."""

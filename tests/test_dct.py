@@ -308,7 +308,7 @@ def test_state_bytes_counts_moments_indices_and_each_basis_once():
     opt.step()
     moments = 2 * 4 * (10 * 2 + 2 * 14 + 3 * 8 * 2)
     indices = 4 * 2 * (1 + 1 + 3)
-    bases = 4 * 6 * 6  # every matrix here has min(m, n) = 6: one shared basis
+    bases = 2 * 4 * 6 * 6  # every matrix here has min(m, n) = 6: one shared basis Q, and Qᵀ
     assert opt.state_bytes() == moments + indices + bases
 
 
