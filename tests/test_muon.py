@@ -352,11 +352,11 @@ def test_state_bytes_counts_momentum_and_fallback_moments():
 
 
 def test_large_finite_half_gradients_are_not_taken_for_nonfinite():
-    """The check sums |g| in fp32: an fp16 gradient whose sum passes fp16's 65504 is finite;
+    """The check sums g in fp32: an fp16 gradient whose sum passes fp16's 65504 is finite;
     +inf and -inf together (a sum that cancels to NaN) and a lone NaN are not."""
     W = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.float16))
     opt = matrixopt.Muon([{"params": [W], "matrix": False}])
-    W.grad = torch.full((64, 64), 1000.0, dtype=torch.float16)  # Σ|g| = 4.1e6
+    W.grad = torch.full((64, 64), 1000.0, dtype=torch.float16)  # Σg = 4.1e6
     opt.step()
     assert opt.nonfinite_skips == 0 and W.abs().sum() > 0
     before = W.detach().clone()
