@@ -22,11 +22,13 @@ def adamw(weights, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, betas: tup
         V \leftarrow \beta_2 V + (1-\beta_2) G^2, \\
         W \leftarrow W - \frac{\eta}{1-\beta_1^t} \frac{M}{\sqrt{V}/\sqrt{1-\beta_2^t} + \epsilon}
 
-    A weight whose dtype is its moments' and its gradient's (fp32 or fp64 params) goes
-    through torch's fused AdamW kernel (``torch.optim.AdamW(fused=True)``'s, bit for bit): one
-    pass that reads G, M, V and W and writes M, V and W, where the foreach form makes eight
+    A weight whose dtype is its moments' and its gradient's (fp32 params: the default
+    fallback's moments are fp32) goes through torch's fused AdamW kernel
+    (``torch.optim.AdamW(fused=True)``'s, bit for bit): one pass that reads G, M, V and W
+    and writes M, V and W, where the foreach form makes eight
     passes over M, V and a temporary of W's size. Low-precision weights (fp32 moments) take
-    ``torch.optim.AdamW(foreach=True)``'s form through an fp32 copy that is written back.
+    ``torch.optim.AdamW(foreach=True)``'s form through an fp32 copy that is written back (and
+    fp64 ones the same form on themselves).
     """
     fused = [i for i, (w, g, m) in enumerate(zip(weights, grads, exp_avgs))
              if w.dtype == g.dtype == m.dtype and w.device.type in ("cpu", "cuda")
