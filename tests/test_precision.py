@@ -100,6 +100,23 @@ def test_blocks_lie_inside_rows(kind):
         assert torch.equal(c, codes[lo:hi]) and torch.equal(s, scale[lo:hi])
 
 
+@pytest.mark.parametrize("kind", sorted(CODES))
+@pytest.mark.parametrize("shape", [(7, 3, 130), (40, 64), (2, 1000)])
+def test_quantizing_in_row_chunks_gives_the_whole_tensor_codes(kind, shape, monkeypatch):
+    """(De)quantizing in bounded row chunks (CHUNK entries) gives what one pass over the whole
+    tensor gives, codes, scales and values, for chunks of one row up to several."""
+    code, _ = CODES[kind]
+    x = torch.randn(shape).abs()
+    whole_codes, whole_scale = q.quantize(x, code)
+    whole = q.dequantize(whole_codes, whole_scale, code)
+    for chunk in (1, 500, 1000):
+        monkeypatch.setattr(q, "CHUNK", chunk)
+        assert len(q._row_chunks(x)) > 1
+        codes, scale = q.quantize(x, code)
+        assert torch.equal(codes, whole_codes) and torch.equal(scale, whole_scale)
+        assert torch.equal(q.dequantize(codes, scale, code), whole)
+
+
 def bf16_neighbours(x: torch.Tensor):
     down = x.to(torch.bfloat16)
     down = torch.where(down.float() > x, torch.nextafter(down, torch.tensor(-math.inf, dtype=torch.bfloat16)), down)
