@@ -517,7 +517,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         verdicts = [self._finite(group, indices, checked) for (group, indices), (_, _, checked) in zip(work, plans)]
         for (group, indices), (buckets, fallback, _), finite in zip(work, plans, verdicts):
             if not all(finite.values()):
-                buckets = [self._keep(group, bucket, finite, loads) for bucket in buckets]
+                kept = {id(group["params"][i]) for i in indices if finite[i]}
+                buckets = [self._keep(group, bucket, kept, loads) for bucket in buckets]
                 fallback = [i for i in fallback if finite[i]]
             for bucket in buckets:
                 if bucket is not None:
@@ -665,8 +666,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                     buckets[(rows, p.shape[1], *key)].append(((p, b), rows * p.shape[1]))
         chunks = []
         for key, bucket in buckets.items():
-            # A matrix from this size on runs alone: batching it does not pay on this device.
-            alone = key[0] * key[1] >= self.unbatched_elements.get(key[3].type, 1 << 62)
+            alone = not self._stacks(key[0], key[1], key[3])
             chunk, size = [], 0
             for item, numel in bucket:
                 if chunk and (alone or size + numel > self.max_bucket_elements):
@@ -747,14 +747,19 @@ class MatrixOptimizer(torch.optim.Optimizer):
         weights, shapes = self._views(group, items, [local(p) for p in params])
         grads, _ = self._views(group, items, [local(p.grad) for p in params])
         _, m, n = shapes[0]
-        stack = m * n < self.unbatched_elements.get(weights[0].device.type, 1 << 62)
         return Bucket(params, weights, grads, None, (m, n), isinstance(params[0], DTensor),
-                      self._matrix_map(params, shapes, loads), [b for _, b in items], stack)
+                      self._matrix_map(params, shapes, loads), [b for _, b in items],
+                      self._stacks(m, n, weights[0].device))
 
-    def _keep(self, group: dict, bucket: Bucket, finite: dict, loads: dict) -> Bucket | None:
-        """``bucket`` without its params whose check failed (None if none is left)."""
-        index = {id(p): i for i, p in enumerate(group["params"])}
-        keep = [j for j, p in enumerate(bucket.params) if finite[index[id(p)]]]
+    def _stacks(self, m: int, n: int, device: torch.device) -> bool:
+        """Whether m×n matrices share stacks on ``device``; from ``unbatched_elements`` on,
+        batching does not pay there and a matrix runs alone."""
+        return m * n < self.unbatched_elements.get(device.type, 1 << 62)
+
+    def _keep(self, group: dict, bucket: Bucket, kept: set[int], loads: dict) -> Bucket | None:
+        """``bucket`` with only the params in ``kept`` (ids of those whose check passed; None
+        if none is left)."""
+        keep = [j for j, p in enumerate(bucket.params) if id(p) in kept]
         if len(keep) == len(bucket.params):
             return bucket
         if not keep:

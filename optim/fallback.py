@@ -30,9 +30,11 @@ def adamw(weights, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, betas: tup
     ``torch.optim.AdamW(foreach=True)``'s form through an fp32 copy that is written back (and
     fp64 ones the same form on themselves).
     """
-    fused = [i for i, (w, g, m) in enumerate(zip(weights, grads, exp_avgs))
-             if w.dtype == g.dtype == m.dtype and w.device.type in ("cpu", "cuda")
-             and w.is_contiguous() and g.is_contiguous()]
+    fused, rest = [], []
+    for i, (w, g, m) in enumerate(zip(weights, grads, exp_avgs)):
+        ok = w.dtype == g.dtype == m.dtype and w.device.type in ("cpu", "cuda") and w.is_contiguous() \
+            and g.is_contiguous()
+        (fused if ok else rest).append(i)
     if fused:
         device = weights[fused[0]].device
         torch._fused_adamw_([weights[i] for i in fused], [grads[i] for i in fused], [exp_avgs[i] for i in fused],
@@ -40,7 +42,6 @@ def adamw(weights, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, betas: tup
                             [torch.full((), float(steps[i]), device=device) for i in fused], lr=lr,
                             beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                             maximize=False)
-    rest = sorted(set(range(len(weights))) - set(fused))
     if rest:
         _adamw_foreach([weights[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
                        [exp_avg_sqs[i] for i in rest], [steps[i] for i in rest], lr=lr, betas=betas, eps=eps,

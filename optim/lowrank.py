@@ -257,26 +257,21 @@ class LowRankAdamW(MatrixOptimizer):
         is checked on G, which the refresh reads anyway. The prepared L of every low-rank
         bucket are held until the check has passed: the size of one moment in all."""
         proj = self._projector(group, *bucket.shape)
-        rest = [i for i, s in enumerate(bucket.states) if s["step"] % group["update_proj_gap"]]
         lows = [None] * len(bucket.params)
-        if rest:
-            projected = self._projected(proj.project, proj, [bucket.grads[i] for i in rest], bucket, rest)
-            for i, low in zip(rest, projected):
-                lows[i] = low
+        self._project_into(lows, [i for i, s in enumerate(bucket.states) if s["step"] % group["update_proj_gap"]],
+                           proj, bucket)
         return [g if low is None else low for g, low in zip(bucket.grads, lows)], lows
 
     def _update(self, group, bucket):
         proj = self._projector(group, *bucket.shape)
-        params, grads, states = bucket.params, bucket.grads, bucket.states
+        params, states = bucket.params, bucket.states
         lows = list(bucket.prepared or [None] * len(params))
         due = [i for i, s in enumerate(states) if s["step"] % group["update_proj_gap"] == 0]
         if due:
             for i, low in zip(due, self._refresh(group, proj, bucket, due)):
                 lows[i] = low
-        rest = [i for i, low in enumerate(lows) if low is None]   # not prepared: state made this step
-        if rest:
-            for i, low in zip(rest, self._projected(proj.project, proj, [grads[i] for i in rest], bucket, rest)):
-                lows[i] = low
+        # Not prepared: state made this step.
+        self._project_into(lows, [i for i, low in enumerate(lows) if low is None], proj, bucket)
         for s in states:
             s["step"] += 1
         steps = lowrank_adam(_stacks([s["exp_avg"] for s in states]), _stacks([s["exp_avg_sq"] for s in states]),
@@ -306,6 +301,13 @@ class LowRankAdamW(MatrixOptimizer):
         if bucket.stack or (proj.dtype or bucket.states[0]["exp_avg"].dtype) != bucket.weights[0].dtype:
             return False
         return not whole_low(proj) or group_of(bucket.params, self._replicated_group()) is None
+
+    def _project_into(self, lows: list, which: list[int], proj, bucket) -> None:
+        """lows[i] ← project(G_i) for the bucket's entries ``which``, as one batch."""
+        if which:
+            for i, low in zip(which, self._projected(proj.project, proj, [bucket.grads[i] for i in which], bucket,
+                                                     which)):
+                lows[i] = low
 
     def _back(self, proj, steps, bucket) -> list:
         """The full-size back-projections project_back(S) of the bucket's low-rank steps S."""
