@@ -123,9 +123,54 @@ class BlockState(MutableMapping):
         return sum(1 for _ in self)
 
 
+class RowState(MutableMapping):
+    """Rows ``rows`` (a slice of dim 0) of a param's state dict, for an element-wise update
+    of those rows alone (``declared``: the state as stored). An entry declared sharded (dim 0
+    the param's) is read as the view of its rows and written into them; every other entry is
+    a counter (a Python int), read from a copy taken at construction — the state as it was
+    before the step — so that every row chunk advances it from the same value, and stored
+    back by :meth:`commit`."""
+
+    def __init__(self, state: dict, declared: dict, rows: slice):
+        self._state, self.rows = state, rows
+        self._rows = {key for key, spec in declared.items() if spec.sharded and spec.shape}
+        self._counters = {key: value for key, value in state.items() if key not in self._rows}
+
+    @staticmethod
+    def splits(declared: dict) -> bool:
+        """Whether a state so declared can be viewed by rows: every entry sharded or a counter."""
+        return all(spec.shape is None or (spec.sharded and spec.shape) for spec in declared.values())
+
+    def __getitem__(self, key):
+        return self._state[key][self.rows] if key in self._rows else self._counters[key]
+
+    def __setitem__(self, key, value):
+        if key in self._rows:
+            self._state[key][self.rows] = value
+        else:
+            self._counters[key] = value
+
+    def __delitem__(self, key):
+        raise TypeError("a fallback does not delete its declared state")
+
+    def __iter__(self):
+        return iter(self._state)
+
+    def __len__(self):
+        return len(self._state)
+
+    def commit(self) -> None:
+        self._state.update(self._counters)
+
+
 def local(t: Tensor) -> Tensor:
     """The rank's shard of a DTensor; a plain tensor as is."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def rows_of(t: Tensor, rows: slice | None) -> Tensor:
+    """Rows ``rows`` of t (None: all of t)."""
+    return t if rows is None else t[rows]
 
 
 def local_matrices(p: Tensor, values: Tensor) -> Tensor:
@@ -344,6 +389,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
     #: and less at 512×1376 (0.88×). On a GPU batching pays for Newton-Schulz up to 2048²
     #: (32 stacked 1024² ones run 7× faster than one by one on an H200): no CUDA entry.
     unbatched_elements = {"cpu": 1 << 18}
+    #: At a lower ``state_precision``, the most elements the fallback updates in one call
+    #: (:meth:`_step_fallback`), so the fp32 working copies of their moments take a few MB
+    #: where a whole head's (8192×768) took 50 MB.
+    fallback_chunk_elements = 1 << 20
 
     hyperparameters: dict = {}
 
@@ -565,22 +614,56 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _step_fallback(self, group: dict, params: list[Tensor]) -> None:
         """The fallback's update of ``params``: in one call at fp32; at a lower
-        ``state_precision`` in chunks of at most ``max_bucket_elements`` elements, so the fp32
-        temporaries of their state stay a bucket's size (the update is element-wise, so the
-        chunks change nothing else)."""
-        chunks = [params]
-        if precision_of(group) != "fp32":
-            chunks, size = [[]], 0
-            for p in params:
-                if chunks[-1] and size + p.numel() > self.max_bucket_elements:
-                    chunks.append([])
-                    size = 0
-                chunks[-1].append(p)
-                size += p.numel()
-        for chunk in chunks:
-            states = self._working(group, chunk)
-            self.fallback.update(group, [local(p) for p in chunk], [local(p.grad) for p in chunk], states)
-            self._write_back(group, chunk, states)
+        ``state_precision`` in chunks of at most ``fallback_chunk_elements`` elements, so the
+        fp32 working copies of their state stay that size: whole params together, and a
+        larger param, if the fallback is ``elementwise``, in chunks of its rows (each call
+        sees those rows of its weights, gradient and sharded state, and its counters as they
+        were before the step). The update is element-wise, the int8 blocks lie inside rows
+        and the bf16 rounding is seeded per element: the chunks change nothing else."""
+        states = self._states(group, params)
+        if precision_of(group) == "fp32":
+            calls = [list(zip(params, states))]
+        else:
+            calls = self._fallback_chunks(group, params, states)
+        for pieces in calls:
+            chunk = [p for p, _ in pieces]
+            views = self._working(group, chunk, [s for _, s in pieces])
+            rows = [s.rows if isinstance(s, RowState) else None for _, s in pieces]
+            self.fallback.update(group, [rows_of(local(p), r) for p, r in zip(chunk, rows)],
+                                 [rows_of(local(p.grad), r) for p, r in zip(chunk, rows)], views)
+            self._write_back(group, chunk, views, [0 if r is None else r.start for r in rows])
+            for _, s in pieces:
+                if isinstance(s, RowState):
+                    s.commit()
+
+    def _fallback_chunks(self, group: dict, params: list[Tensor], states: list[dict]) -> list[list[tuple]]:
+        """:meth:`_step_fallback`'s calls at a lower precision: lists of (param, state) of at
+        most ``fallback_chunk_elements`` elements in all, and for each larger param whose rows
+        the fallback may update alone, one call per chunk of its rows, (param,
+        :class:`RowState`). Row states are made before any call, so each copies the
+        counters as they were before the step."""
+        limit, elementwise = self.fallback_chunk_elements, getattr(self.fallback, "elementwise", False)
+        calls, size = [[]], 0
+        for p, state in zip(params, states):
+            shard = local(p)
+            declared = self._declared(p, group)
+            if shard.numel() > limit and shard.dim() and elementwise and RowState.splits(declared):
+                # Chunks of a multiple of 64 entries: the fused kernels' vector loops split a
+                # tensor into 64-byte units, so chunk edges fall where the whole tensor's do.
+                row = math.prod(shard.shape[1:])
+                unit = 64 // math.gcd(row, 64)
+                step = max(unit, limit // row // unit * unit)
+                calls += [[(p, RowState(state, declared, slice(r, r + step)))]
+                          for r in range(0, shard.shape[0], step)]
+                calls.append([])
+                size = 0
+                continue
+            if calls[-1] and size + shard.numel() > limit:
+                calls.append([])
+                size = 0
+            calls[-1].append((p, state))
+            size += shard.numel()
+        return [pieces for pieces in calls if pieces]
 
     def _states(self, group: dict, params: list[Tensor]) -> list[dict]:
         """The params' state, created from the declarations on a param's first step."""
@@ -699,11 +782,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
         states = states or self._states(group, [p for p, _ in items])
         return [s if b is None else BlockState(s, b) for s, (_, b) in zip(states, items)]
 
-    def _working(self, group: dict, params: list[Tensor]) -> list:
-        """The params' state as their rule sees it: at fp32 the stored state itself; at a
-        lower ``state_precision`` a :class:`~matrixopt.precision.Working` view with fp32
-        temporaries of what is stored in fewer bits (one per param, however often it repeats)."""
-        states = self._states(group, params)
+    def _working(self, group: dict, params: list[Tensor], states: list | None = None) -> list:
+        """The params' state (``states``, else their stored state) as their rule sees it: at
+        fp32 the state itself; at a lower ``state_precision`` a
+        :class:`~matrixopt.precision.Working` view with fp32 temporaries of what is stored in
+        fewer bits (one per param, however often it repeats)."""
+        states = states or self._states(group, params)
         precision = precision_of(group)
         if precision == "fp32":
             return states
@@ -711,24 +795,24 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return [views.setdefault(id(p), working(s, self._rule_state(p, group), precision, local(p)))
                 for p, s in zip(params, states)]
 
-    def _write_back(self, group: dict, params: list[Tensor], states: list) -> None:
+    def _write_back(self, group: dict, params: list[Tensor], states: list, first_rows: list[int] | None = None) -> None:
         """Store the temporaries of :meth:`_working`'s views (nothing to do at fp32); the
         stochastic rounding is seeded by each param's place (group, index) in the optimizer
-        and, for a shard, offset by the global index of its first entry."""
+        and offset by the global index of the view's first entry (``first_rows``: per param,
+        the local row a view of rows starts at; a shard's rows start at its rank's)."""
         precision = precision_of(group)
         if precision == "fp32":
             return
         index = {id(q): i for i, q in enumerate(group["params"])}
         g, done = self._group_index(group), set()
-        for p, view in zip(params, states):
+        for p, view, row in zip(params, states, first_rows or [0] * len(params)):
             if id(p) in done:
                 continue
             done.add(id(p))
-            offsets = {}
             if isinstance(p, DTensor):
-                start = sum(shard_sizes(p.shape[0], p.device_mesh.size())[:p.device_mesh.get_local_rank()])
-                offsets = {key: start * math.prod(spec.shape[1:]) for key, spec in view.declared.items()
-                           if spec.sharded and spec.shape}
+                row += sum(shard_sizes(p.shape[0], p.device_mesh.size())[:p.device_mesh.get_local_rank()])
+            offsets = {key: row * math.prod(spec.shape[1:]) for key, spec in view.declared.items()
+                       if row and spec.sharded and spec.shape}
             write_back(view, precision, (g, index[id(p)]), offsets)
 
     def _replicated_group(self):

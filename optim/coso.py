@@ -303,6 +303,7 @@ class ProtectedFallback:
     def __init__(self, inner):
         self.inner = inner
         self.hyperparameters = {**inner.hyperparameters, "protect_fallback": choice(True, False)}
+        self.elementwise = getattr(inner, "elementwise", False)   # the mask is element-wise too
 
     def state(self, p, group) -> dict[str, State]:
         mask = State(tuple(p.shape), torch.bool, sharded=True)

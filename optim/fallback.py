@@ -1,7 +1,10 @@
 r"""The fallback: the rule for params that are not matrices (biases, norms, embeddings, the
 head). Any object with this module's :class:`AdamW`'s three members can replace it
 (``MatrixOptimizer(..., fallback=...)``): ``hyperparameters``, ``state(p, group)`` and
-``update(group, weights, grads, states)``.
+``update(group, weights, grads, states)``; and optionally ``elementwise = True``, which
+says its update of each entry reads only that entry (of the weight, gradient and sharded
+state) and the param's counters, so that at a lower ``state_precision`` the shell may
+update a large param in chunks of rows (:meth:`~matrixopt.base.MatrixOptimizer._step_fallback`).
 """
 import math
 
@@ -74,6 +77,7 @@ class AdamW:
     :mod:`matrixopt.precision`; the shell hands :func:`adamw` fp32 temporaries of them)."""
 
     hyperparameters: dict = {}   # lr, betas, eps, weight_decay: every optimizer validates them
+    elementwise = True
 
     @staticmethod
     def state(p, group) -> dict[str, State]:

@@ -66,7 +66,7 @@ sketch, DCT's indices) keeps its declared dtype at every precision. Per param gr
   half a bf16 step, which ``tests/test_precision.py`` shows on a momentum.)
 
 The update math always runs in fp32 (fp64 for fp64 params): per bucket of same-shape
-matrices (and per chunk of the fallback's params) the shell dequantizes the marked state to
+matrices (and per chunk of the fallback's params or rows) the shell dequantizes the marked state to
 fp32 temporaries (:func:`working`), the rule updates them, and the shell writes them back
 (:func:`write_back`) — no fp32 copy of the whole model's state exists at any time.
 

@@ -9,7 +9,8 @@ continue equals the uninterrupted run; a NaN in one rank's gradient shard skips 
 every rank; unsupported DTensor layouts are refused by name. All of it again with
 ``state_precision="int8"`` for every optimizer (int8 codes and scales sharded like the param,
 saved by DCP as DTensors), and with "bf16" for Muon and GaLoreAdamW (stochastic rounding
-seeded by global position, so a shard rounds as the single process does).
+seeded by global position, so a shard rounds as the single process does, and the fallback's
+update in chunks of rows rounds as one of the whole shard).
 """
 import pytest
 import torch
@@ -103,10 +104,27 @@ def _check(case, rank, checkpoint_dir, **kwargs):
     assert_params_close(full_params(net), want, rtol=1e-3 if CASES[case][0] == "ARO" else rtol)
     _assert_shared(gathered(work.flops), ref_work.flops, largest)
 
+    if kwargs.get("state_precision") == "bf16":
+        _check_fallback_chunks(case, data, net, opt, **kwargs)
     _check_nonfinite(case, rank, data[0], **kwargs)
     _check_checkpoint(case, data, checkpoint_dir, **kwargs)
     if kwargs.get("state_precision", "fp32") == "fp32":   # layouts do not depend on it
         _check_layouts(case)
+
+
+def _check_fallback_chunks(case, data, net, opt, **kwargs):
+    """The sharded fallback params (embedding, head) updated in chunks of a few rows, each
+    chunk's stochastic rounding offset by its shard's and its own first row: every local
+    param and state bit-identical to the run updating each shard whole (``net``, ``opt``)."""
+    chunked = sharded(model())
+    chunked_opt = make_optimizer(case, chunked, **kwargs)
+    chunked_opt.fallback_chunk_elements = 1
+    train(chunked, chunked_opt, data)
+    for p, q in zip(net.parameters(), chunked.parameters()):
+        assert torch.equal(p.to_local(), q.to_local())
+        for key, value in opt.state[p].items():
+            other = chunked_opt.state[q][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
 
 
 def _check_nonfinite(case, rank, tokens, **kwargs):

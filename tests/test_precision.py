@@ -309,17 +309,64 @@ def test_an_error_in_the_rule_leaves_the_stored_state_untouched(monkeypatch):
             assert torch.equal(v, before[id(p)][k]) if torch.is_tensor(v) else v == before[id(p)][k], k
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_fallback_chunks_change_nothing(precision):
-    """At a low precision the fallback steps its params in chunks of max_bucket_elements:
-    bit-identical to one chunk."""
-    nets = [model(), model()]
-    opts = [matrixopt.Muon(list(n.named_parameters()), lr=1e-2, state_precision=precision) for n in nets]
-    opts[1].max_bucket_elements = 50
-    for n, o in zip(nets, opts):
-        train(n, o, range(3))
-    for p, r in zip(*(n.parameters() for n in nets)):
+def _fallback_run(precision, dtype, rows, width, limit, fallback=None, steps=3):
+    """Muon on one matrix, the fallback on a (rows, width) table and a bias of ``width``;
+    gradients spanning 10^±3 so the int8 codes and bf16 roundings have work to do."""
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(rows, width, dtype=dtype))
+    bias = torch.nn.Parameter(torch.randn(width, dtype=dtype))
+    w = torch.nn.Parameter(torch.randn(8, 12))
+    opt = matrixopt.Muon([{"params": [("w", w)]}, {"params": [("table", table), ("bias", bias)], "matrix": False}],
+                         lr=1e-2, weight_decay=0.1, state_precision=precision, fallback=fallback)
+    opt.fallback_chunk_elements = limit
+    for i in range(steps):
+        g = torch.Generator().manual_seed(i)
+        for p in (table, bias, w):
+            p.grad = (torch.randn(p.shape, generator=g) * 10 ** (3 * torch.rand(p.shape, generator=g) - 1.5)).to(p.dtype)
+        opt.step()
+    return [table, bias, w], opt
+
+
+@settings(max_examples=25, deadline=None)
+@given(precision=st.sampled_from(["bf16", "int8"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       rows=st.integers(1, 40), width=st.integers(1, 300), limit=st.integers(1, 3000))
+def test_fallback_chunks_change_nothing(precision, dtype, rows, width, limit):
+    """At a low precision the fallback updates params in chunks of fallback_chunk_elements (a
+    larger param in chunks of its rows, int8 blocks and all): every weight and state entry,
+    counters included, bit-identical to one call over whole params."""
+    whole, whole_opt = _fallback_run(precision, dtype, rows, width, 1 << 30)
+    chunked, chunked_opt = _fallback_run(precision, dtype, rows, width, limit)
+    for p, r in zip(whole, chunked):
         assert torch.equal(p, r)
+        for key, value in whole_opt.state[p].items():
+            other = chunked_opt.state[r][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
+    assert chunked_opt.state[chunked[0]]["step"] == 3
+
+
+class _Recording(matrixopt.fallback.AdamW):
+    """The default fallback, recording the shapes of the weights of every call."""
+
+    def __init__(self, elementwise=True):
+        self.elementwise, self.calls = elementwise, []
+
+    def update(self, group, weights, grads, states):
+        self.calls.append([tuple(w.shape) for w in weights])
+        super().update(group, weights, grads, states)
+
+
+@pytest.mark.parametrize("elementwise", [True, False])
+def test_fallback_chunks_bound_the_working_state(elementwise):
+    """An element-wise fallback gets at most fallback_chunk_elements entries per call (rows of
+    a multiple of 64 entries), covering every row once; one that is not element-wise gets
+    each param whole."""
+    fallback = _Recording(elementwise)
+    (table, bias, _), _ = _fallback_run("int8", torch.float32, 40, 48, 400, fallback=fallback, steps=1)
+    calls = fallback.calls
+    if not elementwise:
+        assert calls == [[(40, 48)], [(48,)]]
+        return
+    assert calls == [[(8, 48)]] * 5 + [[(48,)]]   # 8 rows: 384 entries, the most ≤ 400 in 64s
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
