@@ -161,8 +161,14 @@ def nearest(u: Tensor, code: Code) -> Tensor:
     is u rounded toward 0 by < 2⁻⁷ relative, and neighbouring thresholds of these codes are
     ≥ 1.8 bf16 steps apart). A fraction of searchsorted's cost and no int64 temporaries."""
     below, after, before = _tables(code, u.device)
-    index = below[(u.view(torch.int32) >> 16) & 0xFFFF]
-    return index + (after[index] < u).to(torch.int32) - (before[index] >= u).to(torch.int32)
+    index = _lookup(below, (u.view(torch.int32) >> 16) & 0xFFFF)
+    return index + (_lookup(after, index) < u).to(torch.int32) - (_lookup(before, index) >= u).to(torch.int32)
+
+
+def _lookup(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for a 1-D table and int32 indices, by ``index_select`` (on a CPU 5×
+    faster than advanced indexing, which converts the indices to int64 first)."""
+    return table.index_select(0, index.reshape(-1)).view(index.shape)
 
 
 #: Entries (de)quantized at a time, in whole rows: the codes' intermediates (the padded
@@ -217,7 +223,7 @@ def dequantize(codes: Tensor, scale: Tensor, code: Code) -> Tensor:
 
 
 def _dequantize(codes: Tensor, scale: Tensor, code: Code) -> Tensor:
-    values = code.values.to(codes.device)[_blocks(codes).int()]
+    values = _lookup(code.values.to(codes.device), _blocks(codes).int())
     return _unblock(values * scale[..., None], codes.shape).contiguous()
 
 
