@@ -37,12 +37,15 @@ def _canonical(device) -> torch.device:
 
 def dct_basis(k: int, device=None, dtype: torch.dtype = torch.float32, *, transposed: bool = False) -> Tensor:
     """Q = Cᵀ (k×k): column j is the j-th orthonormal DCT-II basis vector; with
-    ``transposed``, C itself, contiguous (row j is that vector: a gather of rows of C is a
-    contiguous copy, 3× faster on a CPU than the same gather of Q's columns).
+    ``transposed``, C itself (row j is that vector). C is stored contiguous and Q is its
+    transposed view, one storage for both: a gather of rows of C is a contiguous copy, 3×
+    faster on a CPU than the same gather of the columns of a contiguous Q, and a product
+    with Q reads C through the transposed view (on a CPU bit for bit the product with a
+    contiguous Q).
 
-    Built in float64 and cast, and cached per (k, device, dtype, transposed): every layer of
-    the same size shares one tensor, so callers must not modify it
-    (``dct_basis.cache_clear()`` frees the cache).
+    Built in float64 and cast, and cached per (k, device, dtype): every layer of the same
+    size shares it, so callers must not modify it (``dct_basis.cache_clear()`` frees the
+    cache).
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"Invalid k: {k!r}; expected an integer >= 1")
@@ -52,12 +55,12 @@ def dct_basis(k: int, device=None, dtype: torch.dtype = torch.float32, *, transp
 
 
 @functools.lru_cache(maxsize=None)
-def _rows(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return _basis(k, device, dtype).T.contiguous()
+def _basis(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return _rows(k, device, dtype).mT
 
 
 @functools.lru_cache(maxsize=None)
-def _basis(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _rows(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     i = torch.arange(k, dtype=torch.int64)[:, None]
     j = torch.arange(k, dtype=torch.int64)[None, :]
     # cos is 4k-periodic in i·(2j+1) (in units of π/2k): reducing the integer first keeps
@@ -65,7 +68,7 @@ def _basis(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     angle = (i * (2 * j + 1) % (4 * k)).double() * (math.pi / (2 * k))
     C = torch.cos(angle) * math.sqrt(2 / k)
     C[0] *= math.sqrt(0.5)
-    return C.T.contiguous().to(device=device, dtype=dtype)
+    return C.to(device=device, dtype=dtype)
 
 
 def _clear_caches() -> None:

@@ -71,8 +71,8 @@ class DCTAdamW(LowRankAdamW):
                          rotate_states=rotate_states)
 
     def _shared_state_tensors(self):
-        """The DCT bases the matrices in state use (Q and its contiguous transpose), once per (size,
-        device, dtype)."""
+        """The DCT bases the matrices in state use (Q and the contiguous Qᵀ it is a view of), once
+        per (size, device, dtype)."""
         bases = {}
         for group in self.param_groups:
             for p in group["params"]:

@@ -54,6 +54,13 @@ def test_dct_basis_and_both_paths_match_scipy(k, dtype, seed):
         assert np.all(np.abs(got.double().numpy() - want) <= tol * row_norms)
 
 
+def test_dct_basis_is_one_storage_for_q_and_its_transpose():
+    """Q is the transposed view of the contiguous Qᵀ: the cache holds one k×k tensor per size."""
+    Q, rows = kernels.dct_basis(40), kernels.dct_basis(40, transposed=True)
+    assert rows.is_contiguous() and torch.equal(Q, rows.T)
+    assert Q.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()
+
+
 def test_dct_basis_is_cached_per_size_device_dtype():
     assert kernels.dct_basis(48) is kernels.dct_basis(48, "cpu", torch.float32)
     assert kernels.dct_basis(48, dtype=torch.float64) is not kernels.dct_basis(48)
@@ -308,7 +315,7 @@ def test_state_bytes_counts_moments_indices_and_each_basis_once():
     opt.step()
     moments = 2 * 4 * (10 * 2 + 2 * 14 + 3 * 8 * 2)
     indices = 4 * 2 * (1 + 1 + 3)
-    bases = 2 * 4 * 6 * 6  # every matrix here has min(m, n) = 6: one shared basis Q, and Qᵀ
+    bases = 4 * 6 * 6  # every matrix here has min(m, n) = 6: one shared basis, Q a view of Qᵀ
     assert opt.state_bytes() == moments + indices + bases
 
 
