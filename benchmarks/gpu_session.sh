@@ -10,24 +10,31 @@
 # gpu-session.log, everything printed, written as it goes — the rows a benchmark prints
 # survive it being cut at its limit, when its own files are never written.
 #
-# 1. step --sets 1B: every optimizer's step, refresh and peak memory on the LLaMA-1B matrix
+# 1. memory: the peak of a training step on the 130M config for torch AdamW and Muon /
+#    GaLoreAdamW at int8 with and without step_in_backward, and the largest of the 1B/3B/7B
+#    configs whose step fits in 24 GiB per row (GaLore's 7B headline; a binary search, two
+#    models built and stepped per row) (issue 15);
+# 2. step --sets 1B with int8 state: Muon and GaLoreAdamW's step at int8 next to AdamW (the
+#    codes' eager ops on a GPU) (issue 15), in its own folder int8/;
+# 3. step --sets 1B: every optimizer's step, refresh and peak memory on the LLaMA-1B matrix
 #    set (issue 4: GaLore amortized <= 2x fused AdamW, fp32/bf16 projections, two bucket caps;
 #    issue 6: Muon vs torch.optim.Muon); the low-rank peers are in the table only where they
 #    are installed: they are pure Python, so carry their wheels (`pip download --no-deps
 #    galore-torch==1.0 apollo-torch==1.0.3 pytorch-optimizer==4.1.0 -d .whl` here); a .whl/
 #    folder in the repo root is installed first;
-# 2. lowrank: refresh time and captured energy, ours vs torch.linalg.svd/svd_lowrank, the
+# 4. lowrank: refresh time and captured energy, ours vs torch.linalg.svd/svd_lowrank, the
 #    refreshes whose eigh runs on the host also with it on the device, and the p×p eigh
 #    candidates (device, host, MAGMA, one thread/stream per matrix) (issue 7);
-# 3. ns: Newton-Schulz kernels vs the torch twin and torch.optim.Muon, accuracy, Muon step,
+# 5. ns: Newton-Schulz kernels vs the torch twin and torch.optim.Muon, accuracy, Muon step,
 #    with the candidates: symmetric products by cuBLAS block rows, a 4-step schedule (issue 6);
-# 4. projection: GaLore's projection error against float64 and time, fp32 vs bf16 operands,
+# 6. projection: GaLore's projection error against float64 and time, fp32 vs bf16 operands,
 #    batched vs per matrix (issue 4; the errors are already measured on CPU, so it comes after
 #    the figures only a GPU gives);
-# 5. dct: matmul vs FFT DCT scores on CUDA (FFT_MIN_SIZE has no CUDA entry yet);
-# 6. distributed: what the DDP/FSDP2 code path costs on one GPU (world size 1, NCCL).
-# The limits add up to ~12 min, more than one 10-minute device command: the order is by priority, so a
-# command cut at its limit loses only the last ones (the first three fit in 9 min).
+# 7. dct: matmul vs FFT DCT scores on CUDA (FFT_MIN_SIZE has no CUDA entry yet);
+# 8. distributed: what the DDP/FSDP2 code path costs on one GPU (world size 1, NCCL).
+# The limits add up to ~17 min, more than one 10-minute device command: the order is by priority, so a
+# command cut at its limit loses only the last ones (the first three fit in 9 min); a second
+# call can run the rest (`SKIP=3 bash benchmarks/gpu_session.sh`: skip the first three).
 set -u
 shopt -s nullglob
 dest=${1:-benchmarks/results}
@@ -53,20 +60,33 @@ fi
 
 # After each benchmark, so that a call cut short still brings back what finished.
 bundle() {
-    local files=("$out"/*.md "$out"/*.json "$out"/*.png)
+    local files
+    mapfile -t files < <(cd "$out" && find . -type f \( -name '*.md' -o -name '*.json' -o -name '*.png' \) |
+        sed 's|^\./||' | sort)
     ((${#files[@]})) || return 0
-    tar czf "$dest/gpu-results.tar.gz.part" -C "$out" "${files[@]##*/}" &&
+    tar czf "$dest/gpu-results.tar.gz.part" -C "$out" "${files[@]}" &&
         mv "$dest/gpu-results.tar.gz.part" "$dest/gpu-results.tar.gz"
 }
 
+skip=${SKIP:-0}
 run() {
     local limit=$1
     shift
+    if ((skip > 0)); then
+        skip=$((skip - 1))
+        echo "== skipped: $*"
+        return 0
+    fi
     echo "== $* (limit ${limit} s)"
     timeout "$limit" "$@" || echo "!! exit $? from: $*"
     bundle
 }
 
+run 240 python3 -m benchmarks memory --config 130M --precisions int8 --fit-budget-gib 24 --fit-configs 1B 3B 7B \
+    --optimizers torch.optim.AdamW matrixopt.Muon matrixopt.GaLoreAdamW --out "$out"
+mkdir -p "$out/int8"
+run 90 python3 -m benchmarks step --sets 1B --repeats 5 --optimizers torch.optim.AdamW \
+    "matrixopt.Muon[state_precision='int8']" "matrixopt.GaLoreAdamW[state_precision='int8']" --out "$out/int8"
 run 240 python3 -m benchmarks step --sets 1B --repeats 10 --out "$out"
 run 120 python3 -m benchmarks.lowrank --out "$out"
 run 180 python3 -m benchmarks.ns --out "$out"

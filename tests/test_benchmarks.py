@@ -618,7 +618,8 @@ echo "# $name" > "$out/$name.md"; echo "{}" > "$out/$name.json"
     assert sorted(p.name for p in dest.iterdir()) == ["gpu-results.tar.gz", "gpu-session.log"]
     with tarfile.open(dest / "gpu-results.tar.gz") as tar:
         names = set(tar.getnames())
-    assert names == {f"{n}.{ext}" for n in ("step", "ns", "projection", "dct", "distributed") for ext in ("md", "json")}
+    finished = ("memory", "int8/step", "step", "ns", "projection", "dct", "distributed")
+    assert names == {f"{n}.{ext}" for n in finished for ext in ("md", "json")}
     log = (dest / "gpu-session.log").read_text()
     assert "row of lowrank" in log and "!! exit 3 from: python3 -m benchmarks.lowrank" in log
 
