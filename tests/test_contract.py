@@ -464,8 +464,8 @@ def expected_state_bytes(name, precision="fp32"):
         elif name == "CoSOAdamW":     # GaLore's, and on the input side (n): a history of
             h = k                       # max_history = min(m, n), its int32 count, a sketch as wide as h
             total += low + basis * B * r * k + 4 * B * (n * h + 1 + n * min(h, n))
-    if name == "DCTAdamW":            # one shared k×k DCT basis Q and its transpose per distinct k (6, 5, 4, 3), fp32
-        total += 2 * 4 * sum({min(m, n): min(m, n) ** 2 for _, m, n in MATRICES.values()}.values())
+    if name == "DCTAdamW":            # one shared k×k DCT basis per distinct k (6, 5, 4, 3), fp32 (Q a view of Qᵀ)
+        total += 4 * sum({min(m, n): min(m, n) ** 2 for _, m, n in MATRICES.values()}.values())
     if name == "CoSOAdamW":           # the fallback's bool masks: entries protected, entries touched
         fallback += sum(2 * n for n in VECTORS.values())
     return total + fallback
