@@ -203,15 +203,19 @@ def truncate(Z: torch.Tensor, ell: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Z (d, w) cut to its top ℓ directions: with Z Zᵀ = Q diag(λ₁ ≥ …) Qᵀ, Q_{:, :ℓ}
     diag(√λᵢ)_{i ≤ ℓ}, and the energy cut off, Σ_{i>ℓ} λᵢ. The eigenpairs come
     from the smaller Gram matrix, Z Zᵀ (d ≤ w) or ZᵀZ = V diag(λ) Vᵀ with Q = Z V λ^{-1/2};
-    where LAPACK's eigh does not converge (it can fail on a rank-deficient fp32 Gram), from
-    the SVD Z = Q diag(√λ) Vᵀ."""
+    where LAPACK's eigh fails on it (a rank-deficient fp32 Gram can make it raise, or return
+    NaNs), from the SVD Z = Q diag(√λ) Vᵀ."""
+    gram = Z @ Z.mT if Z.shape[0] <= Z.shape[1] else Z.mT @ Z
     try:
-        gram = Z @ Z.mT if Z.shape[0] <= Z.shape[1] else Z.mT @ Z
         lam, Q = torch.linalg.eigh(gram)                     # ascending
+        solved = bool(lam.isfinite().all() and Q.isfinite().all())
+    except torch.linalg.LinAlgError:
+        solved = False
+    if solved:
         lam, Q = lam.flip(-1).clamp_min(0), Q.flip(-1)
         if Z.shape[0] > Z.shape[1]:
             Q = Z @ Q * torch.where(lam > 0, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), 0)
-    except torch.linalg.LinAlgError:
+    else:
         Q, sigma, _ = torch.linalg.svd(Z, full_matrices=False)
         lam = sigma.square()
     return Q[:, :ell] * lam[:ell].sqrt(), lam[ell:].sum()
