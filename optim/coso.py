@@ -100,11 +100,11 @@ can add, and ε keeps what its truncations cut off, so e is taken against the ta
 energy: a sketch that only drops its tail (Frequent Directions' shrink, which also
 subtracts λ_{ℓ+1} from every direction it keeps) reports a task's energy as more
 concentrated than it is, and e then folds fewer directions than the task used (measured on
-``python -m benchmarks continual --quick``, seed 1: 0.60× AdamW's forgetting with that
-shrink, 0.47× with the truncation and ε). The accumulator's b columns bound how many
-directions of the j steps between truncations reach S; with T = 25 there (b, j) = (r, 5)
-gave 0.49× / 0.47× / 0.44× on seeds 0 / 1 / 2, (r, 10) 0.47× / 0.67× / 0.47×, (r/2, 5)
-0.57× on seed 1. ``max_history`` defaults to 1.0, min(m, n) directions: a memory bound
+``python -m benchmarks continual --quick`` with both at lr 0.01, seed 1: 0.60× AdamW's
+forgetting with that shrink, 0.47× with the truncation and ε). The accumulator's b columns
+bound how many directions of the j steps between truncations reach S; there (T = 25, lr
+0.01) (b, j) = (r, 5) gave 0.49× / 0.47× / 0.44× on seeds 0 / 1 / 2, (r, 10) 0.47× / 0.67× /
+0.47×, (r/2, 5) 0.57× on seed 1, and the sketch's own seed moves these by ~0.05-0.09. ``max_history`` defaults to 1.0, min(m, n) directions: a memory bound
 (d·min(m, n) floats, at most one fp32 copy of W), not a forgetting rule — e decides how many
 directions a task keeps.
 
