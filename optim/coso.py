@@ -333,7 +333,7 @@ def _accumulate(proj, G, H, count, A, seeds):
     return torch.baddbmm(A, Y, omega.to(A.dtype), alpha=b ** -0.5)
 
 
-def _shrink(H, count, A, E):
+def _truncate(H, count, A, E):
     """Each sketch S = H[:, c:] (ℓ = h_max − c columns) takes in its accumulator: S ← the top
     ℓ directions of [S, A], E ← E + the energy cut off, A ← 0."""
     H, E = H.clone(), E.clone()
@@ -495,11 +495,11 @@ class CoSOAdamW(LowRankAdamW):
             a.copy_(fresh)
         due = [i for i, s in enumerate(states) if s["step"] % group["sketch_gap"] == 0]
         if due:
-            pick = lambda ts: [ts[i] for i in due]   # noqa: E731
-            new = bucket.matrix_map(_shrink, [Whole(pick(H)), Whole(pick(count)), Whole(pick(A)), Whole(pick(E))],
+            H, count, A, E = ([ts[i] for i in due] for ts in (H, count, A, E))
+            new = bucket.matrix_map(_truncate, [Whole(H), Whole(count), Whole(A), Whole(E)],
                                     [Out(H[0].shape[-2:], H[0].dtype, whole=True),
                                      Out(A[0].shape[-2:], A[0].dtype, whole=True), Out((), E[0].dtype, whole=True)])
-            for old, fresh in zip(pick(H) + pick(A) + pick(E), [t for ts in new for t in ts]):
+            for old, fresh in zip(H + A + E, [t for ts in new for t in ts]):
                 old.copy_(fresh)
 
     def _apply(self, group, proj, bucket, steps, scale):
