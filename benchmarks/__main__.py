@@ -2,7 +2,7 @@
 
     python -m benchmarks train --quick     # the demo: Shakespeare LM, every optimizer, CPU minutes
     python -m benchmarks update_rms --quick  # RMS of ΔW/lr per optimizer, 2 widths × 2 run lengths
-    python -m benchmarks continual --quick # three text tasks in a row: forgetting vs plasticity
+    python -m benchmarks continual --quick # three text tasks in a row: forgetting vs plasticity (--seed N)
     python -m benchmarks step --quick      # step time and optimizer-state memory
     python -m benchmarks memory --quick    # peak memory of a whole training step, per optimizer
     python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
@@ -66,6 +66,7 @@ def main(argv=None):
     add_run_options(train)
     continual = command("continual", "three text tasks in a row (plays, Python, tragedies): forgetting, plasticity")
     continual.add_argument("--steps", type=int, help="training steps per task (overrides the size's default)")
+    continual.add_argument("--seed", type=int, help="seed of the init and the batches (default 0)")
     add_run_options(continual)
     step = command("step", "optimizer step time and state memory on LLaMA-like matrix sets")
     step.add_argument("--sets", nargs="+", choices=list(SHAPES),
@@ -112,7 +113,8 @@ def main(argv=None):
     elif args.command == "continual":
         from .continual import run
 
-        sections, extra, fig = run(args.quick, steps=args.steps, optimizers=args.optimizers, device=args.device)
+        sections, extra, fig = run(args.quick, steps=args.steps, optimizers=args.optimizers, device=args.device,
+                                   seed=args.seed)
     elif args.command == "step":
         from .step import run
 
@@ -137,7 +139,10 @@ def main(argv=None):
     else:
         sections, extra, fig = kernels(args.quick)
     extra.update(quick=args.quick, cpu_threads=torch.get_num_threads())
-    return write_results(args.command, sections, extra=extra, figure=fig, out_dir=args.out,
+    # One file per seed (continual-seed1-…): runs of several seeds on one day side by side.
+    name = args.command if getattr(args, "seed", None) is None or args.command != "continual" \
+        else f"continual-seed{args.seed}"
+    return write_results(name, sections, extra=extra, figure=fig, out_dir=args.out,
                          invocation=" ".join(["python -m benchmarks", *argv]))
 
 

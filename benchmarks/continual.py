@@ -10,7 +10,8 @@ corpora) learns, in order:
 3. Shakespeare's tragedies, held back from task 1.
 
 Each task has its own held-out validation text (whole plays, whole source files). Every
-optimizer trains the same model from the same init on the same batches, with the same
+optimizer trains the same model from the same init on the same batches (``--seed`` draws
+another init and batch order; its results go to ``continual-seed<N>-…``), with the same
 budget (``steps`` steps per task, each task with its own warmup and cosine
 schedule, clipping at norm 1, weight decay 0.1, betas (0.9, 0.95)); its lr is the best of a
 small grid judged on task 1 alone. Hidden-layer matrices get the optimizer's matrix rule;
@@ -178,10 +179,12 @@ def metrics(losses: list[list[float]]) -> dict:
             "forgetting": forgetting, "learned": [losses[j][j] for j in range(len(losses))]}
 
 
-def run(quick: bool = False, steps: int | None = None, optimizers=None, device=None):
+def run(quick: bool = False, steps: int | None = None, optimizers=None, device=None, seed: int | None = None):
     cfg = QUICK if quick else ContinualConfig()
     if steps is not None:
         cfg = replace(cfg, steps=steps)
+    if seed is not None:   # another init and batch order: how much of a difference is noise
+        cfg = replace(cfg, seed=seed)
     device = default_device(device)
     vocab, tasks = load_tasks(cfg.python_chars)
     names = [n for n in CONTENDERS if not optimizers or n in optimizers]
@@ -214,7 +217,7 @@ def run(quick: bool = False, steps: int | None = None, optimizers=None, device=N
         for stage, losses in enumerate(r["losses"]):
             per_stage.append({"optimizer": name, "after": f"{stage + 1}: {TASKS[stage]}",
                               **{f"{task}_val_loss": v for task, v in zip(TASKS, losses)}})
-    extra = {"config": asdict(cfg), "device": str(device), "vocab": len(vocab),
+    extra = {"config": asdict(cfg), "seed": cfg.seed, "device": str(device), "vocab": len(vocab),
              "data": {t.name: {"train_chars": len(t.train), "val_chars": len(t.val)} for t in tasks},
              "runs": runs}
     sections = {"Forgetting and plasticity (validation loss, nats/char)": rows,

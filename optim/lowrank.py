@@ -107,14 +107,16 @@ def _stacks(tensors):
     return [t.view(-1, *t.shape[-2:]) for t in tensors]
 
 
-def sketch_seeds(seed: int, group_index: int, place: int, count: int, matrices: range) -> torch.Tensor:
+def sketch_seeds(seed: int, group_index: int, place: int, count: int, matrices: range, *stream: int) -> torch.Tensor:
     """Seeds of a param's randomized sketches at one refresh, for its ``matrices`` (indices
     into its (B, m, n) view, or its blocks): each a function of (``seed``, the param's group
     and place in it, the matrix, the refresh ``count``) only,
     so every split of the refreshes (one batch, DDP shares, FSDP2 owners) and every resumed
     run draws the same numbers for a matrix. numpy's ``SeedSequence(seed, spawn_key=key)``'s
-    first word (:func:`seed_sequence_word`), so the streams are well separated."""
-    return torch.tensor([seed_sequence_word(seed, (group_index, place, j, count)) for j in matrices],
+    first word (:func:`seed_sequence_word`), key = (group_index, place, j, count, *stream), so
+    the streams are well separated; a rule drawing other random numbers than the refresh's
+    names its own ``stream``."""
+    return torch.tensor([seed_sequence_word(seed, (group_index, place, j, count, *stream)) for j in matrices],
                         dtype=torch.int64)
 
 
@@ -354,16 +356,12 @@ class LowRankAdamW(MatrixOptimizer):
         params = [bucket.params[i] for i in due]
         grads = [bucket.grads[i] for i in due]
         states = [bucket.states[i] for i in due]
-        index = {id(q): i for i, q in enumerate(group["params"])}
-        places = [index[id(p)] for p in params]  # in the group: the sketches' seeds and the warnings name them
+        places = self._places(group, params)   # the warnings name them
         old = [self._bases(proj, s) for s in states]
         inputs = [Rows(grads), *(Whole([o[key] for o in old]) for key in proj.keys)]
         if proj.randomized:
-            g = self._group_index(group)
-            matrices = [range(self._shape(group, p)[0]) if b is None else range(b, b + 1)   # block b: matrix b
-                        for p, b in zip(params, (bucket.blocks[i] for i in due))]
-            inputs.append(Whole([sketch_seeds(group["seed"], g, place, s["step"] // group["update_proj_gap"], js)
-                                 for place, s, js in zip(places, states, matrices)]))
+            inputs.append(Whole(self._seeds(group, bucket, due, [s["step"] // group["update_proj_gap"]
+                                                                 for s in states])))
         # A cold start at a param's first refresh: its identity-slice basis is no estimate.
         warm = all(s["step"] > 0 for s in states)
         outputs = proj.refresh_outputs(work_dtype(grads[0].dtype))
@@ -386,6 +384,22 @@ class LowRankAdamW(MatrixOptimizer):
                 old[i][key].copy_(basis)
         self._warn_refreshes(group, places, status)
         return lows
+
+    @staticmethod
+    def _places(group, params) -> list[int]:
+        """The params' indices in ``group``."""
+        index = {id(q): i for i, q in enumerate(group["params"])}
+        return [index[id(p)] for p in params]
+
+    def _seeds(self, group, bucket, which, counts, *stream: int) -> list[torch.Tensor]:
+        """:func:`sketch_seeds` of the bucket's entries ``which`` (a param, or a block of
+        one: its own matrix) at their ``counts``."""
+        g = self._group_index(group)
+        params = [bucket.params[i] for i in which]
+        matrices = [range(self._shape(group, p)[0]) if b is None else range(b, b + 1)   # block b: matrix b
+                    for p, b in zip(params, (bucket.blocks[i] for i in which))]
+        return [sketch_seeds(group["seed"], g, place, count, js, *stream)
+                for place, count, js in zip(self._places(group, params), counts, matrices)]
 
     def _warn_refreshes(self, group, places, status) -> None:
         """One warning per cause naming the params a refresh left on their previous basis."""

@@ -820,6 +820,20 @@ def test_continual_command(tmp_path):
     assert rows[1]["protected_directions"] > 0 and rows[0]["forgetting_vs_adamw"] == 1
 
 
+def test_continual_seed(tmp_path):
+    """--seed: another init and batch order, recorded in the results and in their file name."""
+    runs = {}
+    for seed in (None, 1):
+        paths = cli.main(["continual", "--quick", "--steps", "2", "--threads", "1", "--out", str(tmp_path / str(seed)),
+                          "--optimizers", "AdamW", *(["--seed", str(seed)] if seed is not None else [])])
+        result = written(paths)
+        name = paths["md"].name
+        assert name.startswith("continual-") and ("seed" in name) == (seed is not None), name
+        assert result["seed"] == result["config"]["seed"] == (seed or 0)
+        runs[seed] = result["runs"]["AdamW"]["losses"]
+    assert runs[None] != runs[1]
+
+
 @pytest.mark.parametrize("name", sorted(optimizers.MUON_PEERS))
 def test_muon_peers_step_the_matrices_named(name):
     """The step benchmark's Muon peers (asked for by name) build and move every matrix. In a

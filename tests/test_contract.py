@@ -462,8 +462,9 @@ def expected_state_bytes(name, precision="fp32"):
         elif name == "DCTAdamW":      # 2 moments (smaller side projected), r int32 indices
             total += low + 4 * B * r
         elif name == "CoSOAdamW":     # GaLore's, and on the input side (n): a history of
-            h = k                       # max_history = min(m, n), its int32 count, a sketch as wide as h
-            total += low + basis * B * r * k + 4 * B * (n * h + 1 + n * min(h, n))
+            h = k                       # max_history = min(m, n) (the sketch in its free columns), its int32
+            total += low + basis * B * r * k + 4 * B * (n * h + 1 + n * min(r, n) + 1)   # count, an r-column
+            # accumulator and the energy the sketch cut off
     if name == "DCTAdamW":            # one shared k×k DCT basis per distinct k (6, 5, 4, 3), fp32 (Q a view of Qᵀ)
         total += 4 * sum({min(m, n): min(m, n) ** 2 for _, m, n in MATRICES.values()}.values())
     if name == "CoSOAdamW":           # the fallback's bool masks: entries protected, entries touched

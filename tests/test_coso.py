@@ -7,6 +7,7 @@ import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +37,7 @@ class Reference:
 
     def __init__(self, W, *, lr, betas, eps, scale, rank, update_proj_gap, weight_decay=0.0, protect="gradients",
                  side="right", history_energy=0.9, weight_energy=0.5, max_history=1.0, sketch_rank=None,
-                 proj_type="std"):
+                 sketch_gap=5, proj_type="std"):
         self.W, self.lr, self.betas, self.eps, self.scale = W.clone(), lr, betas, eps, scale
         self.T, self.wd, self.protect, self.side = update_proj_gap, weight_decay, protect, side
         self.e_hist, self.e_w = history_energy, weight_energy
@@ -45,14 +46,18 @@ class Reference:
         self.r = min(rank, k)
         self.h_max = max(1, round(max_history * k)) if isinstance(max_history, float) else max_history
         self.d = m if side == "left" else n
-        ell = sketch_rank if sketch_rank is not None else self.h_max
-        self.S = torch.zeros(self.d, min(ell, self.d), dtype=torch.float64)
+        b = sketch_rank if sketch_rank is not None else self.r
+        self.gap = sketch_gap
+        self.S = torch.zeros(self.d, self.h_max, dtype=torch.float64)   # h_max − c columns: the free ones
+        self.A = torch.zeros(self.d, min(b, self.d), dtype=torch.float64)
+        self.E = 0.0   # the energy the sketch's truncations cut off
         self.H = torch.zeros(self.d, 0, dtype=torch.float64)
         self.right = (m >= n) == (proj_type == "std")   # which side GaLore projects
         self.t, self.M, self.V, self.P = 0, None, None, None
         self.full = False
         if protect != "gradients":
             self.fold(self.tall(self.W), weight_energy)
+            self.S = torch.zeros(self.d, self.h_max - self.H.shape[1], dtype=torch.float64)
 
     def tall(self, X):
         return X if self.side == "left" else X.T
@@ -67,7 +72,7 @@ class Reference:
     def back(self, L):
         return L @ self.P.T if self.right else self.P @ L
 
-    def fold(self, X, energy):
+    def fold(self, X, energy, beyond=0.0):
         if self.H.shape[1] >= self.h_max:
             self.full = True
             return
@@ -76,7 +81,7 @@ class Reference:
         if s[0] == 0:
             return
         e = torch.where(s > 1e-6 * s[0], s**2, torch.zeros_like(s))
-        cum = torch.cumsum(e, 0) / e.sum()
+        cum = torch.cumsum(e, 0) / (e.sum() + beyond)
         wanted = min(int((cum < energy - 1e-15).sum()) + 1, int((e > 0).sum()))
         add = min(wanted, self.h_max - self.H.shape[1])
         self.full |= wanted > add
@@ -96,20 +101,29 @@ class Reference:
         size = math.sqrt(1 - b2**self.t) / (1 - b1**self.t)
         delta = self.pi(self.back(self.M / (self.V.sqrt() + self.eps)))
         self.W = self.W - self.lr * self.wd * self.pi(self.W) - self.lr * self.scale * size * delta
-        if self.protect != "weights":   # Frequent Directions on the gradient outside H
+        if self.protect != "weights":   # the Gaussian accumulator of the gradient outside H, truncated into S every gap steps
             Y = self.tall(Gt)
-            lam, Q = torch.linalg.eigh(self.S @ self.S.T + Y @ Y.T)
-            lam, Q = lam.flip(0), Q.flip(1)
-            ell = self.S.shape[1]
-            shrink = lam[ell] if ell < self.d else 0.0
-            self.S = Q[:, :ell] * (lam[:ell] - shrink).clamp_min(0).sqrt()
+            b = self.A.shape[1]
+            # numpy's SeedSequence(seed 0, key (group 0, place 0, matrix 0, step t, stream 1))
+            word = int(np.random.SeedSequence(0, spawn_key=(0, 0, 0, self.t - 1, 1)).generate_state(1)[0])
+            omega = torch.randn(Y.shape[1], b, generator=torch.Generator().manual_seed(word), dtype=torch.float32)
+            self.A = self.A + Y @ omega.double() / math.sqrt(b)
+            ell = self.h_max - self.H.shape[1]
+            if self.t % self.gap == 0 and ell:
+                U, s, _ = torch.linalg.svd(torch.cat([self.S, self.A], dim=1), full_matrices=False)
+                self.S = U[:, :ell] * s[:ell]
+                self.E += float((s[ell:] ** 2).sum())
+            if self.t % self.gap == 0:
+                self.A = torch.zeros_like(self.A)
 
     def end_task(self):
         if self.protect != "weights":
-            self.fold(self.S, self.e_hist)
-            self.S = torch.zeros_like(self.S)
+            self.fold(torch.cat([self.S, self.A], dim=1), self.e_hist, self.E)
+            self.S = torch.zeros(self.d, self.h_max - self.H.shape[1], dtype=torch.float64)
+            self.A, self.E = torch.zeros_like(self.A), 0.0
         if self.protect != "gradients":
             self.fold(self.tall(self.W), self.e_w)
+            self.S = torch.zeros(self.d, self.h_max - self.H.shape[1], dtype=torch.float64)
 
 
 def run_both(W0, tasks, steps, dtype=torch.float64, **kw):
@@ -156,8 +170,8 @@ def test_history_merge_and_cap():
     there; at max_history it stops adding and warns once, naming the param."""
     W0 = torch.randn(12, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     p = torch.nn.Parameter(W0.clone())
-    opt = matrixopt.CoSOAdamW([("w", p)], svd="exact", **{**HYPER, "max_history": 5, "history_energy": 0.7})
-    ref = Reference(W0, **{**HYPER, "max_history": 5, "history_energy": 0.7})
+    opt = matrixopt.CoSOAdamW([("w", p)], svd="exact", **{**HYPER, "max_history": 5, "history_energy": 0.7, "sketch_rank": 8})
+    ref = Reference(W0, **{**HYPER, "max_history": 5, "history_energy": 0.7, "sketch_rank": 8})
     counts = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -205,9 +219,10 @@ def test_updates_are_orthogonal_to_history_fp32(case, monkeypatch):
             p.grad = grad_fn(task)(p.detach().double(), t).float()
             added.clear()
             opt.step()
-            H = opt.state[p]["history"][0].double()
-            if not int(opt.state[p]["history_count"][0]):
+            c = int(opt.state[p]["history_count"][0])
+            if not c:
                 continue
+            H = opt.state[p]["history"][0, :, :c].double()   # beyond c: the task's sketch
             for U in added:
                 U = U.reshape(12, 8).double()
                 leak = H.T @ U if side == "left" else U @ H
