@@ -216,8 +216,9 @@ def stacked_call(fn: Callable, *lists: list[Tensor]) -> tuple[list[Tensor], ...]
     return tuple(list(o.split(sizes)) for o in (out if isinstance(out, tuple) else (out,)))
 
 
-def local_map(fn: Callable, inputs, outputs) -> tuple[list[Tensor], ...]:
-    """The single-process ``matrix_map``: ``fn`` once on the stacks of ``inputs``."""
+def local_map(fn: Callable, inputs, outputs, entries=None) -> tuple[list[Tensor], ...]:
+    """The single-process ``matrix_map``: ``fn`` once on the stacks of ``inputs`` (whichever
+    of the bucket's ``entries`` they hold)."""
     return stacked_call(fn, *(inp.tensors for inp in inputs))
 
 
@@ -473,13 +474,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
         dtype and device): update ``bucket.weights`` in place and the state in
         ``bucket.states``.
 
-        ``bucket.matrix_map(fn, inputs, outputs)`` runs ``fn`` on whole matrices, batched: every
-        computation that needs a whole matrix (orthogonalization, QR, refreshes) goes
-        through it. ``inputs`` are :class:`Rows` (per param, pieces of its matrix view)
-        and :class:`Whole` (per-matrix values kept whole on every rank); ``fn`` takes one
-        stack per input and returns one stack per ``outputs`` entry (:class:`Out`: the
-        per-matrix shape, dtype and layout). It returns a tuple with one per-param list
-        per output. Single-process it is :func:`local_map`; distributed, the owner ranks
+        ``bucket.matrix_map(fn, inputs, outputs, entries=None)`` runs ``fn`` on whole
+        matrices, batched: every computation that needs a whole matrix (orthogonalization,
+        QR, refreshes) goes through it. ``inputs`` are :class:`Rows` (per param, pieces of
+        its matrix view) and :class:`Whole` (per-matrix values kept whole on every rank),
+        one per bucket entry, or one per entry of ``entries`` (indices into the bucket, in
+        order) when the work is for some of them; ``fn`` takes one stack per input and
+        returns one stack per ``outputs`` entry (:class:`Out`: the per-matrix shape, dtype
+        and layout). It returns a tuple with one per-param list per output. Single-process it is :func:`local_map`; distributed, the owner ranks
         compute (:mod:`matrixopt.distributed`).
         """
         raise NotImplementedError
@@ -649,7 +651,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
             declared = self._declared(p, group)
             if shard.numel() > limit and shard.dim() and elementwise and RowState.splits(declared):
                 # Chunks of a multiple of 64 entries: the fused kernels' vector loops split a
-                # tensor into 64-byte units, so chunk edges fall where the whole tensor's do.
+                # tensor into 64-byte units, so chunk edges fall where the whole tensor's do
+                # (rows of an odd length: chunks of 64 rows, beyond the limit if they are long).
                 row = math.prod(shard.shape[1:])
                 unit = 64 // math.gcd(row, 64)
                 step = max(unit, limit // row // unit * unit)
@@ -873,10 +876,23 @@ class MatrixOptimizer(torch.optim.Optimizer):
         sharded = isinstance(params[0], DTensor)
         _, m, n = shapes[0]
         load = loads.setdefault(process_group, [0] * torch.distributed.get_world_size(process_group))
-        return MatrixWork([B for B, _, _ in shapes],
-                          [sharded_axis(p) if sharded else None for p in params],
-                          [(p.shape[0], local(p).shape[0]) for p in params],
-                          m * n * min(m, n), process_group, load).map
+
+        def work(entries) -> MatrixWork:
+            return MatrixWork([shapes[i][0] for i in entries],
+                              [sharded_axis(params[i]) if sharded else None for i in entries],
+                              [(params[i].shape[0], local(params[i]).shape[0]) for i in entries],
+                              m * n * min(m, n), process_group, load)
+
+        whole = work(range(len(params)))
+
+        def matrix_map(fn, inputs, outputs, entries=None):
+            # A subset (params whose refresh is due while others' is not, after a skipped
+            # step) gets an owner split of its own, the same on every rank.
+            if entries is None or list(entries) == list(range(len(params))):
+                return whole.map(fn, inputs, outputs)
+            return work(entries).map(fn, inputs, outputs)
+
+        return matrix_map
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -903,7 +919,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         params of another dtype or device. DTensor state (from :meth:`state_dict` of a
         sharded run) is stored as its local shard. The shape check sees the state dict as
         the load_state_dict pre-hooks return it, and the post-hooks see (and may edit) the
-        state as loaded.
+        state as loaded. A param's saved state must hold every declared entry; a
+        hyperparameter a saved group lacks (one added after it was saved) takes this
+        optimizer's default.
         """
         loaded = []
 
@@ -911,6 +929,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
             loaded.extend(self._check_state_shapes(state_dict))
 
         def declared_dtypes(optimizer):
+            # A hyperparameter of this optimizer the checkpoint predates takes its default
+            # (not state_precision: a group saved without it is fp32, as its state).
+            own = {**SHARED_HYPERPARAMETERS, **self.fallback.hyperparameters, **self.hyperparameters}
+            for group in self.param_groups:
+                for key in own.keys() & self.defaults.keys() - {"state_precision"}:
+                    group.setdefault(key, self.defaults[key])
             # From the saved values, not torch.optim's copies cast to the param's dtype.
             for p, declared, saved_state in loaded:
                 for key, value in saved_state.items():
@@ -930,9 +954,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _check_state_shapes(self, state_dict: dict) -> list[tuple[Tensor, dict, dict]]:
         """(param, its declared state, its saved state) triples; ValueError naming the param
-        if a saved state tensor's shape differs from the declared one (int8 codes: or their
-        dtype, or their scales are missing), or naming the hyperparameter if a saved group's
-        is invalid. The declarations are at the saved group's ``state_precision``, which the
+        if a saved state lacks a declared entry (int8 codes: their scales) or a tensor's
+        shape differs from the declared one (int8 codes: or their dtype), or naming the
+        hyperparameter if a saved group's is invalid. The declarations are at the saved group's ``state_precision``, which the
         load restores (as every saved hyperparameter)."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -949,6 +973,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 precision = precision_of(saved)
                 declared = self._declared(p, {**group, "state_precision": precision})
                 name = self._param_name(group, i)
+                missing = sorted(set(declared) - set(saved_state)) if saved_state else []
+                if missing:   # state is created whole: a checkpoint of an older rule, say
+                    raise ValueError(f"State dict does not fit {name}: state {missing} missing "
+                                     f"(state_precision={precision!r})")
                 for key, value in saved_state.items():
                     if key not in declared:
                         raise ValueError(f"State dict does not fit {name}: state '{key}' is not one of "
@@ -963,9 +991,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
                             raise ValueError(f"State dict does not fit {name}: state '{key}' is "
                                              f"{getattr(value, 'dtype', type(value).__name__)}, expected "
                                              f"{declared[key].dtype} codes (state_precision={precision!r})")
-                        if key + SCALE_SUFFIX not in saved_state:
-                            raise ValueError(f"State dict does not fit {name}: state '{key}' has no scales "
-                                             f"'{key + SCALE_SUFFIX}' (state_precision={precision!r})")
                 triples.append((p, declared, saved_state))
         return triples
 

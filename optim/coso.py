@@ -102,11 +102,12 @@ subtracts λ_{ℓ+1} from every direction it keeps) reports a task's energy as m
 concentrated than it is, and e then folds fewer directions than the task used (measured on
 ``python -m benchmarks continual --quick`` with both at lr 0.01, seed 1: 0.60× AdamW's
 forgetting with that shrink, 0.47× with the truncation and ε). The accumulator's b columns
-bound how many directions of the j steps between truncations reach S; there (T = 25, lr
-0.01) (b, j) = (r, 5) gave 0.49× / 0.47× / 0.44× on seeds 0 / 1 / 2, (r, 10) 0.47× / 0.67× /
-0.47×, (r/2, 5) 0.57× on seed 1, and the sketch's own seed moves these by ~0.05-0.09. ``max_history`` defaults to 1.0, min(m, n) directions: a memory bound
-(d·min(m, n) floats, at most one fp32 copy of W), not a forgetting rule — e decides how many
-directions a task keeps.
+bound how many directions of the j steps between truncations reach S; there (T = 25, every
+optimizer at lr 0.01, AdamW included) (b, j) = (r, 5) gave 0.49× / 0.47× / 0.44× on seeds
+0 / 1 / 2, (r, 10) 0.47× / 0.67× / 0.47×, (r/2, 5) 0.57× on seed 1, and the sketch's own
+seed moves these by ~0.05-0.09. ``max_history`` defaults to 1.0, min(m, n) directions: a
+memory bound (d·min(m, n) floats, at most one fp32 copy of W), not a forgetting rule — e
+decides how many directions a task keeps.
 
 **The fallback params** (norms' gains, biases, a table left on the fallback) are protected
 by the same rule, for the maps they are. Such a param acts entry-wise: a gain g gives
@@ -345,6 +346,11 @@ def _truncate(H, count, A, E):
     return H, torch.zeros_like(A), E
 
 
+def _decayed(side, W, H, count):
+    """Π(W) (the part of W weight decay may act on), in W's dtype."""
+    return complement(W.to(H.dtype), protected(H, count), side).to(W.dtype)
+
+
 def _fold_task(side, use_sketch, use_weights, history_energy, weight_energy, H, count, active, *rest):
     """A task boundary for a stack: the sketch folded into H (and reset), then W; ``rest``
     holds the sketches and/or the weights, in that order."""
@@ -372,7 +378,7 @@ def coso_projector(m: int, n: int, *, rank, proj_type, svd, proj_dtype, side, ma
     h_max = resolve_rank(max_history, m, n)
     b = None
     if protect != "weights":
-        b = min(resolve_rank(sketch_rank, m, n) if sketch_rank is not None else inner.rank, n if side == "right" else m)
+        b = resolve_rank(sketch_rank, m, n) if sketch_rank is not None else inner.rank   # ≤ min(m, n) ≤ d
     return CoSOProjector(inner, side, h_max, b)
 
 
@@ -499,7 +505,8 @@ class CoSOAdamW(LowRankAdamW):
             H, count, A, E = ([ts[i] for i in due] for ts in (H, count, A, E))
             new = bucket.matrix_map(_truncate, [Whole(H), Whole(count), Whole(A), Whole(E)],
                                     [Out(H[0].shape[-2:], H[0].dtype, whole=True),
-                                     Out(A[0].shape[-2:], A[0].dtype, whole=True), Out((), E[0].dtype, whole=True)])
+                                     Out(A[0].shape[-2:], A[0].dtype, whole=True), Out((), E[0].dtype, whole=True)],
+                                    entries=due)
             for old, fresh in zip(H + A + E, [t for ts in new for t in ts]):
                 old.copy_(fresh)
 
@@ -515,8 +522,7 @@ class CoSOAdamW(LowRankAdamW):
         """W ← W − ηλ·Π(W)."""
         histories = [s["history"] for s in bucket.states]
         counts = [s["history_count"] for s in bucket.states]
-        fn = functools.partial(lambda side, W, H, c: complement(W.to(H.dtype), protected(H, c), side).to(W.dtype),
-                               proj.side)
+        fn = functools.partial(_decayed, proj.side)
         if proj.side == "left":
             (decays,) = bucket.matrix_map(fn, [Rows(bucket.weights), Whole(histories), Whole(counts)],
                                           [Out(bucket.shape, bucket.weights[0].dtype)])

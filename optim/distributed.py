@@ -185,6 +185,10 @@ class MatrixWork:
     # -- the map ---------------------------------------------------------------------------------
     def map(self, fn: Callable, inputs: Sequence[Rows | Whole], outputs: Sequence[Out]) -> tuple[list[Tensor], ...]:
         """``matrix_map`` on owner ranks; returns per-param lists like the single-process map."""
+        for inp in inputs:
+            if len(inp.tensors) != len(self.counts):   # else one rank fails while the others wait
+                raise ValueError(f"matrix_map: an input holds {len(inp.tensors)} entries for a split of "
+                                 f"{len(self.counts)}; pass entries= for a subset of the bucket")
         stacks = []
         for inp in inputs:
             whole, tensors = isinstance(inp, Whole), inp.tensors

@@ -52,10 +52,11 @@ def adamw(weights, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, betas: tup
 
 
 def _adamw_foreach(weights, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, eps, weight_decay) -> None:
-    """:func:`adamw` in torch.optim.AdamW's foreach form, ``weights`` and ``grads`` in fp32
-    (``.float()`` of an fp32 tensor is the tensor itself)."""
+    """:func:`adamw` in torch.optim.AdamW's foreach form, ``weights`` in fp32 (fp64 ones as
+    they are: the step is added to them in fp64) and ``grads`` in fp32 (``.float()`` of an
+    fp32 tensor is the tensor itself)."""
     beta1, beta2 = betas
-    work = [w.float() for w in weights]
+    work = [w if w.dtype == torch.float64 else w.float() for w in weights]
     grads = [g.float() for g in grads]
     decay_weights(work, lr=lr, weight_decay=weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)

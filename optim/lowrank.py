@@ -108,9 +108,10 @@ def _stacks(tensors):
 
 
 def sketch_seeds(seed: int, group_index: int, place: int, count: int, matrices: range, *stream: int) -> torch.Tensor:
-    """Seeds of a param's randomized sketches at one refresh, for its ``matrices`` (indices
-    into its (B, m, n) view, or its blocks): each a function of (``seed``, the param's group
-    and place in it, the matrix, the refresh ``count``) only,
+    """Seeds of a param's randomized sketches at one draw, for its ``matrices`` (indices into
+    its (B, m, n) view, or its blocks): each a function of (``seed``, the param's group and
+    place in it, the matrix, ``count`` — the refresh's, or the step's for a rule that draws
+    every step) only,
     so every split of the refreshes (one batch, DDP shares, FSDP2 owners) and every resumed
     run draws the same numbers for a matrix. numpy's ``SeedSequence(seed, spawn_key=key)``'s
     first word (:func:`seed_sequence_word`), key = (group_index, place, j, count, *stream), so
@@ -338,7 +339,8 @@ class LowRankAdamW(MatrixOptimizer):
                 out = Out((proj.m, proj.n), proj.dtype or tensors[0].dtype)
             else:      # whole low-rank values, in the state's dtype (the bases')
                 out = Out(proj.low_dims, work_dtype(tensors[0].dtype), whole=True)
-            (result,) = bucket.matrix_map(fn, [(Whole if back else Rows)(tensors), *map(Whole, bases)], [out])
+            (result,) = bucket.matrix_map(fn, [(Whole if back else Rows)(tensors), *map(Whole, bases)], [out],
+                                          entries=which)
             return result
         if bucket.sharded:   # a sharded expert stack's rows: this rank's experts' bases
             params = [bucket.params[i] for i in which]
@@ -365,7 +367,7 @@ class LowRankAdamW(MatrixOptimizer):
         # A cold start at a param's first refresh: its identity-slice basis is no estimate.
         warm = all(s["step"] > 0 for s in states)
         outputs = proj.refresh_outputs(work_dtype(grads[0].dtype))
-        results = bucket.matrix_map(functools.partial(_refresh, proj, warm), inputs, outputs)
+        results = bucket.matrix_map(functools.partial(_refresh, proj, warm), inputs, outputs, entries=due)
         bases, status = results[:len(proj.keys)], results[len(proj.keys)]
         lows = results[-1] if proj.refresh_gives_low else [None] * len(params)
         whole = whole_low(proj)

@@ -222,8 +222,13 @@ def dequantize(codes: Tensor, scale: Tensor, code: Code) -> Tensor:
     return out
 
 
+@functools.cache
+def _values(code: Code, device: torch.device) -> Tensor:
+    return code.values.to(device)
+
+
 def _dequantize(codes: Tensor, scale: Tensor, code: Code) -> Tensor:
-    values = _lookup(code.values.to(codes.device), _blocks(codes).int())
+    values = _lookup(_values(code, codes.device), _blocks(codes).int())
     return _unblock(values * scale[..., None], codes.shape).contiguous()
 
 

@@ -91,6 +91,26 @@ def train(net, opt, data):
         opt.step()
 
 
+class NanOnce:
+    """An optimizer whose first step first puts a NaN into ``param``'s gradient (into the
+    local shard of it under FSDP2) on rank ``rank`` only, or always with ``rank`` None (the
+    single-process reference). The param then lags its bucket-mates by one step, so its
+    refreshes fall due apart from theirs."""
+
+    def __init__(self, opt, param, rank=None):
+        self.opt, self.param, self.rank, self.done = opt, param, rank, False
+
+    def zero_grad(self):
+        self.opt.zero_grad()
+
+    def step(self):
+        if not self.done and (self.rank is None or dist.get_rank() == self.rank):
+            grad = self.param.grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad)[0, 0] = float("nan")
+        self.done = True
+        self.opt.step()
+
+
 # Small, fast settings per case: case -> (optimizer, settings). GaLoreAdamW twice, its default
 # randomized refresh (moments carried on refresh) and the exact SVD, so that both projection
 # sides meet every kind of matrix: with "std" qkv, proj, up (uneven rows) and the experts
@@ -146,13 +166,13 @@ class CountingWork:
         def counting_bucket_map(*args, **kwargs):
             matrix_map = bucket_map(*args, **kwargs)
 
-            def counted(fn, inputs, outputs):
+            def counted(fn, inputs, outputs, entries=None):
                 def wrapped(*stacks):
                     b, m, n = stacks[0].shape
                     self.flops += b * m * n * min(m, n)
                     return fn(*stacks)
 
-                return matrix_map(wrapped, inputs, outputs)
+                return matrix_map(wrapped, inputs, outputs, entries)
 
             return counted
 

@@ -192,6 +192,24 @@ def test_functional_adamw_is_torch_adamw(dtype):
     assert torch.equal(w, ref.detach().to(dtype))
 
 
+def test_functional_adamw_keeps_fp64_weights_in_fp64():
+    """fp64 weights (fp32 moments) get the step in fp64: an update far below fp32's resolution
+    at 1.0 is kept, as torch.optim.AdamW (fp64 moments) keeps it, to the moments' rounding."""
+    from matrixopt.fallback import adamw
+
+    w0 = torch.tensor([1 + 1e-12, 2.0, -3.0], dtype=torch.float64)
+    w, ref = w0.clone(), torch.nn.Parameter(w0.clone())
+    m, v = torch.zeros(3), torch.zeros(3)
+    opt = torch.optim.AdamW([ref], lr=1e-9, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    for t in range(1, 4):
+        g = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64) * t
+        ref.grad = g.clone()
+        opt.step()
+        adamw([w], [g], [m], [v], [t], lr=1e-9, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    step, want = w - w0, ref.detach() - w0            # ~3e-9: 1.0's fp32 spacing is 1.2e-7
+    assert ((step - want).abs() <= 1e-6 * want.abs()).all(), (step, want)
+
+
 def test_functional_muon_is_the_formula_in_float64():
     """muon() over plain tensors, against the update written out with an SVD-free float64
     Newton-Schulz of the Nesterov input."""

@@ -497,6 +497,41 @@ def test_unknown_state_key_is_rejected_naming_the_param(cls):
     assert not fresh.state
 
 
+def test_missing_state_key_is_rejected_naming_the_param(cls):
+    """A checkpoint whose state lacks a declared entry (one of an older rule) is refused by
+    name at load, not with a KeyError at the next step."""
+    model = make_model()
+    opt = make_opt(cls, model)
+    train(model, opt, range(1))
+    saved = opt.state_dict()
+    index = [n for n, _ in model.named_parameters()].index("tall.bias")   # the fallback's: 3 entries
+    del saved["state"][index]["exp_avg_sq"]
+    fresh = make_opt(cls, make_model())
+    with pytest.raises(ValueError, match=r"tall\.bias.*\['exp_avg_sq'\] missing"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state
+
+
+def test_hyperparameter_a_checkpoint_predates_takes_the_default(cls):
+    """A saved group without one of the optimizer's hyperparameters (saved before it existed)
+    loads with the default, and the run goes on as the uninterrupted one."""
+    model, other = make_model(), make_model()
+    opt = make_opt(cls, model)
+    train(model, opt, range(2))
+    saved = opt.state_dict()
+    name = next(k for k in cls.hyperparameters if k in saved["param_groups"][0])
+    for group in saved["param_groups"]:
+        group.pop(name, None)
+    other.load_state_dict(model.state_dict())
+    resumed = make_opt(cls, other)
+    resumed.load_state_dict(saved)
+    assert all(group[name] == opt.defaults[name] for group in resumed.param_groups)
+    train(model, opt, range(2, 4))
+    train(other, resumed, range(2, 4))
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+
+
 @precisions
 def test_loaded_state_takes_the_declared_dtypes(cls, precision):
     """A checkpoint whose state tensors were saved as float64 loads with each state's declared

@@ -429,7 +429,7 @@ def one_matrix_at_a_time(opt):
     def split_map(*args, **kwargs):
         matrix_map = bucket_map(*args, **kwargs)
 
-        def split(fn, inputs, outputs):
+        def split(fn, inputs, outputs, entries=None):
             counts = [len(t) for t in inputs[0].tensors]
             results = [[matrix_map(fn, [type(inp)([inp.tensors[i][j:j + 1]]) for inp in inputs], outputs)
                         for j in range(count)] for i, count in enumerate(counts)]
