@@ -430,9 +430,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    def _validators(self) -> dict:
+        """Every hyperparameter this optimizer takes (the shared ones, the fallback's and the
+        rule's) → its validator."""
+        return {**SHARED_HYPERPARAMETERS, **self.fallback.hyperparameters, **self.hyperparameters}
+
     def _validate_group(self, group: dict) -> None:
-        validators = {**SHARED_HYPERPARAMETERS, **self.fallback.hyperparameters, **self.hyperparameters}
-        for name, check in validators.items():
+        for name, check in self._validators().items():
             if name in group:
                 check(name, group[name])
         if "matrix" in group:
@@ -452,6 +456,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
             return names[index]
         p = group["params"][index]
         return f"param_groups[{self._group_index(group)}]['params'][{index}] (shape {tuple(p.shape)})"
+
+    @staticmethod
+    def _places(group: dict, params: list[Tensor]) -> list[int]:
+        """The params' indices in ``group``."""
+        index = {id(q): i for i, q in enumerate(group["params"])}
+        return [index[id(p)] for p in params]
 
     def _group_index(self, group: dict) -> int:
         """``group``'s index in param_groups (len(param_groups) if it is not there yet)."""
@@ -481,8 +491,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         one per bucket entry, or one per entry of ``entries`` (indices into the bucket, in
         order) when the work is for some of them; ``fn`` takes one stack per input and
         returns one stack per ``outputs`` entry (:class:`Out`: the per-matrix shape, dtype
-        and layout). It returns a tuple with one per-param list per output. Single-process it is :func:`local_map`; distributed, the owner ranks
-        compute (:mod:`matrixopt.distributed`).
+        and layout). It returns a tuple with one per-param list per output. Single-process it
+        is :func:`local_map`; distributed, the owner ranks compute
+        (:mod:`matrixopt.distributed`).
         """
         raise NotImplementedError
 
@@ -580,7 +591,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _plan(self, group: dict, indices: list[int], loads: dict):
         """A group's buckets of matrices (prepared where every param has state), its fallback
         params' indices and, per param index, the tensors its non-finite check reads."""
-        index = {id(p): i for i, p in enumerate(group["params"])}
         matrices, fallback = [], []
         for i in indices:
             p = group["params"][i]
@@ -600,8 +610,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 views = self._item_states(group, items, self._working(group, bucket.params))
                 tensors, prepared = self._prepare(group, bucket._replace(states=views))
                 bucket = bucket._replace(prepared=prepared)
-            for p, t in zip(bucket.params, tensors):
-                checked.setdefault(index[id(p)], []).append(t)
+            for i, t in zip(self._places(group, bucket.params), tensors):
+                checked.setdefault(i, []).append(t)
             buckets.append(bucket)
         return buckets, fallback, checked
 
@@ -806,9 +816,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         precision = precision_of(group)
         if precision == "fp32":
             return
-        index = {id(q): i for i, q in enumerate(group["params"])}
         g, done = self._group_index(group), set()
-        for p, view, row in zip(params, states, first_rows or [0] * len(params)):
+        for p, place, view, row in zip(params, self._places(group, params), states, first_rows or [0] * len(params)):
             if id(p) in done:
                 continue
             done.add(id(p))
@@ -816,7 +825,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 row += sum(shard_sizes(p.shape[0], p.device_mesh.size())[:p.device_mesh.get_local_rank()])
             offsets = {key: row * math.prod(spec.shape[1:]) for key, spec in view.declared.items()
                        if row and spec.sharded and spec.shape}
-            write_back(view, precision, (g, index[id(p)]), offsets)
+            write_back(view, precision, (g, place), offsets)
 
     def _replicated_group(self):
         """The process group replicated params split their matrix work over, or None."""
@@ -931,9 +940,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         def declared_dtypes(optimizer):
             # A hyperparameter of this optimizer the checkpoint predates takes its default
             # (not state_precision: a group saved without it is fp32, as its state).
-            own = {**SHARED_HYPERPARAMETERS, **self.fallback.hyperparameters, **self.hyperparameters}
             for group in self.param_groups:
-                for key in own.keys() & self.defaults.keys() - {"state_precision"}:
+                for key in self._validators().keys() & self.defaults.keys() - {"state_precision"}:
                     group.setdefault(key, self.defaults[key])
             # From the saved values, not torch.optim's copies cast to the param's dtype.
             for p, declared, saved_state in loaded:
@@ -956,8 +964,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """(param, its declared state, its saved state) triples; ValueError naming the param
         if a saved state lacks a declared entry (int8 codes: their scales) or a tensor's
         shape differs from the declared one (int8 codes: or their dtype), or naming the
-        hyperparameter if a saved group's is invalid. The declarations are at the saved group's ``state_precision``, which the
-        load restores (as every saved hyperparameter)."""
+        hyperparameter if a saved group's is invalid. The declarations are at the saved
+        group's ``state_precision``, which the load restores (as every saved hyperparameter)."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"State dict has {len(saved_groups)} param groups, this optimizer "

@@ -67,7 +67,8 @@ E[Ω_t Ω_tᵀ]/b = I and E[A Aᵀ] = Σ_t Y_t Y_tᵀ over the steps since A was
 is a b-column Gaussian sketch of those gradients. S Sᵀ + A Aᵀ tracks the top of the task's
 gradient covariance on the protected side, and ε + ‖S‖²_F + ‖A‖²_F (in expectation) its
 trace, the task's whole energy there. Cost per step: the product Y·Ω (2·d·k·b flops,
-GaLore's projection's for b = r) and, every j steps, one eigendecomposition of the smaller
+GaLore's projection's for b = r), Π(G) once more for it (O(m·n·c): the projection's is not
+kept) and, every j steps, one eigendecomposition of the smaller
 Gram matrix of Z (d×d or (ℓ+b)×(ℓ+b)); no memory for S, which lives in the history's free
 columns.
 

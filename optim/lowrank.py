@@ -387,12 +387,6 @@ class LowRankAdamW(MatrixOptimizer):
         self._warn_refreshes(group, places, status)
         return lows
 
-    @staticmethod
-    def _places(group, params) -> list[int]:
-        """The params' indices in ``group``."""
-        index = {id(q): i for i, q in enumerate(group["params"])}
-        return [index[id(p)] for p in params]
-
     def _seeds(self, group, bucket, which, counts, *stream: int) -> list[torch.Tensor]:
         """:func:`sketch_seeds` of the bucket's entries ``which`` (a param, or a block of
         one: its own matrix) at their ``counts``."""

@@ -17,8 +17,9 @@ sketch, DCT's indices) keeps its declared dtype at every precision. Per param gr
   (:func:`round_bf16`). Bases are stored in bf16 by round to nearest.
 - ``"int8"``: moments of two or more dims stored as 8-bit codes with one fp32 scale per
   block of :data:`BLOCK` consecutive entries inside a row (a dim-0 slice, its trailing dims
-  flattened; a row shorter than that, as a low-rank moment's r entries, is one block), so an FSDP2 ``Shard(0)`` split never cuts a block and the scales (shape
-  (d₀, ⌈row/BLOCK⌉)) shard like the param. The codes are stored under the state's key,
+  flattened; a row shorter than that, as a low-rank moment's r entries, is one block), so
+  an FSDP2 ``Shard(0)`` split never cuts a block and the scales (shape (d₀, ⌈row/BLOCK⌉))
+  shard like the param. The codes are stored under the state's key,
   the scales under ``"<key>.scale"`` (a name no rule declares, and no block index of
   :class:`~matrixopt.base.BlockState`'s ``"<key>.<b>"``; the suffix of a blocked param's
   state comes first, ``"exp_avg.0.scale"``). Bases are stored in bf16 (below). 1-D moments
@@ -66,9 +67,9 @@ sketch, DCT's indices) keeps its declared dtype at every precision. Per param gr
   half a bf16 step, which ``tests/test_precision.py`` shows on a momentum.)
 
 The update math always runs in fp32 (fp64 for fp64 params): per bucket of same-shape
-matrices (and per chunk of the fallback's params or rows) the shell dequantizes the marked state to
-fp32 temporaries (:func:`working`), the rule updates them, and the shell writes them back
-(:func:`write_back`) — no fp32 copy of the whole model's state exists at any time.
+matrices (and per chunk of the fallback's params or rows) the shell dequantizes the marked
+state to fp32 temporaries (:func:`working`), the rule updates them, and the shell writes
+them back (:func:`write_back`) — no fp32 copy of the whole model's state exists at any time.
 
 Bases (GaLore's P, CoSO's GaLore bases) at "bf16" and "int8" are stored in bf16: they are
 orthonormal, recomputed every ``update_proj_gap`` steps and only ever multiplied with
