@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 import matrixopt
-from matrixopt.base import MATCH_ADAMW_RMS
+from matrixopt.ops import MATCH_ADAMW_RMS
 
 ADAMW = "torch.optim.AdamW"
 TORCH_MUON = "torch.optim.Muon"

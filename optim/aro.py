@@ -5,8 +5,9 @@ from typing import Callable
 
 import torch
 
-from .base import (MATCH_ADAMW_RMS, MatrixOptimizer, Out, Rows, State, Whole, apply_update, default_compute_dtype, local_map,
-                   matmul_in)
+from .ops import MATCH_ADAMW_RMS, Out, Rows, Whole, apply_update, default_compute_dtype, local_map, matmul_in
+from .optimizer import MatrixOptimizer
+from .state import State
 from .precision import MOMENT
 from .validation import choice, compute_dtype, integer, real
 
@@ -187,7 +188,7 @@ class ARO(MatrixOptimizer):
             min(m, n)²), "rows" or "cols".
         qr: "shifted_cholesky" (default) or "householder" (``torch.linalg.qr`` always).
         lr_scaling: "match_adamw" (default: the update has RMS ρ = 0.5,
-            :data:`~matrixopt.base.MATCH_ADAMW_RMS`, so
+            :data:`~matrixopt.ops.MATCH_ADAMW_RMS`, so
             AdamW's lr and weight decay carry over) or "none" (U as is; f already gives
             entries of RMS ≈ 1 and R preserves it).
         matmul_dtype: operand dtype of the products with M (default: bf16 on CUDA, fp32

@@ -3,10 +3,10 @@ final, and the gradient freed, so a backward holds about one layer's gradients, 
 
 :func:`step_in_backward` registers a post-accumulate-grad hook
 (``Tensor.register_post_accumulate_grad_hook``) on every param of a
-:class:`~matrixopt.base.MatrixOptimizer`. Autograd calls it right after it has accumulated the
+:class:`~matrixopt.MatrixOptimizer`. Autograd calls it right after it has accumulated the
 param's gradient of a backward into ``p.grad``; FSDP2 (``fully_shard``) calls it on the sharded
 param after the gradient's reduce-scatter. The hook hands that one param to the optimizer's own
-step path (``MatrixOptimizer._step_params``: the checks, the non-finite policy, buckets, state
+step path (``MatrixOptimizer.step_params``: the checks, the non-finite policy, buckets, state
 creation, the rule — exactly what ``step()`` runs for every param) and sets ``p.grad = None``.
 """
 import weakref
@@ -14,7 +14,7 @@ import weakref
 import torch
 from torch.autograd import Variable
 
-from .base import MatrixOptimizer
+from .optimizer import MatrixOptimizer
 from .validation import integer, real
 
 #: Optimizers with an active handle (two handles would update every param twice).
@@ -120,7 +120,7 @@ class StepInBackward:
                 return   # accumulating: the gradient stays for the next pass
             with torch.no_grad():
                 self._clip(p)
-                self._optimizer._step_params([(self._optimizer.param_groups[gi], [i])])
+                self._optimizer.step_params([(self._optimizer.param_groups[gi], [i])])
             p.grad = None
 
         return ready

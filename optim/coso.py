@@ -62,7 +62,7 @@ cut to its top ℓ directions, with ε (a scalar per matrix) the energy cut off 
 
 Ω_t is drawn in fp32 by a ``torch.Generator`` seeded with numpy's
 ``SeedSequence(seed, spawn_key=(group, place, matrix, t, 1))``'s first word
-(:func:`~matrixopt.lowrank.sketch_seeds`, stream 1), independently per step, so
+(:func:`~matrixopt.seeding.sketch_seeds`, stream 1), independently per step, so
 E[Ω_t Ω_tᵀ]/b = I and E[A Aᵀ] = Σ_t Y_t Y_tᵀ over the steps since A was last taken in: A
 is a b-column Gaussian sketch of those gradients. S Sᵀ + A Aᵀ tracks the top of the task's
 gradient covariance on the protected side, and ε + ‖S‖²_F + ‖A‖²_F (in expectation) its
@@ -153,14 +153,19 @@ import functools
 
 import torch
 
-from .base import AT_LEAST_FP32, Out, Rows, State, Whole, local, local_matrices, resolve_rank
 from .fallback import AdamW
 from .galore import GaLoreAdamW, svd_projector
-from .lowrank import LowRankAdamW
+from .lowrank import LowRankAdamW, project_back
+from .matrices import local_matrices, resolve_rank
+from .ops import Out, Rows, Whole, named_map
+from .projectors import whole_low
+from .report import warn_once
+from .seeding import bucket_seeds
+from .state import AT_LEAST_FP32, State
 from .validation import choice, integer, rank_spec, real
 
 PROTECT = ("gradients", "weights", "both")
-#: The sketch's Gaussian draws: their own stream of :func:`~matrixopt.lowrank.sketch_seeds`.
+#: The sketch's Gaussian draws: their own stream of :func:`~matrixopt.seeding.sketch_seeds`.
 SKETCH_STREAM = 1
 #: Directions whose singular value is below this fraction of the largest are never folded.
 NEGLIGIBLE = 1e-6
@@ -282,6 +287,11 @@ class CoSOProjector:
         self.basis_dims = {**inner.basis_dims, "history": (self.d, h_max), "history_count": ()}
         self.low_dims = inner.low_dims
 
+    def whole_low(self) -> bool:
+        """Whether L and the moments are whole per matrix: GaLore's or Π's projection sums
+        over G's rows, or a single row (:meth:`~matrixopt.projectors.SVDProjector.whole_low`)."""
+        return whole_low(self.left, self.m)
+
     def low_shape(self, batch: int):
         return self.inner.low_shape(batch)
 
@@ -352,24 +362,25 @@ def _decayed(side, W, H, count):
     return complement(W.to(H.dtype), protected(H, count), side).to(W.dtype)
 
 
-def _fold_task(side, use_sketch, use_weights, history_energy, weight_energy, H, count, active, *rest):
-    """A task boundary for a stack: the sketch folded into H (and reset), then W; ``rest``
-    holds the sketches and/or the weights, in that order."""
-    full = torch.zeros(H.shape[0], dtype=torch.int8, device=H.device)
-    rest = list(rest)
-    outs = []
-    if use_sketch:   # X = [S, A]: the sketch (in H beyond count) and what it has not taken in yet
-        A, E = rest.pop(0), rest.pop(0)
+def _fold_task(side, history_energy, weight_energy, *, history, count, active, sketch=None, energy=None,
+               weights=None) -> dict:
+    """A task boundary for a stack: the sketch (``sketch``, its accumulator, and ``energy``,
+    what its truncations cut off) folded into the history and reset, then the ``weights``;
+    each only where given. Returns the new ``history``, ``count``, ``sketch`` and
+    ``energy`` (where given) and ``full``, a (B,) int8 flag per matrix."""
+    full = torch.zeros(history.shape[0], dtype=torch.int8, device=history.device)
+    H, out = history, {}
+    if sketch is not None:   # X = [S, A]: the sketch (in H beyond count) and what it has not taken in yet
         bases, S = split_history(H, count)
-        H, count, f = fold(torch.where(active[:, None, None], bases, H), count, torch.cat([S, A], dim=-1), active,
-                           history_energy, E)
+        H, count, f = fold(torch.where(active[:, None, None], bases, H), count, torch.cat([S, sketch], dim=-1),
+                           active, history_energy, energy)
         full |= f
-        outs += [torch.where(active[:, None, None], torch.zeros_like(A), A), torch.where(active, 0, E)]
-    if use_weights:
-        W = rest.pop(0)
-        H, count, f = fold(H, count, _from_side(W, side), active, weight_energy)
+        out = {"sketch": torch.where(active[:, None, None], torch.zeros_like(sketch), sketch),
+               "energy": torch.where(active, 0, energy)}
+    if weights is not None:
+        H, count, f = fold(H, count, _from_side(weights, side), active, weight_energy)
         full |= f
-    return (H, count, *outs, full)
+    return {"history": H, "count": count, **out, "full": full}
 
 
 def coso_projector(m: int, n: int, *, rank, proj_type, svd, proj_dtype, side, max_history, sketch_rank,
@@ -479,29 +490,29 @@ class CoSOAdamW(LowRankAdamW):
     # -- the step --------------------------------------------------------------------------------
     def _update(self, group, bucket):
         proj = self._projector(group, *bucket.shape)
-        first = [s["step"] == 0 for s in bucket.states]
-        if group["protect"] != "gradients" and any(first):   # a task starts: protect W's top subspace
-            self._task_boundary(group, proj, bucket.params, bucket.weights, bucket.states, bucket.matrix_map,
-                                first, sketch=False)
+        steps = [s["step"] for s in bucket.states]   # t, before this step counts
+        if group["protect"] != "gradients" and 0 in steps:   # a task starts: protect W's top subspace
+            self._task_boundary(group, proj, bucket, [t == 0 for t in steps], sketch=False)
         super()._update(group, bucket)
         if proj.sketch_rank:
-            self._sketch(group, proj, bucket)
+            self._sketch(group, proj, bucket, steps)
 
-    def _sketch(self, group, proj, bucket):
-        """Each accumulator takes this step's Π(G); every ``sketch_gap`` steps the sketches
-        take the accumulators in."""
+    def _sketch(self, group, proj, bucket, steps):
+        """Each accumulator takes step t's Π(G) (``steps``: each entry's t); after the steps
+        with (t + 1) mod ``sketch_gap`` = 0 the sketches take the accumulators in."""
         states = bucket.states
         H = [s["history"] for s in states]
         count = [s["history_count"] for s in states]
         A = [s["sketch"] for s in states]
         E = [s["sketch_energy"] for s in states]
-        seeds = self._seeds(group, bucket, range(len(states)), [s["step"] - 1 for s in states], SKETCH_STREAM)
+        seeds = bucket_seeds(bucket, range(len(states)), steps, seed=group["seed"],
+                             group_index=self._group_index(group), stream=(SKETCH_STREAM,))
         (new,) = bucket.matrix_map(functools.partial(_accumulate, proj),
                                    [Rows(bucket.grads), Whole(H), Whole(count), Whole(A), Whole(seeds)],
                                    [Out(A[0].shape[-2:], A[0].dtype, whole=True)])
         for a, fresh in zip(A, new):
             a.copy_(fresh)
-        due = [i for i, s in enumerate(states) if s["step"] % group["sketch_gap"] == 0]
+        due = [i for i, t in enumerate(steps) if (t + 1) % group["sketch_gap"] == 0]
         if due:
             H, count, A, E = ([ts[i] for i in due] for ts in (H, count, A, E))
             new = bucket.matrix_map(_truncate, [Whole(H), Whole(count), Whole(A), Whole(E)],
@@ -514,7 +525,7 @@ class CoSOAdamW(LowRankAdamW):
     def _apply(self, group, proj, bucket, steps, scale):
         """W ← W − ηλ·Π(W) − η·s·project_back(S): weight decay in the complement only
         (decaying W inside H would erase what is protected)."""
-        updates = self._back(proj, steps, bucket)
+        updates = project_back(proj, steps, bucket)
         if group["weight_decay"] and float(group["lr"]):
             self._decay(group, proj, bucket)
         torch._foreach_add_(bucket.weights, updates, alpha=-float(group["lr"]) * scale)
@@ -540,50 +551,38 @@ class CoSOAdamW(LowRankAdamW):
         and start a new sketch; the entries of fallback params this task used join their
         protected entries. Params that never stepped have nothing to fold (their weights are
         protected at their first step). Distributed, every rank must call it."""
-        loads = {}
         for group in self.param_groups:
             self.fallback.end_task([self.state[p] for p in group["params"]
                                     if not self.is_matrix(group, p) and self.state.get(p)])
-            params = [p for p in group["params"] if self.is_matrix(group, p) and self.state.get(p)]
-            for items in self._buckets(group, params):
-                chunk = [p for p, _ in items]
-                weights, shapes = self._views(group, items, [local(p) for p in chunk])
-                _, m, n = shapes[0]
-                self._task_boundary(group, self._projector(group, m, n), chunk, weights,
-                                    self._item_states(group, items), self._matrix_map(chunk, shapes, loads),
-                                    [True] * len(chunk), sketch=True)
+        self.for_each_bucket(lambda group, bucket: self._task_boundary(
+            group, self._projector(group, *bucket.shape), bucket, [True] * len(bucket.params), sketch=True))
 
-    def _task_boundary(self, group, proj, params, weights, states, matrix_map, active, *, sketch: bool):
+    def _task_boundary(self, group, proj, bucket, active, *, sketch: bool):
         """Fold the sketches (if ``sketch`` and the group keeps one) and the weights (if the
-        group protects them) of the params flagged ``active`` into their histories."""
+        group protects them) of the bucket's entries flagged ``active`` into their histories."""
         use_sketch = sketch and proj.sketch_rank is not None
         use_weights = group["protect"] != "gradients"
         if not (use_sketch or use_weights):
             return
+        states = bucket.states
         H = [s["history"] for s in states]
-        count = [s["history_count"] for s in states]
         flags = [torch.full((h.shape[0],), a, dtype=torch.bool, device=h.device) for a, h in zip(active, H)]
-        inputs = [Whole(H), Whole(count), Whole(flags)]
-        outputs = [Out(H[0].shape[-2:], H[0].dtype, whole=True), Out((), torch.int32, whole=True)]
+        inputs = {"history": Whole(H), "count": Whole([s["history_count"] for s in states]), "active": Whole(flags)}
+        outputs = {"history": Out(H[0].shape[-2:], H[0].dtype, whole=True), "count": Out((), torch.int32, whole=True)}
         if use_sketch:
-            A = [s["sketch"] for s in states]
-            E = [s["sketch_energy"] for s in states]
-            inputs += [Whole(A), Whole(E)]
-            outputs += [Out(A[0].shape[-2:], A[0].dtype, whole=True), Out((), E[0].dtype, whole=True)]
+            A, E = [s["sketch"] for s in states], [s["sketch_energy"] for s in states]
+            inputs.update(sketch=Whole(A), energy=Whole(E))
+            outputs.update(sketch=Out(A[0].shape[-2:], A[0].dtype, whole=True), energy=Out((), E[0].dtype, whole=True))
         if use_weights:
-            inputs.append(Rows(weights))
-        outputs.append(Out((), torch.int8, whole=True))
-        fn = functools.partial(_fold_task, proj.side, use_sketch, use_weights, group["history_energy"],
-                               group["weight_energy"])
-        results = matrix_map(fn, inputs, outputs)
-        for i, s in enumerate(states):
-            s["history"].copy_(results[0][i])
-            s["history_count"].copy_(results[1][i])
-            if use_sketch:
-                s["sketch"].copy_(results[2][i])
-                s["sketch_energy"].copy_(results[3][i])
-        full = [self._param_name(group, i) for i, f in zip(self._places(group, params), results[-1])
-                if bool(f.any())]
-        self._warn_once(self._full_warned, full,
-                        f"{type(self).__name__}: the protected history of {{}} is full (max_history): its "
-                        "newest directions were cut to fit and no more will be added (warned once per param)")
+            inputs["weights"] = Rows(bucket.weights)
+        outputs["full"] = Out((), torch.int8, whole=True)
+        fn = functools.partial(_fold_task, proj.side, group["history_energy"], group["weight_energy"])
+        results = named_map(bucket.matrix_map, fn, inputs, outputs)
+        for name, key in (("history", "history"), ("count", "history_count"), ("sketch", "sketch"),
+                          ("energy", "sketch_energy")):
+            for s, new in zip(states, results.get(name, ())):
+                s[key].copy_(new)
+        full = [self._param_name(group, i) for i, f in zip(bucket.places, results["full"]) if bool(f.any())]
+        warn_once(self._full_warned, full,
+                  f"{type(self).__name__}: the protected history of {{}} is full (max_history): its "
+                  "newest directions were cut to fit and no more will be added (warned once per param)")

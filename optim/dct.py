@@ -1,5 +1,6 @@
 """DCTAdamW: Adam in a low-rank subspace picked from a fixed DCT basis (no SVD)."""
-from .base import resolve_rank
+from .matrices import resolve_rank
+from .plan import unequal_blocks
 from .lowrank import LowRankAdamW
 from .projectors import DCTProjector, work_dtype
 from .validation import choice
@@ -78,7 +79,7 @@ class DCTAdamW(LowRankAdamW):
             for p in group["params"]:
                 if not (self.state.get(p) and self.is_matrix(group, p)):
                     continue
-                sizes = self._unequal(group, p)
+                sizes = unequal_blocks(self._block_sizes(group, p))
                 for m, n in [(rows, p.shape[1]) for rows in sizes] if sizes else [self._shape(group, p)[1:]]:
                     proj = self._projector(group, m, n)
                     bases[(proj.k, p.device, work_dtype(p.dtype))] = proj

@@ -15,7 +15,7 @@ Usage (nothing else in the training loop changes)::
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
 Every rule routes its whole-matrix work (orthogonalization, QR, projector refresh, DCT scores)
-through the ``matrix_map`` its step is given (:meth:`MatrixOptimizer._matrix_map`); this
+through the ``matrix_map`` its step is given (:meth:`matrixopt.plan.Planner.matrix_map`); this
 module runs that work on owner ranks so that each matrix is computed exactly once and the
 results equal the single-process run. Every input says what it is — :class:`Rows` (pieces
 of the param's matrix view, sharded like the param) or :class:`Whole` (a per-matrix value of
@@ -45,7 +45,7 @@ Per-matrix state of another shape than the param (a rotation, a projector, selec
 indices) is kept whole and identical on every rank: such inputs are :class:`Whole`, read from
 the owner's own copy, and such outputs ``Out(..., whole=True)``, all-gathered. In the
 optimizer's ``state_dict`` the state a rule declares sharded (``State(sharded=True)``, see
-:mod:`matrixopt.base`) is a DTensor with the param's placement, so
+:mod:`matrixopt.state`) is a DTensor with the param's placement, so
 ``torch.distributed.checkpoint`` saves each shard once; whole state is a plain tensor (a
 replicated value to DCP).
 
@@ -53,9 +53,9 @@ Low-rank projections between refreshes (GaLore, DCT-AdamW): with G sharded by ro
 right projection ``G·V_r`` (or ``G·Q[:, I]``) of each row block is that block of the result,
 so the low-rank moments are row-sharded like the param; both compute that projection and
 its back-projection ``L·V_rᵀ`` locally, reading a sharded expert stack's bases (or DCT
-indices) through :func:`matrixopt.base.local_matrices`. The left projection ``U_rᵀ·G`` sums over rows: rather than add up
+indices) through :func:`matrixopt.matrices.local_matrices`. The left projection ``U_rᵀ·G`` sums over rows: rather than add up
 per-shard partial products (an all-reduce whose summation order would differ from the
-single-process matmul), it is routed through ``_matrix_map`` (computed on the owner of the
+single-process matmul), it is routed through ``matrix_map`` (computed on the owner of the
 whole gradient, the r×n result all-gathered, the moments whole on every rank), and so is
 its back-projection ``U_r·L`` (rows returned to their ranks); so are refreshes (SVD, DCT
 scores) and ARO's rotation. GaLore's randomized refresh draws each matrix's sketch from a
@@ -74,34 +74,16 @@ the rank's piece for every peer, since ``all_gather`` wants pieces of equal size
 import bisect
 import itertools
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
+from .ops import Out, Rows, Whole
+
 MODES = (None, "replicated")
-
-
-class Rows(NamedTuple):
-    """A matrix-map input: one (B_i, ·, ·) piece of each param's matrix view (its local rows
-    under FSDP2; the whole matrices otherwise)."""
-    tensors: list[Tensor]
-
-
-class Whole(NamedTuple):
-    """A matrix-map input: one (B_i, ...) per-matrix value for each param, whole and identical
-    on every rank (a rotation, a basis, indices, seeds)."""
-    tensors: list[Tensor]
-
-
-class Out(NamedTuple):
-    """A matrix-map output: per matrix of ``shape`` and ``dtype``; rows of the param (returned
-    to the ranks that hold them) unless ``whole`` (all-gathered to every rank)."""
-    shape: tuple
-    dtype: torch.dtype
-    whole: bool = False
 
 
 def check_placement(p: Tensor, name: str) -> None:

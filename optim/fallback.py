@@ -1,16 +1,13 @@
 r"""The fallback: the rule for params that are not matrices (biases, norms, embeddings, the
-head). Any object with this module's :class:`AdamW`'s three members can replace it
-(``MatrixOptimizer(..., fallback=...)``): ``hyperparameters``, ``state(p, group)`` and
-``update(group, weights, grads, states)``; and optionally ``elementwise = True``, which
-says its update of each entry reads only that entry (of the weight, gradient and sharded
-state) and the param's counters, so that at a lower ``state_precision`` the shell may
-update a large param in chunks of rows (:meth:`~matrixopt.base.MatrixOptimizer._step_fallback`).
+head). :class:`AdamW` is the default; any object with the members of
+:class:`matrixopt.protocols.Fallback` can replace it (``MatrixOptimizer(..., fallback=...)``).
 """
 import math
 
 import torch
 
-from .base import State, counter, decay_weights
+from .ops import decay_weights
+from .state import State, counter
 from .precision import MOMENT, SECOND_MOMENT
 
 

@@ -1,5 +1,5 @@
 """GaLoreAdamW: Adam with its moments kept in a low-rank projection of each gradient."""
-from .base import resolve_rank
+from .matrices import resolve_rank
 from .lowrank import LowRankAdamW
 from .projectors import PROJ_TYPES, SVDProjector
 from .validation import choice
@@ -55,7 +55,7 @@ class GaLoreAdamW(LowRankAdamW):
             drawn from a generator seeded by (seed, the param's place in the optimizer, the
             matrix's index in a 3-D param, the refresh count), so it depends on nothing else
             (not on which matrices are refreshed together) and a resumed run draws the same
-            (:func:`~matrixopt.lowrank.sketch_seeds`).
+            (:func:`~matrixopt.seeding.sketch_seeds`).
         distributed: None (default; FSDP2's DTensor params are detected by themselves) or
             "replicated" (DDP): refreshes are split over the ranks of ``process_group``
             (default: the default group). Both reproduce the single-process run, with

@@ -39,10 +39,16 @@ from typing import Callable
 
 import torch
 
-from .base import (AT_LEAST_FP32, MatrixOptimizer, Out, Rows, State, Whole, apply_update, counter, group_of,
-                   local_matrices, stacked_call)
+from .matrices import local_matrices
+from .ops import Out, Rows, Whole, apply_update, stacked_call
+from .optimizer import MatrixOptimizer
+from .plan import Bucket
 from .precision import MOMENT, SECOND_MOMENT
 from .projectors import REFRESHED, SVD_FAILED, ZERO_GRADIENT, stored_shape, work_dtype
+from .protocols import Projector
+from .report import warn_once
+from .seeding import bucket_seeds
+from .state import AT_LEAST_FP32, State, counter
 from .validation import compute_dtype, integer, rank_spec, real
 
 
@@ -72,28 +78,57 @@ def lowrank_adam(exp_avgs, exp_avg_sqs, lows, steps, betas, eps) -> list[torch.T
     return out
 
 
-def _scale(name, value):
-    """None (√(min(m, n)/r), see :class:`LowRankAdamW`) or a number ≥ 0."""
-    if value is not None:
-        real(0.0)(name, value)
+def stacks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Low-rank state (stored (·, ·), or (B, ·, ·) for a 3-D param) as (B, ·, ·) views."""
+    return [t.view(-1, *t.shape[-2:]) for t in tensors]
 
 
-def whole_low(proj) -> bool:
-    """Whether the low-rank gradient and moments are whole per matrix, rather than having
-    G's rows (and being sharded like them under FSDP2).
+def bases_of(proj: Projector, state) -> dict:
+    """A param's bases per key, as (B, ...) stacks (a 2-D param may store them without B)."""
+    return {key: state[key].view(-1, *shape) for key, shape in proj.basis_dims.items()}
 
-    A left projection UᵀG sums over G's rows, so it is whole. So is anything of a single
-    row (m == 1): a 1-D param's (1, n) view is split on its columns by FSDP2, so even its
-    right projection G·V sums over the split axis. For a 2-D (1, n) or 3-D (E, 1, n) param
-    either layout would be exact; whole is the one that needs only the projector, and it is
-    what GaLore's right-projected (1, n) rows (``proj_type="reverse_std"``) have always
-    stored. DCT projects a single row on its left side unless n == 1 too, so for DCT this
-    rule differs from "left side only" just for 1×1 matrices.
+
+def projected(fn: Callable, proj: Projector, tensors: list, bucket: Bucket, which, back: bool = False) -> list:
+    """``fn(X, *bases)`` — a projection, or with ``back`` its back-projection — for the tensor
+    in ``tensors`` of each of the bucket's entries ``which``.
+
+    A right projection G·V (and L·Vᵀ back) maps each block of G's rows to the same rows of the
+    result, so under FSDP2 each rank projects its own shards: one batched call for the
+    bucket, unless FSDP2 left the params' shards with different row counts. A left one UᵀG
+    sums over G's rows, so the owner of the whole matrix computes it, through ``matrix_map``.
     """
-    return proj.left or proj.m == 1
+    per_param = [bases_of(proj, bucket.states[i]) for i in which]
+    bases = [[b[key] for b in per_param] for key in proj.keys]
+    if proj.whole_low():
+        if back:   # rows of the param, in the matmuls' dtype
+            out = Out((proj.m, proj.n), proj.dtype or tensors[0].dtype)
+        else:      # whole low-rank values, in the state's dtype (the bases')
+            out = Out(proj.low_dims, work_dtype(tensors[0].dtype), whole=True)
+        (result,) = bucket.matrix_map(fn, [(Whole if back else Rows)(tensors), *map(Whole, bases)], [out],
+                                      entries=which)
+        return result
+    if bucket.sharded:   # a sharded expert stack's rows: this rank's experts' bases
+        params = [bucket.params[i] for i in which]
+        bases = [[local_matrices(p, b) for p, b in zip(params, key_bases)] for key_bases in bases]
+        if len({x.shape[1:] for x in tensors}) > 1:
+            return [fn(x, *b) for x, *b in zip(tensors, *bases)]
+    (result,) = stacked_call(fn, tensors, *bases)
+    return result
 
 
-def _refresh(proj, warm, G, *stacks):
+def project_into(lows: list, which: list[int], proj: Projector, bucket: Bucket) -> None:
+    """lows[i] ← project(G_i) for the bucket's entries ``which``, as one batch."""
+    if which:
+        for i, low in zip(which, projected(proj.project, proj, [bucket.grads[i] for i in which], bucket, which)):
+            lows[i] = low
+
+
+def project_back(proj: Projector, steps: list, bucket: Bucket) -> list:
+    """The full-size back-projections project_back(S) of the bucket's low-rank steps S."""
+    return projected(proj.project_back, proj, steps, bucket, range(len(bucket.params)), back=True)
+
+
+def _refresh_stack(proj: Projector, warm: bool, G, *stacks):
     """``proj.refresh`` as a function of stacks: G, the previous bases (``proj.keys``
     order), and the sketch seeds last if the projector is randomized."""
     if proj.randomized:
@@ -102,71 +137,68 @@ def _refresh(proj, warm, G, *stacks):
     return proj.refresh(G, *stacks, warm=warm)
 
 
-def _stacks(tensors):
-    """Low-rank state (stored (·, ·), or (B, ·, ·) for a 3-D param) as (B, ·, ·) views."""
-    return [t.view(-1, *t.shape[-2:]) for t in tensors]
+def refresh(proj: Projector, bucket: Bucket, due: list[int], *, seeds: list | None, carry: bool) -> tuple[list, list]:
+    """New bases for the bucket's entries ``due`` from their gradients, as one batch, copied
+    into their state (``seeds``: per entry, for a randomized projector); with ``carry`` the
+    moments are carried into them (``proj.transition``, ``proj.carry``). Returns the
+    low-rank gradients where the projector's refresh gives them (else Nones) and, per entry,
+    the (B,) status of its matrices."""
+    grads = [bucket.grads[i] for i in due]
+    states = [bucket.states[i] for i in due]
+    old = [bases_of(proj, s) for s in states]
+    inputs = [Rows(grads), *(Whole([o[key] for o in old]) for key in proj.keys)]
+    if proj.randomized:
+        inputs.append(Whole(seeds))
+    # A cold start at a param's first refresh: its identity-slice basis is no estimate.
+    warm = all(s["step"] > 0 for s in states)
+    outputs = proj.refresh_outputs(work_dtype(grads[0].dtype))
+    results = bucket.matrix_map(functools.partial(_refresh_stack, proj, warm), inputs, outputs, entries=due)
+    bases, status = results[:len(proj.keys)], results[len(proj.keys)]
+    lows = results[-1] if proj.refresh_gives_low else [None] * len(due)
+    for i, (j, s) in enumerate(zip(due, states)):
+        new = dict(zip(proj.keys, (b[i] for b in bases)))
+        if carry and s["step"] > 0:
+            transition = proj.transition(old[i], new)
+            if not proj.whole_low():   # the moments are this rank's rows: its experts' entries
+                transition = {k: local_matrices(bucket.params[j], t) for k, t in transition.items()}
+            M, V = stacks([s["exp_avg"], s["exp_avg_sq"]])
+            new_M, new_V = proj.carry(M, V, transition)
+            M.copy_(new_M)
+            V.copy_(new_V)
+        # In place, so each param keeps its own storage (not a view of the batch).
+        for key, basis in new.items():
+            old[i][key].copy_(basis)
+    return lows, status
 
 
-def sketch_seeds(seed: int, group_index: int, place: int, count: int, matrices: range, *stream: int) -> torch.Tensor:
-    """Seeds of a param's randomized sketches at one draw, for its ``matrices`` (indices into
-    its (B, m, n) view, or its blocks): each a function of (``seed``, the param's group and
-    place in it, the matrix, ``count`` — the refresh's, or the step's for a rule that draws
-    every step) only,
-    so every split of the refreshes (one batch, DDP shares, FSDP2 owners) and every resumed
-    run draws the same numbers for a matrix. numpy's ``SeedSequence(seed, spawn_key=key)``'s
-    first word (:func:`seed_sequence_word`), key = (group_index, place, j, count, *stream), so
-    the streams are well separated; a rule drawing other random numbers than the refresh's
-    names its own ``stream``."""
-    return torch.tensor([seed_sequence_word(seed, (group_index, place, j, count, *stream)) for j in matrices],
-                        dtype=torch.int64)
+def adds_back(proj: Projector, bucket: Bucket) -> bool:
+    """Whether each back-projected step can be added into its weight in place
+    (``proj.add_back``): the matrix has a bucket of its own, the matmuls multiply in the
+    weights' dtype, and the back-projection is local (a single process, or a right
+    projection, whose rows are the weight's)."""
+    if bucket.stack or (proj.dtype or bucket.states[0]["exp_avg"].dtype) != bucket.weights[0].dtype:
+        return False
+    return not proj.whole_low() or not bucket.distributed
 
 
-# numpy's SeedSequence (O'Neill's hash mixing; numpy/random/bit_generator.pyx), enough of it
-# to give the first 32-bit word of SeedSequence(entropy, spawn_key).generate_state(1).
-_MASK, _INIT_A, _MULT_A, _INIT_B, _MULT_B = 0xFFFFFFFF, 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
-_MIX_L, _MIX_R, _POOL = 0xCA01F9DD, 0x4973F715, 4
+def apply_lowrank(proj: Projector, bucket: Bucket, steps: list, *, lr: float, weight_decay: float, scale: float,
+                  add_back: bool) -> None:
+    """W ← W(1 − ηλ) − η·s·project_back(S) for the bucket's weights and low-rank steps S; with
+    ``add_back`` (:func:`adds_back`) each weight by one matmul into it: no (B, m, n)
+    temporary, no extra pass over the weights."""
+    if add_back:
+        for p, w, step, state in zip(bucket.params, bucket.weights, steps, bucket.states):
+            bases = bases_of(proj, state)
+            bases = [bases[key] if not bucket.sharded else local_matrices(p, bases[key]) for key in proj.keys]
+            proj.add_back(w, step, *bases, alpha=-lr * scale, beta=1 - lr * weight_decay)
+        return
+    apply_update(bucket.weights, project_back(proj, steps, bucket), lr=lr, weight_decay=weight_decay, scale=scale)
 
 
-def _words(value: int) -> list[int]:
-    """A non-negative int as little-endian 32-bit words (at least one)."""
-    words = [value & _MASK]
-    value >>= 32
-    while value:
-        words.append(value & _MASK)
-        value >>= 32
-    return words
-
-
-def seed_sequence_word(entropy: int, spawn_key: tuple[int, ...]) -> int:
-    """``numpy.random.SeedSequence(entropy, spawn_key=spawn_key).generate_state(1)[0]``."""
-    run = _words(entropy)
-    if spawn_key and len(run) < _POOL:
-        run += [0] * (_POOL - len(run))
-    data = run + [w for key in spawn_key for w in _words(key)]
-    hash_const = _INIT_A
-
-    def hashmix(value):
-        nonlocal hash_const
-        value = (value ^ hash_const) & _MASK
-        hash_const = (hash_const * _MULT_A) & _MASK
-        value = (value * hash_const) & _MASK
-        return value ^ (value >> 16)
-
-    def mix(x, y):
-        result = (_MIX_L * x - _MIX_R * y) & _MASK
-        return result ^ (result >> 16)
-
-    pool = [hashmix(data[i] if i < len(data) else 0) for i in range(_POOL)]
-    for src in range(_POOL):
-        for dst in range(_POOL):
-            if src != dst:
-                pool[dst] = mix(pool[dst], hashmix(pool[src]))
-    for src in range(_POOL, len(data)):
-        for dst in range(_POOL):
-            pool[dst] = mix(pool[dst], hashmix(data[src]))
-    value = (pool[0] ^ _INIT_B) & _MASK
-    value = (value * ((_INIT_B * _MULT_B) & _MASK)) & _MASK
-    return value ^ (value >> 16)
+def _scale(name, value):
+    """None (√(min(m, n)/r), see :class:`LowRankAdamW`) or a number ≥ 0."""
+    if value is not None:
+        real(0.0)(name, value)
 
 
 class LowRankAdamW(MatrixOptimizer):
@@ -175,7 +207,7 @@ class LowRankAdamW(MatrixOptimizer):
     being the group's values of ``projector_keys`` (one projector per shape and settings,
     made once).
 
-    Params that are not matrices (see :class:`~matrixopt.base.MatrixOptimizer`) get the
+    Params that are not matrices (see :class:`~matrixopt.MatrixOptimizer`) get the
     fallback, AdamW with ``betas`` and ``eps`` and the group's lr and weight decay.
 
     Args (GaLoreAdamW and DCTAdamW document their defaults):
@@ -200,12 +232,12 @@ class LowRankAdamW(MatrixOptimizer):
             projected gradient against ~1.5e-7 for fp32 (``python -m
             benchmarks.projection``), far below the noise of a stochastic gradient; moments
             and bases stay fp32. TF32 is not offered: it is a process-wide torch setting.
-        seed: seed of a randomized refresh (see :func:`sketch_seeds`).
+        seed: seed of a randomized refresh (see :func:`~matrixopt.seeding.sketch_seeds`).
         nonfinite: "skip" or "raise" on NaN/Inf gradients.
 
     State per matrix param: ``step``, the moments ``exp_avg``/``exp_avg_sq`` (the low-rank
     gradient's shape, at least fp32; sharded like the param for a right projection, whole
-    for a left one, see :func:`whole_low`) and the projector's bases (whole).
+    for a left one, see :meth:`~matrixopt.protocols.Projector.whole_low`) and the projector's bases (whole).
     ``state_precision`` ("fp32" default, "bf16", "int8"; every subclass takes it) stores the
     moments and the fallback's in bf16 or int8 codes, and the SVD bases in bf16 at both
     (:mod:`matrixopt.precision`); the math runs in fp32 either way.
@@ -237,7 +269,7 @@ class LowRankAdamW(MatrixOptimizer):
         super().__init__(params, defaults, fallback=fallback, distributed=distributed,
                          process_group=process_group, state_precision=state_precision)
 
-    def _projector(self, group, m: int, n: int):
+    def _projector(self, group, m: int, n: int) -> Projector:
         settings = tuple(group[k] for k in self._projector_keys)
         key = (m, n, settings)
         if key not in self._projectors:
@@ -249,7 +281,7 @@ class LowRankAdamW(MatrixOptimizer):
         proj = self._projector(group, m, n)
         batched = p.ndim == 3 or group.get("blocks") is not None
         low = stored_shape(proj.low_shape(B), batched)
-        moment = State(low, AT_LEAST_FP32, sharded=not whole_low(proj), role=MOMENT)
+        moment = State(low, AT_LEAST_FP32, sharded=not proj.whole_low(), role=MOMENT)
         return {"step": counter(), "exp_avg": moment, "exp_avg_sq": moment._replace(role=SECOND_MOMENT),
                 **proj.basis(B, batched)}
 
@@ -259,143 +291,37 @@ class LowRankAdamW(MatrixOptimizer):
         column (or row) of L, and L is r/min(m, n) of G's size. A param due for a refresh
         is checked on G, which the refresh reads anyway. The prepared L of every low-rank
         bucket are held until the check has passed: the size of one moment in all."""
-        proj = self._projector(group, *bucket.shape)
         lows = [None] * len(bucket.params)
-        self._project_into(lows, [i for i, s in enumerate(bucket.states) if s["step"] % group["update_proj_gap"]],
-                           proj, bucket)
+        project_into(lows, [i for i, s in enumerate(bucket.states) if s["step"] % group["update_proj_gap"]],
+                     self._projector(group, *bucket.shape), bucket)
         return [g if low is None else low for g, low in zip(bucket.grads, lows)], lows
 
     def _update(self, group, bucket):
         proj = self._projector(group, *bucket.shape)
-        params, states = bucket.params, bucket.states
-        lows = list(bucket.prepared or [None] * len(params))
+        states = bucket.states
+        lows = list(bucket.prepared or [None] * len(bucket.params))
         due = [i for i, s in enumerate(states) if s["step"] % group["update_proj_gap"] == 0]
         if due:
-            for i, low in zip(due, self._refresh(group, proj, bucket, due)):
+            seeds = bucket_seeds(bucket, due, [states[i]["step"] // group["update_proj_gap"] for i in due],
+                                 seed=group["seed"], group_index=self._group_index(group)) if proj.randomized else None
+            fresh, status = refresh(proj, bucket, due, seeds=seeds,
+                                    carry=bool(self._carry_key and group[self._carry_key]))
+            for i, low in zip(due, fresh):
                 lows[i] = low
+            self._warn_refreshes(group, [bucket.places[i] for i in due], status)
         # Not prepared: state made this step.
-        self._project_into(lows, [i for i, low in enumerate(lows) if low is None], proj, bucket)
+        project_into(lows, [i for i, low in enumerate(lows) if low is None], proj, bucket)
         for s in states:
             s["step"] += 1
-        steps = lowrank_adam(_stacks([s["exp_avg"] for s in states]), _stacks([s["exp_avg_sq"] for s in states]),
+        steps = lowrank_adam(stacks([s["exp_avg"] for s in states]), stacks([s["exp_avg_sq"] for s in states]),
                              lows, [s["step"] for s in states], group["betas"], group["eps"])
         scale = math.sqrt(min(proj.m, proj.n) / proj.rank) if group["scale"] is None else group["scale"]
         self._apply(group, proj, bucket, steps, scale)
 
     def _apply(self, group, proj, bucket, steps, scale: float) -> None:
-        """W ← W(1 − ηλ) − η·s·project_back(S) for the bucket's weights and low-rank steps S.
-
-        Where the back-projection is local (a single process, or a right projection, whose
-        rows are the weight's), the matrix has a bucket of its own and the matmuls multiply
-        in the weights' dtype, each weight is updated by one matmul into it
-        (``proj.add_back``): no (B, m, n) temporary, no extra pass over the weights."""
-        lr, weight_decay = float(group["lr"]), group["weight_decay"]
-        if self._adds_back(proj, bucket):
-            for p, w, step, state in zip(bucket.params, bucket.weights, steps, bucket.states):
-                bases = self._bases(proj, state)
-                bases = [bases[key] if not bucket.sharded else local_matrices(p, bases[key]) for key in proj.keys]
-                proj.add_back(w, step, *bases, alpha=-lr * scale, beta=1 - lr * weight_decay)
-            return
-        updates = self._back(proj, steps, bucket)
-        apply_update(bucket.weights, updates, lr=lr, weight_decay=weight_decay, scale=scale)
-
-    def _adds_back(self, proj, bucket) -> bool:
-        """Whether :meth:`_apply` can add each back-projected step into its weight in place."""
-        if bucket.stack or (proj.dtype or bucket.states[0]["exp_avg"].dtype) != bucket.weights[0].dtype:
-            return False
-        return not whole_low(proj) or group_of(bucket.params, self._replicated_group()) is None
-
-    def _project_into(self, lows: list, which: list[int], proj, bucket) -> None:
-        """lows[i] ← project(G_i) for the bucket's entries ``which``, as one batch."""
-        if which:
-            for i, low in zip(which, self._projected(proj.project, proj, [bucket.grads[i] for i in which], bucket,
-                                                     which)):
-                lows[i] = low
-
-    def _back(self, proj, steps, bucket) -> list:
-        """The full-size back-projections project_back(S) of the bucket's low-rank steps S."""
-        return self._projected(proj.project_back, proj, steps, bucket, range(len(bucket.params)), back=True)
-
-    # -- projections -------------------------------------------------------------------------
-    @staticmethod
-    def _bases(proj, state) -> dict:
-        """A param's bases per key, as (B, ...) stacks (a 2-D param may store them without B)."""
-        return {key: state[key].view(-1, *shape) for key, shape in proj.basis_dims.items()}
-
-    def _projected(self, fn, proj, tensors, bucket, which, back: bool = False):
-        """``fn(X, *bases)`` — a projection, or with ``back`` its back-projection — for the
-        tensor in ``tensors`` of each param ``which`` of the bucket.
-
-        A right projection G·V (and L·Vᵀ back) maps each block of G's rows to the same rows of
-        the result, so under FSDP2 each rank projects its own shards: one batched call for the
-        bucket, unless FSDP2 left the params' shards with different row counts. A left one
-        UᵀG sums over G's rows, so the owner of the whole matrix computes it, through
-        ``matrix_map``.
-        """
-        per_param = [self._bases(proj, bucket.states[i]) for i in which]
-        bases = [[b[key] for b in per_param] for key in proj.keys]
-        if whole_low(proj):
-            if back:   # rows of the param, in the matmuls' dtype
-                out = Out((proj.m, proj.n), proj.dtype or tensors[0].dtype)
-            else:      # whole low-rank values, in the state's dtype (the bases')
-                out = Out(proj.low_dims, work_dtype(tensors[0].dtype), whole=True)
-            (result,) = bucket.matrix_map(fn, [(Whole if back else Rows)(tensors), *map(Whole, bases)], [out],
-                                          entries=which)
-            return result
-        if bucket.sharded:   # a sharded expert stack's rows: this rank's experts' bases
-            params = [bucket.params[i] for i in which]
-            bases = [[local_matrices(p, b) for p, b in zip(params, key_bases)] for key_bases in bases]
-            if len({x.shape[1:] for x in tensors}) > 1:
-                return [fn(x, *b) for x, *b in zip(tensors, *bases)]
-        (result,) = stacked_call(fn, tensors, *bases)
-        return result
-
-    # -- refresh -------------------------------------------------------------------------------
-    def _refresh(self, group, proj, bucket, due) -> list:
-        """New bases for the bucket's params ``due`` from their gradients, as one batch; the
-        moments carried into them when the group asks; returns the low-rank gradients where
-        the projector's refresh gives them (else Nones)."""
-        params = [bucket.params[i] for i in due]
-        grads = [bucket.grads[i] for i in due]
-        states = [bucket.states[i] for i in due]
-        places = self._places(group, params)   # the warnings name them
-        old = [self._bases(proj, s) for s in states]
-        inputs = [Rows(grads), *(Whole([o[key] for o in old]) for key in proj.keys)]
-        if proj.randomized:
-            inputs.append(Whole(self._seeds(group, bucket, due, [s["step"] // group["update_proj_gap"]
-                                                                 for s in states])))
-        # A cold start at a param's first refresh: its identity-slice basis is no estimate.
-        warm = all(s["step"] > 0 for s in states)
-        outputs = proj.refresh_outputs(work_dtype(grads[0].dtype))
-        results = bucket.matrix_map(functools.partial(_refresh, proj, warm), inputs, outputs, entries=due)
-        bases, status = results[:len(proj.keys)], results[len(proj.keys)]
-        lows = results[-1] if proj.refresh_gives_low else [None] * len(params)
-        whole = whole_low(proj)
-        for i, (p, s) in enumerate(zip(params, states)):
-            new = dict(zip(proj.keys, (b[i] for b in bases)))
-            if self._carry_key and group[self._carry_key] and s["step"] > 0:
-                transition = proj.transition(old[i], new)
-                if not whole:   # the moments are this rank's rows: its experts' entries
-                    transition = {k: local_matrices(p, t) for k, t in transition.items()}
-                M, V = _stacks([s["exp_avg"], s["exp_avg_sq"]])
-                new_M, new_V = proj.carry(M, V, transition)
-                M.copy_(new_M)
-                V.copy_(new_V)
-            # In place, so each param keeps its own storage (not a view of the batch).
-            for key, basis in new.items():
-                old[i][key].copy_(basis)
-        self._warn_refreshes(group, places, status)
-        return lows
-
-    def _seeds(self, group, bucket, which, counts, *stream: int) -> list[torch.Tensor]:
-        """:func:`sketch_seeds` of the bucket's entries ``which`` (a param, or a block of
-        one: its own matrix) at their ``counts``."""
-        g = self._group_index(group)
-        params = [bucket.params[i] for i in which]
-        matrices = [range(self._shape(group, p)[0]) if b is None else range(b, b + 1)   # block b: matrix b
-                    for p, b in zip(params, (bucket.blocks[i] for i in which))]
-        return [sketch_seeds(group["seed"], g, place, count, js, *stream)
-                for place, count, js in zip(self._places(group, params), counts, matrices)]
+        """W ← W(1 − ηλ) − η·s·project_back(S) (:func:`apply_lowrank`)."""
+        apply_lowrank(proj, bucket, steps, lr=float(group["lr"]), weight_decay=group["weight_decay"], scale=scale,
+                      add_back=adds_back(proj, bucket))
 
     def _warn_refreshes(self, group, places, status) -> None:
         """One warning per cause naming the params a refresh left on their previous basis."""
@@ -408,6 +334,6 @@ class LowRankAdamW(MatrixOptimizer):
         for cause, what in causes:
             kept = [self._param_name(group, i) for i, w in zip(places, worst) if w == cause]
             if kept:
-                self._warn_once(self._refresh_warned[cause], kept,
-                                f"{type(self).__name__} kept the previous projector of {{}}: {what} at its "
-                                "refresh (warned once per param)")
+                warn_once(self._refresh_warned[cause], kept,
+                          f"{type(self).__name__} kept the previous projector of {{}}: {what} at its "
+                          "refresh (warned once per param)")

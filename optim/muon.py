@@ -5,7 +5,9 @@ from typing import Callable
 
 import torch
 
-from .base import AT_LEAST_FP32, MATCH_ADAMW_RMS, MatrixOptimizer, Out, Rows, State, apply_update, default_compute_dtype, local_map
+from .ops import MATCH_ADAMW_RMS, Out, Rows, apply_update, default_compute_dtype, local_map
+from .optimizer import MatrixOptimizer
+from .state import AT_LEAST_FP32, State
 from .orthogonalize import ns_schedule, orthogonalize
 from .precision import MOMENT
 from .validation import choice, compute_dtype, integer, real
@@ -19,7 +21,7 @@ def update_scale(m: int, n: int, lr_scaling: str) -> float:
     "match_adamw": MATCH_ADAMW_RMS·sqrt(max(m, n)) = 0.5·sqrt(max(m, n)) gives O an RMS of
     0.5, at which AdamW's tuned lr and weight decay carry over (the rule of Moonshot, arXiv
     2502.16982, with the RMS measured to carry AdamW's lr: see
-    :data:`~matrixopt.base.MATCH_ADAMW_RMS`; Moonshot's 0.2 is ``torch.optim.Muon``'s
+    :data:`~matrixopt.ops.MATCH_ADAMW_RMS`; Moonshot's 0.2 is ``torch.optim.Muon``'s
     ``adjust_lr_fn="match_rms_adamw"``).
     "original": sqrt(max(1, m/n)) (Keller Jordan; torch.optim.Muon's default).
     "spectral": sqrt(m/n). "none": 1.
@@ -86,7 +88,7 @@ class Muon(MatrixOptimizer):
     few bits), sharded like the param; with ``state_precision`` "bf16" (stochastically
     rounded) or "int8" (block-wise codes), see :mod:`matrixopt.precision`.
 
-    Params that are not matrices (see :class:`~matrixopt.base.MatrixOptimizer`) get the
+    Params that are not matrices (see :class:`~matrixopt.MatrixOptimizer`) get the
     fallback, AdamW with ``betas`` and ``eps`` and the group's lr and weight decay.
 
     Args:
@@ -144,9 +146,10 @@ class Muon(MatrixOptimizer):
         super().__init__(params, defaults, fallback=fallback, distributed=distributed,
                          process_group=process_group, state_precision=state_precision)
 
-    def _validate_group(self, group):
-        super()._validate_group(group)
-        ns_schedule(group["ns_coefficients"], group["ns_steps"])
+    def _validate_hyperparameters(self, values):
+        super()._validate_hyperparameters(values)
+        if "ns_coefficients" in values and "ns_steps" in values:
+            ns_schedule(values["ns_coefficients"], values["ns_steps"])
 
     def _state(self, p, group):
         # fp32 for bf16/fp16 params: in bf16 (8 significant bits) the step's increment

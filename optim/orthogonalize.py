@@ -17,7 +17,7 @@ import torch
 
 from matrixopt.kernels import newton_schulz
 
-from .base import caller_stacklevel
+from .report import caller_stacklevel
 
 #: Keller Jordan's quintic, the one torch.optim.Muon uses at every step.
 MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)

@@ -3,7 +3,7 @@ import re
 
 from torch import nn
 
-from .base import matrix_shape
+from .matrices import matrix_shape
 
 HEAD_NAMES = ("lm_head", "output", "classifier", "head")
 # Params registered directly on a module (not an Embedding's weight) that are tables of

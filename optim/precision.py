@@ -1,6 +1,6 @@
 r"""Optimizer state stored in fewer bits: ``state_precision="fp32" | "bf16" | "int8"``.
 
-A rule marks the state it accumulates in its declaration (:class:`~matrixopt.base.State`'s
+A rule marks the state it accumulates in its declaration (:class:`~matrixopt.State`'s
 ``role``): :data:`MOMENT` for a signed moment (a momentum, Adam's M), :data:`SECOND_MOMENT`
 for a non-negative one (Adam's V), :data:`BASIS` for a projection basis (recomputed at a
 refresh, never accumulated). Everything else (counters, ARO's rotation, CoSO's history and
@@ -21,7 +21,7 @@ sketch, DCT's indices) keeps its declared dtype at every precision. Per param gr
   an FSDP2 ``Shard(0)`` split never cuts a block and the scales (shape (d₀, ⌈row/BLOCK⌉))
   shard like the param. The codes are stored under the state's key,
   the scales under ``"<key>.scale"`` (a name no rule declares, and no block index of
-  :class:`~matrixopt.base.BlockState`'s ``"<key>.<b>"``; the suffix of a blocked param's
+  :class:`~matrixopt.state.BlockState`'s ``"<key>.<b>"``; the suffix of a blocked param's
   state comes first, ``"exp_avg.0.scale"``). Bases are stored in bf16 (below). 1-D moments
   (biases, norm gains on the fallback) stay fp32: FSDP2 shards their only dim, so a block
   could not lie inside a rank's piece, and they are a negligible share of the state.
@@ -82,12 +82,13 @@ orthogonal only to 2⁻⁸.
 """
 import functools
 import math
-import zlib
 from collections.abc import MutableMapping
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .seeding import rounding_seed
 
 PRECISIONS = ("fp32", "bf16", "int8")
 #: Roles a rule gives state in its declaration.
@@ -259,11 +260,6 @@ def _mix32(x: Tensor) -> Tensor:
     return ((x >> 16) & 0xFFFF) ^ x
 
 
-def rounding_seed(*place) -> int:
-    """A 32-bit seed from the parts of a place (ints and strs), the same in every process."""
-    return zlib.crc32("/".join(map(str, place)).encode())
-
-
 def round_bf16(x: Tensor, seed: int, offset: int = 0) -> Tensor:
     """x (fp32) stochastically rounded to bf16 (see the module docstring).
 
@@ -374,10 +370,10 @@ def working(state: dict, declared: dict, precision: str, p: Tensor) -> Working:
 def write_back(view: Working, precision: str, place: tuple, offsets: dict[str, int]) -> None:
     """Store the temporaries of ``view`` (the entries the rule read) into its state: int8
     requantized, bf16 moments stochastically rounded (seeded by ``place``, the key, and the state's rounding counter,
-    advanced here; ``offsets``: key → global index of the local piece's first entry), bases
+    advanced here when the view holds such a moment; ``offsets``: key → global index of the local piece's first entry), bases
     rounded to nearest. In place, so each state keeps its storage."""
     state, declared = view.state, view.declared
-    if ROUNDING_STEP in state:
+    if ROUNDING_STEP in state and any(stochastic(declared[key], precision) for key in view.temporaries):
         state[ROUNDING_STEP] += 1
     for key, value in view.temporaries.items():
         spec = declared[key]

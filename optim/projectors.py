@@ -1,32 +1,17 @@
 """Low-rank gradient projectors: the subspace a GaLore-style optimizer keeps its moments in.
 
-:class:`~matrixopt.lowrank.LowRankAdamW` takes any projector with this protocol, for one
-matrix shape m×n and a stack of same-shape gradients G (B, m, n):
-
-- ``left``, ``rank``, ``low_shape(B)``: the projected side and the low-rank gradient's shape
-  (``left``: the projection sums over G's rows, so the low-rank values are whole per matrix);
-- ``basis(B, batched)``: its state for a param of B matrices, name →
-  :class:`~matrixopt.base.State` (whole per matrix; ``batched``: see :func:`stored_shape`); ``keys``: those names; ``basis_dims``: key → the per-matrix shape;
-- ``project(G, *bases)`` → L and ``project_back(L, *bases)`` → (B, m, n), with ``bases``
-  the (B, ...) stacks of that state in ``keys`` order; ``low_dims``: L's per-matrix shape;
-  ``add_back(W, L, *bases, alpha, beta)``: W ← βW + α·project_back(L) in place, one matmul
-  into W (a rule whose update is not W's plain sum with the back-projection, as CoSOAdamW's,
-  need not have it);
-- ``refresh(G, *previous, seeds=None, warm=True)`` → the new bases (in ``keys`` order), a (B,) int8
-  status (:data:`REFRESHED`, :data:`ZERO_GRADIENT`, :data:`SVD_FAILED`) and, where
-  ``refresh_gives_low``, the low-rank gradient too; ``refresh_outputs(dtype)`` declares
-  them (:class:`~matrixopt.base.Out`); ``randomized``: whether ``seeds`` are wanted;
-- ``transition(old, new)`` and ``carry(M, V, transition)``: the moments expressed in the
-  new subspace.
-
-Its state lives as tensors in the optimizer's state (never as Python objects), so
-checkpoints load with ``torch.load(weights_only=True)``.
+:class:`SVDProjector` (GaLore) and :class:`DCTProjector` (DCT-AdamW) implement
+:class:`matrixopt.protocols.Projector`, which :class:`~matrixopt.LowRankAdamW` runs; an
+``add_back(W, L, *bases, alpha, beta)`` (W ← βW + α·project_back(L) in place, one matmul
+into W) is optional: a rule whose update is not W's plain sum with the back-projection, as
+CoSOAdamW's, does without it.
 """
 import torch
 
 from matrixopt import kernels
 
-from .base import AT_LEAST_FP32, Out, State, matmul_in
+from .ops import Out, matmul_in
+from .state import AT_LEAST_FP32, State
 from .precision import BASIS
 
 
@@ -45,6 +30,12 @@ def stored_shape(shape, batched: bool) -> tuple:
     params only (3-D expert stacks, params split into blocks), so a 2-D weight's right-side
     moments are (m, r), like the weight in dim 0 (and sharded like it under FSDP2)."""
     return tuple(shape) if batched else tuple(shape[1:])
+
+
+def whole_low(left: bool, m: int) -> bool:
+    """Whether a projector with a projection summing over rows (``left``) of m-row matrices
+    keeps its low-rank values whole per matrix (see :meth:`SVDProjector.whole_low`)."""
+    return left or m == 1
 
 
 def _sides(proj_type: str, m: int, n: int) -> tuple[str, ...]:
@@ -100,6 +91,20 @@ class SVDProjector:
         self.randomized = svd == "randomized"
 
     refresh_gives_low = False
+
+    def whole_low(self) -> bool:
+        """Whether the low-rank gradient and moments are whole per matrix, rather than having
+        G's rows (and being sharded like them under FSDP2).
+
+        A left projection UᵀG sums over G's rows, so it is whole. So is anything of a single
+        row (m == 1): a 1-D param's (1, n) view is split on its columns by FSDP2, so even its
+        right projection G·V sums over the split axis. For a 2-D (1, n) or 3-D (E, 1, n) param
+        either layout would be exact; whole is the one that needs only the projector, and it
+        is what GaLore's right-projected (1, n) rows (``proj_type="reverse_std"``) have always
+        stored. DCT projects a single row on its left side unless n == 1 too, so for DCT this
+        differs from "left side only" just for 1×1 matrices.
+        """
+        return whole_low(self.left, self.m)
 
     def low_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of the projected gradient of a (batch, m, n) stack."""
@@ -234,6 +239,10 @@ class DCTProjector:
         self.low_dims = (rank, n) if self.left else (m, rank)
         self.score_norm, self.method, self.dtype = score_norm, method, dtype
 
+    def whole_low(self) -> bool:
+        """As :meth:`SVDProjector.whole_low`: a left projection, or a single row."""
+        return whole_low(self.left, self.m)
+
     def low_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of the projected gradient of a (batch, m, n) stack."""
         return (batch, self.rank, self.n) if self.left else (batch, self.m, self.rank)
@@ -244,7 +253,7 @@ class DCTProjector:
 
     def refresh_outputs(self, dtype: torch.dtype) -> list[Out]:
         return [Out((self.rank,), torch.int32, whole=True), Out((), torch.int8, whole=True),
-                Out(self.low_dims, dtype, whole=self.left or self.m == 1)]
+                Out(self.low_dims, dtype, whole=self.whole_low())]
 
     def shared_basis(self, device, dtype: torch.dtype) -> torch.Tensor:
         """The shared Q (k×k) these projections use."""

@@ -84,8 +84,9 @@ class ROOT(Muon):
                  lr_scaling="match_adamw", betas=(0.9, 0.95), eps=1e-8, nonfinite="skip",
                  ns_dtype=None, ns_method="auto", *, fallback=None, distributed=None, process_group=None,
                  state_precision="fp32"):
-        super().__init__(params, lr, momentum, nesterov, weight_decay, ns_steps, ns_coefficients,
-                         lr_scaling, betas, eps, nonfinite, ns_dtype, ns_method, fallback=fallback,
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                         ns_steps=ns_steps, ns_coefficients=ns_coefficients, lr_scaling=lr_scaling, betas=betas,
+                         eps=eps, nonfinite=nonfinite, ns_dtype=ns_dtype, ns_method=ns_method, fallback=fallback,
                          distributed=distributed, process_group=process_group, state_precision=state_precision,
                          threshold_quantile=threshold_quantile)
 

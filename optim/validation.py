@@ -1,6 +1,6 @@
 """Hyperparameter validators: each takes (name, value) and raises ``ValueError`` naming the
 argument and its valid range. Optimizers list theirs in ``hyperparameters`` (name →
-validator); :class:`~matrixopt.base.MatrixOptimizer` runs them on every param group at
+validator); :class:`~matrixopt.MatrixOptimizer` runs them on every param group at
 construction, at ``add_param_group`` and on a loaded state dict's groups."""
 import math
 from typing import Any, Callable

@@ -156,12 +156,12 @@ def sharded(net):
 
 class CountingWork:
     """Adds up the matrix FLOPs this rank computed: wraps the ``matrix_map`` each bucket gets
-    from ``opt._matrix_map`` so that every work function it runs counts b·m·n·min(m, n) of its
+    from ``opt._planner.matrix_map`` so that every work function it runs counts b·m·n·min(m, n) of its
     first input's stack (b, m, n): the matrices whose whole-matrix work this rank does."""
 
     def __init__(self, opt):
         self.flops = 0
-        bucket_map = opt._matrix_map
+        bucket_map = opt._planner.matrix_map
 
         def counting_bucket_map(*args, **kwargs):
             matrix_map = bucket_map(*args, **kwargs)
@@ -176,7 +176,7 @@ class CountingWork:
 
             return counted
 
-        opt._matrix_map = counting_bucket_map
+        opt._planner.matrix_map = counting_bucket_map
 
 
 def gathered(value: int) -> list[int]:

@@ -117,7 +117,7 @@ def test_import_and_steps_need_neither_numpy_nor_scipy():
 
 # -- the recipe of ARCHITECTURE.md: a new optimizer in one file ----------------------------------
 
-from matrixopt.base import Out, Rows, State, apply_update, local_map  # noqa: E402
+from matrixopt import Out, Rows, State, apply_update, local_map  # noqa: E402
 from matrixopt.validation import real  # noqa: E402
 
 
@@ -262,7 +262,7 @@ def test_large_matrices_are_not_stacked_on_a_cpu():
         real_cat = torch.cat
         with mock.patch("torch.cat", side_effect=lambda ts, *a, **k: cats.append(len(ts)) or real_cat(ts, *a, **k)):
             opt.step()
-        return [len(b) for b in opt._buckets(opt.param_groups[0], params)], max(cats, default=0)
+        return [len(b) for b in opt._planner.buckets(opt.param_groups[0], params, opt._limits())], max(cats, default=0)
 
     assert step_stacks(matrixopt.Muon, (256, 256)) == ([4], 4)
     assert step_stacks(matrixopt.Muon, (512, 512)) == ([1, 1, 1, 1], 0)

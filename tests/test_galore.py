@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import matrixopt
 from matrixopt import kernels
-from matrixopt.lowrank import seed_sequence_word
+from matrixopt.seeding import seed_sequence_word
 from matrixopt.projectors import PROJ_TYPES, REFRESHED, SVDProjector
 from helpers import power_law
 
@@ -424,7 +424,7 @@ def test_zero_gradient_warning_does_not_silence_svd_failure(monkeypatch):
 def one_matrix_at_a_time(opt):
     """Make ``opt``'s buckets run their whole-matrix work (``matrix_map``) on each matrix
     separately, as DDP ranks or FSDP2 owners may split it."""
-    bucket_map = opt._matrix_map
+    bucket_map = opt._planner.matrix_map
 
     def split_map(*args, **kwargs):
         matrix_map = bucket_map(*args, **kwargs)
@@ -438,7 +438,7 @@ def one_matrix_at_a_time(opt):
 
         return split
 
-    opt._matrix_map = split_map
+    opt._planner.matrix_map = split_map
 
 
 def test_randomized_refresh_of_a_matrix_does_not_depend_on_its_batch():

@@ -1,0 +1,322 @@
+"""MatrixOptimizer: the torch.optim adapter every matrixopt optimizer shares.
+
+A rule is two things (see ARCHITECTURE.md):
+
+- its **state declaration**, :meth:`MatrixOptimizer._state`: name → :class:`~matrixopt.State`
+  (global shape, dtype policy, sharded like the param or whole per matrix, initial value);
+- its **update**, :meth:`MatrixOptimizer._update`: one bucket of same-shape matrices, with
+  the state already created from the declaration, calling the rule's functional form (a
+  plain function over lists of tensors, like torch's ``adamw()``) and doing every
+  whole-matrix computation through the ``matrix_map`` it is handed.
+
+This class is what torch.optim sees: construction (hyperparameters validated up front, in
+torch.optim's order: ``ValueError`` naming the argument), param groups of tensors, (name,
+tensor) pairs or dicts with every hyperparameter overridable per group, naming, ``step()``,
+state dicts and :meth:`state_bytes`. The work is done by its parts:
+
+- routing, matrix views and buckets: :mod:`matrixopt.plan` (the planner; a param goes to the
+  matrix rule when its group says ``matrix=True``, or when the key is absent and
+  ``p.ndim >= 2``; else to the fallback, :mod:`matrixopt.fallback`'s AdamW unless given
+  another);
+- the step: :mod:`matrixopt.execute` (checks, the non-finite policy, the rules over buckets);
+- state from the declarations: :mod:`matrixopt.state` (creation, precision views, load
+  checks, DTensors for ``torch.distributed.checkpoint``);
+- distribution: :mod:`matrixopt.distributed` (FSDP2's DTensor params through their local
+  shards, whole-matrix work on owner ranks; ``distributed="replicated"`` for DDP).
+"""
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .distributed import MODES, check_placement
+from .execute import Executor
+from .fallback import AdamW
+from .matrices import block_sizes, matrix_shape
+from .plan import Bucket, Limits, Planner, equal_blocks, is_matrix, unequal_blocks
+from .precision import PRECISIONS
+from .state import Declarations, State, storage_bytes
+from .validation import betas_in_unit_interval, choice, real
+
+SHARED_HYPERPARAMETERS = {
+    "lr": real(0.0),
+    "weight_decay": real(0.0),
+    "betas": betas_in_unit_interval,
+    "eps": real(0.0, lo_open=True),
+    "nonfinite": choice("skip", "raise"),
+    "state_precision": choice(*PRECISIONS),
+}
+
+
+class MatrixOptimizer(torch.optim.Optimizer):
+    """Base class: a matrix rule for matrices, a fallback (AdamW) for the rest.
+
+    A subclass sets ``hyperparameters`` (name → validator, beyond the shared lr,
+    weight_decay, betas, eps, nonfinite, state_precision), declares its state in
+    :meth:`_state` and implements :meth:`_update` (and optionally :meth:`_prepare`).
+    ``fallback`` (default :class:`matrixopt.AdamWFallback`) is the rule for params that are
+    not matrices (:class:`matrixopt.protocols.Fallback`).
+    """
+
+    #: Elements of one bucket of same-shape matrices, at most: a step stacks (copies) a
+    #: bucket a few times over, so this bounds its temporaries, while batching pays only for
+    #: small matrices (on an H200 a 5-step NS of one 2048² matrix runs at the rate of 16
+    #: stacked ones; 32 stacked 1024² ones run 7× faster than one by one): 2^25 elements
+    #: batch 32 matrices of 1024², 8 of 2048².
+    max_bucket_elements = 1 << 25
+    #: Per device type, the matrix size (elements) from which a matrix gets a bucket of its
+    #: own: stacking copies every matrix of a bucket, which pays only while the batched
+    #: kernel saves more than the copy costs (and a bucket's element-wise temporaries — the
+    #: Nesterov inputs, the updates — live together: one matrix's, alone). On a CPU (one
+    #: thread, 8 same-shape matrices, the batching table of `python -m benchmarks step
+    #: --quick`, benchmarks/results/step-cpu2-2026-12-01.md) one Muon matrix per bucket takes
+    #: 1.1-1.6× the stacked time up to 128×512, about the same at 256² and 512² (0.95-0.96×),
+    #: and less at 512×1376 (0.88×). On a GPU batching pays for Newton-Schulz up to 2048²
+    #: (32 stacked 1024² ones run 7× faster than one by one on an H200): no CUDA entry.
+    unbatched_elements = {"cpu": 1 << 18}
+    #: At a lower ``state_precision``, the most elements the fallback updates in one call
+    #: (the executor's fallback chunks), so the fp32 working copies of their moments take a
+    #: few MB where a whole head's (8192×768) took 50 MB.
+    fallback_chunk_elements = 1 << 20
+
+    hyperparameters: dict = {}
+
+    def __init__(self, params, defaults: dict, *, fallback=None, distributed: str | None = None,
+                 process_group=None, state_precision: str = "fp32"):
+        self.fallback = AdamW() if fallback is None else fallback
+        # Hyperparameters first, as torch.optim's own optimizers check them before the params.
+        choice(*MODES)("distributed", distributed)
+        choice(*PRECISIONS)("state_precision", state_precision)
+        if state_precision != "fp32":   # groups without the key are fp32: their state dicts stay as they were
+            defaults = {"state_precision": state_precision, **defaults}
+        self._validate_hyperparameters(defaults)
+        # Replicated params (DDP): with distributed="replicated" or a process_group, matrix
+        # work is split over process_group's ranks (None: the default group).
+        self._replicated = distributed == "replicated" or process_group is not None
+        self._process_group = process_group
+        self._planner = Planner(self._replicated_group)
+        self._declarations = Declarations(self._rule_state)
+        self._executor = Executor(self._planner, self._declarations, self, self.fallback, self._param_name,
+                                  self._group_index)
+        super().__init__(params, defaults)
+
+    def __getstate__(self):
+        # Everything but torch.optim's hook registries, which __setstate__ recreates.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """Params skipped for a non-finite gradient so far (one per param and step)."""
+        return self._executor.nonfinite.skips
+
+    # -- construction ------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+        except (ValueError, TypeError, NotImplementedError):
+            self.param_groups.pop()
+            raise
+
+    def _validators(self) -> dict:
+        """Every hyperparameter this optimizer takes (the shared ones, the fallback's and the
+        rule's) → its validator."""
+        return {**SHARED_HYPERPARAMETERS, **self.fallback.hyperparameters, **self.hyperparameters}
+
+    def _validate_hyperparameters(self, values: dict) -> None:
+        """ValueError naming the first invalid hyperparameter in ``values``."""
+        for name, check in self._validators().items():
+            if name in values:
+                check(name, values[name])
+
+    def _validate_group(self, group: dict) -> None:
+        self._validate_hyperparameters(group)
+        if "matrix" in group:
+            choice(None, True, False)("matrix", group["matrix"])
+        for i, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise ValueError(f"{type(self).__name__} does not support complex parameters: "
+                                 f"{self._param_name(group, i)} is {p.dtype}")
+            check_placement(p, self._param_name(group, i))
+            if group.get("blocks") is not None and self.is_matrix(group, p):
+                block_sizes(self._param_name(group, i), group["blocks"], p)
+
+    # -- naming and routing --------------------------------------------------------------------
+    def _param_name(self, group: dict, index: int) -> str:
+        names = group.get("param_names")
+        if names:
+            return names[index]
+        p = group["params"][index]
+        return f"param_groups[{self._group_index(group)}]['params'][{index}] (shape {tuple(p.shape)})"
+
+    def _group_index(self, group: dict) -> int:
+        """``group``'s index in param_groups (len(param_groups) if it is not there yet)."""
+        # By identity: list.index would compare the groups' dicts, and with them their tensors.
+        return next((gi for gi, other in enumerate(self.param_groups) if other is group), len(self.param_groups))
+
+    @staticmethod
+    def is_matrix(group: dict, p: Tensor) -> bool:
+        """Whether ``p`` goes to the matrix rule (else to the fallback)."""
+        return is_matrix(group, p)
+
+    def _shape(self, group: dict, p: Tensor) -> tuple[int, int, int]:
+        """p's (B, m, n) matrix view in ``group`` (its equal ``blocks`` applied)."""
+        return matrix_shape(p, equal_blocks(self._block_sizes(group, p)))
+
+    @staticmethod
+    def _block_sizes(group: dict, p: Tensor) -> list[int] | None:
+        blocks = group.get("blocks")
+        return None if blocks is None else block_sizes("blocks", blocks, p)
+
+    # -- what a rule gives ---------------------------------------------------------------------
+    def _state(self, p: Tensor, group: dict) -> dict[str, State]:
+        """The matrix rule's state of ``p``: name → :class:`~matrixopt.State`."""
+        raise NotImplementedError
+
+    def _prepare(self, group: dict, bucket: Bucket) -> tuple[list[Tensor], list | None]:
+        """The rule's first pass over a bucket, before the non-finite check: per entry the
+        tensor the check reads (it must hold a NaN/Inf exactly when the gradient does), and
+        per entry what the rule computed to get it, passed on as ``bucket.prepared`` (None:
+        nothing). It must change no param and no state. The default checks the gradients
+        themselves; a low-rank rule checks the projected gradient it computes anyway
+        (:class:`~matrixopt.LowRankAdamW`), a fraction of the reads."""
+        return bucket.grads, None
+
+    def _update(self, group: dict, bucket: Bucket) -> None:
+        """Apply the matrix rule to one :class:`~matrixopt.plan.Bucket` of same-shape matrices
+        (same m, n, dtype and device): update ``bucket.weights`` in place and the state in
+        ``bucket.states``.
+
+        ``bucket.matrix_map(fn, inputs, outputs, entries=None)`` runs ``fn`` on whole
+        matrices, batched: every computation that needs a whole matrix (orthogonalization,
+        QR, refreshes) goes through it. ``inputs`` are :class:`~matrixopt.Rows` (per param,
+        pieces of its matrix view) and :class:`~matrixopt.Whole` (per-matrix values kept
+        whole on every rank), one per bucket entry, or one per entry of ``entries`` (indices
+        into the bucket, in order) when the work is for some of them; ``fn`` takes one stack
+        per input and returns one stack per ``outputs`` entry (:class:`~matrixopt.Out`: the
+        per-matrix shape, dtype and layout). It returns a tuple with one per-param list per
+        output. Single-process it is :func:`~matrixopt.ops.local_map`; distributed, the
+        owner ranks compute (:mod:`matrixopt.distributed`).
+        """
+        raise NotImplementedError
+
+    def _rule_state(self, p: Tensor, group: dict) -> dict[str, State]:
+        """p's state as the rule (or the fallback) declares it and sees it in its update."""
+        if not self.is_matrix(group, p):
+            return self.fallback.state(p, group)
+        sizes = unequal_blocks(self._block_sizes(group, p))
+        if sizes is None:
+            return self._state(p, group)
+        # One matrix per block, its state named "<key>.<b>" (whole: blocked params are not sharded).
+        plain = {**group, "blocks": None}
+        return {f"{key}.{b}": spec._replace(sharded=False)
+                for b, rows in enumerate(sizes) for key, spec in self._state(p.detach()[:rows], plain).items()}
+
+    # -- the step ------------------------------------------------------------------------------
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        ``lr`` may be a float or a one-element Tensor (read as ``float(lr)`` each step, so
+        a scheduler may change it in place). Every check that can fail (gradients' layout
+        and shape, non-finite gradients with ``nonfinite="raise"``) runs before any param or
+        state changes. Params with no elements are left alone (nothing to update).
+
+        The step declines ``torch.compile`` (``torch.compiler.disable``): it runs eagerly
+        inside a compiled region, with eager's results, rather than being traced per
+        bucket and shape and recompiled every step.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.step_params([(group, range(len(group["params"]))) for group in self.param_groups])
+        return loss
+
+    def step_params(self, selection: list[tuple[dict, range | list[int]]]) -> None:
+        """The step of the params ``selection`` names, as (group, indices in its params)
+        pairs: those with a gradient and elements go the whole way of :meth:`step` (checks,
+        non-finite policy, buckets, state, the rules) and no other param is touched.
+        :meth:`step` passes every param; :func:`matrixopt.step_in_backward` one whose
+        gradient is final."""
+        self._executor.step(self.state, selection, self._limits(), self.fallback_chunk_elements)
+
+    @torch.no_grad()
+    def for_each_bucket(self, work: Callable[[dict, Bucket], None]) -> None:
+        """Work outside :meth:`step` (a task boundary, say): ``work(group, bucket)`` for every
+        bucket of matrices that have state, as :meth:`_update` gets it — the weights' matrix
+        views, the states as the rule sees them (stored again after), a ``matrix_map`` — but
+        with ``grads`` None. Distributed, every rank must call it (the map's collectives)."""
+        loads = {}
+        for group in self.param_groups:
+            params = [p for p in group["params"] if self.is_matrix(group, p) and self.state.get(p)]
+            for items in self._planner.buckets(group, params, self._limits()):
+                bucket = self._planner.bucket(group, items, loads, self._limits(), grads=False)
+                self._executor.update(self.state, group, bucket, work)
+
+    def _limits(self) -> Limits:
+        return Limits(self.max_bucket_elements, self.unbatched_elements)
+
+    def _replicated_group(self):
+        """The process group replicated params split their matrix work over, or None."""
+        if not self._replicated:
+            return None
+        if not torch.distributed.is_initialized():
+            raise RuntimeError(f"{type(self).__name__}(distributed='replicated') needs an "
+                               "initialized process group (torch.distributed.init_process_group)")
+        return self._process_group or torch.distributed.group.WORLD
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch.optim's state dict; for a DTensor (FSDP2) param, the state declared sharded
+        is a DTensor placed like the param, so ``torch.distributed.checkpoint`` saves its
+        shards."""
+        return self._declarations.as_dtensors(super().state_dict(), self.param_groups)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict; rejects state saved for other shapes, naming the parameter.
+
+        Each state tensor gets its declared dtype (:meth:`_state`; the fallback's moments
+        are fp32, low-rank moments and rotations at least fp32, whatever the param's dtype)
+        and the param's device, whatever it was saved with, so a checkpoint resumes on
+        params of another dtype or device. DTensor state (from :meth:`state_dict` of a
+        sharded run) is stored as its local shard. The shape check sees the state dict as
+        the load_state_dict pre-hooks return it, and the post-hooks see (and may edit) the
+        state as loaded. A param's saved state must hold every declared entry; a
+        hyperparameter a saved group lacks (one added after it was saved) takes this
+        optimizer's default.
+        """
+        loaded = []
+
+        def check_shapes(optimizer, state_dict):
+            loaded.extend(self._declarations.check_saved(state_dict, self.param_groups, self._validate_group,
+                                                         self._param_name))
+
+        def declared_dtypes(optimizer):
+            # A hyperparameter of this optimizer the checkpoint predates takes its default
+            # (not state_precision: a group saved without it is fp32, as its state).
+            for group in self.param_groups:
+                for key in self._validators().keys() & self.defaults.keys() - {"state_precision"}:
+                    group.setdefault(key, self.defaults[key])
+            self._declarations.load(self.state, loaded)
+
+        # Registered now: the check runs after every other pre-hook, the dtypes are set
+        # before every other post-hook.
+        handles = (self.register_load_state_dict_pre_hook(check_shapes),
+                   self.register_load_state_dict_post_hook(declared_dtypes, prepend=True))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _shared_state_tensors(self) -> list[Tensor]:
+        """State shared by many params (e.g. a DCT basis); counted once by state_bytes."""
+        return []
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held on this rank (each storage counted once)."""
+        tensors = [v for s in self.state.values() for v in s.values() if isinstance(v, Tensor)]
+        return storage_bytes(tensors + self._shared_state_tensors())

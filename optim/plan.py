@@ -1,0 +1,293 @@
+"""The planner: a step's param groups as typed plans of work.
+
+Per group, once (:class:`GroupLayout`, cached until the group's params, ``blocks`` or
+``matrix`` change): which params are matrices, how each is seen ((B, m, n), equal or unequal
+row blocks) and its index in the group. Per step: the group's matrices in :class:`Bucket`\\ s
+of same-shape matrices (:meth:`Planner.buckets`, :meth:`Planner.bucket`), its fallback
+params, and the ``matrix_map`` each bucket's whole-matrix work runs through
+(:meth:`Planner.matrix_map`: single process or owner ranks).
+"""
+import math
+from collections import defaultdict
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from .distributed import MatrixWork
+from .matrices import as_matrices, block_sizes, local, matrix_shape, sharded_axis
+from .ops import local_map
+from .state import RowState
+
+
+def is_matrix(group: dict, p: Tensor) -> bool:
+    """Whether ``p`` goes to the matrix rule (else to the fallback): the group's ``matrix``
+    flag, or ``p.ndim >= 2`` where it has none."""
+    flag = group.get("matrix")
+    return p.ndim >= 2 if flag is None else bool(flag)
+
+
+def equal_blocks(sizes: list[int] | None) -> int | None:
+    """The count of a split into equal row blocks (None: not split, or unequal blocks)."""
+    return len(sizes) if sizes and len(set(sizes)) == 1 else None
+
+
+def unequal_blocks(sizes: list[int] | None) -> list[int] | None:
+    """The row sizes of a split into blocks of different sizes (None otherwise)."""
+    return sizes if sizes and len(set(sizes)) > 1 else None
+
+
+class ParamLayout(NamedTuple):
+    """How a group sees one of its params. ``index``: its place in the group's params;
+    ``matrix``: routed to the matrix rule; ``shape``: its (B, m, n) view (equal blocks
+    applied); ``blocks``: the count of equal row blocks, or None; ``row_blocks``: the row
+    sizes of blocks of unequal sizes (each its own matrix), or None."""
+    index: int
+    matrix: bool
+    shape: tuple[int, int, int]
+    blocks: int | None
+    row_blocks: list[int] | None
+
+
+class GroupLayout(NamedTuple):
+    """A group's :class:`ParamLayout` per param (by id) and what it was made from."""
+    group: dict
+    signature: tuple
+    params: dict[int, ParamLayout]
+
+    def of(self, p: Tensor) -> ParamLayout:
+        return self.params[id(p)]
+
+    def places(self, params: list[Tensor]) -> list[int]:
+        """The params' indices in the group."""
+        return [self.params[id(p)].index for p in params]
+
+
+def _signature(group: dict) -> tuple:
+    params = group["params"]
+    return id(params), len(params), repr(group.get("blocks")), group.get("matrix")
+
+
+def param_layout(group: dict, index: int, p: Tensor) -> ParamLayout:
+    """How ``group`` sees ``p``, its param ``index``."""
+    matrix = is_matrix(group, p)
+    sizes = block_sizes("blocks", group.get("blocks"), p) if matrix else None
+    blocks = equal_blocks(sizes)
+    return ParamLayout(index, matrix, matrix_shape(p, blocks), blocks, unequal_blocks(sizes))
+
+
+class Item(NamedTuple):
+    """One entry of a bucket: ``block`` None for all of a param's (B, m, n) matrices, b for
+    block b of a param split into row blocks of unequal sizes."""
+    param: Tensor
+    block: int | None
+
+
+class Bucket(NamedTuple):
+    """What a rule's ``_update`` gets: one bucket of same-shape matrices.
+
+    ``params``: the parameters (keys of the optimizer's state; DTensors under FSDP2).
+    ``weights``, ``grads``: their (B_i, m, n) views (of the local shards), to update in place
+    (``grads`` None for work outside a step).
+    ``states``: their state dicts, created from the rule's declaration.
+    ``shape``: the whole matrices' (m, n). ``sharded``: whether the params are FSDP2 DTensors.
+    ``distributed``: whether their matrix work spans ranks (FSDP2, or replicated params).
+    ``matrix_map``: runs whole-matrix work (see :meth:`MatrixOptimizer._update`).
+    ``blocks``: per entry, None (all of the param's matrices) or b (block b of a param split
+    into blocks of unequal sizes; then ``params`` repeats the param and ``states`` is the
+    block's).
+    ``places``: per entry, the param's index in its group (it names and seeds it).
+    ``counts``: per entry, the matrices it holds (B_i).
+    ``stack``: whether the bucket's matrices are small enough to be stacked with others
+    (:attr:`MatrixOptimizer.unbatched_elements`); a larger one has a bucket of its own.
+    ``prepared``: per entry, what the rule's ``_prepare`` computed before the non-finite
+    check (None: nothing).
+    """
+    params: list
+    weights: list
+    grads: list | None
+    states: list | None
+    shape: tuple
+    sharded: bool
+    distributed: bool
+    matrix_map: Callable
+    blocks: list
+    places: list[int]
+    counts: list[int]
+    stack: bool = True
+    prepared: list | None = None
+
+
+class Limits(NamedTuple):
+    """The batching limits a step plans with (the optimizer's class attributes):
+    ``max_bucket_elements`` per bucket; ``unbatched_elements``: per device type, the matrix
+    size from which a matrix gets a bucket of its own."""
+    max_bucket_elements: int
+    unbatched_elements: dict
+
+
+class Planner:
+    """Groups into layouts (cached) and buckets (per step); ``replicated_group()``: the
+    process group replicated params split their matrix work over, or None."""
+
+    def __init__(self, replicated_group: Callable):
+        self.replicated_group = replicated_group
+        self._layouts: dict[int, GroupLayout] = {}
+
+    def layout(self, group: dict) -> GroupLayout:
+        """The group's :class:`GroupLayout`, made again only when its params, ``blocks`` or
+        ``matrix`` changed."""
+        signature = _signature(group)
+        cached = self._layouts.get(id(group))
+        if cached is None or cached.group is not group or cached.signature != signature:
+            cached = GroupLayout(group, signature, {id(p): param_layout(group, i, p)
+                                                    for i, p in enumerate(group["params"])})
+            self._layouts[id(group)] = cached
+        return cached
+
+    def buckets(self, group: dict, params: list[Tensor], limits: Limits) -> list[list[Item]]:
+        """The matrices of ``params`` grouped by (m, n, dtype, device, device mesh), in
+        first-seen order, as :class:`Item`\\ s. A bucket holds at most
+        ``max_bucket_elements`` elements (a single larger item makes a bucket of its own),
+        and a matrix too large to be stacked (:meth:`stacks`) one of its own."""
+        layout = self.layout(group)
+        buckets = defaultdict(list)
+        for p in params:
+            key = (p.dtype, p.device, getattr(p, "device_mesh", None))
+            shape = layout.of(p)
+            if shape.row_blocks is None:
+                _, m, n = shape.shape
+                buckets[(m, n, *key)].append((Item(p, None), p.numel()))
+            else:
+                for b, rows in enumerate(shape.row_blocks):
+                    buckets[(rows, p.shape[1], *key)].append((Item(p, b), rows * p.shape[1]))
+        chunks = []
+        for key, bucket in buckets.items():
+            alone = not stacks(key[0], key[1], key[3], limits)
+            chunk, size = [], 0
+            for item, numel in bucket:
+                if chunk and (alone or size + numel > limits.max_bucket_elements):
+                    chunks.append(chunk)
+                    chunk, size = [], 0
+                chunk.append(item)
+                size += numel
+            chunks.append(chunk)
+        return chunks
+
+    def views(self, group: dict, items: list[Item], tensors: list[Tensor]) -> tuple[list[Tensor], list[tuple]]:
+        """Each item's (B, m, n) matrix view of the corresponding tensor (a param's local
+        shard or its gradient), and the items' whole (B, m, n) shapes."""
+        layout = self.layout(group)
+        views, shapes = [], []
+        for (p, b), t in zip(items, tensors):
+            shape = layout.of(p)
+            if b is None:
+                views.append(as_matrices(t, shape.blocks))
+                shapes.append(shape.shape)
+            else:
+                start = sum(shape.row_blocks[:b])
+                views.append(t[start:start + shape.row_blocks[b]].unsqueeze(0))
+                shapes.append((1, shape.row_blocks[b], p.shape[1]))
+        return views, shapes
+
+    def bucket(self, group: dict, items: list[Item], loads: dict, limits: Limits, grads: bool = True) -> Bucket:
+        """The :class:`Bucket` of ``items``, without its states (the executor adds them);
+        ``grads``: with the gradients' views. ``loads``: the step's matrix work per rank so
+        far (:meth:`matrix_map`)."""
+        # Sharded (DTensor) params are updated through their local shards.
+        params = [p for p, _ in items]
+        weights, shapes = self.views(group, items, [local(p) for p in params])
+        grad_views = self.views(group, items, [local(p.grad) for p in params])[0] if grads else None
+        _, m, n = shapes[0]
+        process_group = group_of(params, self.replicated_group())
+        return Bucket(params, weights, grad_views, None, (m, n), isinstance(params[0], DTensor),
+                      process_group is not None, self.matrix_map(params, shapes, loads, process_group),
+                      [b for _, b in items],
+                      self.layout(group).places(params), [s[0] for s in shapes],
+                      stacks(m, n, weights[0].device, limits))
+
+    def keep(self, group: dict, bucket: Bucket, kept: set[int], loads: dict, limits: Limits) -> Bucket | None:
+        """``bucket`` with only the params in ``kept`` (ids of those whose check passed; None
+        if none is left)."""
+        keep = [j for j, p in enumerate(bucket.params) if id(p) in kept]
+        if len(keep) == len(bucket.params):
+            return bucket
+        if not keep:
+            return None
+        items = [Item(bucket.params[j], bucket.blocks[j]) for j in keep]
+        prepared = bucket.prepared and [bucket.prepared[j] for j in keep]
+        return self.bucket(group, items, loads, limits)._replace(prepared=prepared)
+
+    @staticmethod
+    def matrix_map(params: list[Tensor], shapes: list[tuple[int, int, int]], loads: dict, process_group) -> Callable:
+        """The ``matrix_map`` of a bucket: :func:`~matrixopt.ops.local_map` in a single
+        process (``process_group`` None), else the bucket's owner split over it
+        (:class:`~matrixopt.distributed.MatrixWork`; ``loads``: process group → FLOPs of
+        matrix work per rank so far this step)."""
+        if process_group is None:
+            return local_map
+        sharded = isinstance(params[0], DTensor)
+        _, m, n = shapes[0]
+        load = loads.setdefault(process_group, [0] * torch.distributed.get_world_size(process_group))
+
+        def work(entries) -> MatrixWork:
+            return MatrixWork([shapes[i][0] for i in entries],
+                              [sharded_axis(params[i]) if sharded else None for i in entries],
+                              [(params[i].shape[0], local(params[i]).shape[0]) for i in entries],
+                              m * n * min(m, n), process_group, load)
+
+        whole = work(range(len(params)))
+
+        def matrix_map(fn, inputs, outputs, entries=None):
+            # A subset (params whose refresh is due while others' is not, after a skipped
+            # step) gets an owner split of its own, the same on every rank.
+            if entries is None or list(entries) == list(range(len(params))):
+                return whole.map(fn, inputs, outputs)
+            return work(entries).map(fn, inputs, outputs)
+
+        return matrix_map
+
+
+def stacks(m: int, n: int, device: torch.device, limits: Limits) -> bool:
+    """Whether m×n matrices share stacks on ``device``; from ``unbatched_elements`` on,
+    batching does not pay there and a matrix runs alone."""
+    return m * n < limits.unbatched_elements.get(device.type, 1 << 62)
+
+
+def group_of(params, replicated_group):
+    """The process group the matrix work of ``params`` spans (a DTensor's mesh, else the
+    replicated group), or None (single process)."""
+    for p in params:
+        if isinstance(p, DTensor):
+            return p.device_mesh.get_group()
+    return replicated_group
+
+
+def fallback_chunks(params: list[Tensor], states: list[dict], declared: list[dict], limit: int,
+                    elementwise: bool) -> list[list[tuple]]:
+    """The fallback's calls at a lower precision: lists of (param, state) of at most ``limit``
+    elements in all, and for each larger param whose rows the fallback may update alone
+    (``elementwise``, every entry sharded or a counter), one call per chunk of its rows,
+    (param, :class:`~matrixopt.state.RowState`). Row states are made before any call, so
+    each copies the counters as they were before the step."""
+    calls, size = [[]], 0
+    for p, state, spec in zip(params, states, declared):
+        shard = local(p)
+        if shard.numel() > limit and shard.dim() and elementwise and RowState.splits(spec):
+            # Chunks of a multiple of 64 entries: the fused kernels' vector loops split a
+            # tensor into 64-byte units, so chunk edges fall where the whole tensor's do
+            # (rows of an odd length: chunks of 64 rows, beyond the limit if they are long).
+            row = math.prod(shard.shape[1:])
+            unit = 64 // math.gcd(row, 64)
+            step = max(unit, limit // row // unit * unit)
+            calls += [[(p, RowState(state, spec, slice(r, r + step)))] for r in range(0, shard.shape[0], step)]
+            calls.append([])
+            size = 0
+            continue
+        if calls[-1] and size + shard.numel() > limit:
+            calls.append([])
+            size = 0
+        calls[-1].append((p, state))
+        size += shard.numel()
+    return [pieces for pieces in calls if pieces]
