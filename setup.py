@@ -22,7 +22,8 @@ setup(
     extras_require={
         "triton": ["triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "fit": ["numpy", "scipy"],
-        "test": ["pytest", "pytest-timeout", "hypothesis", "scikit-learn", "numpy", "scipy",
+        # expecttest: torch.testing._internal (torch's own optimizer error inputs) imports it.
+        "test": ["pytest", "pytest-timeout", "hypothesis", "scikit-learn", "numpy", "scipy", "expecttest",
                  "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # Peers the ns benchmark compares with (both install without touching torch);
         # gram-newton-schulz pins CUDA-only kernels packages, so the Makefile adds it --no-deps.

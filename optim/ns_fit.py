@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import scipy.optimize
 
-from .orthogonalize import MUON_COEFFICIENTS, TABLE_PATH, TABLE_STEPS
+from .ns_table import MUON_COEFFICIENTS, TABLE_PATH, TABLE_STEPS
 
 #: Model widths d of the LLaMA-style shapes whose fitted triples ship in data/.
 LLAMA_WIDTHS = (512, 768, 1024, 2048, 4096)

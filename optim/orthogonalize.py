@@ -8,19 +8,15 @@ elsewhere). Per-shape triples come from ROOT's release, then the table shipped i
 :mod:`matrixopt.ns_fit`, which alone needs numpy and scipy and is imported only then.
 """
 import functools
-import json
 import math
 import warnings
-from pathlib import Path
 
 import torch
 
 from matrixopt.kernels import newton_schulz
 
+from .ns_table import MUON_COEFFICIENTS, TABLE_STEPS, shipped_table
 from .report import caller_stacklevel
-
-#: Keller Jordan's quintic, the one torch.optim.Muon uses at every step.
-MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 # Polar Express (Amsel et al. 2025, arXiv 2505.16932, Algorithm 1), degree 5: the optimal
 # per-step polynomials for σ in [1e-3, 1]; after these the iteration has converged to
@@ -139,10 +135,6 @@ ROOT_RELEASED_COEFFICIENTS = {
 #: too large in those directions.
 MAX_PEAK = 1.5
 
-TABLE_PATH = Path(__file__).with_name("data") / "ns_coefficients.json"
-TABLE_STEPS = 5
-
-
 def ns_peak(coefficients, steps: int = 5) -> float:
     """max of p^steps(σ) over σ in [0, 1] (100,001 points, float64): the largest singular
     value NS can output."""
@@ -152,14 +144,6 @@ def ns_peak(coefficients, steps: int = 5) -> float:
         x2 = x * x
         x = x * (a + x2 * (b + c * x2))
     return x.max().item()
-
-
-@functools.cache
-def shipped_table() -> dict[tuple[int, int], tuple[float, float, float]]:
-    """The fitted triples shipped for LLaMA shapes: (min(m, n), max(m, n)) → (a, b, c)."""
-    table = json.loads(TABLE_PATH.read_text())
-    return {tuple(int(v) for v in key.split("x")): tuple(abc)
-            for key, abc in table["coefficients"].items()}
 
 
 def root_coefficients(m: int, n: int, steps: int = 5) -> tuple[float, float, float]:

@@ -1,17 +1,26 @@
 """The structure ARCHITECTURE.md promises, checked on the running code.
 
-- One step's path through the package: a plain Muon step crosses at most 8 file
-  boundaries, a plain GaLoreAdamW step at most 12. A crossing is a call from a function in
-  one of matrixopt's source files into a function in another (returns are not counted; calls
-  into torch are not counted), traced with ``sys.settrace`` on a warm step over one matrix.
+- One step's path through the package's rooms: the shell (the torch.optim adapter, the
+  planner, the executor, state, matrices, distribution), the rules' shared mechanics
+  (``ops.py``), the rules (one file per optimizer, projectors, orthogonalize) and the
+  kernels. A crossing is a call from a function in one room into a function in another
+  (returns are not counted; calls into torch are not counted, nor calls between files of
+  one room), traced with ``sys.settrace`` on a warm step over one matrix: a plain Muon step
+  crosses at most 8 times, a plain GaLoreAdamW step at most 12, and a rule never calls
+  back into the shell.
+- ``optim/`` has no import cycle, no class over 300 lines and no function over 50 lines
+  of code.
 - ``import matrixopt`` and every optimizer's step need neither numpy nor scipy.
 - A new optimizer is one file: a rule declared with ``State`` and a functional update works
   with the shell's state creation, state dicts and state_bytes, as ARCHITECTURE.md shows.
 """
+import ast
+import graphlib
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -21,10 +30,28 @@ import matrixopt
 from matrixopt import kernels
 
 PACKAGE_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (matrixopt, kernels))
+OPTIM = Path(matrixopt.__file__).parent
+#: The shell's files: what torch.optim sees and everything a step is planned and run with.
+SHELL = {"optimizer.py", "plan.py", "execute.py", "state.py", "precision.py", "distributed.py", "matrices.py",
+         "report.py", "seeding.py", "validation.py", "backward.py", "protocols.py"}
 
 
 def _ours(frame) -> bool:
     return os.path.abspath(frame.f_code.co_filename).startswith(PACKAGE_DIRS)
+
+
+def _file(frame) -> str:
+    """``kernels/<file>`` for a kernel, else the file's name in ``optim/``."""
+    path = os.path.abspath(frame.f_code.co_filename)
+    return ("kernels/" if path.startswith(PACKAGE_DIRS[1]) else "") + os.path.basename(path)
+
+
+def room(file: str) -> str:
+    if file.startswith("kernels/"):
+        return "kernels"
+    if file == "ops.py":
+        return "mechanics"
+    return "shell" if file in SHELL else "rules"
 
 
 def step_path(opt) -> list[tuple[str, str, str]]:
@@ -37,8 +64,7 @@ def step_path(opt) -> list[tuple[str, str, str]]:
             caller = frame.f_back
             while caller is not None and not _ours(caller):
                 caller = caller.f_back
-            path.append((caller and os.path.basename(caller.f_code.co_filename),
-                         os.path.basename(frame.f_code.co_filename), frame.f_code.co_name))
+            path.append((caller and _file(caller), _file(frame), frame.f_code.co_name))
 
     sys.settrace(tracer)
     try:
@@ -49,7 +75,8 @@ def step_path(opt) -> list[tuple[str, str, str]]:
 
 
 def crossings(path) -> list[tuple[str, str, str]]:
-    return [(a, b, name) for a, b, name in path if a is not None and a != b]
+    """The calls of ``path`` from one room into another."""
+    return [(a, b, name) for a, b, name in path if a is not None and room(a) != room(b)]
 
 
 def warm(cls, shape, **kwargs):
@@ -64,19 +91,64 @@ def warm(cls, shape, **kwargs):
     return opt
 
 
+def no_call_back_into_the_shell(path) -> bool:
+    return not [(a, b, name) for a, b, name in path if room(a) != "shell" and room(b) == "shell"]
+
+
 @pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
-def test_a_muon_step_crosses_at_most_8_file_boundaries(shape):
+def test_a_muon_step_crosses_at_most_8_room_boundaries(shape):
     path = crossings(step_path(warm(matrixopt.Muon, shape)))
     assert len(path) <= 8, path
-    assert ("orthogonalize.py", "newton_schulz.py", "newton_schulz") in path   # the path reaches the kernel
+    assert ("orthogonalize.py", "kernels/newton_schulz.py", "newton_schulz") in path   # the path reaches the kernel
+    assert no_call_back_into_the_shell(path), path
 
 
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
 @pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
-def test_a_galore_step_crosses_at_most_12_file_boundaries(shape, proj_type):
+def test_a_galore_step_crosses_at_most_12_room_boundaries(shape, proj_type):
     path = crossings(step_path(warm(matrixopt.GaLoreAdamW, shape, rank=2, proj_type=proj_type)))
     assert len(path) <= 12, path
     assert {name for *_, name in path} >= {"project", "project_back"}
+    assert no_call_back_into_the_shell(path), path
+
+
+def _code_lines(lines: list[str], node) -> int:
+    """Lines of ``node`` that hold code: not blank, not only a comment, not a docstring."""
+    docstrings = set()
+    for n in ast.walk(node):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and ast.get_docstring(n):
+            docstrings.update(range(n.body[0].lineno, n.body[0].end_lineno + 1))
+    return sum(1 for i in range(node.lineno, node.end_lineno + 1)
+               if i not in docstrings and lines[i - 1].strip() and not lines[i - 1].strip().startswith("#"))
+
+
+def test_no_class_over_300_lines_and_no_function_over_50_lines_of_code():
+    too_long = []
+    for path in sorted(OPTIM.glob("*.py")):
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300:
+                too_long.append(f"{path.name}: class {node.name}, {node.end_lineno - node.lineno + 1} lines")
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(lines, node) > 50:
+                too_long.append(f"{path.name}: {node.name}, {_code_lines(lines, node)} lines of code")
+    assert not too_long, too_long
+
+
+def test_optim_has_no_import_cycle():
+    """Every relative import in ``optim/``, the ones inside functions too, points one way."""
+    modules = {path.stem: path for path in OPTIM.glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        graph[name] = imported & modules.keys()
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as error:
+        pytest.fail(f"import cycle: {error.args[1]}")
 
 
 def test_the_path_the_tracer_sees_includes_a_refresh():

@@ -205,3 +205,39 @@ def test_param_groups_splits_multihead_attention_and_lstm_gates():
     out.backward()
     opt.step()
     assert opt.state[model["attn"].in_proj_weight]["momentum_buffer"].shape == (24, 8)
+
+
+def _torch_error_inputs():
+    """torch's own error inputs for AdamW and Muon (the ones its test_optim runs on every
+    optimizer), less those about options matrixopt does not have (``foreach``,
+    ``adjust_lr_fn``, Tensor betas), Muon's 2-D-only rule (matrixopt takes every shape) and
+    step-time errors (matrixopt refuses complex params at construction)."""
+    from torch.testing._internal.common_optimizers import (OptimizerErrorEnum, optim_error_inputs_func_adamw,
+                                                           optim_error_inputs_func_muon)
+
+    cases = {}
+    for func in (optim_error_inputs_func_adamw, optim_error_inputs_func_muon):
+        for error in func(device="cpu", dtype=torch.float32):
+            kwargs = error.optimizer_error_input.kwargs
+            if (error.error_on != OptimizerErrorEnum.CONSTRUCTION_ERROR or {"foreach", "adjust_lr_fn"} & kwargs.keys()
+                    or "both floats or both Tensors" in error.error_regex or "2D parameters" in error.error_regex):
+                continue
+            cases.setdefault((error.error_regex, repr(kwargs)), error)
+    return list(cases.values())
+
+
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, matrixopt.CoSOAdamW], ids=[*ids, "CoSOAdamW"])
+def test_torch_optimizers_error_inputs_raise_the_same_errors(cls):
+    """Every construction error torch.optim's own test suite checks on AdamW and Muon gives the
+    same exception type (or warning) here: hyperparameters are validated before the params,
+    in torch's order, so ``params=None`` with an invalid beta is a ValueError naming it."""
+    errors = _torch_error_inputs()
+    assert len(errors) >= 8
+    for error in errors:
+        inputs = error.optimizer_error_input
+        if issubclass(error.error_type, Warning):
+            with pytest.warns(error.error_type, match=error.error_regex):
+                cls(inputs.params, **inputs.kwargs)
+        else:
+            with pytest.raises(error.error_type):
+                cls(inputs.params, **inputs.kwargs)
