@@ -155,7 +155,7 @@ import torch
 
 from .fallback import AdamW
 from .galore import GaLoreAdamW, svd_projector
-from .lowrank import LowRankAdamW, project_back
+from .lowrank import LowRankAdamW, back_projections
 from .matrices import local_matrices, resolve_rank
 from .ops import Out, Rows, Whole, named_map
 from .projectors import whole_low
@@ -525,7 +525,7 @@ class CoSOAdamW(LowRankAdamW):
     def _apply(self, group, proj, bucket, steps, scale):
         """W ← W − ηλ·Π(W) − η·s·project_back(S): weight decay in the complement only
         (decaying W inside H would erase what is protected)."""
-        updates = project_back(proj, steps, bucket)
+        updates = back_projections(proj, steps, bucket)
         if group["weight_decay"] and float(group["lr"]):
             self._decay(group, proj, bucket)
         torch._foreach_add_(bucket.weights, updates, alpha=-float(group["lr"]) * scale)

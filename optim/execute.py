@@ -87,7 +87,7 @@ class Executor:
                 fallback = [i for i in fallback if finite[i]]
             for bucket in buckets:
                 if bucket is not None:
-                    self.update(state, plan.group, bucket)
+                    self.run_bucket(state, plan.group, bucket)
             if fallback:
                 self._fallback(state, plan.group, [plan.group["params"][i] for i in fallback], fallback_chunk)
 
@@ -136,7 +136,7 @@ class Executor:
         """Each item's state, or a block's view of it (:class:`~matrixopt.state.BlockState`)."""
         return [s if b is None else BlockState(s, b) for s, (_, b) in zip(states, items)]
 
-    def update(self, state: dict, group: dict, bucket: Bucket,
+    def run_bucket(self, state: dict, group: dict, bucket: Bucket,
                rule: Callable[[dict, Bucket], None] | None = None) -> None:
         """``rule`` (default: the rule's ``_update``) on ``bucket`` with its states as the rule
         sees them (created on first use), stored again after; weights that could not be

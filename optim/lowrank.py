@@ -78,7 +78,7 @@ def lowrank_adam(exp_avgs, exp_avg_sqs, lows, steps, betas, eps) -> list[torch.T
     return out
 
 
-def stacks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def as_stacks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Low-rank state (stored (·, ·), or (B, ·, ·) for a 3-D param) as (B, ·, ·) views."""
     return [t.view(-1, *t.shape[-2:]) for t in tensors]
 
@@ -123,7 +123,7 @@ def project_into(lows: list, which: list[int], proj: Projector, bucket: Bucket) 
             lows[i] = low
 
 
-def project_back(proj: Projector, steps: list, bucket: Bucket) -> list:
+def back_projections(proj: Projector, steps: list, bucket: Bucket) -> list:
     """The full-size back-projections project_back(S) of the bucket's low-rank steps S."""
     return projected(proj.project_back, proj, steps, bucket, range(len(bucket.params)), back=True)
 
@@ -137,7 +137,7 @@ def _refresh_stack(proj: Projector, warm: bool, G, *stacks):
     return proj.refresh(G, *stacks, warm=warm)
 
 
-def refresh(proj: Projector, bucket: Bucket, due: list[int], *, seeds: list | None, carry: bool) -> tuple[list, list]:
+def refresh_bases(proj: Projector, bucket: Bucket, due: list[int], *, seeds: list | None, carry: bool) -> tuple[list, list]:
     """New bases for the bucket's entries ``due`` from their gradients, as one batch, copied
     into their state (``seeds``: per entry, for a randomized projector); with ``carry`` the
     moments are carried into them (``proj.transition``, ``proj.carry``). Returns the
@@ -161,7 +161,7 @@ def refresh(proj: Projector, bucket: Bucket, due: list[int], *, seeds: list | No
             transition = proj.transition(old[i], new)
             if not proj.whole_low():   # the moments are this rank's rows: its experts' entries
                 transition = {k: local_matrices(bucket.params[j], t) for k, t in transition.items()}
-            M, V = stacks([s["exp_avg"], s["exp_avg_sq"]])
+            M, V = as_stacks([s["exp_avg"], s["exp_avg_sq"]])
             new_M, new_V = proj.carry(M, V, transition)
             M.copy_(new_M)
             V.copy_(new_V)
@@ -192,7 +192,7 @@ def apply_lowrank(proj: Projector, bucket: Bucket, steps: list, *, lr: float, we
             bases = [bases[key] if not bucket.sharded else local_matrices(p, bases[key]) for key in proj.keys]
             proj.add_back(w, step, *bases, alpha=-lr * scale, beta=1 - lr * weight_decay)
         return
-    apply_update(bucket.weights, project_back(proj, steps, bucket), lr=lr, weight_decay=weight_decay, scale=scale)
+    apply_update(bucket.weights, back_projections(proj, steps, bucket), lr=lr, weight_decay=weight_decay, scale=scale)
 
 
 def _scale(name, value):
@@ -304,7 +304,7 @@ class LowRankAdamW(MatrixOptimizer):
         if due:
             seeds = bucket_seeds(bucket, due, [states[i]["step"] // group["update_proj_gap"] for i in due],
                                  seed=group["seed"], group_index=self._group_index(group)) if proj.randomized else None
-            fresh, status = refresh(proj, bucket, due, seeds=seeds,
+            fresh, status = refresh_bases(proj, bucket, due, seeds=seeds,
                                     carry=bool(self._carry_key and group[self._carry_key]))
             for i, low in zip(due, fresh):
                 lows[i] = low
@@ -313,7 +313,7 @@ class LowRankAdamW(MatrixOptimizer):
         project_into(lows, [i for i, low in enumerate(lows) if low is None], proj, bucket)
         for s in states:
             s["step"] += 1
-        steps = lowrank_adam(stacks([s["exp_avg"] for s in states]), stacks([s["exp_avg_sq"] for s in states]),
+        steps = lowrank_adam(as_stacks([s["exp_avg"] for s in states]), as_stacks([s["exp_avg_sq"] for s in states]),
                              lows, [s["step"] for s in states], group["betas"], group["eps"])
         scale = math.sqrt(min(proj.m, proj.n) / proj.rank) if group["scale"] is None else group["scale"]
         self._apply(group, proj, bucket, steps, scale)

@@ -254,7 +254,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if self.is_matrix(group, p) and self.state.get(p)]
             for items in self._planner.buckets(group, params, self._limits()):
                 bucket = self._planner.bucket(group, items, loads, self._limits(), grads=False)
-                self._executor.update(self.state, group, bucket, work)
+                self._executor.run_bucket(self.state, group, bucket, work)
 
     def _limits(self) -> Limits:
         return Limits(self.max_bucket_elements, self.unbatched_elements)

@@ -150,7 +150,7 @@ class Planner:
         """The matrices of ``params`` grouped by (m, n, dtype, device, device mesh), in
         first-seen order, as :class:`Item`\\ s. A bucket holds at most
         ``max_bucket_elements`` elements (a single larger item makes a bucket of its own),
-        and a matrix too large to be stacked (:meth:`stacks`) one of its own."""
+        and a matrix too large to be stacked (:func:`shares_stacks`) one of its own."""
         layout = self.layout(group)
         buckets = defaultdict(list)
         for p in params:
@@ -164,7 +164,7 @@ class Planner:
                     buckets[(rows, p.shape[1], *key)].append((Item(p, b), rows * p.shape[1]))
         chunks = []
         for key, bucket in buckets.items():
-            alone = not stacks(key[0], key[1], key[3], limits)
+            alone = not shares_stacks(key[0], key[1], key[3], limits)
             chunk, size = [], 0
             for item, numel in bucket:
                 if chunk and (alone or size + numel > limits.max_bucket_elements):
@@ -205,7 +205,7 @@ class Planner:
                       process_group is not None, self.matrix_map(params, shapes, loads, process_group),
                       [b for _, b in items],
                       self.layout(group).places(params), [s[0] for s in shapes],
-                      stacks(m, n, weights[0].device, limits))
+                      shares_stacks(m, n, weights[0].device, limits))
 
     def keep(self, group: dict, bucket: Bucket, kept: set[int], loads: dict, limits: Limits) -> Bucket | None:
         """``bucket`` with only the params in ``kept`` (ids of those whose check passed; None
@@ -249,7 +249,7 @@ class Planner:
         return matrix_map
 
 
-def stacks(m: int, n: int, device: torch.device, limits: Limits) -> bool:
+def shares_stacks(m: int, n: int, device: torch.device, limits: Limits) -> bool:
     """Whether m×n matrices share stacks on ``device``; from ``unbatched_elements`` on,
     batching does not pay there and a matrix runs alone."""
     return m * n < limits.unbatched_elements.get(device.type, 1 << 62)
