@@ -2,16 +2,27 @@
 ``tests/test_golden.py``, which asserts that weights and state dicts are bit-identical.
 
 A change that moves code must not change one bit of them. A change that means to change
-behaviour regenerates them, and its commit says why:
+behaviour regenerates them on purpose, and its commit says why:
 
-    .venv/bin/python tests/golden.py          # rewrites tests/data/golden.pt
+    .venv/bin/python tests/golden.py            # replays every case, prints what differs
+    .venv/bin/python tests/golden.py --write    # rewrites tests/data/golden.json
+
+The file holds no tensors. Per entry of a run's weights and ``state_dict()`` it keeps, for a
+tensor, ``[dtype, shape, digest, sum, max|x|]``: the digest is a 64-bit BLAKE2b of its raw
+bytes (a contiguous copy), which with the dtype and shape is what is compared, so one ulp
+anywhere fails; the float64 sum and max |x| (4 digits) only say in a failure roughly how far
+it moved. For anything else (step counters, group settings) it keeps the ``repr``, so a
+changed counter or an int that became a float fails. One line per entry: a regeneration's
+diff names the entries that moved.
 
 Runs are single-threaded (``torch.set_num_threads(1)``) so their bits depend on nothing
 but the code and torch's version; the distributed cases are the 2-rank gloo runs of
 ``dist_utils`` (DDP with ``distributed="replicated"`` and FSDP2).
 """
+import argparse
 import contextlib
-import os
+import hashlib
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))   # dist_utils, when run as a scr
 
 import matrixopt  # noqa: E402
 
-PATH = Path(__file__).with_name("data") / "golden.pt"
+PATH = Path(__file__).with_name("data") / "golden.json"
 STEPS = 25
 NAN_STEP = 7          # the NaN cases put a NaN into one gradient at this step
 DIST_STEPS = 20
@@ -132,7 +143,7 @@ def _flat_state(state_dict: dict) -> dict:
     for gi, group in enumerate(state_dict["param_groups"]):
         for key, value in group.items():
             if key != "params":
-                flat[f"group.{gi}.{key}"] = repr(value)
+                flat[f"group.{gi}.{key}"] = value
     return flat
 
 
@@ -141,8 +152,45 @@ def _params(net) -> dict:
             for n, p in net.named_parameters()}
 
 
+def summary(record: dict) -> dict:
+    """{key: entry} of a run's {key: value} (the entries of the module docstring)."""
+    return {key: _tensor_entry(value) if isinstance(value, torch.Tensor) else repr(value)
+            for key, value in record.items()}
+
+
+def _tensor_entry(t: torch.Tensor) -> list:
+    t = t.detach().cpu().contiguous()
+    x = t.double()
+    return [str(t.dtype).removeprefix("torch."), list(t.shape),
+            hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy(), digest_size=8).hexdigest(),
+            float(f"{x.sum():.4g}"), float(f"{x.abs().max():.4g}") if t.numel() else 0.0]
+
+
+def differences(got, want, path: str) -> list[str]:
+    """One line per entry of ``got`` that is not bit for bit ``want``'s, or missing or new in
+    it ([] when none); both are entries or nested dicts of them, ``path`` names them."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        return [line for key in {**want, **got} for line in (
+            differences(got[key], want[key], f"{path}/{key}") if key in got and key in want
+            else [f"{path}/{key}: {'missing' if key in want else 'new, not recorded'}"])]
+    if _exact(got) == _exact(want):
+        return []
+    return [f"{path}: was {_shown(want)}, is {_shown(got)}"]
+
+
+def _exact(entry):
+    return entry[:3] if isinstance(entry, list) else entry   # a tensor's [dtype, shape, digest]
+
+
+def _shown(entry) -> str:
+    if not isinstance(entry, list):
+        return str(entry)
+    dtype, shape, digest, total, largest = entry
+    return f"{dtype}{shape} sum {total:.4g} max|x| {largest:.4g} ({digest})"
+
+
 def run_case(name: str) -> dict:
-    """The weights and optimizer state of case ``name`` after STEPS steps."""
+    """The summary of case ``name``'s weights and optimizer state after STEPS steps."""
     cls_name, kwargs, options = CASES[name]
     cls = getattr(matrixopt, cls_name)
     dtype = options.get("dtype", torch.float32)
@@ -170,7 +218,7 @@ def run_case(name: str) -> dict:
                     net.tall.bias.grad[1] = float("inf")
                 with _quiet():
                     opt.step()
-        return {**_params(net), **_flat_state(opt.state_dict()), "nonfinite_skips": opt.nonfinite_skips}
+        return summary({**_params(net), **_flat_state(opt.state_dict()), "nonfinite_skips": opt.nonfinite_skips})
 
 
 @contextlib.contextmanager
@@ -199,19 +247,18 @@ def _dist_worker(rank, out_dir):
                 net = dist_utils.sharded(dist_utils.model())
                 opt = dist_utils.make_optimizer(case, net)
                 dist_utils.train(net, opt, data)
-            record = {**_params(net), **_flat_state(opt.state_dict())}
+            record = {**_params(net), **_flat_state(opt.state_dict())}   # collectives: every rank
             if rank == 0:
-                torch.save(record, os.path.join(out_dir, f"{case}.{mode}.pt"))
+                Path(out_dir, f"{case}.{mode}.json").write_text(json.dumps(summary(record)))
 
 
 def run_distributed() -> dict:
-    """{f"{case}.{mode}": record} for every dist_utils case under DDP and FSDP2 (2 ranks)."""
+    """{f"{case}.{mode}": summary} for every dist_utils case under DDP and FSDP2 (2 ranks)."""
     import dist_utils
 
     with tempfile.TemporaryDirectory() as out_dir:
         dist_utils.spawn(_dist_worker, out_dir)
-        return {f.stem: torch.load(os.path.join(out_dir, f.name), weights_only=True)
-                for f in sorted(Path(out_dir).iterdir())}
+        return {f.stem: json.loads(f.read_text()) for f in sorted(Path(out_dir).iterdir())}
 
 
 def record() -> dict:
@@ -219,9 +266,38 @@ def record() -> dict:
             "distributed": run_distributed()}
 
 
-if __name__ == "__main__":
+def load() -> dict:
+    return json.loads(PATH.read_text())
+
+
+def dumps(value, pad: str = "") -> str:
+    """JSON with every dict spread over lines and anything else (an entry) on one line."""
+    if not isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    inner = pad + " "
+    return "{\n" + ",\n".join(f"{inner}{json.dumps(k)}: {dumps(v, inner)}" for k, v in value.items()) + f"\n{pad}}}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Replay the golden trajectories and print what differs "
+                                                 f"from {PATH.name}; --write records them instead.")
+    parser.add_argument("--write", action="store_true",
+                        help=f"rewrite {PATH} from this code (only for an intended change of behaviour)")
+    args = parser.parse_args()
     golden = record()
-    PATH.parent.mkdir(exist_ok=True)
-    torch.save(golden, PATH)
-    print(f"wrote {PATH}: {len(golden['single'])} single-process cases, "
-          f"{len(golden['distributed'])} distributed runs, {PATH.stat().st_size / 1e6:.2f} MB")
+    if args.write:
+        PATH.parent.mkdir(exist_ok=True)
+        PATH.write_text(dumps(golden) + "\n")
+        print(f"wrote {PATH}: {len(golden['single'])} single-process cases, "
+              f"{len(golden['distributed'])} distributed runs, {PATH.stat().st_size / 1e3:.0f} kB")
+        return 0
+    recorded = load()
+    lines = [line for kind in ("single", "distributed") for line in differences(golden[kind], recorded[kind], kind)]
+    print("\n".join(lines) or f"bit-identical to {PATH}")
+    if lines and recorded["torch"] != golden["torch"]:
+        print(f"(recorded with torch {recorded['torch']}, running {golden['torch']})")
+    return 1 if lines else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

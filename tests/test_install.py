@@ -34,7 +34,7 @@ def test_sdist_ships_what_the_tests_import(sdist):
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     for needed in ("benchmarks/__main__.py", "benchmarks/train.py", "tests/test_benchmarks.py",
-                   "tests/data/golden.pt", "tests/dist_utils.py", "ARCHITECTURE.md", "optim/data/ns_coefficients.json"):
+                   "tests/data/golden.json", "tests/dist_utils.py", "ARCHITECTURE.md", "optim/data/ns_coefficients.json"):
         assert needed in names, needed
 
 
