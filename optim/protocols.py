@@ -4,7 +4,7 @@ Both are structural (``typing.Protocol``): any object with these members works, 
 class to inherit. Their state lives as tensors in the optimizer's state (never as Python
 objects), so checkpoints load with ``torch.load(weights_only=True)``.
 """
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -12,6 +12,7 @@ from .ops import Out
 from .state import State
 
 
+@runtime_checkable
 class Fallback(Protocol):
     """The rule for params that are not matrices (biases, norms, embeddings, the head):
     ``MatrixOptimizer(..., fallback=...)``; :class:`matrixopt.AdamWFallback` is the default.
@@ -33,6 +34,7 @@ class Fallback(Protocol):
     def update(self, group: dict, weights: list, grads: list, states: list) -> None: ...
 
 
+@runtime_checkable
 class Projector(Protocol):
     """A low-rank subspace of m×n gradients, for :class:`matrixopt.LowRankAdamW` (GaLore's
     SVD, DCT columns, CoSO's Π(G)); one object per matrix shape and settings, working on

@@ -340,3 +340,17 @@ def test_large_matrices_are_not_stacked_on_a_cpu():
     assert step_stacks(matrixopt.Muon, (512, 512)) == ([1, 1, 1, 1], 0)
     assert step_stacks(matrixopt.GaLoreAdamW, (64, 64), rank=16) == ([4], 4)
     assert step_stacks(matrixopt.GaLoreAdamW, (128, 128), rank=32) == ([1, 1, 1, 1], 0)
+
+
+def test_the_shipped_projectors_and_fallbacks_implement_their_protocols():
+    """Every projector LowRankAdamW runs and every fallback the optimizers ship has each member
+    of its protocol (``matrixopt.protocols``), the optional ones aside."""
+    from matrixopt.protocols import Fallback, Projector
+
+    p = torch.nn.Parameter(torch.randn(12, 8))
+    for cls in (matrixopt.GaLoreAdamW, matrixopt.DCTAdamW, matrixopt.CoSOAdamW):
+        opt = cls([p], rank=2)
+        assert isinstance(opt._projector(opt.param_groups[0], 12, 8), Projector), cls
+        assert isinstance(opt.fallback, Fallback), cls
+    assert isinstance(matrixopt.AdamWFallback(), Fallback)
+    assert not isinstance(object(), Projector) and not isinstance(object(), Fallback)
