@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 import matrixopt
-from matrixopt.base import MATCH_ADAMW_RMS
+from matrixopt import MATCH_ADAMW_RMS
 
 ADAMW = "torch.optim.AdamW"
 TORCH_MUON = "torch.optim.Muon"
@@ -129,7 +129,7 @@ def parse_variant(name: str) -> Variant | None:
     does not have (yet), emulated exactly from the benchmark side:
 
     - ``rms=c`` (Muon, ROOT, ARO): the match_adamw rescale to update RMS ``c`` instead of
-      ρ = ``matrixopt.base.MATCH_ADAMW_RMS``, i.e. the matrix rule's step times c/ρ. The
+      ρ = ``matrixopt.MATCH_ADAMW_RMS``, i.e. the matrix rule's step times c/ρ. The
       matrix group runs at lr·c/ρ with weight decay λ·ρ/c, so its decay lr·λ is unchanged:
       ``W ← W(1−ηλ) − η·(c/ρ)·s·O``.
     - ``rms_scale=c`` (GaLoreAdamW, DCTAdamW): ``scale = c·√(min(m, n)/r)`` per matrix, which

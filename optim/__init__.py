@@ -1,18 +1,27 @@
 """matrixopt: memory-efficient, matrix-aware optimizers that drop in for torch.optim.AdamW."""
 from .aro import ARO
 from .backward import step_in_backward
-from .base import MatrixOptimizer, State
+from .base import MATCH_ADAMW_RMS, MatrixOptimizer, State
 from .coso import CoSOAdamW
 from .dct import DCTAdamW
 from .fallback import AdamW as AdamWFallback
 from .galore import GaLoreAdamW
 from .lowrank import LowRankAdamW
 from .muon import Muon
+from .orthogonalize import ns_schedule
 from .param_groups import param_groups
+from .precision import SECOND_MOMENT_CODE, SIGNED_CODE, Code, code_of, dequantize, quantize, round_bf16
+from .projectors import SVDProjector
 from .root import ROOT
 
 __all__ = ["ARO", "AdamWFallback", "CoSOAdamW", "DCTAdamW", "GaLoreAdamW", "LowRankAdamW", "MatrixOptimizer", "Muon", "ROOT",
-           "State", "fit_ns_coefficients", "param_groups", "step_in_backward"]
+           "State", "fit_ns_coefficients", "param_groups", "step_in_backward",
+           # the update RMS lr_scaling="match_adamw" gives; ns_coefficients resolved to (a, b, c) triples
+           "MATCH_ADAMW_RMS", "ns_schedule",
+           # GaLoreAdamW's projector (the top singular subspace), for a LowRankAdamW of one's own
+           "SVDProjector",
+           # how state_precision stores state: the int8 codes, (de)quantization, bf16 stochastic rounding
+           "Code", "SECOND_MOMENT_CODE", "SIGNED_CODE", "code_of", "dequantize", "quantize", "round_bf16"]
 __version__ = "0.1.0"
 
 
