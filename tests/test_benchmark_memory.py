@@ -12,14 +12,9 @@ from benchmarks.memory import CONFIGS, PeakMeter, Row, Shape
 from benchmarks.model import Transformer
 from benchmarks.optimizers import ADAMW, Settings, state_bytes
 
+pytestmark = pytest.mark.usefixtures("no_network", "keep_threads")
+
 MB = 2**20
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_meter_peak_is_the_most_bytes_live_at_once_overall_and_per_span():
