@@ -48,7 +48,7 @@ import matrixopt
 from .common import default_device
 from .data import Corpus, batches, eval_windows, texts_dir
 from .model import ModelConfig, Transformer
-from .optimizers import ADAMW, Settings, build
+from .optimizers import ADAMW, CONTINUAL, Settings, build
 from .train import TrainConfig, evaluate, train_step
 
 TRAGEDIES = ("antony_and_cleopatra", "coriolanus", "hamlet", "julius_caesar", "lear", "macbeth", "othello",
@@ -57,15 +57,6 @@ POEMS = ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "ra
          "venus_and_adonis")
 VAL = {"plays": ("twelfth_night", "henry_v"), "tragedies": ("hamlet", "macbeth")}
 TASKS = ("plays", "python", "tragedies")
-
-#: name -> (matrixopt class or torch AdamW, extra kwargs)
-CONTENDERS = {
-    "AdamW": (ADAMW, {}),
-    "GaLoreAdamW": ("matrixopt.GaLoreAdamW", {}),
-    "CoSOAdamW (gradients)": ("matrixopt.CoSOAdamW", {"protect": "gradients"}),
-    "CoSOAdamW (weights)": ("matrixopt.CoSOAdamW", {"protect": "weights"}),
-    "CoSOAdamW (both)": ("matrixopt.CoSOAdamW", {"protect": "both"}),
-}
 
 
 @dataclass
@@ -117,7 +108,10 @@ def load_tasks(python_chars: int) -> tuple[str, list[Task]]:
 
 
 def make_optimizer(name: str, model, lr: float, cfg: ContinualConfig):
-    base, extra = CONTENDERS[name]
+    """Contender ``name`` of :data:`~benchmarks.optimizers.CONTINUAL` over ``model``: built by
+    the registry, with the tables on the matrix rule (``tables_on_matrix_rule``) but for torch
+    AdamW; CoSOAdamW with the tables in a group of their own (``table_settings``)."""
+    base, extra, _ = CONTINUAL[name]
     groups = matrixopt.param_groups(model)
     matrices = [pair for g in groups if g["matrix"] for pair in g["params"]]
     others = [pair for g in groups if not g["matrix"] for pair in g["params"]]
@@ -187,7 +181,7 @@ def run(quick: bool = False, steps: int | None = None, optimizers=None, device=N
         cfg = replace(cfg, seed=seed)
     device = default_device(device)
     vocab, tasks = load_tasks(cfg.python_chars)
-    names = [n for n in CONTENDERS if not optimizers or n in optimizers]
+    names = [n for n in CONTINUAL if not optimizers or n in optimizers]
     total = len(names) * cfg.steps * (len(cfg.lrs) + len(tasks))
     sweep, runs = [], {}
     with tqdm(total=total, desc="continual", unit="step") as progress:

@@ -7,11 +7,12 @@ the basis and the FFT plan), for smooth and prime k, and the whole DCT-AdamW ref
 (scores + top-r at r = k/4) through the path ``method="auto"`` picks. Writes
 benchmarks/results/dct-<machine>-<date>.{md,json}.
 """
+import functools
+
 import torch
 from torch.utils.benchmark import Timer
 
-from matrixopt.kernels import dct_scores, top_indices
-from matrixopt.kernels.dct import FFT_MIN_SIZE, dct_fft, dct_matmul, use_fft
+from matrixopt.kernels import FFT_MIN_SIZE, dct, dct_scores, top_indices, use_fft
 
 from .common import default_device, module_main
 
@@ -36,7 +37,7 @@ def run(quick: bool = False, device=None, rows: int = 1024) -> dict[str, list[di
     table = []
     for k in QUICK_SIZES if quick else FULL_SIZES:
         x = torch.randn(rows, k, device=device)
-        t_mm, t_fft = seconds(dct_matmul, x, min_run_time), seconds(dct_fft, x, min_run_time)
+        t_mm, t_fft = (seconds(functools.partial(dct, method=method), x, min_run_time) for method in ("matmul", "fft"))
         table.append({"k": k, "matmul ms": t_mm * 1e3, "fft ms": t_fft * 1e3, "matmul/fft": t_mm / t_fft,
                       "auto picks": "fft" if use_fft(k, device) else "matmul",
                       "refresh ms (auto, r=k/4)": seconds(refresh, x, min_run_time) * 1e3})

@@ -22,9 +22,9 @@
 #    are installed: they are pure Python, so carry their wheels (`pip download --no-deps
 #    galore-torch==1.0 apollo-torch==1.0.3 pytorch-optimizer==4.1.0 -d .whl` here); a .whl/
 #    folder in the repo root is installed first;
-# 4. lowrank: refresh time and captured energy, ours vs torch.linalg.svd/svd_lowrank, the
-#    refreshes whose eigh runs on the host also with it on the device, and the p×p eigh
-#    candidates (device, host, MAGMA, one thread/stream per matrix) (issue 7);
+# 4. lowrank: refresh time and captured energy, ours vs torch.linalg.svd/svd_lowrank, and the
+#    p×p eigh candidates (device, host, MAGMA, one thread/stream per matrix) next to where
+#    lowrank_svd runs that eigh (host or device) (issue 7);
 # 5. ns: Newton-Schulz kernels vs the torch twin and torch.optim.Muon, accuracy, Muon step,
 #    with the candidates: symmetric products by cuBLAS block rows, a 4-step schedule (issue 6);
 # 6. projection: GaLore's projection error against float64 and time, fp32 vs bf16 operands,

@@ -8,10 +8,11 @@ left basis is the ``init``, and the singular vectors of the current one moved by
 factor perturbed by 0.1·Gaussian/√dim, singular values rescaled by up to ±10%).
 Captured energy is ‖U_rᵀG‖²_F / ‖U*_rᵀG‖²_F with U* from the exact SVD (= Σ_{i≤r} σ_i², but
 computed the same way as the numerator, in fp64, so GEMM rounding cancels; worst batch entry).
-Times are medians of CUDA-event timings on GPU (wall clock on CPU); on a GPU, refreshes
-whose core ``lowrank_svd`` diagonalizes on the host (``eigh_on_host``) are also timed
-with it on the device. The "core" section
-times Rayleigh-Ritz on Y = A·Q₂ (min(m, n)×p, p = r + 8): ``torch.linalg.svd`` against ours.
+Times are medians of CUDA-event timings on GPU (wall clock on CPU). The "core" section
+times Rayleigh-Ritz on Y = A·Q₂ (min(m, n)×p, p = r + 8): ``torch.linalg.svd`` against ours
+(:func:`matrixopt.kernels.rayleigh_ritz`). The "eigh" section times the p×p eigensolver of
+that core on the device and on the host, for the stacks of the refresh cases, next to where
+``lowrank_svd`` puts it on a GPU (:func:`matrixopt.kernels.eigh_on_host`).
 The "launches" section counts, with ``torch.profiler`` (aten ops), the small factorizations
 and host syncs one refresh makes: on a GPU these, not the GEMMs, set a refresh's latency.
 
@@ -19,13 +20,11 @@ and host syncs one refresh makes: on a GPU these, not the GEMMs, set a refresh's
 """
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from matrixopt.kernels import lowrank, lowrank_svd
-from matrixopt.kernels.lowrank import _rayleigh_ritz
+from matrixopt.kernels import eigh_on_host, lowrank_svd, rayleigh_ritz
 
 from .common import cpu_note, default_device, median_ms, module_main
 
@@ -92,11 +91,6 @@ def refresh_rows(cases, device, reps, alpha=1.0):
         for name, fn in methods.items():
             ms, (U, _, _) = timed(fn, reps, device)
             row[f"{name} ms"], row[f"{name} energy"] = ms, captured_energy(U[..., :rank], G, exact_U)
-        if device.type == "cuda" and lowrank.eigh_on_host(batch, rank + OVERSAMPLE):
-            # The same refresh with its core diagonalized on the device, to check the rule.
-            with mock.patch.object(lowrank, "HOST_EIGH_MAX_P", 0):
-                for name in ("cold", "warm"):
-                    row[f"{name}, device eigh ms"] = timed(methods[name], reps, device)[0]
         row["svd/warm"] = svd_ms / row["warm ms"]
         row["svd_lowrank/warm"] = row["svd_lowrank ms"] / row["warm ms"]
         row["svd_lowrank/cold"] = row["svd_lowrank ms"] / row["cold ms"]
@@ -113,7 +107,7 @@ def core_rows(cases, device, reps):
         Y = torch.randn(batch, a, p, device=device) / torch.arange(1, p + 1, device=device)
         row = {"batch×a×p": f"{batch}×{a}×{p}", "rank": rank,
                "torch.linalg.svd ms": timed(lambda: torch.linalg.svd(Y, full_matrices=False), reps, device)[0],
-               "eigh + CholQR2 ms": timed(lambda: _rayleigh_ritz(Y, rank, rounds=2), reps, device)[0]}
+               "eigh + CholQR2 ms": timed(lambda: rayleigh_ritz(Y, rank, rounds=2), reps, device)[0]}
         row["speedup"] = row["torch.linalg.svd ms"] / row["eigh + CholQR2 ms"]
         if device.type == "cuda":  # cuSOLVER's approximate SVD for tall-skinny matrices, batched
             row["svd gesvda ms"] = timed(lambda: torch.linalg.svd(Y, full_matrices=False, driver="gesvda"),
@@ -165,7 +159,9 @@ def eigh_rows(cases, device, reps):
     at r = 512: torch.linalg.eigh on the device (cuSOLVER's syevd), with MAGMA where torch
     has it, on the host (copies included), and cuSOLVER's Jacobi syevj where CuPy is
     installed; for a stack also one matrix per thread, on the device or on the host
-    (:func:`eigh_in_threads`); to pick the fastest on a GPU."""
+    (:func:`eigh_in_threads`); to pick the fastest on a GPU. There "lowrank_svd on" says where
+    a refresh runs it (:func:`matrixopt.kernels.eigh_on_host`), a rule the device and host
+    columns check."""
     rows = []
     for batch, rank in sorted({(b, r) for b, _, _, r in cases}):
         p = rank + OVERSAMPLE
@@ -176,6 +172,7 @@ def eigh_rows(cases, device, reps):
             row["eigh, thread+stream each ms"] = timed(lambda: eigh_in_threads(W, False), reps, device)[0]
             row["host eigh, thread each ms"] = timed(lambda: eigh_in_threads(W, True), reps, device)[0]
         if device.type == "cuda":
+            row["lowrank_svd on"] = "host" if eigh_on_host(batch, p) else "device"
             row["host eigh ms"] = timed(lambda: [t.to(device) for t in torch.linalg.eigh(W.cpu())], reps, device)[0]
             previous = torch.backends.cuda.preferred_linalg_library()
             try:

@@ -84,7 +84,6 @@ import itertools
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.util import find_spec
 
 import torch
 from tqdm import tqdm
@@ -93,31 +92,15 @@ import matrixopt
 
 from .common import allocation_events, default_device
 from .model import ModelConfig, Transformer
-from .optimizers import (ADAMW, GALORE_TORCH, PEER_EPS, Chained, Settings, build, low_rank_peer_groups, peer_class,
-                         state_bytes)
+from .optimizers import (ADAMW, BNB_ADAMW8BIT, GALORE_TORCH, GALORE_TORCH_8BIT, PEER_NOTES, TORCHAO_ADAMW8BIT,
+                         Settings, TorchStepInBackward, build, matrixopt_classes, not_installed, state_bytes)
 
 MB = 2**20
 GiB = 2**30   # a "24 GB" card (RTX 3090/4090) has 24 GiB
 PRECISIONS = ("fp32", "bf16", "int8")
-MATRIXOPT = tuple(f"matrixopt.{name}" for name in ("Muon", "ROOT", "ARO", "GaLoreAdamW", "DCTAdamW", "CoSOAdamW"))
-BNB_ADAMW8BIT = "bitsandbytes.AdamW8bit"
-TORCHAO_ADAMW8BIT = "torchao.AdamW8bit"
-GALORE_TORCH_8BIT = "galore_torch.GaLoreAdamW8bit"
+#: The rows besides matrixopt's optimizers: torch AdamW, bitsandbytes' and torchao's 8-bit
+#: AdamWs, galore-torch's GaLoreAdamW and its 8-bit variant.
 PEERS = (ADAMW, BNB_ADAMW8BIT, TORCHAO_ADAMW8BIT, GALORE_TORCH, GALORE_TORCH_8BIT)
-#: How a peer installs without replacing torch (the Makefile's --no-deps line).
-PEER_INSTALL = {BNB_ADAMW8BIT: "bitsandbytes==0.50.2", TORCHAO_ADAMW8BIT: "torchao==0.18.0",
-                GALORE_TORCH: "galore-torch==1.0", GALORE_TORCH_8BIT: "galore-torch==1.0 bitsandbytes==0.50.2"}
-#: What the peers do on this kind of device, checked when this benchmark was written (bitsandbytes
-#: 0.50.2, torchao 0.18.0, galore-torch 1.0 on torch 2.13 CPU), for the results' notes.
-PEER_NOTES = [
-    "bitsandbytes.AdamW8bit runs on CPU tensors: block-wise 8-bit moments (256-element blocks, "
-    "fp32 absmax per block); params under 4096 elements (min_8bit_size) keep fp32 moments",
-    "torchao.AdamW8bit runs on CPU tensors: its per-param step is torch.compile'd (inductor's C++ "
-    "backend, compiled on the first step); params under 4096 elements or not a multiple of its "
-    "256-element block keep fp32 moments",
-    "galore_torch.GaLoreAdamW8bit does not run on CPU: its step() calls torch.cuda.synchronize() "
-    "(on a CPU build of torch: AssertionError: Torch not compiled with CUDA enabled)",
-]
 #: The issue's targets: peak of the row ≤ this fraction of torch.optim.AdamW's.
 TARGETS = {("matrixopt.GaLoreAdamW", "int8", True): 0.40, ("matrixopt.Muon", "int8", True): 0.45}
 
@@ -153,115 +136,72 @@ FIT_CONFIGS = ("60M", "130M", "350M", "1B", "3B", "7B")
 
 
 @dataclass(frozen=True)
-class Contender:
-    """One row: an optimizer, its state precision and whether it steps inside backward."""
+class Row:
+    """One row: a contender of the registry (:mod:`benchmarks.optimizers`), its state precision
+    and whether it steps inside backward."""
 
     optimizer: str
     precision: str = "fp32"
     in_backward: bool = False
 
     @property
+    def matrixopt(self) -> bool:
+        return self.optimizer in matrixopt_classes()
+
+    @property
     def label(self) -> str:
-        if self.optimizer not in MATRIXOPT:
+        if not self.matrixopt:
             return self.optimizer + (" + step in backward (torch's recipe)" if self.in_backward else "")
         return f"{self.optimizer} {self.precision}{' + step_in_backward' if self.in_backward else ''}"
 
 
-def contenders(optimizers=None, precisions=PRECISIONS) -> list[Contender]:
+def table_rows(optimizers=None, precisions=PRECISIONS) -> list[Row]:
     """The peers (torch AdamW also with torch's step-in-backward recipe), then every matrixopt
     optimizer × precision × (ordinary, step_in_backward); only the optimizers named in
     ``optimizers`` if given."""
-    unknown = sorted(set(optimizers or ()) - set(PEERS) - set(MATRIXOPT))
+    available = [*PEERS, *matrixopt_classes()]
+    unknown = sorted(set(optimizers or ()) - set(available))
     if unknown:
-        raise ValueError(f"Unknown optimizers {unknown}; available: {list(PEERS + MATRIXOPT)}")
-    rows = [Contender(ADAMW), Contender(ADAMW, in_backward=True)] + [Contender(name) for name in PEERS[1:]]
-    rows += [Contender(name, precision, in_backward) for name in MATRIXOPT for precision in precisions
-             for in_backward in (False, True)]
-    return [c for c in rows if not optimizers or c.optimizer in optimizers]
+        raise ValueError(f"Unknown optimizers {unknown}; available: {available}")
+    out = [Row(ADAMW), Row(ADAMW, in_backward=True)] + [Row(name) for name in PEERS[1:]]
+    out += [Row(name, precision, in_backward) for name in matrixopt_classes() for precision in precisions
+            for in_backward in (False, True)]
+    return [c for c in out if not optimizers or c.optimizer in optimizers]
 
 
-def matrixopt_class(name: str) -> type:
-    return getattr(matrixopt, name.removeprefix("matrixopt."))
+def takes_precision(c: Row) -> bool:
+    """Whether row ``c``'s matrixopt class takes ``state_precision``."""
+    return "state_precision" in inspect.signature(matrixopt_classes()[c.optimizer]).parameters
 
 
-def missing(c: Contender) -> str | None:
-    """Why this build cannot run row ``c`` (None if it can)."""
-    if c.optimizer in MATRIXOPT:
-        reasons = []
-        takes_precision = "state_precision" in inspect.signature(matrixopt_class(c.optimizer)).parameters
-        if c.precision != "fp32" and not takes_precision:
-            reasons.append("state_precision")
-        if c.in_backward and not hasattr(matrixopt, "step_in_backward"):
-            reasons.append("matrixopt.step_in_backward")
-        return f"{' and '.join(reasons)} not in this build of matrixopt" if reasons else None
-    module = {BNB_ADAMW8BIT: "bitsandbytes", TORCHAO_ADAMW8BIT: "torchao"}.get(c.optimizer)
-    if module is not None and find_spec(module) is None:
-        return f"not installed (pip install --no-deps {PEER_INSTALL[c.optimizer]})"
-    if c.optimizer in (GALORE_TORCH, GALORE_TORCH_8BIT) and peer_class(GALORE_TORCH)[0] is None:
-        return f"not installed (pip install --no-deps {PEER_INSTALL[c.optimizer]})"
-    if c.optimizer == GALORE_TORCH_8BIT and find_spec("bitsandbytes") is None:
-        return f"needs bitsandbytes (pip install --no-deps {PEER_INSTALL[BNB_ADAMW8BIT]})"
-    return None
+def missing(c: Row) -> str | None:
+    """Why this build cannot run row ``c`` (None if it can): a matrixopt feature it lacks, or
+    a peer that is not installed."""
+    if not c.matrixopt:
+        return not_installed(c.optimizer)
+    reasons = []
+    if c.precision != "fp32" and not takes_precision(c):
+        reasons.append("state_precision")
+    if c.in_backward and not hasattr(matrixopt, "step_in_backward"):
+        reasons.append("matrixopt.step_in_backward")
+    return f"{' and '.join(reasons)} not in this build of matrixopt" if reasons else None
 
 
-def make_optimizer(c: Contender, model: torch.nn.Module, settings: Settings, lr: float = 1e-4):
-    """Row ``c``'s optimizer over ``model``: matrixopt's through ``matrixopt.param_groups``
-    (``state_precision`` passed wherever the class takes it), the peers as the other
-    benchmarks build them (torch AdamW and the 8-bit AdamWs over every param; galore-torch
-    with GaLore on the hidden matrices, AdamW on the rest)."""
-    wd, betas = settings.weight_decay, settings.betas
+def make_optimizer(c: Row, model: torch.nn.Module, settings: Settings, lr: float = 1e-4):
+    """Row ``c``'s optimizer over ``model``, as the registry builds it: torch AdamW and the
+    8-bit AdamWs over every param (torch AdamW in backward by :class:`TorchStepInBackward`), the
+    others with ``matrixopt.param_groups``'s hidden matrices on their matrix rule and the rest
+    on AdamW, matrixopt's with ``state_precision`` wherever the class takes it."""
     if c.optimizer == ADAMW and c.in_backward:
-        return TorchStepInBackward(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
-    if c.optimizer in MATRIXOPT:
-        cls = matrixopt_class(c.optimizer)
-        kwargs = {}
-        signature = inspect.signature(cls).parameters
-        if "state_precision" in signature:
-            kwargs["state_precision"] = c.precision
-        if "rank" in signature:
-            kwargs.update(rank=settings.rank_fraction, update_proj_gap=settings.update_proj_gap)
-        return cls(matrixopt.param_groups(model), lr=lr, weight_decay=wd, betas=betas, **kwargs)
-    if c.optimizer == ADAMW:
-        return build(ADAMW, list(model.named_parameters()), [], lr, settings)
-    if c.optimizer == BNB_ADAMW8BIT:
-        import bitsandbytes
-
-        return bitsandbytes.optim.AdamW8bit(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
-    if c.optimizer == TORCHAO_ADAMW8BIT:
-        from torchao.optim import AdamW8bit
-
-        return AdamW8bit(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
+        return TorchStepInBackward(model.parameters(), lr=lr, betas=settings.betas,
+                                   weight_decay=settings.weight_decay)
+    if c.optimizer in (ADAMW, BNB_ADAMW8BIT, TORCHAO_ADAMW8BIT):   # every param alike, in the model's order
+        return build(c.optimizer, list(model.named_parameters()), [], lr, settings)
     groups = matrixopt.param_groups(model)
     matrices = [pair for g in groups if g["matrix"] for pair in g["params"]]
     others = [pair for g in groups if not g["matrix"] for pair in g["params"]]
-    if c.optimizer == GALORE_TORCH:
-        return build(GALORE_TORCH, matrices, others, lr, settings)
-    peer_class(GALORE_TORCH)   # imports galore_torch (its package __init__ imports the 8-bit class)
-    from galore_torch import GaLoreAdamW8bit
-
-    return GaLoreAdamW8bit(low_rank_peer_groups(GALORE_TORCH, matrices, others, settings), lr=lr, betas=betas,
-                           eps=PEER_EPS, weight_decay=wd)
-
-
-class TorchStepInBackward:
-    """torch's recipe for the optimizer step in backward (its tutorial "How to save memory by
-    fusing the optimizer step into the backward pass"): one AdamW per param, stepped from the
-    param's post-accumulate-grad hook, which then frees the gradient. ``remove()`` unhooks."""
-
-    def __init__(self, params, **adamw):
-        self.optimizers = {p: torch.optim.AdamW([p], **adamw) for p in params}
-        self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in self.optimizers]
-
-    def _step(self, p):
-        self.optimizers[p].step()
-        self.optimizers[p].zero_grad(set_to_none=True)
-
-    def state_bytes(self) -> int:
-        return Chained(*self.optimizers.values()).state_bytes()
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
+    name = f"{c.optimizer}[state_precision={c.precision!r}]" if c.matrixopt and takes_precision(c) else c.optimizer
+    return build(name, matrices, others, lr, settings)
 
 
 class PeakMeter:
@@ -403,7 +343,7 @@ def random_tokens(shape: Shape, batch: int, seq_len: int, device) -> torch.Tenso
     return torch.randint(shape.vocab_size, (batch, seq_len + 1), generator=generator).to(device)
 
 
-def step_temporaries(c: Contender, shape: Shape, batch: int, seq_len: int, settings: Settings, device,
+def step_temporaries(c: Row, shape: Shape, batch: int, seq_len: int, settings: Settings, device,
                      dtype=torch.float32) -> int:
     """Peak bytes one optimizer step allocates beyond the state it leaves (its temporaries),
     on their own: a fresh optimizer over a fresh model with the gradients of one backward on
@@ -414,8 +354,8 @@ def step_temporaries(c: Contender, shape: Shape, batch: int, seq_len: int, setti
     model = build_model(shape, seq_len, device, dtype)
     tokens = random_tokens(shape, batch, seq_len, device)
     model.loss(tokens[:, :-1], tokens[:, 1:]).backward()
-    opt = make_optimizer(Contender(c.optimizer, c.precision), model, settings)
-    if c.in_backward and c.optimizer in MATRIXOPT:
+    opt = make_optimizer(Row(c.optimizer, c.precision), model, settings)
+    if c.in_backward and c.matrixopt:
         opt.max_bucket_elements = 1
     peaks = []
     for _ in range(2):
@@ -426,7 +366,7 @@ def step_temporaries(c: Contender, shape: Shape, batch: int, seq_len: int, setti
     return max(peaks)
 
 
-def measure(c: Contender, shape: Shape, batch: int, seq_len: int, settings: Settings, device,
+def measure(c: Row, shape: Shape, batch: int, seq_len: int, settings: Settings, device,
             dtype=torch.float32, temporaries: int | None = None, activations: int | None = None) -> dict:
     """Row ``c``: the measured peak of two training steps from a fresh model and optimizer,
     the byte model's terms (see the module docstring) and the peak of each phase. Raises
@@ -483,7 +423,7 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
     seq_len = seq_len or (64 if quick else 128)
     settings = settings or Settings()
     shape = CONFIGS[config]
-    rows_to_run = contenders(optimizers, precisions)
+    rows_to_run = table_rows(optimizers, precisions)
     tokens = random_tokens(shape, batch, seq_len, device)
     model = build_model(shape, seq_len, device)
     params = sum(p.numel() for p in model.parameters())
@@ -496,13 +436,13 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
         reason = missing(c)
         if reason is None:
             try:
-                key = (c.optimizer, c.precision, c.in_backward and c.optimizer in MATRIXOPT)
+                key = (c.optimizer, c.precision, c.in_backward and c.matrixopt)
                 if key not in temporaries:
                     temporaries[key] = step_temporaries(c, shape, batch, seq_len, settings, device)
                 row = measure(c, shape, batch, seq_len, settings, device, temporaries=temporaries[key],
                               activations=activations)
             except Exception as error:   # a peer that does not run here; matrixopt's errors are bugs
-                if c.optimizer in MATRIXOPT:
+                if c.matrixopt:
                     raise
                 reason = f"does not run on {device.type}: {first_line(error)}"
                 gc.collect()
@@ -524,7 +464,7 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
                            "(see benchmarks/memory.py)", "notes": notes + PEER_NOTES}
     if cuda or fit_budget_gib is not None:
         budget = (fit_budget_gib or 24) * GiB
-        fit_rows = fit_search(contenders(optimizers, precisions), fit_configs or FIT_CONFIGS, budget, settings, device)
+        fit_rows = fit_search(table_rows(optimizers, precisions), fit_configs or FIT_CONFIGS, budget, settings, device)
         fit_title = f"Largest config whose step fits in {budget / GiB:g} GiB (bf16 weights, batch 1 × 256 tokens)"
         sections[fit_title] = fit_rows
     return sections, extra, figure(title, sections[title])
@@ -548,7 +488,7 @@ def targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, each with the measured ratio (or why it has none)."""
     out = []
     for (name, precision, in_backward), limit in TARGETS.items():
-        label = Contender(name, precision, in_backward).label
+        label = Row(name, precision, in_backward).label
         row = next((r for r in rows if r["optimizer"] == label), None)
         ratio = None if row is None else row.get("vs_adamw")
         out.append({"row": label, "target": f"≤ {limit:.0%}", "vs_adamw": ratio,
@@ -557,7 +497,7 @@ def targets(rows: list[dict]) -> list[dict]:
     return out
 
 
-def fits(c: Contender, shape: Shape, budget: int, settings: Settings, device, seq_len: int = 256) -> float | None:
+def fits(c: Row, shape: Shape, budget: int, settings: Settings, device, seq_len: int = 256) -> float | None:
     """Peak bytes of two training steps of ``shape`` in bf16 for row ``c``, or None when it
     does not fit in ``budget``: on CUDA under ``set_per_process_memory_fraction`` (an OOM),
     elsewhere when the measured peak exceeds it."""
@@ -606,7 +546,7 @@ def fit_search(rows_to_run, configs, budget: int, settings: Settings, device) ->
             try:
                 name, peak = largest_fitting(configs, lambda n: fits(c, CONFIGS[n], budget, settings, device))
             except Exception as error:
-                if c.optimizer in MATRIXOPT:
+                if c.matrixopt:
                     raise
                 out.append({"optimizer": c.label, "note": first_line(error)})
                 continue

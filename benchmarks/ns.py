@@ -45,16 +45,16 @@ import scipy.optimize
 import torch
 
 import matrixopt
-from matrixopt.kernels import newton_schulz, newton_schulz_torch
-from matrixopt.kernels._dispatch import interpreting, triton_available
-from matrixopt.kernels.newton_schulz import _restore, _wide_unit_stack
-from matrixopt.orthogonalize import MUON_COEFFICIENTS, ns_schedule
+from matrixopt import ns_schedule
+from matrixopt.kernels import choose_backend, newton_schulz, newton_schulz_torch
 
 from .common import cpu_note, default_device, median_ms, module_main
 from .optimizers import ADAMW, TORCH_MUON, VARIANTS, Settings, Variant
 from .step import SHAPES, add_ratios, llama_matrices, measure
 
 STEPS = 5
+#: Keller Jordan's quintic, torch.optim.Muon's at every step (matrixopt's "muon" schedule).
+MUON_COEFFICIENTS = ns_schedule("muon", 1)[0]
 #: The fewer-step schedule the accuracy and step tables try (see :func:`minimax_schedule`).
 MINIMAX = "minimax, 4 steps"
 MINIMAX_STEPS_FLOOR = (4, 3e-3)
@@ -120,7 +120,11 @@ def symmetric_blocks_newton_schulz(X, coefficients, *, eps=1e-7, block=None, met
     or 122 ms (block 128). ``block``: rows per block (default :func:`sym_block`).
     """
     shape, out_dtype = X.shape, X.dtype
-    X, transposed = _wide_unit_stack(X, eps)
+    # The twin's layout: a stack in the wide orientation, each matrix at unit Frobenius norm.
+    X = X.reshape(-1, *shape[-2:])
+    tall = X.size(-2) > X.size(-1)
+    X = X.mT if tall else X
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
     block = block or sym_block(X.size(-2))
     A = X.new_empty(X.size(0), X.size(-2), X.size(-2))
     B = torch.empty_like(A)
@@ -128,7 +132,7 @@ def symmetric_blocks_newton_schulz(X, coefficients, *, eps=1e-7, block=None, met
         _symmetric_product(X, A, block)
         _symmetric_product(A, B, block, base=A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
-    return _restore(X, transposed, shape, out_dtype)
+    return (X.mT if tall else X).reshape(shape).to(out_dtype)
 
 
 @functools.cache  # ~2 s of fitting; the accuracy and step tables both use it
@@ -165,8 +169,13 @@ def _quintic(abc, x):
 
 
 def ours_runs(device: torch.device) -> bool:
-    """Whether the Triton kernels run here: on CUDA, or on CPU under the interpreter."""
-    return triton_available() and (device.type == "cuda" or interpreting())
+    """Whether the Triton kernels run here (triton installed, and on CUDA, or on CPU under the
+    interpreter): whether ``choose_backend`` lets a tensor on ``device`` force them."""
+    try:
+        choose_backend(torch.empty(0, device=device), "triton")
+    except RuntimeError:
+        return False
+    return True
 
 
 def schedules() -> dict[str, list[tuple[float, float, float]]]:
@@ -284,7 +293,7 @@ def optimizer_step(set_name: str, device, warmup: int, repeats: int) -> list[dic
                   f"sym-blocks, {MINIMAX}": (symmetric_blocks_newton_schulz, minimax)}
     for label, (ns, variant) in candidates.items():
         name = f"matrixopt.Muon ({label})"
-        with mock.patch("matrixopt.orthogonalize.newton_schulz", ns), mock.patch.dict(VARIANTS, {name: variant}):
+        with mock.patch("matrixopt.kernels.newton_schulz", ns), mock.patch.dict(VARIANTS, {name: variant}):
             add(name)
     add_ratios(rows)
     torch_muon = next((r["step_ms"] for r in rows if r["optimizer"] == TORCH_MUON), None)

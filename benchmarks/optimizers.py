@@ -1,14 +1,18 @@
-"""The optimizers the benchmarks compare, built the same way for every benchmark.
+"""The contender registry: every optimizer the benchmarks compare, under one name, built the
+same way for every command (train, step, memory, update_rms, continual, ns).
 
 Contenders: ``torch.optim.AdamW`` (fused on CUDA), ``torch.optim.Muon`` on the hidden
 matrices with AdamW for the rest, galore-torch's ``GaLoreAdamW`` when it is installed, and
 every optimizer ``matrixopt`` exports; the step benchmark adds the other low-rank peers
-(:data:`LOW_RANK_PEERS`) and any of them can be asked for by name. All get the same weight
-decay and Adam betas; the low-rank ones (GaLore, DCT, the peers) the same rank (a fraction of
-each matrix's smaller side, default d/4; APOLLO-mini's is 1 by design) and projector refresh
-gap. Matrices (hidden-layer weights) and the rest (embeddings, output head, 1-D params) are
-split once, by the caller, the same way for all: the rest goes to each optimizer's plain
-Adam(W) path (torch.optim.AdamW, matrixopt's fallback, a peer's groups without a rank).
+(:data:`LOW_RANK_PEERS`) and the :data:`VARIANTS`, the memory benchmark the 8-bit AdamW peers
+(:data:`EIGHT_BIT_PEERS`) and torch's step in backward (:class:`TorchStepInBackward`), the
+continual benchmark its labelled :data:`CONTINUAL` contenders; any of them can be asked for by
+name. All get the same weight decay and Adam betas; the low-rank ones (GaLore, DCT, the peers)
+the same rank (a fraction of each matrix's smaller side, default d/4; APOLLO-mini's is 1 by
+design) and projector refresh gap. Matrices (hidden-layer weights) and the rest (embeddings,
+output head, 1-D params) are split once, by the caller, the same way for all: the rest goes
+to each optimizer's plain Adam(W) path (torch.optim.AdamW, matrixopt's fallback, a peer's
+groups without a rank).
 """
 import ast
 import importlib
@@ -25,11 +29,14 @@ import torch
 from torch import Tensor
 
 import matrixopt
-from matrixopt.ops import MATCH_ADAMW_RMS
+from matrixopt import MATCH_ADAMW_RMS
 
 ADAMW = "torch.optim.AdamW"
 TORCH_MUON = "torch.optim.Muon"
 GALORE_TORCH = "galore_torch.GaLoreAdamW"
+BNB_ADAMW8BIT = "bitsandbytes.AdamW8bit"
+TORCHAO_ADAMW8BIT = "torchao.AdamW8bit"
+GALORE_TORCH_8BIT = "galore_torch.GaLoreAdamW8bit"
 #: Muon peers for the step benchmark, asked for by name (`--optimizers`): not in the default
 #: lists, so train and the tests stay as they are. (heavyball's Muon sets ``p.grad`` to None in
 #: its step, so the step benchmark, which times repeated steps on fixed gradients, can time it
@@ -81,6 +88,38 @@ LOW_RANK_PEERS = {
 PEER_EPS = inspect.signature(matrixopt.GaLoreAdamW).parameters["eps"].default
 
 
+class EightBitPeer(NamedTuple):
+    """An 8-bit AdamW peer: the module its class is imported from and, for a GaLore one, the
+    low-rank peer whose param groups (ranks, group settings) it takes; the others step every
+    param alike."""
+
+    module: str
+    exported_as: str
+    groups_of: str | None = None
+
+
+#: The 8-bit AdamW peers of the memory benchmark (both AdamWs run on CPU tensors).
+EIGHT_BIT_PEERS = {
+    BNB_ADAMW8BIT: EightBitPeer("bitsandbytes.optim", "AdamW8bit"),
+    TORCHAO_ADAMW8BIT: EightBitPeer("torchao.optim", "AdamW8bit"),
+    GALORE_TORCH_8BIT: EightBitPeer("galore_torch", "GaLoreAdamW8bit", groups_of=GALORE_TORCH),
+}
+#: How a peer installs without replacing torch (the Makefile's --no-deps line).
+PEER_INSTALL = {BNB_ADAMW8BIT: "bitsandbytes==0.50.2", TORCHAO_ADAMW8BIT: "torchao==0.18.0",
+                GALORE_TORCH: "galore-torch==1.0", GALORE_TORCH_8BIT: "galore-torch==1.0 bitsandbytes==0.50.2"}
+#: What the 8-bit peers do on this kind of device, checked when the memory benchmark was written
+#: (bitsandbytes 0.50.2, torchao 0.18.0, galore-torch 1.0 on torch 2.13 CPU), for the results' notes.
+PEER_NOTES = [
+    "bitsandbytes.AdamW8bit runs on CPU tensors: block-wise 8-bit moments (256-element blocks, "
+    "fp32 absmax per block); params under 4096 elements (min_8bit_size) keep fp32 moments",
+    "torchao.AdamW8bit runs on CPU tensors: its per-param step is torch.compile'd (inductor's C++ "
+    "backend, compiled on the first step); params under 4096 elements or not a multiple of its "
+    "256-element block keep fp32 moments",
+    "galore_torch.GaLoreAdamW8bit does not run on CPU: its step() calls torch.cuda.synchronize() "
+    "(on a CPU build of torch: AssertionError: Torch not compiled with CUDA enabled)",
+]
+
+
 @dataclass
 class Settings:
     """What every contender shares, besides the lr."""
@@ -96,8 +135,9 @@ ORDER = ("Muon", "ROOT", "ARO", "GaLoreAdamW", "DCTAdamW")
 
 
 class Variant(NamedTuple):
-    """An extra contender: a matrixopt optimizer with non-default arguments and, set on the
-    instance, non-default class attributes (e.g. ``max_bucket_elements``)."""
+    """A contender under a name of its own: ``base`` with non-default constructor arguments and,
+    set on the instance, non-default class attributes (e.g. ``max_bucket_elements``). ``base``
+    is a matrixopt optimizer, or (in :data:`CONTINUAL`, without arguments) any contender."""
 
     base: str
     kwargs: dict
@@ -118,6 +158,15 @@ VARIANTS = {
     "matrixopt.GaLoreAdamW (proj_dtype=bf16, 2^25-element buckets)": Variant(
         "matrixopt.GaLoreAdamW", {"proj_dtype": torch.bfloat16}, {"max_bucket_elements": 1 << 25}),
 }
+#: The continual benchmark's contenders, by its table labels: torch AdamW and GaLoreAdamW as
+#: they are, and CoSOAdamW with each protection.
+CONTINUAL = {
+    "AdamW": Variant(ADAMW, {}),
+    "GaLoreAdamW": Variant("matrixopt.GaLoreAdamW", {}),
+    "CoSOAdamW (gradients)": Variant("matrixopt.CoSOAdamW", {"protect": "gradients"}),
+    "CoSOAdamW (weights)": Variant("matrixopt.CoSOAdamW", {"protect": "weights"}),
+    "CoSOAdamW (both)": Variant("matrixopt.CoSOAdamW", {"protect": "both"}),
+}
 
 
 def parse_variant(name: str) -> Variant | None:
@@ -129,7 +178,7 @@ def parse_variant(name: str) -> Variant | None:
     does not have (yet), emulated exactly from the benchmark side:
 
     - ``rms=c`` (Muon, ROOT, ARO): the match_adamw rescale to update RMS ``c`` instead of
-      ρ = ``matrixopt.base.MATCH_ADAMW_RMS``, i.e. the matrix rule's step times c/ρ. The
+      ρ = ``matrixopt.MATCH_ADAMW_RMS``, i.e. the matrix rule's step times c/ρ. The
       matrix group runs at lr·c/ρ with weight decay λ·ρ/c, so its decay lr·λ is unchanged:
       ``W ← W(1−ηλ) − η·(c/ρ)·s·O``.
     - ``rms_scale=c`` (GaLoreAdamW, DCTAdamW): ``scale = c·√(min(m, n)/r)`` per matrix, which
@@ -170,10 +219,11 @@ def variant_of(name: str) -> Variant:
 
 
 def matrixopt_classes() -> dict[str, type]:
-    """Every optimizer class matrixopt exports, by benchmark name."""
+    """Every optimizer class matrixopt exports, by benchmark name (a name this build of matrixopt
+    lists but lacks is none)."""
     classes = {}
     for name in sorted(matrixopt.__all__, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
-        obj = getattr(matrixopt, name)
+        obj = getattr(matrixopt, name, None)
         # The generic shells (LowRankAdamW needs a projector) are no contenders of their own.
         generic = (matrixopt.MatrixOptimizer, matrixopt.LowRankAdamW)
         if isinstance(obj, type) and issubclass(obj, matrixopt.MatrixOptimizer) and obj not in generic:
@@ -225,6 +275,18 @@ def _import_peer(peer: Peer, notes: list[str]) -> type:
         notes.append(f"{peer.package}'s {peer.exported_as} loaded from {peer.package}.{peer.module} (its package "
                      "__init__ needs bitsandbytes, which is not installed)")
         return cls
+
+
+def not_installed(name: str) -> str | None:
+    """Why peer ``name`` cannot be built here, with the pip line that installs it (None if it can)."""
+    peer = EIGHT_BIT_PEERS.get(name)
+    if peer is not None and peer.groups_of is None and find_spec(peer.module.split(".")[0]) is None:
+        return f"not installed (pip install --no-deps {PEER_INSTALL[name]})"
+    if name in (GALORE_TORCH, GALORE_TORCH_8BIT) and peer_class(GALORE_TORCH)[0] is None:
+        return f"not installed (pip install --no-deps {PEER_INSTALL[name]})"
+    if name == GALORE_TORCH_8BIT and find_spec("bitsandbytes") is None:
+        return f"needs bitsandbytes (pip install --no-deps {PEER_INSTALL[BNB_ADAMW8BIT]})"
+    return None
 
 
 def contenders(only=None, variants: bool = False, peers: bool = False) -> tuple[list[str], list[str]]:
@@ -283,9 +345,31 @@ class Chained:
         return sum(state_bytes(opt) for opt in self.optimizers)
 
 
+class TorchStepInBackward:
+    """torch's recipe for the optimizer step in backward (its tutorial "How to save memory by
+    fusing the optimizer step into the backward pass"): one AdamW per param, stepped from the
+    param's post-accumulate-grad hook, which then frees the gradient. ``remove()`` unhooks."""
+
+    def __init__(self, params, **adamw):
+        self.optimizers = {p: torch.optim.AdamW([p], **adamw) for p in params}
+        self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in self.optimizers]
+
+    def _step(self, p):
+        self.optimizers[p].step()
+        self.optimizers[p].zero_grad(set_to_none=True)
+
+    def state_bytes(self) -> int:
+        return Chained(*self.optimizers.values()).state_bytes()
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
 def build(name: str, matrices: list[tuple[str, Tensor]], others: list[tuple[str, Tensor]],
           lr: float, settings: Settings):
-    """Optimizer ``name`` over ``matrices`` (matrix rule) and ``others`` (AdamW)."""
+    """Optimizer ``name`` over ``matrices`` (matrix rule) and ``others`` (AdamW); an 8-bit AdamW
+    peer that takes no groups steps both alike."""
     wd, betas = settings.weight_decay, settings.betas
     if name == ADAMW:
         params = [p for _, p in matrices + others]
@@ -310,6 +394,15 @@ def build(name: str, matrices: list[tuple[str, Tensor]], others: list[tuple[str,
         cls, _ = peer_class(name)
         return cls(low_rank_peer_groups(name, matrices, others, settings), lr=lr, betas=betas, eps=PEER_EPS,
                    weight_decay=wd, **LOW_RANK_PEERS[name].kwargs)
+    if name in EIGHT_BIT_PEERS:
+        peer = EIGHT_BIT_PEERS[name]
+        if peer.groups_of is not None:
+            peer_class(peer.groups_of)   # imports the package as for that peer (a stub for transformers)
+        cls = getattr(importlib.import_module(peer.module), peer.exported_as)
+        if peer.groups_of is None:
+            return cls([p for _, p in matrices + others], lr=lr, betas=betas, weight_decay=wd)
+        return cls(low_rank_peer_groups(peer.groups_of, matrices, others, settings), lr=lr, betas=betas,
+                   eps=PEER_EPS, weight_decay=wd)
     base, extra, attributes = variant_of(name)
     cls = matrixopt_classes()[base]
     if is_low_rank(name):

@@ -5,7 +5,7 @@
 For each same-shape bucket of the LLaMA-1B matrix set (``--quick``: the "tiny" set) at rank
 min(m, n)/4: a stack of gradient-like matrices (singular values σ_i = 1/i, random singular
 vectors), bases from a refresh (:func:`matrixopt.kernels.lowrank_svd`), then ``project`` and
-``project_back`` of :class:`matrixopt.projectors.SVDProjector` with "std" sides (right for
+``project_back`` of :class:`matrixopt.SVDProjector` with "std" sides (right for
 m ≥ n, left otherwise). Reports the relative Frobenius error of the projected gradient
 and of the back-projected step against float64, and the time of the round trip as one
 batched call for the stack vs one call per matrix (the per-param loop a bucket would
@@ -13,8 +13,8 @@ otherwise make). Writes benchmarks/results/projection-<machine>-<date>.{md,json}
 """
 import torch
 
+from matrixopt import SVDProjector
 from matrixopt.kernels import lowrank_svd
-from matrixopt.projectors import SVDProjector
 
 from .common import cpu_note, default_device, median_ms, module_main
 from .lowrank import gradient_pair

@@ -6,13 +6,14 @@ Trains the ``train --quick`` model (``--quick``: and 200 steps; default 600) on 
 with ``torch.optim.AdamW`` (β = (0.9, 0.95), lr 3e-3 with train's schedule, clipping at 1),
 and alongside it keeps, for every param of two or more dims, Adam's moments M and V
 updated from the same gradients in each candidate storage: dequantize (or upcast), update
-in fp32, store again — what ``state_precision`` does (:mod:`matrixopt.precision`). Reports,
-at the last step and as the worst over the run, the relative error ‖x̂ − x‖/‖x‖ (all params'
-entries together) of M, of V, and of Adam's direction M/(√V + ε) (ε = 1e-8), each
-candidate for one moment with the other kept fp32, and the chosen pairs. Candidates for
-V (non-negative): linear absmax (256 levels of V/max), linear in the sqrt domain (of √V/max
-√V), the dynamic exponent code (:data:`matrixopt.precision.SECOND_MOMENT_CODE`) of V, and of
-√V. For M: linear absmax (int8) and a sign with a 7-bit dynamic code of |M|. And bf16 with stochastic rounding and with round to nearest.
+in fp32, store again — what ``state_precision`` does (:func:`matrixopt.quantize`,
+:func:`matrixopt.round_bf16`). Reports, at the last step and as the worst over the run, the
+relative error ‖x̂ − x‖/‖x‖ (all params' entries together) of M, of V, and of Adam's
+direction M/(√V + ε) (ε = 1e-8), each candidate for one moment with the other kept fp32,
+and the chosen pairs. Candidates for V (non-negative): linear absmax (256 levels of V/max),
+linear in the sqrt domain (of √V/max √V), the dynamic exponent code
+(:data:`matrixopt.SECOND_MOMENT_CODE`) of V, and of √V. For M: linear absmax (int8) and a
+sign with a 7-bit dynamic code of |M|. And bf16 with stochastic rounding and with round to nearest.
 Writes benchmarks/results/quantization-<machine>-<date>.{md,json}.
 """
 import math
@@ -20,7 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from matrixopt import precision as q
+from matrixopt import SECOND_MOMENT_CODE, SIGNED_CODE, Code, code_of, dequantize, quantize, round_bf16
 
 from .common import default_device, module_main
 from .data import batches, load_shakespeare
@@ -30,24 +31,24 @@ from .train import QUICK, lr_factor
 BETAS, EPS = (0.9, 0.95), 1e-8
 
 
-def _linear(levels: int, signed: bool) -> q.Code:
+def _linear(levels: int, signed: bool) -> Code:
     values = torch.arange(levels, dtype=torch.float64) / (levels - 1)
-    return q.code_of((2 * values - 1 if signed else values).tolist())
+    return code_of((2 * values - 1 if signed else values).tolist())
 
 
-def _squared(code: q.Code) -> q.Code:
+def _squared(code: Code) -> Code:
     """``code`` applied to √x: nearest in the sqrt domain, values squared."""
-    return q.Code(code.values.double().square().float(), code.thresholds.double().square().float())
+    return Code(code.values.double().square().float(), code.thresholds.double().square().float())
 
 
-def _int8(code: q.Code):
-    return (lambda x: q.quantize(x, code), lambda stored: q.dequantize(*stored, code))
+def _int8(code: Code):
+    return (lambda x: quantize(x, code), lambda stored: dequantize(*stored, code))
 
 
 def _bf16(stochastic: bool):
     def store(x, seed=[0]):
         seed[0] += 1
-        return q.round_bf16(x, seed[0]) if stochastic else x.to(torch.bfloat16)
+        return round_bf16(x, seed[0]) if stochastic else x.to(torch.bfloat16)
     return store, lambda stored: stored.float()
 
 
@@ -56,11 +57,11 @@ FP32 = (lambda x: x.clone(), lambda stored: stored)
 CANDIDATES = {
     "V int8, linear absmax": (FP32, _int8(_linear(256, signed=False))),
     "V int8, linear in √V": (FP32, _int8(_squared(_linear(256, signed=False)))),
-    "V int8, dynamic code (chosen)": (FP32, _int8(q.SECOND_MOMENT_CODE)),
-    "V int8, dynamic code of √V": (FP32, _int8(_squared(q.SECOND_MOMENT_CODE))),
+    "V int8, dynamic code (chosen)": (FP32, _int8(SECOND_MOMENT_CODE)),
+    "V int8, dynamic code of √V": (FP32, _int8(_squared(SECOND_MOMENT_CODE))),
     "M int8, linear absmax": (_int8(_linear(255, signed=True)), FP32),
-    "M int8, sign + 7-bit dynamic code (chosen)": (_int8(q.SIGNED_CODE), FP32),
-    "M, V int8 (the chosen codes)": (_int8(q.SIGNED_CODE), _int8(q.SECOND_MOMENT_CODE)),
+    "M int8, sign + 7-bit dynamic code (chosen)": (_int8(SIGNED_CODE), FP32),
+    "M, V int8 (the chosen codes)": (_int8(SIGNED_CODE), _int8(SECOND_MOMENT_CODE)),
     "M, V bf16, stochastic rounding": (_bf16(True), _bf16(True)),
     "M, V bf16, round to nearest": (_bf16(False), _bf16(False)),
 }

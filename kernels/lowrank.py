@@ -117,11 +117,14 @@ def _eigenvectors(W):
     return torch.linalg.eigh(W).eigenvectors
 
 
-def _rayleigh_ritz(Y, rank, rounds):
+def rayleigh_ritz(Y, rank, rounds):
     """Top-``rank`` SVD Y ≈ Ũ S Ṽᵀ of a stack Y (B, a, p), a ≥ p: (Ũ, S, Ṽ, per-entry success flags).
 
-    eigh(YᵀY) gives Ṽ; the columns of YṼ are S_i·ũ_i, nearly orthogonal, so their
-    Cholesky-QR (``rounds`` rounds) returns Ũ and, as its R's diagonal, S.
+    The core of :func:`lowrank_svd` (Y = A·Q₂), in place of ``torch.linalg.svd``: eigh(YᵀY)
+    gives Ṽ; the columns of YṼ are S_i·ũ_i, nearly orthogonal, so their Cholesky-QR
+    (``rounds`` rounds, see the module docstring) returns Ũ and, as its R's diagonal, S. An
+    entry whose flag is False (a Cholesky failed, or Y lost numerical rank for that many
+    rounds) has factors not to be used: :func:`lowrank_svd` redoes it.
     """
     Vc = _eigenvectors(Y.mT @ Y).flip(-1)[..., :rank]
     U, S, ok = _cholqr(Y @ Vc, rounds)
@@ -147,7 +150,7 @@ def _fast(A, sketch, iters, rank, rounds=2):
             ok = ok & ok_left
     # A failed entry is redone anyway; zeroing it keeps eigh (which raises on NaN) going.
     ok = ok & Y.isfinite().all(-1).all(-1)
-    U, S, Vc, ok_core = _rayleigh_ritz(torch.where(ok[:, None, None], Y, 0), rank, rounds)
+    U, S, Vc, ok_core = rayleigh_ritz(torch.where(ok[:, None, None], Y, 0), rank, rounds)
     return U, S, Vc.mT @ Q2.mT, ok & ok_core
 
 

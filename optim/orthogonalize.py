@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from matrixopt.kernels import newton_schulz
+from matrixopt import kernels
 
 from .ns_table import MUON_COEFFICIENTS, TABLE_STEPS, shipped_table
 from .report import caller_stacklevel
@@ -114,7 +114,7 @@ def orthogonalize(X: torch.Tensor, schedule, *, transform=None, method: str = "a
     the Gram formulation for rectangular matrices where it measured faster, the same
     polynomial of X). The result stays in X's dtype: an fp32 copy of a bf16 update would only
     double its memory before it is added to the weights."""
-    return newton_schulz(transform(X) if transform else X, schedule, eps=eps, method=method)
+    return kernels.newton_schulz(transform(X) if transform else X, schedule, eps=eps, method=method)
 
 
 # -- ROOT's per-shape coefficients ----------------------------------------------------------

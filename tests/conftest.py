@@ -1,5 +1,29 @@
 import os
+import socket
+
+import pytest
+import torch
 
 # Triton kernels run on CPU tensors through the interpreter; it must be on before triton
 # compiles (decorates) any kernel.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# For the tests of benchmarks/ (``pytestmark = pytest.mark.usefixtures(...)`` in their files).
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to connect (a download) fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the benchmarks must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def keep_threads():
+    """`--threads` sets torch's global thread count; later tests get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

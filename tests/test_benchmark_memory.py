@@ -8,18 +8,13 @@ import torch
 import matrixopt
 from benchmarks import __main__ as cli
 from benchmarks import memory
-from benchmarks.memory import CONFIGS, Contender, PeakMeter, Shape
+from benchmarks.memory import CONFIGS, PeakMeter, Row, Shape
 from benchmarks.model import Transformer
 from benchmarks.optimizers import ADAMW, Settings, state_bytes
 
+pytestmark = pytest.mark.usefixtures("no_network", "keep_threads")
+
 MB = 2**20
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_meter_peak_is_the_most_bytes_live_at_once_overall_and_per_span():
@@ -127,7 +122,7 @@ def test_byte_model_explains_the_measured_peak_within_3_percent(name, seq_len):
     """W + S + max(A + L, G + T), from counts (params, state_bytes, saved tensors, the loss's
     shape) and the step's temporaries measured alone, vs the whole step's measured peak:
     at 4 tokens the peak is the optimizer step's, at 256 backward's start."""
-    row = modeled_row(Contender(name), seq_len)
+    row = modeled_row(Row(name), seq_len)
     at_step = row["grads_MB"] + row["temporaries_MB"] > row["activations_MB"] + row["loss_grads_MB"]
     assert at_step == (seq_len == 4)
     assert abs(row["measured_minus_model_pct"]) <= 3, row
@@ -142,7 +137,7 @@ def test_a_step_in_backward_peaks_between_the_larger_moment_and_the_sum_of_both(
     """torch's recipe (AdamW stepped from each param's hook) and matrixopt.step_in_backward:
     the model adds both moments (activations still live when the first layers update) as an
     upper bound; the peak is at least the larger of them."""
-    row = modeled_row(Contender(name, in_backward=True), seq_len)
+    row = modeled_row(Row(name, in_backward=True), seq_len)
     assert_between_the_bounds(row)
     assert row["step_peak_MB"] is None      # no optimizer.step() call: the updates ran in backward
 
@@ -154,7 +149,7 @@ def assert_between_the_bounds(row):
     assert at_least <= row["peak_MB"] <= row["model_MB"], row
 
 
-def modeled_row(c: Contender, seq_len: int) -> dict:
+def modeled_row(c: Row, seq_len: int) -> dict:
     """Row ``c`` measured on the "ci" model with its byte model's terms."""
     shape, settings = CONFIGS["ci"], Settings()
     model = memory.build_model(shape, seq_len, "cpu")
@@ -191,25 +186,25 @@ def test_layer_gradient_is_the_largest_layer_of_the_model():
 
 def test_rows_the_build_lacks_are_named_with_the_missing_feature(monkeypatch):
     monkeypatch.delattr(matrixopt, "step_in_backward", raising=False)
-    assert memory.missing(Contender("matrixopt.Muon")) is None
-    assert memory.missing(Contender("matrixopt.Muon", "fp32", True)) == \
+    assert memory.missing(Row("matrixopt.Muon")) is None
+    assert memory.missing(Row("matrixopt.Muon", "fp32", True)) == \
         "matrixopt.step_in_backward not in this build of matrixopt"
     has_precision = "state_precision" in memory.inspect.signature(matrixopt.Muon).parameters
-    reason = memory.missing(Contender("matrixopt.Muon", "int8", True))
+    reason = memory.missing(Row("matrixopt.Muon", "int8", True))
     assert reason == ("matrixopt.step_in_backward not in this build of matrixopt" if has_precision else
                       "state_precision and matrixopt.step_in_backward not in this build of matrixopt")
-    labels = [c.label for c in memory.contenders(["matrixopt.GaLoreAdamW"])]
+    labels = [c.label for c in memory.table_rows(["matrixopt.GaLoreAdamW"])]
     assert labels == [f"matrixopt.GaLoreAdamW {p}{s}" for p in ("fp32", "bf16", "int8")
                       for s in ("", " + step_in_backward")]
     with pytest.raises(ValueError, match="Unknown optimizers"):
-        memory.contenders(["matrixopt.Nope"])
+        memory.table_rows(["matrixopt.Nope"])
 
 
 def test_fit_search_finds_the_largest_config_whose_measured_peak_is_under_the_budget(monkeypatch):
     """On CPU the budget is checked against the measured peak (on CUDA an OOM under the
     memory fraction decides)."""
     monkeypatch.setitem(CONFIGS, "ci2", Shape(96, 2, 4, 256, 256))
-    c, settings = Contender(ADAMW), Settings()
+    c, settings = Row(ADAMW), Settings()
     peaks = {name: memory.fits(c, CONFIGS[name], 10**12, settings, "cpu") for name in ("ci", "ci2")}
     assert peaks["ci"] < peaks["ci2"]
     budget = (peaks["ci"] + peaks["ci2"]) / 2
@@ -231,7 +226,7 @@ def test_memory_command_writes_its_table_chart_and_json(tmp_path):
     result = json.loads(paths["json"].read_text())
     measured, not_run = (result["sections"][title] for title in list(result["sections"])[:2])
     labels = [r["optimizer"] for r in measured + not_run]
-    assert sorted(labels) == sorted(c.label for c in memory.contenders(names, ("fp32", "int8")))
+    assert sorted(labels) == sorted(c.label for c in memory.table_rows(names, ("fp32", "int8")))
     for row in measured:   # with a step in backward the model is an upper bound
         if row["in_backward"]:
             assert_between_the_bounds(row)
@@ -240,7 +235,7 @@ def test_memory_command_writes_its_table_chart_and_json(tmp_path):
         else:   # known gap: T, the larger step's temporaries measured alone, is the first step's
             assert -30 <= row["measured_minus_model_pct"] <= 3   # (it allocates more at int8 than in the run)
     for row in not_run:
-        assert memory.missing(Contender(*row_key(row))) == row["note"]
+        assert memory.missing(Row(*row_key(row))) == row["note"]
     adamw, recipe = measured[:2]
     assert adamw["optimizer"] == ADAMW and adamw["vs_adamw"] == 1
     assert recipe["peak_MB"] < adamw["peak_MB"] - adamw["grads_MB"] / 2     # its gradients are freed in backward
