@@ -100,7 +100,8 @@ def write_results(command: str, sections: dict[str, list[dict]], *, extra: dict 
     """Print and write ``benchmarks/results/<command>-<machine>-<date>.{md,json[,png]}``.
 
     ``sections`` maps a title to its table rows; ``extra`` is added to the JSON (settings,
-    sweeps); ``figure`` is a matplotlib figure saved as the PNG; ``invocation`` is the
+    sweeps); ``figure`` is a matplotlib figure saved as the PNG (which the results folder keeps out of git:
+    the .md says so); ``invocation`` is the
     command line shown as the title (default ``python -m benchmarks <command>``). Returns
     the paths written.
     """
@@ -115,7 +116,8 @@ def write_results(command: str, sections: dict[str, list[dict]], *, extra: dict 
     if figure is not None:
         paths["png"] = base.with_suffix(".png")
         figure.savefig(paths["png"], dpi=120, bbox_inches="tight")
-        body += f"\n![{command}]({paths['png'].name})\n"
+        body += (f"\nThe figure, `{paths['png'].name}`, is not committed: the command above draws it beside "
+                 "this file.\n")
     paths["md"].write_text(header + body)
     paths["json"].write_text(json.dumps({"meta": meta, "sections": sections, **(extra or {})}, indent=2))
     print(header + body)
