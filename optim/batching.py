@@ -41,8 +41,8 @@ import json
 import math
 import os
 import platform
-import time
 from pathlib import Path
+from time import perf_counter
 
 import torch
 import torch.distributed as dist
@@ -79,7 +79,8 @@ CONFIRM = 2
 #: Newton-Schulz is 3-4× slower than stacked), are cheap to repeat.
 MIN_TRIES, MAX_TRIES, RUNG_SECONDS = 3, 10, 0.02
 #: The climb stops before a rung whose MIN_TRIES would take the measurement past this many
-#: seconds (a rung's work grows as the cube of its side). A matrix that big runs alone, as it
+#: seconds (a rung's work grows as the cube of its side; the time already spent counts as
+#: the clock says, stalls of a busy CPU included). A matrix that big runs alone, as it
 #: does beyond the ladder's top where stacking still paid: its own kernels are then long
 #: enough for a launch not to count, and a stack only adds copies and memory.
 MEASURE_SECONDS = 0.3
@@ -147,15 +148,15 @@ def agree(limit: int, process_group, device: torch.device | None = None) -> int:
 
 def _crossover(sides, rung) -> int:
     """The limit from ``rung(side)`` -> (stacked seconds, alone seconds) on ``sides``."""
-    start, run, spent = None, 0, 0.0
+    start, run, begin = None, 0, perf_counter()
     for side, following in zip(sides, [*sides[1:], 2 * sides[-1]]):
         stacked, alone = rung(side)
         if alone <= (1 + TOLERANCE) * stacked:
             start, run = start or side * side, run + 1
         else:
             start, run = None, 0
-        spent += MIN_TRIES * (stacked + alone)
-        if run == CONFIRM or spent + MIN_TRIES * (stacked + alone) * (following / side) ** 3 > MEASURE_SECONDS:
+        next_rung = MIN_TRIES * (stacked + alone) * (following / side) ** 3
+        if run == CONFIRM or perf_counter() - begin + next_rung > MEASURE_SECONDS:
             break
     return start or following * following
 
@@ -190,11 +191,11 @@ def _inputs(kind: str, side: int, device: torch.device, dtype: torch.dtype) -> l
 def _seconds(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = perf_counter()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return perf_counter() - start
 
 
 def _stack(tensors):

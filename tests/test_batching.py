@@ -71,7 +71,7 @@ def test_where_stacking_pays_at_every_rung_the_next_size_runs_alone(monkeypatch)
 
 
 def test_the_climb_stops_before_a_rung_past_the_time_budget(monkeypatch):
-    # Work ∝ side³: after 64 (spent 2·(3+24) ms), the 128 rung's 2·216 ms is past 0.25 s.
+    # Work ∝ side³: after 64, the 128 rung's MIN_TRIES · 3·(8 + 16) ms is past the 0.3 s.
     asked = fake_rungs(monkeypatch, {s: (1e-3 * (s / 32) ** 3, 2e-3 * (s / 32) ** 3) for s in batching.SIDES})
     assert batching.measure(ORTHOGONALIZE, CPU, torch.float32) == 128 * 128
     assert asked == [32, 64]
@@ -79,6 +79,15 @@ def test_the_climb_stops_before_a_rung_past_the_time_budget(monkeypatch):
     asked = fake_rungs(monkeypatch, {32: (1e-3, 2e-3), 64: (2e-2, 1e-2)})
     assert batching.measure(ORTHOGONALIZE, CPU, torch.float32) == 64 * 64
     assert asked == [32, 64]
+
+
+def test_the_climb_stops_when_the_clock_says_the_budget_is_spent(monkeypatch):
+    """Stalls (a busy CPU) that the fastest tries do not show still count."""
+    clock = iter([0.0, 0.1, 0.2, 0.31])   # begin, then after each rung
+    monkeypatch.setattr(batching, "perf_counter", lambda: next(clock))
+    asked = fake_rungs(monkeypatch, {side: (1e-6, 2e-6) for side in batching.SIDES})
+    assert batching.measure(ORTHOGONALIZE, CPU, torch.float32) == 256 * 256
+    assert asked == [32, 64, 128]
 
 
 @pytest.mark.parametrize("kind", [ORTHOGONALIZE, LOWRANK])
