@@ -12,12 +12,14 @@ with a projector refresh at every step (``update_proj_gap=1``), giving the refre
 cost and the step cost amortized over the refresh gap.
 """
 import gc
+import time
 from dataclasses import replace
 
 import torch
 from tqdm import tqdm
 
 import matrixopt
+from matrixopt import batching as stack_limits
 
 from . import passes
 from .common import cpu_peak_bytes, default_device, median_ms
@@ -150,7 +152,11 @@ def run(quick: bool = False, sets=None, optimizers=None, warmup: int | None = No
               "matrixopt's AdamW fallback (a matrix=False group); the low-rank peers' group without a rank "
               "(galore-torch and apollo-torch: a per-tensor Adam loop; pytorch-optimizer: foreach)",
               "torch.optim.Muon orthogonalizes in bf16 everywhere; matrixopt in bf16 on CUDA and fp32 "
-              "elsewhere (its ns_dtype default)"]
+              "elsewhere (its ns_dtype default)",
+              "Batching table: the limits are elements m·n from which a matrix runs alone (None: none); "
+              "'fixed limit' is matrixopt.batching.DEFAULT_LIMITS (measured on the reference CPU at one "
+              f"thread), 'measured limit' what matrixopt.batching.measure finds here at "
+              f"{torch.get_num_threads()} CPU threads (square matrices, kernels only), 'measure ms' its cost"]
     sections.update(passes.run())
     notes.append("Passes over memory (benchmarks.passes): the aten ops of one plain step that read or write "
                  "each tensor; torch's fused Adam/AdamW kernels declare their gradient arguments mutable in "
@@ -170,9 +176,17 @@ CI_BATCHING_SHAPES = [(32, 32), (256, 256)]   # for the "ci" set the tests run
 def batching(shapes, device, warmup: int, repeats: int, count: int = 8) -> list[dict]:
     """ms per step of ``count`` same-shape matrices stacked into one bucket, and one matrix per
     bucket, for Muon and GaLoreAdamW (rank d/4, no refresh): the measurement behind each
-    optimizer's ``unbatched_elements``."""
+    optimizer's ``unbatched_elements``; beside it, the fixed limit of its kind of work and the
+    one measured on this machine (in the dtype its work runs in: Muon's ns_dtype)."""
     rows = []
-    for cls, kwargs in ((matrixopt.Muon, {}), (matrixopt.GaLoreAdamW, dict(rank=0.25, update_proj_gap=10**9))):
+    ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for cls, kind, dtype, kwargs in ((matrixopt.Muon, stack_limits.ORTHOGONALIZE, ns_dtype, {}),
+                                     (matrixopt.GaLoreAdamW, stack_limits.LOWRANK, torch.float32,
+                                      dict(rank=0.25, update_proj_gap=10**9))):
+        start = time.perf_counter()
+        limits = {"fixed limit": stack_limits.DEFAULT_LIMITS[kind].get(device.type),
+                  "measured limit": stack_limits.measure(kind, device, dtype),
+                  "measure ms": 1e3 * (time.perf_counter() - start)}
         for shape in shapes:
             times = {}
             for label, threshold in (("stacked", 1 << 62), ("one per bucket", 0)):
@@ -186,7 +200,7 @@ def batching(shapes, device, warmup: int, repeats: int, count: int = 8) -> list[
             rows.append({"optimizer": cls.__name__, "shape": f"{count}×{shape[0]}×{shape[1]}",
                          "elements": shape[0] * shape[1], "stacked ms": times["stacked"],
                          "one per bucket ms": times["one per bucket"],
-                         "one per bucket / stacked": times["one per bucket"] / times["stacked"]})
+                         "one per bucket / stacked": times["one per bucket"] / times["stacked"], **limits})
             print(rows[-1], flush=True)
     return rows
 
