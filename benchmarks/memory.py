@@ -429,6 +429,10 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
     params = sum(p.numel() for p in model.parameters())
     activations = saved_activation_bytes(model, tokens)
     del model
+    # matrixopt measures its stack-or-not limits once per process, at an optimizer's first
+    # step: measured here, no row's peak or temporaries include the measurement.
+    stack_limits = {kind: matrixopt.batching.stack_limit(kind, device, torch.float32)
+                    for kind in (matrixopt.batching.ORTHOGONALIZE, matrixopt.batching.LOWRANK)}
     rows, notes, temporaries = [], [], {}
     progress = tqdm(rows_to_run, desc="memory", unit="row")
     for c in progress:
@@ -459,7 +463,8 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
                 "Not run in this build": [r for r in rows if "note" in r],
                 "Targets (issue 15): peak vs torch.optim.AdamW's": targets(rows)}
     extra = {"settings": {"config": config, "batch": batch, "seq_len": seq_len, "device": str(device),
-                          "dtype": "float32", "activations_bytes": activations, **vars(settings)},
+                          "dtype": "float32", "activations_bytes": activations, "stack_limits": stack_limits,
+                          **vars(settings)},
              "byte_model": "W + S + max(A + L, G + T); with a step in backward W + S + A + L + G + T "
                            "(see benchmarks/memory.py)", "notes": notes + PEER_NOTES}
     if cuda or fit_budget_gib is not None:

@@ -1,4 +1,5 @@
 """matrixopt: memory-efficient, matrix-aware optimizers that drop in for torch.optim.AdamW."""
+from . import batching
 from .aro import ARO
 from .backward import step_in_backward
 from .coso import CoSOAdamW
@@ -24,6 +25,8 @@ __all__ = ["ARO", "AdamWFallback", "CoSOAdamW", "DCTAdamW", "GaLoreAdamW", "LowR
            "MATCH_ADAMW_RMS", "ns_schedule",
            # the shipped projectors (GaLore's top singular subspace, DCT columns), for a LowRankAdamW of one's own
            "DCTProjector", "SVDProjector",
+           # stack or not: the measured (or pinned) limits from which a matrix's work runs alone
+           "batching",
            # how state_precision stores state: the int8 codes, (de)quantization, bf16 stochastic rounding
            "Code", "SECOND_MOMENT_CODE", "SIGNED_CODE", "code_of", "dequantize", "quantize", "round_bf16"]
 __version__ = "0.1.0"

@@ -83,7 +83,7 @@ class StepInBackward:
         integer(1)("accumulation_steps", accumulation_steps)
         if max_grad_norm is not None:
             real(0.0, lo_open=True)("max_grad_norm", max_grad_norm)
-        if optimizer._replicated:
+        if optimizer._planner.replicated:
             raise ValueError(f"step_in_backward does not support {type(optimizer).__name__}(distributed="
                              "'replicated' or process_group=...): its hooks run before DDP averages the "
                              "gradients, so each rank would update from its own; use FSDP2 (fully_shard) or "

@@ -49,6 +49,8 @@ import torch.distributed as dist
 
 from matrixopt.kernels import newton_schulz
 
+from .ns_table import MUON_COEFFICIENTS
+
 #: Kinds of work whose batching is measured: Newton-Schulz on a stack (Muon, ROOT, ARO), and
 #: a low-rank projection with its back-projection added to the weights (GaLore, DCT, CoSO).
 ORTHOGONALIZE, LOWRANK = "orthogonalize", "lowrank"
@@ -88,7 +90,7 @@ MEASURE_SECONDS = 0.3
 FORMAT = 1
 
 # Five Newton-Schulz steps (Muon's quintic): the values do not change the cost.
-_SCHEDULE = [(3.4445, -4.7750, 2.0315)] * 5
+_SCHEDULE = [MUON_COEFFICIENTS] * 5
 _measured: dict[str, int] = {}
 
 

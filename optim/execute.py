@@ -58,13 +58,13 @@ class NonFinite:
 class Executor:
     """Runs ``rule`` (its ``_prepare`` and ``_update``) and ``fallback`` over the planner's
     buckets; ``name_of(group, i)`` names a param, ``place_of(group)`` gives a group's index in
-    the optimizer (it seeds the stochastic rounding)."""
+    the optimizer (it seeds the stochastic rounding), ``nonfinite`` keeps the non-finite
+    policy's record across steps."""
 
     def __init__(self, planner: Planner, declarations: Declarations, rule: MatrixRule, fallback: Fallback,
-                 name_of: Callable[[dict, int], str], place_of: Callable[[dict], int]):
+                 name_of: Callable[[dict, int], str], place_of: Callable[[dict], int], nonfinite: NonFinite):
         self.planner, self.declarations, self.rule, self.fallback = planner, declarations, rule, fallback
-        self.name_of, self.place_of = name_of, place_of
-        self.nonfinite = NonFinite()
+        self.name_of, self.place_of, self.nonfinite = name_of, place_of, nonfinite
 
     def step(self, state: dict, selection: list[tuple[dict, range | list[int]]], limits: Limits,
              fallback_chunk: int) -> None:

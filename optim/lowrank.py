@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from .batching import LOWRANK
 from .matrices import local_matrices
 from .ops import Out, Rows, Whole, apply_update, stacked_call
 from .optimizer import MatrixOptimizer
@@ -250,12 +251,9 @@ class LowRankAdamW(MatrixOptimizer):
     #: memory, so a bucket is about one large matrix (2^22 elements: one 2048², or 64 of 256²),
     #: where batching stops paying on a GPU anyway.
     max_bucket_elements = 1 << 22
-    #: A bucket of its own from 2^14 elements on a CPU: there the projections run as one
-    #: matmul each and the update as one matmul into the weight (``add_back``), with no stack
-    #: to copy in and out: 0.78-0.88× the stacked time from 128×128 to 512×1376, the same
-    #: (0.98-1.01×) at 32² and 64² (the step benchmark's batching table,
-    #: benchmarks/results/step-cpu2-2026-12-01.md).
-    unbatched_elements = {"cpu": 1 << 14}
+    #: Stack or not: measured for the projection and its back-projection into the weight
+    #: (``add_back``, when a matrix runs alone), see :func:`matrixopt.batching.stack_limit`.
+    stack_work = LOWRANK
 
     def __init__(self, params, make_projector: Callable, projector_keys: tuple[str, ...], *, lr, betas, eps,
                  weight_decay, rank, update_proj_gap, scale, proj_dtype, nonfinite, carry_moments: str | None = None,

@@ -29,8 +29,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .batching import ORTHOGONALIZE
 from .distributed import MODES, check_placement
-from .execute import Executor
+from .execute import Executor, NonFinite
 from .fallback import AdamW
 from .matrices import block_sizes, matrix_shape
 from .plan import Bucket, Limits, Planner, equal_blocks, is_matrix, unequal_blocks
@@ -67,13 +68,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
     #: Per device type, the matrix size (elements) from which a matrix gets a bucket of its
     #: own: stacking copies every matrix of a bucket, which pays only while the batched
     #: kernel saves more than the copy costs (and a bucket's element-wise temporaries — the
-    #: Nesterov inputs, the updates — live together: one matrix's, alone). On a CPU (one
-    #: thread, 8 same-shape matrices, the batching table of `python -m benchmarks step
-    #: --quick`, benchmarks/results/step-cpu2-2026-12-01.md) one Muon matrix per bucket takes
-    #: 1.1-1.6× the stacked time up to 128×512, about the same at 256² and 512² (0.95-0.96×),
-    #: and less at 512×1376 (0.88×). On a GPU batching pays for Newton-Schulz up to 2048²
-    #: (32 stacked 1024² ones run 7× faster than one by one on an H200): no CUDA entry.
-    unbatched_elements = {"cpu": 1 << 18}
+    #: Nesterov inputs, the updates — live together: one matrix's, alone). None (default):
+    #: measured where the optimizer runs, per device, thread count, CPU and dtype
+    #: (:func:`matrixopt.batching.stack_limit`, ``MATRIXOPT_STACK_LIMITS`` pins it); a table
+    #: such as ``{"cpu": 1 << 18}`` fixes it.
+    unbatched_elements: dict | None = None
+    #: The kind of work whose batching :func:`matrixopt.batching.stack_limit` measures.
+    stack_work = ORTHOGONALIZE
     #: At a lower ``state_precision``, the most elements the fallback updates in one call
     #: (the executor's fallback chunks), so the fp32 working copies of their moments take a
     #: few MB where a whole head's (8192×768) took 50 MB.
@@ -91,13 +92,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
             defaults = {"state_precision": state_precision, **defaults}
         self._validate_hyperparameters(defaults)
         # Replicated params (DDP): with distributed="replicated" or a process_group, matrix
-        # work is split over process_group's ranks (None: the default group).
-        self._replicated = distributed == "replicated" or process_group is not None
-        self._process_group = process_group
-        self._planner = Planner(self._replicated_group)
-        self._declarations = Declarations(self._rule_state)
-        self._executor = Executor(self._planner, self._declarations, self, self.fallback, self._param_name,
-                                  self._group_index)
+        # work is split over process_group's ranks (None: the default group). The planner
+        # holds nothing of this object's, and the executor is made per step: no reference
+        # cycle, so an optimizer dropped frees its state at once, not at the next collection.
+        self._planner = Planner(distributed == "replicated" or process_group is not None, process_group,
+                                type(self).__name__)
+        self._nonfinite = NonFinite()
         super().__init__(params, defaults)
 
     def __getstate__(self):
@@ -107,7 +107,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
     @property
     def nonfinite_skips(self) -> int:
         """Params skipped for a non-finite gradient so far (one per param and step)."""
-        return self._executor.nonfinite.skips
+        return self._nonfinite.skips
+
+    @property
+    def _declarations(self) -> Declarations:
+        return Declarations(self._rule_state)
+
+    def _executor(self) -> Executor:
+        """The executor of a step (made per step: it refers to this optimizer's methods)."""
+        return Executor(self._planner, self._declarations, self, self.fallback, self._param_name, self._group_index,
+                        self._nonfinite)
 
     # -- construction ------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -241,7 +250,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         non-finite policy, buckets, state, the rules) and no other param is touched.
         :meth:`step` passes every param; :func:`matrixopt.step_in_backward` one whose
         gradient is final."""
-        self._executor.step(self.state, selection, self._limits(), self.fallback_chunk_elements)
+        self._executor().step(self.state, selection, self._limits(), self.fallback_chunk_elements)
 
     @torch.no_grad()
     def for_each_bucket(self, work: Callable[[dict, Bucket], None]) -> None:
@@ -249,24 +258,15 @@ class MatrixOptimizer(torch.optim.Optimizer):
         bucket of matrices that have state, as :meth:`_update` gets it — the weights' matrix
         views, the states as the rule sees them (stored again after), a ``matrix_map`` — but
         with ``grads`` None. Distributed, every rank must call it (the map's collectives)."""
-        loads = {}
+        loads, limits, executor = {}, self._limits(), self._executor()
         for group in self.param_groups:
             params = [p for p in group["params"] if self.is_matrix(group, p) and self.state.get(p)]
-            for items in self._planner.buckets(group, params, self._limits()):
-                bucket = self._planner.bucket(group, items, loads, self._limits(), grads=False)
-                self._executor.run_bucket(self.state, group, bucket, work)
+            for items in self._planner.buckets(group, params, limits):
+                bucket = self._planner.bucket(group, items, loads, limits, grads=False)
+                executor.run_bucket(self.state, group, bucket, work)
 
     def _limits(self) -> Limits:
-        return Limits(self.max_bucket_elements, self.unbatched_elements)
-
-    def _replicated_group(self):
-        """The process group replicated params split their matrix work over, or None."""
-        if not self._replicated:
-            return None
-        if not torch.distributed.is_initialized():
-            raise RuntimeError(f"{type(self).__name__}(distributed='replicated') needs an "
-                               "initialized process group (torch.distributed.init_process_group)")
-        return self._process_group or torch.distributed.group.WORLD
+        return Limits(self.max_bucket_elements, self.unbatched_elements, self.stack_work)
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from .batching import agree, stack_limit
 from .distributed import MatrixWork
 from .matrices import as_matrices, block_sizes, local, matrix_shape, sharded_axis
 from .ops import local_map
@@ -121,19 +122,34 @@ class Bucket(NamedTuple):
 
 class Limits(NamedTuple):
     """The batching limits a step plans with (the optimizer's class attributes):
-    ``max_bucket_elements`` per bucket; ``unbatched_elements``: per device type, the matrix
-    size from which a matrix gets a bucket of its own."""
+    ``max_bucket_elements`` per bucket; ``unbatched_elements``: None (measured,
+    :func:`matrixopt.batching.stack_limit`) or a fixed table, per device type the matrix size
+    from which a matrix gets a bucket of its own; ``work``: the rule's kind of work whose
+    batching is measured (:data:`~matrixopt.batching.ORTHOGONALIZE`,
+    :data:`~matrixopt.batching.LOWRANK`)."""
     max_bucket_elements: int
-    unbatched_elements: dict
+    unbatched_elements: dict | None
+    work: str
 
 
 class Planner:
-    """Groups into layouts (cached) and buckets (per step); ``replicated_group()``: the
-    process group replicated params split their matrix work over, or None."""
+    """Groups into layouts (cached) and buckets (per step). ``replicated``: whether the
+    optimizer's params are replicated (DDP), their matrix work split over ``process_group``
+    (None: the default group); ``owner``: the optimizer's class name, for errors."""
 
-    def __init__(self, replicated_group: Callable):
-        self.replicated_group = replicated_group
+    def __init__(self, replicated: bool, process_group, owner: str):
+        self.replicated, self.process_group, self.owner = replicated, process_group, owner
         self._layouts: dict[int, GroupLayout] = {}
+        self._stack_limits: dict[tuple, int] = {}
+
+    def replicated_group(self):
+        """The process group replicated params split their matrix work over, or None."""
+        if not self.replicated:
+            return None
+        if not torch.distributed.is_initialized():
+            raise RuntimeError(f"{self.owner}(distributed='replicated') needs an initialized process group "
+                               "(torch.distributed.init_process_group)")
+        return self.process_group or torch.distributed.group.WORLD
 
     def layout(self, group: dict) -> GroupLayout:
         """The group's :class:`GroupLayout`, made again only when its params, ``blocks`` or
@@ -150,7 +166,7 @@ class Planner:
         """The matrices of ``params`` grouped by (m, n, dtype, device, device mesh), in
         first-seen order, as :class:`Item`\\ s. A bucket holds at most
         ``max_bucket_elements`` elements (a single larger item makes a bucket of its own),
-        and a matrix too large to be stacked (:func:`shares_stacks`) one of its own."""
+        and a matrix too large to be stacked (:meth:`stacks`) one of its own."""
         layout = self.layout(group)
         buckets = defaultdict(list)
         for p in params:
@@ -164,7 +180,7 @@ class Planner:
                     buckets[(rows, p.shape[1], *key)].append((Item(p, b), rows * p.shape[1]))
         chunks = []
         for key, bucket in buckets.items():
-            alone = not shares_stacks(key[0], key[1], key[3], limits)
+            alone = not self.stacks(key[0], key[1], bucket[0][0].param, limits)
             chunk, size = [], 0
             for item, numel in bucket:
                 if chunk and (alone or size + numel > limits.max_bucket_elements):
@@ -203,9 +219,24 @@ class Planner:
         process_group = group_of(params, self.replicated_group())
         return Bucket(params, weights, grad_views, None, (m, n), isinstance(params[0], DTensor),
                       process_group is not None, self.matrix_map(params, shapes, loads, process_group),
-                      [b for _, b in items],
-                      self.layout(group).places(params), [s[0] for s in shapes],
-                      shares_stacks(m, n, weights[0].device, limits))
+                      [b for _, b in items], self.layout(group).places(params), [s[0] for s in shapes],
+                      self.stacks(m, n, params[0], limits))
+
+    def stacks(self, m: int, n: int, p: Tensor, limits: Limits) -> bool:
+        """Whether m×n matrices of params like ``p`` (dtype, device, process group) share
+        stacks: below the stack limit of the rule's kind of work there
+        (:func:`matrixopt.batching.stack_limit`: the optimizer's fixed table, a pinned one, or
+        measured on this device, thread count and CPU), the same on every rank of the group
+        the matrices' work spans (:func:`matrixopt.batching.agree`). Decided once per
+        optimizer and key (a thread count set later does not change it)."""
+        process_group = group_of([p], self.replicated_group())
+        table = limits.unbatched_elements
+        key = (limits.work, p.device, p.dtype, tuple(sorted(table.items())) if table is not None else None,
+               process_group)
+        if key not in self._stack_limits:
+            limit = stack_limit(limits.work, p.device, p.dtype, table)
+            self._stack_limits[key] = limit if process_group is None else agree(limit, process_group, local(p).device)
+        return m * n < self._stack_limits[key]
 
     def keep(self, group: dict, bucket: Bucket, kept: set[int], loads: dict, limits: Limits) -> Bucket | None:
         """``bucket`` with only the params in ``kept`` (ids of those whose check passed; None
@@ -247,12 +278,6 @@ class Planner:
             return work(entries).map(fn, inputs, outputs)
 
         return matrix_map
-
-
-def shares_stacks(m: int, n: int, device: torch.device, limits: Limits) -> bool:
-    """Whether m×n matrices share stacks on ``device``; from ``unbatched_elements`` on,
-    batching does not pay there and a matrix runs alone."""
-    return m * n < limits.unbatched_elements.get(device.type, 1 << 62)
 
 
 def group_of(params, replicated_group):

@@ -33,7 +33,7 @@ PACKAGE_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m
 OPTIM = Path(matrixopt.__file__).parent
 #: The shell's files: what torch.optim sees and everything a step is planned and run with.
 SHELL = {"optimizer.py", "plan.py", "execute.py", "state.py", "precision.py", "distributed.py", "matrices.py",
-         "report.py", "seeding.py", "validation.py", "backward.py", "protocols.py"}
+         "report.py", "seeding.py", "validation.py", "backward.py", "protocols.py", "batching.py"}
 
 
 def _ours(frame) -> bool:
@@ -354,3 +354,25 @@ def test_the_shipped_projectors_and_fallbacks_implement_their_protocols():
         assert isinstance(opt.fallback, Fallback), cls
     assert isinstance(matrixopt.AdamWFallback(), Fallback)
     assert not isinstance(object(), Projector) and not isinstance(object(), Fallback)
+
+
+@pytest.mark.parametrize("cls", [matrixopt.Muon, matrixopt.GaLoreAdamW, matrixopt.CoSOAdamW])
+def test_a_dropped_optimizer_frees_its_state_at_once(cls):
+    """No reference cycle through the shell's parts: the last reference to an optimizer gone,
+    its state is freed without waiting for the garbage collector (``del opt`` before
+    ``torch.cuda.empty_cache()`` gives the memory back)."""
+    import gc
+    import weakref
+
+    p = torch.nn.Parameter(torch.randn(12, 8))
+    opt = cls([p], lr=0.01)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.for_each_bucket(lambda group, bucket: None)
+    state = weakref.ref(next(iter(opt.state[p].values())) if cls is matrixopt.Muon else opt.state[p]["exp_avg"])
+    gc.disable()
+    try:
+        del opt
+        assert state() is None
+    finally:
+        gc.enable()

@@ -210,3 +210,56 @@ def _agree_worker(rank: int):
 
 def test_every_rank_gets_the_smallest_limit():
     spawn(_agree_worker)
+
+
+# -- the planner ----------------------------------------------------------------------------------
+
+def bucket_sizes(opt, params):
+    return [len(b) for b in opt._planner.buckets(opt.param_groups[0], params, opt._limits())]
+
+
+def square_params(side: int, count: int = 3):
+    return [torch.nn.Parameter(torch.randn(side, side)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("cls, kind", [("Muon", ORTHOGONALIZE), ("GaLoreAdamW", LOWRANK)])
+def test_the_planner_stacks_below_the_limit_of_the_rules_kind_of_work(measured, monkeypatch, cls, kind):
+    """Unpinned, an optimizer's buckets follow the limit measured for its kind of work: with
+    4096 measured, 32² matrices share a stack and 64² ones run alone; the measurement is
+    asked once per optimizer and key, for the rule's kind."""
+    import matrixopt
+
+    _, calls = measured
+    small, large = square_params(32), square_params(64)
+    opt = getattr(matrixopt, cls)(small + large, rank=4) if cls == "GaLoreAdamW" else matrixopt.Muon(small + large)
+    assert bucket_sizes(opt, small) == [3] and bucket_sizes(opt, large) == [1, 1, 1]
+    assert calls == [(kind, "cpu", torch.float32)]
+
+
+def test_a_fixed_table_on_the_optimizer_wins_over_the_measurement(measured):
+    import matrixopt
+
+    _, calls = measured
+    params = square_params(64)
+    opt = matrixopt.Muon(params)
+    opt.unbatched_elements = {"cpu": 1 << 20}
+    assert bucket_sizes(opt, params) == [3] and calls == []
+
+
+def _planner_agree_worker(rank: int):
+    """Ranks that measured different limits (pinned per rank here) build the same buckets: the
+    smallest limit's. Replicated params (DDP): their matrix work spans the group."""
+    import os
+
+    import matrixopt
+
+    os.environ[batching.ENV_LIMITS] = ["orthogonalize:cpu=16384", "orthogonalize:cpu=2048"][rank]
+    torch.manual_seed(0)
+    params = square_params(32) + square_params(64)
+    opt = matrixopt.Muon(params, distributed="replicated")
+    # 2048 on both: 32² (1024) share a stack, 64² (4096) run alone (rank 0's 16384 would stack them)
+    assert bucket_sizes(opt, params) == [3, 1, 1, 1]
+
+
+def test_ranks_plan_with_the_smallest_limit_any_of_them_measured():
+    spawn(_planner_agree_worker)
