@@ -117,7 +117,7 @@ class Executor:
             if all(state.get(p) for p in bucket.params):
                 # Working views dequantize an entry only when read (_prepare reads bases, not
                 # moments) and are dropped here: the update makes its own.
-                views = self._states(group, items, self.declarations.working(group, bucket.params,
+                views = self._states(items, self.declarations.working(group, bucket.params,
                                                                              [state[p] for p in bucket.params]))
                 tensors, prepared = self.rule._prepare(group, bucket._replace(states=views))
                 bucket = bucket._replace(prepared=prepared)
@@ -132,19 +132,19 @@ class Executor:
         return screen(group, plan.indices, plan.checked, process_group, self.name_of, self.nonfinite)
 
     @staticmethod
-    def _states(group: dict, items: list[Item], states: list) -> list:
+    def _states(items: list[Item], states: list) -> list:
         """Each item's state, or a block's view of it (:class:`~matrixopt.state.BlockState`)."""
         return [s if b is None else BlockState(s, b) for s, (_, b) in zip(states, items)]
 
     def run_bucket(self, state: dict, group: dict, bucket: Bucket,
-               rule: Callable[[dict, Bucket], None] | None = None) -> None:
+                   rule: Callable[[dict, Bucket], None] | None = None) -> None:
         """``rule`` (default: the rule's ``_update``) on ``bucket`` with its states as the rule
         sees them (created on first use), stored again after; weights that could not be
         viewed as matrices are written back."""
         items = [Item(p, b) for p, b in zip(bucket.params, bucket.blocks)]
         views = self.declarations.working(group, bucket.params,
                                           self.declarations.create(state, group, bucket.params))
-        (rule or self.rule._update)(group, bucket._replace(states=self._states(group, items, views)))
+        (rule or self.rule._update)(group, bucket._replace(states=self._states(items, views)))
         self._write_back(group, bucket.params, views)
         # as_matrices copies a param it cannot view (e.g. channels_last); write those back.
         for (p, b), w in zip(items, bucket.weights):

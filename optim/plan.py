@@ -180,7 +180,8 @@ class Planner:
                     buckets[(rows, p.shape[1], *key)].append((Item(p, b), rows * p.shape[1]))
         chunks = []
         for key, bucket in buckets.items():
-            alone = not self.stacks(key[0], key[1], bucket[0][0].param, limits)
+            first = bucket[0][0].param
+            alone = not self.stacks(key[0], key[1], first, limits, group_of([first], self.replicated_group()))
             chunk, size = [], 0
             for item, numel in bucket:
                 if chunk and (alone or size + numel > limits.max_bucket_elements):
@@ -220,16 +221,15 @@ class Planner:
         return Bucket(params, weights, grad_views, None, (m, n), isinstance(params[0], DTensor),
                       process_group is not None, self.matrix_map(params, shapes, loads, process_group),
                       [b for _, b in items], self.layout(group).places(params), [s[0] for s in shapes],
-                      self.stacks(m, n, params[0], limits))
+                      self.stacks(m, n, params[0], limits, process_group))
 
-    def stacks(self, m: int, n: int, p: Tensor, limits: Limits) -> bool:
+    def stacks(self, m: int, n: int, p: Tensor, limits: Limits, process_group) -> bool:
         """Whether m×n matrices of params like ``p`` (dtype, device, process group) share
         stacks: below the stack limit of the rule's kind of work there
         (:func:`matrixopt.batching.stack_limit`: the optimizer's fixed table, a pinned one, or
         measured on this device, thread count and CPU), the same on every rank of the group
-        the matrices' work spans (:func:`matrixopt.batching.agree`). Decided once per
-        optimizer and key (a thread count set later does not change it)."""
-        process_group = group_of([p], self.replicated_group())
+        the matrices' work spans (``process_group``, or None: :func:`matrixopt.batching.agree`).
+        Decided once per optimizer and key (a thread count set later does not change it)."""
         table = limits.unbatched_elements
         key = (limits.work, p.device, p.dtype, tuple(sorted(table.items())) if table is not None else None,
                process_group)
