@@ -22,6 +22,11 @@ elements m·n from which a matrix runs alone (a bucket of its own), taken from, 
    ~40 ms for the low-rank work; device types other than CPU and CUDA are not measured: no
    limit, as before).
 
+Memory: the measurement allocates each rung's matrices for a moment, at an optimizer's first step
+(inside the first backward with ``step_in_backward``): ~10-20 MB on a CPU, on a GPU up to ~200 MiB
+at the 2048² rung plus its temporaries, kept by the caching allocator. Where the first step's
+peak matters, pin the limits or let an earlier process persist them.
+
 The measurement times the kernels of a bucket's work (the rule's per-bucket ones included),
 not the shell's Python per bucket, which favours stacking small matrices a little more; it
 decides by elements, as the fixed tables did, from square matrices (a 128×512 Newton-Schulz
@@ -34,7 +39,7 @@ bit-identical (the test suite, golden trajectories) pin the limits, by setting
 
 Distributed: every rank must build the same buckets, or their collectives mismatch and hang;
 ranks measure on their own, so where a bucket's work spans a process group the planner takes
-:func:`agree` of the limit (the ranks' smallest), once per plan.
+:func:`agree` of the limit (the ranks' smallest), once per optimizer and key.
 """
 import functools
 import json
@@ -96,8 +101,9 @@ _measured: dict[str, int] = {}
 
 def stack_limit(kind: str, device: torch.device, dtype: torch.dtype, table: dict | None = None) -> int:
     """Elements m·n from which an m×n matrix's ``kind`` of work (:data:`ORTHOGONALIZE`,
-    :data:`LOWRANK`) runs alone on ``device`` in ``dtype`` (the dtype the work runs in: Muon's
-    ns_dtype, the low-rank rules' params'); smaller ones share stacks. ``table``: an
+    :data:`LOWRANK`) runs alone on ``device`` for params of ``dtype`` (the planner passes the
+    params' dtype; Muon's bf16 Newton-Schulz on a GPU is measured in it too); smaller ones
+    share stacks. ``table``: an
     optimizer's fixed per-device-type table, which wins. See the module docstring."""
     if kind not in DEFAULT_LIMITS:
         raise ValueError(f"Unknown kind of work {kind!r}; expected one of {tuple(DEFAULT_LIMITS)}")
@@ -133,7 +139,8 @@ def measure(kind: str, device: torch.device, dtype: torch.dtype) -> int:
 def agree(limit: int, process_group, device: torch.device | None = None) -> int:
     """The smallest of the ``limit`` each rank of ``process_group`` measured, so that every
     rank builds the same buckets; a collective, which every rank of the group must call
-    (the planner does, where a bucket's matrix work spans the group, once per plan).
+    (the planner does, where a bucket's matrix work spans the group, once per optimizer and
+    key).
     ``device``: where the collective's tensor lives (the params' device; None: the current
     CUDA device under NCCL, else the CPU)."""
     if dist.get_world_size(process_group) == 1:
@@ -205,7 +212,7 @@ def _stack(tensors):
     return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
 
 
-def _apply(weights, updates) -> None:
+def _apply_update(weights, updates) -> None:
     """W ← (1 − ηλ)W − η·U, as ``apply_update`` (foreach over the bucket)."""
     torch._foreach_mul_(weights, 1 - 1e-4)
     torch._foreach_add_(weights, updates, alpha=-1e-3)
@@ -216,7 +223,7 @@ def _orthogonalize(weights, grads, momenta) -> None:
     stack, split, applied."""
     torch._foreach_lerp_(momenta, grads, 0.05)
     inputs = torch._foreach_lerp(grads, momenta, 0.95)
-    _apply(weights, list(newton_schulz(_stack(inputs), _SCHEDULE, method="auto").split(1)))
+    _apply_update(weights, list(newton_schulz(_stack(inputs), _SCHEDULE, method="auto").split(1)))
 
 
 def _lowrank(weights, grads, bases, exp_avgs, exp_avg_sqs) -> None:
@@ -228,7 +235,7 @@ def _lowrank(weights, grads, bases, exp_avgs, exp_avg_sqs) -> None:
     torch._fused_adam_(steps, lows, exp_avgs, exp_avg_sqs, [], [torch.ones((), device=lows[0].device)] * len(lows),
                        lr=-1.0, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
     if len(weights) > 1:
-        _apply(weights, list((_stack(steps) @ _stack(bases).mT).split(1)))
+        _apply_update(weights, list((_stack(steps) @ _stack(bases).mT).split(1)))
     else:
         weights[0].baddbmm_(steps[0], bases[0].mT, beta=1 - 1e-4, alpha=-1e-3)
 

@@ -505,8 +505,7 @@ class CoSOAdamW(LowRankAdamW):
         count = [s["history_count"] for s in states]
         A = [s["sketch"] for s in states]
         E = [s["sketch_energy"] for s in states]
-        seeds = bucket_seeds(bucket, range(len(states)), steps, seed=group["seed"],
-                             group_index=self._group_index(group), stream=(SKETCH_STREAM,))
+        seeds = bucket_seeds(bucket, range(len(states)), steps, seed=group["seed"], stream=(SKETCH_STREAM,))
         (new,) = bucket.matrix_map(functools.partial(_accumulate, proj),
                                    [Rows(bucket.grads), Whole(H), Whole(count), Whole(A), Whole(seeds)],
                                    [Out(A[0].shape[-2:], A[0].dtype, whole=True)])

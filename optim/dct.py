@@ -1,6 +1,5 @@
 """DCTAdamW: Adam in a low-rank subspace picked from a fixed DCT basis (no SVD)."""
-from .matrices import resolve_rank
-from .plan import unequal_blocks
+from .matrices import resolve_rank, unequal_blocks
 from .lowrank import LowRankAdamW
 from .projectors import DCTProjector, work_dtype
 from .validation import choice

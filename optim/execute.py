@@ -109,9 +109,9 @@ class Executor:
         matrices = [params[i] for i in indices if layout.params[id(params[i])].matrix]
         fallback = [i for i in indices if not layout.params[id(params[i])].matrix]
         checked = {i: [local(params[i].grad)] for i in fallback}
-        buckets = []
+        buckets, group_index = [], self.place_of(group)
         for items in self.planner.buckets(group, matrices, limits):
-            bucket = self.planner.bucket(group, items, loads, limits)
+            bucket = self.planner.bucket(group, group_index, items, loads, limits)
             tensors = bucket.grads
             # State is created only once the check has passed (an error leaves none behind).
             if all(state.get(p) for p in bucket.params):

@@ -301,7 +301,7 @@ class LowRankAdamW(MatrixOptimizer):
         due = [i for i, s in enumerate(states) if s["step"] % group["update_proj_gap"] == 0]
         if due:
             seeds = bucket_seeds(bucket, due, [states[i]["step"] // group["update_proj_gap"] for i in due],
-                                 seed=group["seed"], group_index=self._group_index(group)) if proj.randomized else None
+                                 seed=group["seed"]) if proj.randomized else None
             fresh, status = refresh_bases(proj, bucket, due, seeds=seeds,
                                     carry=bool(self._carry_key and group[self._carry_key]))
             for i, low in zip(due, fresh):

@@ -63,6 +63,16 @@ def block_sizes(name: str, value, p: Tensor) -> list[int] | None:
     return list(sizes)
 
 
+def equal_blocks(sizes: list[int] | None) -> int | None:
+    """The count of a split into equal row blocks (None: not split, or unequal blocks)."""
+    return len(sizes) if sizes and len(set(sizes)) == 1 else None
+
+
+def unequal_blocks(sizes: list[int] | None) -> list[int] | None:
+    """The row sizes of a split into blocks of different sizes (None otherwise)."""
+    return sizes if sizes and len(set(sizes)) > 1 else None
+
+
 def local(t: Tensor) -> Tensor:
     """The rank's shard of a DTensor; a plain tensor as is."""
     return t.to_local() if isinstance(t, DTensor) else t

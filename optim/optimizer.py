@@ -33,8 +33,8 @@ from .batching import ORTHOGONALIZE
 from .distributed import MODES, check_placement
 from .execute import Executor, NonFinite
 from .fallback import AdamW
-from .matrices import block_sizes, matrix_shape
-from .plan import Bucket, Limits, Planner, equal_blocks, is_matrix, unequal_blocks
+from .matrices import block_sizes, equal_blocks, matrix_shape, unequal_blocks
+from .plan import Bucket, Limits, Planner, is_matrix
 from .precision import PRECISIONS
 from .state import Declarations, State, storage_bytes
 from .validation import betas_in_unit_interval, choice, real
@@ -108,6 +108,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def nonfinite_skips(self) -> int:
         """Params skipped for a non-finite gradient so far (one per param and step)."""
         return self._nonfinite.skips
+
+    @nonfinite_skips.setter
+    def nonfinite_skips(self, value: int) -> None:
+        self._nonfinite.skips = value
 
     @property
     def _declarations(self) -> Declarations:
@@ -250,6 +254,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         non-finite policy, buckets, state, the rules) and no other param is touched.
         :meth:`step` passes every param; :func:`matrixopt.step_in_backward` one whose
         gradient is final."""
+        self._planner.retain(self.param_groups)
         self._executor().step(self.state, selection, self._limits(), self.fallback_chunk_elements)
 
     @torch.no_grad()
@@ -258,11 +263,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
         bucket of matrices that have state, as :meth:`_update` gets it — the weights' matrix
         views, the states as the rule sees them (stored again after), a ``matrix_map`` — but
         with ``grads`` None. Distributed, every rank must call it (the map's collectives)."""
+        self._planner.retain(self.param_groups)
         loads, limits, executor = {}, self._limits(), self._executor()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if self.is_matrix(group, p) and self.state.get(p)]
             for items in self._planner.buckets(group, params, limits):
-                bucket = self._planner.bucket(group, items, loads, limits, grads=False)
+                bucket = self._planner.bucket(group, gi, items, loads, limits, grads=False)
                 executor.run_bucket(self.state, group, bucket, work)
 
     def _limits(self) -> Limits:

@@ -1,7 +1,7 @@
 """The planner: a step's param groups as typed plans of work.
 
-Per group, once (:class:`GroupLayout`, cached until the group's params, ``blocks`` or
-``matrix`` change): which params are matrices, how each is seen ((B, m, n), equal or unequal
+Per group, once (:class:`GroupLayout`, cached until one of the group's params — which
+tensor, or its shape — its ``blocks`` or ``matrix`` changes): which params are matrices, how each is seen ((B, m, n), equal or unequal
 row blocks) and its index in the group. Per step: the group's matrices in :class:`Bucket`\\ s
 of same-shape matrices (:meth:`Planner.buckets`, :meth:`Planner.bucket`), its fallback
 params, and the ``matrix_map`` each bucket's whole-matrix work runs through
@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from .batching import agree, stack_limit
 from .distributed import MatrixWork
-from .matrices import as_matrices, block_sizes, local, matrix_shape, sharded_axis
+from .matrices import as_matrices, block_sizes, equal_blocks, local, matrix_shape, sharded_axis, unequal_blocks
 from .ops import local_map
 from .state import RowState
 
@@ -27,16 +27,6 @@ def is_matrix(group: dict, p: Tensor) -> bool:
     flag, or ``p.ndim >= 2`` where it has none."""
     flag = group.get("matrix")
     return p.ndim >= 2 if flag is None else bool(flag)
-
-
-def equal_blocks(sizes: list[int] | None) -> int | None:
-    """The count of a split into equal row blocks (None: not split, or unequal blocks)."""
-    return len(sizes) if sizes and len(set(sizes)) == 1 else None
-
-
-def unequal_blocks(sizes: list[int] | None) -> list[int] | None:
-    """The row sizes of a split into blocks of different sizes (None otherwise)."""
-    return sizes if sizes and len(set(sizes)) > 1 else None
 
 
 class ParamLayout(NamedTuple):
@@ -66,8 +56,9 @@ class GroupLayout(NamedTuple):
 
 
 def _signature(group: dict) -> tuple:
-    params = group["params"]
-    return id(params), len(params), repr(group.get("blocks")), group.get("matrix")
+    """What a group's layout is made from: each param (identity and shape, in order), the
+    group's ``blocks`` and ``matrix``."""
+    return (tuple((id(p), p.shape) for p in group["params"]), repr(group.get("blocks")), group.get("matrix"))
 
 
 def param_layout(group: dict, index: int, p: Tensor) -> ParamLayout:
@@ -98,7 +89,8 @@ class Bucket(NamedTuple):
     ``blocks``: per entry, None (all of the param's matrices) or b (block b of a param split
     into blocks of unequal sizes; then ``params`` repeats the param and ``states`` is the
     block's).
-    ``places``: per entry, the param's index in its group (it names and seeds it).
+    ``group_index``: the group's index in the optimizer; ``places``: per entry, the param's
+    index in its group (together they name and seed it).
     ``counts``: per entry, the matrices it holds (B_i).
     ``stack``: whether the bucket's matrices are small enough to be stacked with others
     (:attr:`MatrixOptimizer.unbatched_elements`); a larger one has a bucket of its own.
@@ -114,6 +106,7 @@ class Bucket(NamedTuple):
     distributed: bool
     matrix_map: Callable
     blocks: list
+    group_index: int
     places: list[int]
     counts: list[int]
     stack: bool = True
@@ -152,8 +145,8 @@ class Planner:
         return self.process_group or torch.distributed.group.WORLD
 
     def layout(self, group: dict) -> GroupLayout:
-        """The group's :class:`GroupLayout`, made again only when its params, ``blocks`` or
-        ``matrix`` changed."""
+        """The group's :class:`GroupLayout`, made again only when one of its params (which
+        tensor, its shape), its ``blocks`` or ``matrix`` changed."""
         signature = _signature(group)
         cached = self._layouts.get(id(group))
         if cached is None or cached.group is not group or cached.signature != signature:
@@ -161,6 +154,16 @@ class Planner:
                                                     for i, p in enumerate(group["params"])})
             self._layouts[id(group)] = cached
         return cached
+
+    def retain(self, groups: list[dict]) -> None:
+        """Forget the layouts of groups no longer in ``groups`` (removed, or replaced by a
+        load): a layout holds its group, and with it the params."""
+        ids = {id(group) for group in groups}
+        self._layouts = {key: layout for key, layout in self._layouts.items() if key in ids}
+
+    def __getstate__(self):
+        # The caches hold params and process groups (which do not pickle); a copy makes its own.
+        return {**self.__dict__, "_layouts": {}, "_stack_limits": {}}
 
     def buckets(self, group: dict, params: list[Tensor], limits: Limits) -> list[list[Item]]:
         """The matrices of ``params`` grouped by (m, n, dtype, device, device mesh), in
@@ -208,10 +211,11 @@ class Planner:
                 shapes.append((1, shape.row_blocks[b], p.shape[1]))
         return views, shapes
 
-    def bucket(self, group: dict, items: list[Item], loads: dict, limits: Limits, grads: bool = True) -> Bucket:
-        """The :class:`Bucket` of ``items``, without its states (the executor adds them);
-        ``grads``: with the gradients' views. ``loads``: the step's matrix work per rank so
-        far (:meth:`matrix_map`)."""
+    def bucket(self, group: dict, group_index: int, items: list[Item], loads: dict, limits: Limits,
+               grads: bool = True) -> Bucket:
+        """The :class:`Bucket` of ``items`` of ``group`` (the optimizer's group ``group_index``),
+        without its states (the executor adds them); ``grads``: with the gradients' views.
+        ``loads``: the step's matrix work per rank so far (:meth:`matrix_map`)."""
         # Sharded (DTensor) params are updated through their local shards.
         params = [p for p, _ in items]
         weights, shapes = self.views(group, items, [local(p) for p in params])
@@ -220,7 +224,7 @@ class Planner:
         process_group = group_of(params, self.replicated_group())
         return Bucket(params, weights, grad_views, None, (m, n), isinstance(params[0], DTensor),
                       process_group is not None, self.matrix_map(params, shapes, loads, process_group),
-                      [b for _, b in items], self.layout(group).places(params), [s[0] for s in shapes],
+                      [b for _, b in items], group_index, self.layout(group).places(params), [s[0] for s in shapes],
                       self.stacks(m, n, params[0], limits, process_group))
 
     def stacks(self, m: int, n: int, p: Tensor, limits: Limits, process_group) -> bool:
@@ -248,7 +252,7 @@ class Planner:
             return None
         items = [Item(bucket.params[j], bucket.blocks[j]) for j in keep]
         prepared = bucket.prepared and [bucket.prepared[j] for j in keep]
-        return self.bucket(group, items, loads, limits)._replace(prepared=prepared)
+        return self.bucket(group, bucket.group_index, items, loads, limits)._replace(prepared=prepared)
 
     @staticmethod
     def matrix_map(params: list[Tensor], shapes: list[tuple[int, int, int]], loads: dict, process_group) -> Callable:

@@ -25,11 +25,11 @@ def sketch_seeds(seed: int, group_index: int, place: int, count: int, matrices: 
                         dtype=torch.int64)
 
 
-def bucket_seeds(bucket, which: list[int], counts: list[int], *, seed: int, group_index: int,
+def bucket_seeds(bucket, which: list[int], counts: list[int], *, seed: int,
                  stream: tuple[int, ...] = ()) -> list[torch.Tensor]:
     """:func:`sketch_seeds` of a bucket's entries ``which`` (a param, whose matrices are
     ``range(B)``, or block b of one, its own matrix b) at their ``counts``."""
-    return [sketch_seeds(seed, group_index, bucket.places[i], count,
+    return [sketch_seeds(seed, bucket.group_index, bucket.places[i], count,
                          range(bucket.counts[i]) if bucket.blocks[i] is None else range(bucket.blocks[i], bucket.blocks[i] + 1),
                          *stream)
             for i, count in zip(which, counts)]

@@ -33,7 +33,9 @@ PACKAGE_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m
 OPTIM = Path(matrixopt.__file__).parent
 #: The shell's files: what torch.optim sees and everything a step is planned and run with.
 SHELL = {"optimizer.py", "plan.py", "execute.py", "state.py", "precision.py", "distributed.py", "matrices.py",
-         "report.py", "seeding.py", "validation.py", "backward.py", "protocols.py", "batching.py"}
+         "validation.py", "backward.py", "protocols.py", "batching.py"}
+#: What rules and shell share: the matrix-map seam and update, seeds, warnings.
+MECHANICS = {"ops.py", "seeding.py", "report.py"}
 
 
 def _ours(frame) -> bool:
@@ -49,7 +51,7 @@ def _file(frame) -> str:
 def room(file: str) -> str:
     if file.startswith("kernels/"):
         return "kernels"
-    if file == "ops.py":
+    if file in MECHANICS:
         return "mechanics"
     return "shell" if file in SHELL else "rules"
 
@@ -110,6 +112,19 @@ def test_a_galore_step_crosses_at_most_12_room_boundaries(shape, proj_type):
     assert len(path) <= 12, path
     assert {name for *_, name in path} >= {"project", "project_back"}
     assert no_call_back_into_the_shell(path), path
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (matrixopt.GaLoreAdamW, dict(rank=2, update_proj_gap=2)),   # the traced step (t = 2) refreshes
+    (matrixopt.CoSOAdamW, dict(rank=2, update_proj_gap=2, sketch_gap=3)),   # and truncates the sketch
+    (matrixopt.ARO, {}), (matrixopt.ROOT, {}), (matrixopt.DCTAdamW, dict(rank=2, update_proj_gap=2))])
+def test_no_rule_calls_back_into_the_shell(cls, kwargs):
+    """Refresh steps, CoSO's sketch and every rule: what a rule needs comes in its bucket."""
+    path = step_path(warm(cls, (12, 8), **kwargs))
+    names = {name for *_, name in path}
+    assert "_warn_refreshes" in names or cls not in (matrixopt.GaLoreAdamW, matrixopt.CoSOAdamW), names
+    assert "_truncate" in names or cls is not matrixopt.CoSOAdamW, names
+    assert no_call_back_into_the_shell(crossings(path)), crossings(path)
 
 
 def _code_lines(lines: list[str], node) -> int:
@@ -376,3 +391,73 @@ def test_a_dropped_optimizer_frees_its_state_at_once(cls):
         assert state() is None
     finally:
         gc.enable()
+
+
+def test_the_layout_cache_follows_the_groups_params():
+    """The planner's cached layout of a group is made again when a param of it is replaced or
+    changes shape, and a group removed (or replaced by a load) is forgotten, so it keeps no
+    param alive."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    p, q = torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(6, 4))
+    opt = matrixopt.Muon([p], lr=0.01, lr_scaling="original")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    r = torch.nn.Parameter(torch.randn(8, 4))
+    opt.param_groups[0]["params"][0] = r   # replaced in the list
+    r.grad = torch.randn_like(r)
+    opt.step()
+    assert opt._planner.layout(opt.param_groups[0]).of(r).shape == (1, 8, 4)
+    r.data = torch.randn(4, 8)             # a new shape, same tensor object
+    r.grad = torch.randn_like(r)
+    opt.state.pop(r)
+    opt.step()
+    assert opt._planner.layout(opt.param_groups[0]).of(r).shape == (1, 4, 8)
+    opt.add_param_group({"params": [q]})
+    q.grad = torch.randn_like(q)
+    opt.step()
+    gone = weakref.ref(q)
+    opt.param_groups.pop()
+    opt.state.pop(q)
+    del q
+    opt.step()
+    gc.collect()
+    assert gone() is None
+
+
+def test_an_optimizer_pickles_after_distributed_steps(tmp_path):
+    """The planner's caches (which hold params and process groups) do not travel: a replicated
+    optimizer pickles and deep-copies after its first step, as before the split."""
+    import copy
+    import pickle
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        p = torch.nn.Parameter(torch.randn(6, 4))
+        opt = matrixopt.Muon([p], lr=0.01, distributed="replicated")
+        p.grad = torch.randn_like(p)
+        opt.step()
+        copied = copy.deepcopy(opt)
+        loaded = pickle.loads(pickle.dumps(opt))
+        for o in (copied, loaded):
+            torch.testing.assert_close(next(iter(o.state.values()))["momentum_buffer"],
+                                       opt.state[p]["momentum_buffer"], rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nonfinite_skips_can_be_reset():
+    """``nonfinite_skips`` is a counter a training loop may read and reset, as before the split."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = matrixopt.Muon([p], lr=0.01)
+    p.grad = torch.full_like(p, float("nan"))
+    with pytest.warns(RuntimeWarning, match="Non-finite"):
+        opt.step()
+    assert opt.nonfinite_skips == 1
+    opt.nonfinite_skips = 0
+    opt.step()
+    assert opt.nonfinite_skips == 1

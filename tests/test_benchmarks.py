@@ -791,14 +791,14 @@ def test_the_import_check_sees_private_imports():
 import matrixopt
 import matrixopt.precision
 from matrixopt import Muon, kernels, ns_schedule
-from matrixopt.base import MATCH_ADAMW_RMS
+from matrixopt.ops import MATCH_ADAMW_RMS
 from matrixopt.kernels import lowrank_svd, _restore, lowrank
 from matrixopt.kernels.lowrank import rayleigh_ritz
 from . import optimizers
 x = matrixopt.orthogonalize.MUON_COEFFICIENTS, matrixopt.kernels._dispatch, matrixopt.Muon, matrixopt.__all__
 """
     assert sorted(private_imports(source)) == sorted([
-        "import matrixopt.precision", "from matrixopt.base import MATCH_ADAMW_RMS",
+        "import matrixopt.precision", "from matrixopt.ops import MATCH_ADAMW_RMS",
         "from matrixopt.kernels import _restore", "from matrixopt.kernels import lowrank",
         "from matrixopt.kernels.lowrank import rayleigh_ritz", "matrixopt.orthogonalize",
         "matrixopt.kernels._dispatch"])
