@@ -104,7 +104,7 @@ class Executor:
 
     def _plan(self, state: dict, group: dict, indices: list[int], loads: dict, limits: Limits) -> GroupPlan:
         """The group's :class:`GroupPlan`, its buckets prepared where every param has state."""
-        layout = self.planner.layout(group)
+        layout = self.planner.layout(group, check=indices)
         params = group["params"]
         matrices = [params[i] for i in indices if layout.params[id(params[i])].matrix]
         fallback = [i for i in indices if not layout.params[id(params[i])].matrix]

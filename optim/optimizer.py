@@ -266,6 +266,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._planner.retain(self.param_groups)
         loads, limits, executor = {}, self._limits(), self._executor()
         for gi, group in enumerate(self.param_groups):
+            self._planner.layout(group, check=range(len(group["params"])))
             params = [p for p in group["params"] if self.is_matrix(group, p) and self.state.get(p)]
             for items in self._planner.buckets(group, params, limits):
                 bucket = self._planner.bucket(group, gi, items, loads, limits, grads=False)

@@ -1,7 +1,7 @@
 """The planner: a step's param groups as typed plans of work.
 
-Per group, once (:class:`GroupLayout`, cached until one of the group's params — which
-tensor, or its shape — its ``blocks`` or ``matrix`` changes): which params are matrices, how each is seen ((B, m, n), equal or unequal
+Per group, once (:class:`GroupLayout`, cached until the group's params' list, ``blocks`` or
+``matrix`` changes, or a param a step updates is another tensor or has another shape): which params are matrices, how each is seen ((B, m, n), equal or unequal
 row blocks) and its index in the group. Per step: the group's matrices in :class:`Bucket`\\ s
 of same-shape matrices (:meth:`Planner.buckets`, :meth:`Planner.bucket`), its fallback
 params, and the ``matrix_map`` each bucket's whole-matrix work runs through
@@ -31,10 +31,12 @@ def is_matrix(group: dict, p: Tensor) -> bool:
 
 class ParamLayout(NamedTuple):
     """How a group sees one of its params. ``index``: its place in the group's params;
-    ``matrix``: routed to the matrix rule; ``shape``: its (B, m, n) view (equal blocks
-    applied); ``blocks``: the count of equal row blocks, or None; ``row_blocks``: the row
-    sizes of blocks of unequal sizes (each its own matrix), or None."""
+    ``param_shape``: its shape when the layout was made; ``matrix``: routed to the matrix
+    rule; ``shape``: its (B, m, n) view (equal blocks applied); ``blocks``: the count of equal
+    row blocks, or None; ``row_blocks``: the row sizes of blocks of unequal sizes (each its
+    own matrix), or None."""
     index: int
+    param_shape: torch.Size
     matrix: bool
     shape: tuple[int, int, int]
     blocks: int | None
@@ -50,15 +52,22 @@ class GroupLayout(NamedTuple):
     def of(self, p: Tensor) -> ParamLayout:
         return self.params[id(p)]
 
+    def holds(self, index: int, p: Tensor) -> bool:
+        """Whether the layout was made with ``p`` as param ``index``, of its present shape."""
+        entry = self.params.get(id(p))
+        return entry is not None and entry.index == index and entry.param_shape == p.shape
+
     def places(self, params: list[Tensor]) -> list[int]:
         """The params' indices in the group."""
         return [self.params[id(p)].index for p in params]
 
 
 def _signature(group: dict) -> tuple:
-    """What a group's layout is made from: each param (identity and shape, in order), the
-    group's ``blocks`` and ``matrix``."""
-    return (tuple((id(p), p.shape) for p in group["params"]), repr(group.get("blocks")), group.get("matrix"))
+    """What a group's layout is made from, bar its params one by one (see
+    :meth:`GroupLayout.holds`): the params' list and length, the group's ``blocks`` and
+    ``matrix``."""
+    params = group["params"]
+    return id(params), len(params), repr(group.get("blocks")), group.get("matrix")
 
 
 def param_layout(group: dict, index: int, p: Tensor) -> ParamLayout:
@@ -66,7 +75,7 @@ def param_layout(group: dict, index: int, p: Tensor) -> ParamLayout:
     matrix = is_matrix(group, p)
     sizes = block_sizes("blocks", group.get("blocks"), p) if matrix else None
     blocks = equal_blocks(sizes)
-    return ParamLayout(index, matrix, matrix_shape(p, blocks), blocks, unequal_blocks(sizes))
+    return ParamLayout(index, p.shape, matrix, matrix_shape(p, blocks), blocks, unequal_blocks(sizes))
 
 
 class Item(NamedTuple):
@@ -144,12 +153,16 @@ class Planner:
                                "(torch.distributed.init_process_group)")
         return self.process_group or torch.distributed.group.WORLD
 
-    def layout(self, group: dict) -> GroupLayout:
-        """The group's :class:`GroupLayout`, made again only when one of its params (which
-        tensor, its shape), its ``blocks`` or ``matrix`` changed."""
+    def layout(self, group: dict, check=()) -> GroupLayout:
+        """The group's :class:`GroupLayout`, made again when its params' list, ``blocks`` or
+        ``matrix`` changed, or when one of the params at the indices ``check`` is another
+        tensor or has another shape than when it was made (a step checks the params it
+        steps: per step, the work of the params themselves, not of the layout)."""
         signature = _signature(group)
         cached = self._layouts.get(id(group))
-        if cached is None or cached.group is not group or cached.signature != signature:
+        params = group["params"]
+        if (cached is None or cached.group is not group or cached.signature != signature
+                or not all(cached.holds(i, params[i]) for i in check)):
             cached = GroupLayout(group, signature, {id(p): param_layout(group, i, p)
                                                     for i, p in enumerate(group["params"])})
             self._layouts[id(group)] = cached
