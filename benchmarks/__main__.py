@@ -1,10 +1,11 @@
-"""``python -m benchmarks step|kernels|train|update_rms|memory``: tables, plots and results files.
+"""``python -m benchmarks step|kernels|train|update_rms|memory|lean_weights``: tables, plots and results files.
 
     python -m benchmarks train --quick     # the demo: Shakespeare LM, every optimizer, CPU minutes
     python -m benchmarks update_rms --quick  # RMS of ΔW/lr per optimizer, 2 widths × 2 run lengths
     python -m benchmarks continual --quick # three text tasks in a row: forgetting vs plasticity (--seed N)
     python -m benchmarks step --quick      # step time and optimizer-state memory
     python -m benchmarks memory --quick    # peak memory of a whole training step, per optimizer
+    python -m benchmarks lean_weights --quick  # bf16 weights, each master_weights option vs fp32 params
     python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
     python -m benchmarks ns --quick        # Newton-Schulz alone: standard, Gram, the peers (--cpu: target shapes)
 
@@ -125,6 +126,12 @@ COMMANDS = {
         flag("--widths", type=int, nargs="+", help="model widths (default 64 128 with --quick)"),
         flag("--steps", type=int, nargs="+", help="run lengths (default 200 600 with --quick)"),
         flag("--lr", type=float, help="the peak lr every optimizer runs at (default 3e-3 with --quick)"),
+        *RUN_OPTIONS)),
+    "lean_weights": Command("lean_weights", "bf16 params stored with each master_weights option vs fp32 params "
+                                            "under bf16 autocast, several seeds", (
+        flag("--seeds", type=int, help="seeds per cell (default 5)"),
+        flag("--lrs", type=float, nargs="+", help="peak lrs (default 3e-3 3e-4)"),
+        flag("--steps", type=int, help="training steps per run (overrides the size's default)"),
         *RUN_OPTIONS)),
     "kernels": Command(None, "Newton-Schulz and low-rank refresh kernels", device=False, call=call_kernels),
     "ns": Command("ns", "Newton-Schulz: standard and Gram methods, peers, schedules", (

@@ -47,6 +47,10 @@ class TrainConfig:
     update_proj_gap: int = 50
     tie_embeddings: bool = False
     seed: int = 0
+    # The params' dtype ("float32" or "bfloat16"), and whether the forward runs under bf16
+    # autocast (None: on CUDA only).
+    param_dtype: str = "float32"
+    autocast: bool | None = None
     # Up to this many lrs beyond each end of ``lrs`` while an optimizer's best is at that end.
     extend: int = 2
 
@@ -114,6 +118,7 @@ def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress, 
     torch.manual_seed(cfg.seed)
     model = Transformer(ModelConfig(len(corpus.vocab), cfg.dim, cfg.n_layers, cfg.n_heads,
                                     seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings)).to(device)
+    model.to(getattr(torch, cfg.param_dtype))
     groups = matrixopt.param_groups(model)
     matrices = [pair for g in groups if g["matrix"] for pair in g["params"]]
     others = [pair for g in groups if not g["matrix"] for pair in g["params"]]
@@ -126,7 +131,7 @@ def train_one(name: str, lr: float, cfg: TrainConfig, corpus, device, progress, 
     val_x, val_y = (t.to(device) for t in eval_windows(corpus.val, cfg.eval_windows, cfg.seq_len))
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda if cfg.autocast is None else cfg.autocast)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()

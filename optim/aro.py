@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from .weights import DEFAULT_MASTER_WEIGHTS
 from .ops import MATCH_ADAMW_RMS, Out, Rows, Whole, apply_update, default_compute_dtype, local_map, matmul_in
 from .optimizer import MatrixOptimizer
 from .state import State
@@ -215,13 +216,14 @@ class ARO(MatrixOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.95, weight_decay=0.1, base="sinkhorn",
                  sinkhorn_iters=5, rotate_side="smaller", qr="shifted_cholesky",
                  lr_scaling="match_adamw", betas=(0.9, 0.95), eps=1e-8, nonfinite="skip",
-                 matmul_dtype=None, *, fallback=None, distributed=None, process_group=None, state_precision="fp32"):
+                 matmul_dtype=None, *, fallback=None, distributed=None, process_group=None, state_precision="fp32",
+                 master_weights=DEFAULT_MASTER_WEIGHTS):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, base=base,
                         sinkhorn_iters=sinkhorn_iters, rotate_side=rotate_side, qr=qr,
                         lr_scaling=lr_scaling, betas=betas, eps=eps, nonfinite=nonfinite,
                         matmul_dtype=matmul_dtype)
         super().__init__(params, defaults, fallback=fallback, distributed=distributed,
-                         process_group=process_group, state_precision=state_precision)
+                         process_group=process_group, state_precision=state_precision, master_weights=master_weights)
 
     @staticmethod
     def _rotates_rows(group, m: int, n: int) -> bool:

@@ -155,6 +155,7 @@ import torch
 
 from .fallback import AdamW
 from .galore import GaLoreAdamW, svd_projector
+from .weights import DEFAULT_MASTER_WEIGHTS
 from .lowrank import LowRankAdamW, back_projections
 from .matrices import local_matrices, resolve_rank
 from .ops import Out, Rows, Whole, named_map
@@ -474,7 +475,8 @@ class CoSOAdamW(LowRankAdamW):
                  update_proj_gap=200, scale=None, proj_type="std", svd="randomized", reproject_states=False,
                  protect="gradients", side="right", history_energy=0.9, weight_energy=0.5, max_history=1.0,
                  sketch_rank=None, sketch_gap=5, protect_fallback=True, nonfinite="skip", seed=0, proj_dtype=None, *,
-                 fallback=None, distributed=None, process_group=None, state_precision="fp32"):
+                 fallback=None, distributed=None, process_group=None, state_precision="fp32",
+                 master_weights=DEFAULT_MASTER_WEIGHTS):
         self._full_warned: set[str] = set()
         fallback = ProtectedFallback(AdamW() if fallback is None else fallback)
         super().__init__(params, coso_projector,
@@ -482,7 +484,8 @@ class CoSOAdamW(LowRankAdamW):
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                          update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype, nonfinite=nonfinite,
                          carry_moments="reproject_states", fallback=fallback, distributed=distributed,
-                         process_group=process_group, state_precision=state_precision, proj_type=proj_type, svd=svd,
+                         process_group=process_group, state_precision=state_precision,
+                         master_weights=master_weights, proj_type=proj_type, svd=svd,
                          reproject_states=reproject_states, seed=seed, protect=protect, side=side,
                          history_energy=history_energy, weight_energy=weight_energy, max_history=max_history,
                          sketch_rank=sketch_rank, sketch_gap=sketch_gap, protect_fallback=protect_fallback)

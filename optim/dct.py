@@ -1,4 +1,5 @@
 """DCTAdamW: Adam in a low-rank subspace picked from a fixed DCT basis (no SVD)."""
+from .weights import DEFAULT_MASTER_WEIGHTS
 from .matrices import resolve_rank, unequal_blocks
 from .lowrank import LowRankAdamW
 from .projectors import DCTProjector, work_dtype
@@ -62,11 +63,13 @@ class DCTAdamW(LowRankAdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128,
                  update_proj_gap=200, scale=None, score_norm=1, rotate_states=False, nonfinite="skip",
-                 proj_dtype=None, *, fallback=None, distributed=None, process_group=None, state_precision="fp32"):
+                 proj_dtype=None, *, fallback=None, distributed=None, process_group=None, state_precision="fp32",
+                 master_weights=DEFAULT_MASTER_WEIGHTS):
         super().__init__(params, dct_projector, ("rank", "score_norm", "proj_dtype"), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype,
                          nonfinite=nonfinite, carry_moments="rotate_states", fallback=fallback,
                          distributed=distributed, process_group=process_group, state_precision=state_precision,
+                         master_weights=master_weights,
                          score_norm=score_norm,
                          rotate_states=rotate_states)
 

@@ -10,21 +10,26 @@ For the params selected that have a gradient and elements (:meth:`Executor.step`
 3. :func:`screen`: the non-finite policy, for every group before any update;
 4. per bucket the rule's ``_update``, on the states as the rule sees them (created from the
    declarations on first use; fp32 working views at a lower ``state_precision``, written
-   back after);
-5. the fallback params, in one call at fp32, in chunks at a lower precision.
+   back after) and on the weights as the rule sees them (fp32 working copies of bf16/fp16
+   weights stored as ``master_weights`` says, :mod:`matrixopt.weights`; the one place
+   where a step stores weights);
+5. the fallback params, in one call at fp32, in chunks at a lower precision or with
+   working copies of the weights.
 """
 import functools
+import math
 from typing import Callable, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from .distributed import agree_finite
-from .matrices import local, rows_of
+from .matrices import first_row, local, rows_of
 from .plan import Bucket, Item, Limits, Planner, fallback_chunks, group_of
 from .protocols import Fallback
 from .report import warn_once
 from .state import BlockState, Declarations, RowState, precision_of
+from .weights import ROUNDING_STEP, Masters, mode_of, stored
 
 
 class MatrixRule(Protocol):
@@ -85,6 +90,7 @@ class Executor:
                 kept = {id(plan.group["params"][i]) for i in plan.indices if finite[i]}
                 buckets = [self.planner.keep(plan.group, bucket, kept, loads, limits) for bucket in buckets]
                 fallback = [i for i in fallback if finite[i]]
+            self._advance_rounding(state, plan.group, [plan.group["params"][i] for i in plan.indices if finite[i]])
             for bucket in buckets:
                 if bucket is not None:
                     self.run_bucket(state, plan.group, bucket)
@@ -126,6 +132,25 @@ class Executor:
             buckets.append(bucket)
         return GroupPlan(group, indices, buckets, fallback, checked)
 
+    def _advance_rounding(self, state: dict, group: dict, params: list[Tensor]) -> None:
+        """Each param that will be stored with random rounding (``master_weights``) draws new
+        bits this step: its counter advanced once, before any of its blocks or row chunks
+        is stored (its state created now if this is its first step)."""
+        params = [p for p in params if mode_of(group, p) is not None]
+        for s in self.declarations.create(state, group, params):
+            if ROUNDING_STEP in s:
+                s[ROUNDING_STEP] += 1
+
+    def _masters(self, state: dict, group: dict, params: list[Tensor], views: list[Tensor], low_views,
+                 firsts: list[int]) -> Masters:
+        """The working copies of weight ``views`` of ``params`` (``low_views(j, t)``: entry j's
+        view of a tensor shaped like its param's local shard; ``firsts``: the global index of
+        each view's first entry)."""
+        places = self.planner.layout(group).places(params)
+        g = self.place_of(group)
+        return Masters(views, [stored(group, p, state[p], (g, i), functools.partial(low_views, j), first)
+                               for j, (p, i, first) in enumerate(zip(params, places, firsts))])
+
     def _screen(self, plan: GroupPlan) -> dict[int, bool]:
         group = plan.group
         process_group = group_of([group["params"][i] for i in plan.indices], self.planner.replicated_group())
@@ -144,7 +169,12 @@ class Executor:
         items = [Item(p, b) for p, b in zip(bucket.params, bucket.blocks)]
         views = self.declarations.working(group, bucket.params,
                                           self.declarations.create(state, group, bucket.params))
-        (rule or self.rule._update)(group, bucket._replace(states=self._states(items, views)))
+        masters = self._masters(state, group, bucket.params, bucket.weights,
+                                lambda j, t: self.planner.views(group, [items[j]], [local(t)])[0][0],
+                                self.planner.first_entries(group, items))
+        (rule or self.rule._update)(group, bucket._replace(states=self._states(items, views), weights=masters.values,
+                                                           grads=masters.gradients(bucket.grads)))
+        masters.store()
         self._write_back(group, bucket.params, views)
         # as_matrices copies a param it cannot view (e.g. channels_last); write those back.
         for (p, b), w in zip(items, bucket.weights):
@@ -166,9 +196,10 @@ class Executor:
         the fallback is ``elementwise``, in chunks of its rows (each call sees those rows of
         its weights, gradient and sharded state, and its counters as they were before the
         step). The update is element-wise, the int8 blocks lie inside rows and the bf16
-        rounding is seeded per element: the chunks change nothing else."""
+        rounding is seeded per element: the chunks change nothing else. Params stored with
+        working copies (``master_weights``) are chunked the same way at every precision."""
         states = self.declarations.create(state, group, params)
-        if precision_of(group) == "fp32":
+        if precision_of(group) == "fp32" and not any(mode_of(group, p) for p in params):
             calls = [list(zip(params, states))]
         else:
             calls = fallback_chunks(params, states, [self.declarations.stored(p, group) for p in params], chunk,
@@ -177,9 +208,15 @@ class Executor:
             chunk_params = [p for p, _ in pieces]
             views = self.declarations.working(group, chunk_params, [s for _, s in pieces])
             rows = [s.rows if isinstance(s, RowState) else None for _, s in pieces]
-            self.fallback.update(group, [rows_of(local(p), r) for p, r in zip(chunk_params, rows)],
-                                 [rows_of(local(p.grad), r) for p, r in zip(chunk_params, rows)], views)
-            self._write_back(group, chunk_params, views, [0 if r is None else r.start for r in rows])
+            starts = [0 if r is None else r.start for r in rows]
+            masters = self._masters(state, group, chunk_params, [rows_of(local(p), r) for p, r in zip(chunk_params, rows)],
+                                    lambda j, t: rows_of(local(t), rows[j]),
+                                    [(first_row(p) + r) * math.prod(p.shape[1:]) for p, r in zip(chunk_params, starts)])
+            self.fallback.update(group, masters.values,
+                                 masters.gradients([rows_of(local(p.grad), r) for p, r in zip(chunk_params, rows)]),
+                                 views)
+            masters.store()
+            self._write_back(group, chunk_params, views, starts)
             for _, s in pieces:
                 if isinstance(s, RowState):
                     s.commit()

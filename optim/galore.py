@@ -1,4 +1,5 @@
 """GaLoreAdamW: Adam with its moments kept in a low-rank projection of each gradient."""
+from .weights import DEFAULT_MASTER_WEIGHTS
 from .matrices import resolve_rank
 from .lowrank import LowRankAdamW
 from .projectors import PROJ_TYPES, SVDProjector
@@ -80,11 +81,12 @@ class GaLoreAdamW(LowRankAdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, rank=128,
                  update_proj_gap=200, scale=None, proj_type="std", svd="randomized",
                  reproject_states=False, nonfinite="skip", seed=0, proj_dtype=None, *, fallback=None,
-                 distributed=None, process_group=None, state_precision="fp32"):
+                 distributed=None, process_group=None, state_precision="fp32", master_weights=DEFAULT_MASTER_WEIGHTS):
         super().__init__(params, svd_projector, ("rank", "proj_type", "svd", "proj_dtype"), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype,
                          nonfinite=nonfinite, carry_moments="reproject_states", fallback=fallback,
                          distributed=distributed, process_group=process_group, state_precision=state_precision,
+                         master_weights=master_weights,
                          proj_type=proj_type, svd=svd, reproject_states=reproject_states, seed=seed)
 
 

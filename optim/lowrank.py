@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 
 from .batching import LOWRANK
+from .weights import DEFAULT_MASTER_WEIGHTS
 from .matrices import local_matrices
 from .ops import Out, Rows, Whole, apply_update, stacked_call
 from .optimizer import MatrixOptimizer
@@ -257,7 +258,8 @@ class LowRankAdamW(MatrixOptimizer):
 
     def __init__(self, params, make_projector: Callable, projector_keys: tuple[str, ...], *, lr, betas, eps,
                  weight_decay, rank, update_proj_gap, scale, proj_dtype, nonfinite, carry_moments: str | None = None,
-                 fallback=None, distributed=None, process_group=None, state_precision="fp32", **rule):
+                 fallback=None, distributed=None, process_group=None, state_precision="fp32",
+                 master_weights=DEFAULT_MASTER_WEIGHTS, **rule):
         self._make_projector, self._projector_keys, self._projectors = make_projector, projector_keys, {}
         self._carry_key = carry_moments
         self._refresh_warned: dict[int, set[str]] = {ZERO_GRADIENT: set(), SVD_FAILED: set()}
@@ -265,7 +267,7 @@ class LowRankAdamW(MatrixOptimizer):
                         update_proj_gap=update_proj_gap, scale=scale, proj_dtype=proj_dtype,
                         nonfinite=nonfinite, **rule)
         super().__init__(params, defaults, fallback=fallback, distributed=distributed,
-                         process_group=process_group, state_precision=state_precision)
+                         process_group=process_group, state_precision=state_precision, master_weights=master_weights)
 
     def _projector(self, group, m: int, n: int) -> Projector:
         settings = tuple(group[k] for k in self._projector_keys)

@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from .weights import DEFAULT_MASTER_WEIGHTS
 from .ops import MATCH_ADAMW_RMS, Out, Rows, apply_update, default_compute_dtype, local_map
 from .optimizer import MatrixOptimizer
 from .state import AT_LEAST_FP32, State
@@ -135,7 +136,8 @@ class Muon(MatrixOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, weight_decay=0.1,
                  ns_steps=5, ns_coefficients="polar_express", lr_scaling="match_adamw",
                  betas=(0.9, 0.95), eps=1e-8, nonfinite="skip", ns_dtype=None, ns_method="auto", *,
-                 fallback=None, distributed=None, process_group=None, state_precision="fp32", **rule_defaults):
+                 fallback=None, distributed=None, process_group=None, state_precision="fp32",
+                 master_weights=DEFAULT_MASTER_WEIGHTS, **rule_defaults):
         unknown = sorted(rule_defaults.keys() - self.hyperparameters.keys())
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {unknown}")
@@ -144,7 +146,7 @@ class Muon(MatrixOptimizer):
                         lr_scaling=lr_scaling, betas=betas, eps=eps, nonfinite=nonfinite,
                         ns_dtype=ns_dtype, ns_method=ns_method, **rule_defaults)
         super().__init__(params, defaults, fallback=fallback, distributed=distributed,
-                         process_group=process_group, state_precision=state_precision)
+                         process_group=process_group, state_precision=state_precision, master_weights=master_weights)
 
     def _validate_hyperparameters(self, values):
         super()._validate_hyperparameters(values)

@@ -38,6 +38,7 @@ from .plan import Bucket, Limits, Planner, is_matrix
 from .precision import PRECISIONS
 from .state import Declarations, State, storage_bytes
 from .validation import betas_in_unit_interval, choice, real
+from . import weights
 
 SHARED_HYPERPARAMETERS = {
     "lr": real(0.0),
@@ -46,6 +47,7 @@ SHARED_HYPERPARAMETERS = {
     "eps": real(0.0, lo_open=True),
     "nonfinite": choice("skip", "raise"),
     "state_precision": choice(*PRECISIONS),
+    "master_weights": choice(*weights.MODES),
 }
 
 
@@ -83,13 +85,18 @@ class MatrixOptimizer(torch.optim.Optimizer):
     hyperparameters: dict = {}
 
     def __init__(self, params, defaults: dict, *, fallback=None, distributed: str | None = None,
-                 process_group=None, state_precision: str = "fp32"):
+                 process_group=None, state_precision: str = "fp32",
+                 master_weights: str = weights.DEFAULT_MASTER_WEIGHTS):
         self.fallback = AdamW() if fallback is None else fallback
         # Hyperparameters first, as torch.optim's own optimizers check them before the params.
         choice(*MODES)("distributed", distributed)
         choice(*PRECISIONS)("state_precision", state_precision)
-        if state_precision != "fp32":   # groups without the key are fp32: their state dicts stay as they were
+        choice(*weights.MODES)("master_weights", master_weights)
+        # Groups without these keys are fp32 and "nearest": their state dicts stay as they were.
+        if state_precision != "fp32":
             defaults = {"state_precision": state_precision, **defaults}
+        if master_weights != "nearest":
+            defaults = {"master_weights": master_weights, **defaults}
         self._validate_hyperparameters(defaults)
         # Replicated params (DDP): with distributed="replicated" or a process_group, matrix
         # work is split over process_group's ranks (None: the default group). The planner
@@ -115,7 +122,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     @property
     def _declarations(self) -> Declarations:
-        return Declarations(self._rule_state)
+        return Declarations(self._rule_state, weights.declared)
 
     def _executor(self) -> Executor:
         """The executor of a step (made per step: it refers to this optimizer's methods)."""
@@ -152,6 +159,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__} does not support complex parameters: "
                                  f"{self._param_name(group, i)} is {p.dtype}")
             check_placement(p, self._param_name(group, i))
+            weights.check(self._param_name(group, i), p, group)
             if group.get("blocks") is not None and self.is_matrix(group, p):
                 block_sizes(self._param_name(group, i), group["blocks"], p)
 
@@ -303,9 +311,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
         def declared_dtypes(optimizer):
             # A hyperparameter of this optimizer the checkpoint predates takes its default
-            # (not state_precision: a group saved without it is fp32, as its state).
+            # (not state_precision nor master_weights: a group saved without them is fp32 and
+            # "nearest", as its state).
             for group in self.param_groups:
-                for key in self._validators().keys() & self.defaults.keys() - {"state_precision"}:
+                for key in self._validators().keys() & self.defaults.keys() - {"state_precision", "master_weights"}:
                     group.setdefault(key, self.defaults[key])
             self._declarations.load(self.state, loaded)
 

@@ -17,9 +17,11 @@ from torch.distributed.tensor import DTensor
 
 from .batching import agree, stack_limit
 from .distributed import MatrixWork
-from .matrices import as_matrices, block_sizes, equal_blocks, local, matrix_shape, sharded_axis, unequal_blocks
+from .matrices import (as_matrices, block_sizes, equal_blocks, first_row, local, matrix_shape, sharded_axis,
+                       unequal_blocks)
 from .ops import local_map
 from .state import RowState
+from .weights import working_dtype
 
 
 def is_matrix(group: dict, p: Tensor) -> bool:
@@ -186,7 +188,7 @@ class Planner:
         layout = self.layout(group)
         buckets = defaultdict(list)
         for p in params:
-            key = (p.dtype, p.device, getattr(p, "device_mesh", None))
+            key = (working_dtype(group, p), p.device, getattr(p, "device_mesh", None))
             shape = layout.of(p)
             if shape.row_blocks is None:
                 _, m, n = shape.shape
@@ -197,7 +199,7 @@ class Planner:
         chunks = []
         for key, bucket in buckets.items():
             first = bucket[0][0].param
-            alone = not self.stacks(key[0], key[1], first, limits, group_of([first], self.replicated_group()))
+            alone = not self.stacks(key[0], key[1], first, key[2], limits, group_of([first], self.replicated_group()))
             chunk, size = [], 0
             for item, numel in bucket:
                 if chunk and (alone or size + numel > limits.max_bucket_elements):
@@ -224,6 +226,13 @@ class Planner:
                 shapes.append((1, shape.row_blocks[b], p.shape[1]))
         return views, shapes
 
+    def first_entries(self, group: dict, items: list[Item]) -> list[int]:
+        """Per item, the global index (in its whole param) of its view's first entry: the
+        rank's first row under FSDP2, a block's first row."""
+        layout = self.layout(group)
+        return [(first_row(p) + (0 if b is None else sum(layout.of(p).row_blocks[:b]))) * math.prod(p.shape[1:])
+                for p, b in items]
+
     def bucket(self, group: dict, group_index: int, items: list[Item], loads: dict, limits: Limits,
                grads: bool = True) -> Bucket:
         """The :class:`Bucket` of ``items`` of ``group`` (the optimizer's group ``group_index``),
@@ -238,20 +247,21 @@ class Planner:
         return Bucket(params, weights, grad_views, None, (m, n), isinstance(params[0], DTensor),
                       process_group is not None, self.matrix_map(params, shapes, loads, process_group),
                       [b for _, b in items], group_index, self.layout(group).places(params), [s[0] for s in shapes],
-                      self.stacks(m, n, params[0], limits, process_group))
+                      self.stacks(m, n, params[0], working_dtype(group, params[0]), limits, process_group))
 
-    def stacks(self, m: int, n: int, p: Tensor, limits: Limits, process_group) -> bool:
-        """Whether m×n matrices of params like ``p`` (dtype, device, process group) share
+    def stacks(self, m: int, n: int, p: Tensor, dtype: torch.dtype, limits: Limits, process_group) -> bool:
+        """Whether m×n matrices of params like ``p`` (device, process group), worked on in
+        ``dtype`` (:func:`~matrixopt.weights.working_dtype`), share
         stacks: below the stack limit of the rule's kind of work there
         (:func:`matrixopt.batching.stack_limit`: the optimizer's fixed table, a pinned one, or
         measured on this device, thread count and CPU), the same on every rank of the group
         the matrices' work spans (``process_group``, or None: :func:`matrixopt.batching.agree`).
         Decided once per optimizer and key (a thread count set later does not change it)."""
         table = limits.unbatched_elements
-        key = (limits.work, p.device, p.dtype, tuple(sorted(table.items())) if table is not None else None,
+        key = (limits.work, p.device, dtype, tuple(sorted(table.items())) if table is not None else None,
                process_group)
         if key not in self._stack_limits:
-            limit = stack_limit(limits.work, p.device, p.dtype, table)
+            limit = stack_limit(limits.work, p.device, dtype, table)
             self._stack_limits[key] = limit if process_group is None else agree(limit, process_group, local(p).device)
         return m * n < self._stack_limits[key]
 

@@ -88,7 +88,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .seeding import rounding_seed
+from .seeding import element_bits, rounding_seed
 
 PRECISIONS = ("fp32", "bf16", "int8")
 #: Roles a rule gives state in its declaration.
@@ -246,35 +246,15 @@ def zero_codes(role: str):
 
 # -- bf16 with stochastic rounding -----------------------------------------------------------
 
-def _int32(value: int) -> int:
-    """The int32 with the low 32 bits of ``value``."""
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (two multiply-xorshift rounds) of int32 tensors; products wrap
-    mod 2³² and shifts are logical (masked), so it is the hash of the unsigned values."""
-    for _ in range(2):
-        x = (((x >> 16) & 0xFFFF) ^ x) * 0x45D9F3B
-    return ((x >> 16) & 0xFFFF) ^ x
-
-
 def round_bf16(x: Tensor, seed: int, offset: int = 0) -> Tensor:
     """x (fp32) stochastically rounded to bf16 (see the module docstring).
 
     The 16 bits bf16 drops are replaced: a random 16-bit r is added to x's bit pattern and
     the low 16 bits are cleared, which rounds |x| up with probability (low bits)/2¹⁶. r of
-    entry i is ``hash(hash(offset + i) ^ seed)``: a function of the entry's global index
-    (``offset``: the index of x's first entry in the whole state, for a shard) and ``seed``.
+    entry i is :func:`~matrixopt.seeding.element_bits` of its global index (``offset``: the
+    index of x's first entry in the whole tensor, for a shard) and ``seed``.
     """
-    n = x.numel()
-    if offset + n <= 1 << 31:
-        index = torch.arange(offset, offset + n, dtype=torch.int32, device=x.device)
-    else:   # the global index mod 2³², as int32
-        index = torch.arange(offset, offset + n, dtype=torch.int64, device=x.device) & 0xFFFFFFFF
-        index = torch.where(index >= 1 << 31, index - (1 << 32), index).to(torch.int32)
-    noise = _mix32(_mix32(index) ^ _int32(seed)) & 0xFFFF
+    noise = element_bits(x.numel(), seed, offset, x.device)
     bits = (x.float().contiguous().view(torch.int32).reshape(-1) + noise) & -0x10000
     return bits.view(torch.float32).view(x.shape).to(torch.bfloat16)
 

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from .weights import DEFAULT_MASTER_WEIGHTS
 from .muon import Muon
 from .validation import real
 
@@ -83,11 +84,12 @@ class ROOT(Muon):
                  ns_steps=5, ns_coefficients="auto", threshold_quantile=0.90,
                  lr_scaling="match_adamw", betas=(0.9, 0.95), eps=1e-8, nonfinite="skip",
                  ns_dtype=None, ns_method="auto", *, fallback=None, distributed=None, process_group=None,
-                 state_precision="fp32"):
+                 state_precision="fp32", master_weights=DEFAULT_MASTER_WEIGHTS):
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                          ns_steps=ns_steps, ns_coefficients=ns_coefficients, lr_scaling=lr_scaling, betas=betas,
                          eps=eps, nonfinite=nonfinite, ns_dtype=ns_dtype, ns_method=ns_method, fallback=fallback,
                          distributed=distributed, process_group=process_group, state_precision=state_precision,
+                         master_weights=master_weights,
                          threshold_quantile=threshold_quantile)
 
     def _transform(self, group):

@@ -4,7 +4,9 @@ resumed run and split of the work (one batch, DDP shares, FSDP2 owners).
 - :func:`sketch_seeds`: a randomized sketch's generator seeds (GaLore's randomized refresh,
   CoSO's Gaussian accumulator), numpy's ``SeedSequence`` words of (seed, place, matrix,
   count, stream), computed here without numpy;
-- :func:`rounding_seed`: the seed of a stored state's stochastic rounding.
+- :func:`rounding_seed`: the seed of a stochastic rounding (of stored state, of weights);
+- :func:`element_bits`: that rounding's random bits per element, a hash of the element's
+  global index and the seed.
 """
 import zlib
 
@@ -86,3 +88,30 @@ def seed_sequence_word(entropy: int, spawn_key: tuple[int, ...]) -> int:
 def rounding_seed(*place) -> int:
     """A 32-bit seed from the parts of a place (ints and strs), the same in every process."""
     return zlib.crc32("/".join(map(str, place)).encode())
+
+
+def _int32(value: int) -> int:
+    """The int32 with the low 32 bits of ``value``."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds) of int32 tensors; products wrap
+    mod 2³² and shifts are logical (masked), so it is the hash of the unsigned values."""
+    for _ in range(2):
+        x = (((x >> 16) & 0xFFFF) ^ x) * 0x45D9F3B
+    return ((x >> 16) & 0xFFFF) ^ x
+
+
+def element_bits(n: int, seed: int, offset: int, device) -> torch.Tensor:
+    """16 random bits (int32 in [0, 2¹⁶)) for each of ``n`` consecutive elements, entry i
+    ``hash(hash(offset + i) ^ seed)``: a function of the element's global index (``offset``:
+    the index of the first one in the whole tensor, for a shard or a chunk) and ``seed``
+    only, so every split of a tensor draws the bits the whole one draws."""
+    if offset + n <= 1 << 31:
+        index = torch.arange(offset, offset + n, dtype=torch.int32, device=device)
+    else:   # the global index mod 2³², as int32
+        index = torch.arange(offset, offset + n, dtype=torch.int64, device=device) & 0xFFFFFFFF
+        index = torch.where(index >= 1 << 31, index - (1 << 32), index).to(torch.int32)
+    return _mix32(_mix32(index) ^ _int32(seed)) & 0xFFFF

@@ -144,14 +144,18 @@ class RowState(MutableMapping):
 class Declarations:
     """Every param's state as declared: ``rule_state(p, group)`` is the declaration its rule
     (or the fallback) makes and sees in its update; :meth:`stored` is that declaration at
-    the group's ``state_precision``, which is what the optimizer's state holds."""
+    the group's ``state_precision``, with what ``weight_state(p, group)`` declares for the
+    weight's own storage (``master_weights``), which is what the optimizer's state holds."""
 
-    def __init__(self, rule_state: Callable[[Tensor, dict], dict[str, State]]):
-        self.rule_state = rule_state
+    def __init__(self, rule_state: Callable[[Tensor, dict], dict[str, State]],
+                 weight_state: Callable[[Tensor, dict], dict[str, State]]):
+        self.rule_state, self.weight_state = rule_state, weight_state
 
     def stored(self, p: Tensor, group: dict) -> dict[str, State]:
-        """p's state as stored (:func:`matrixopt.precision.stored`)."""
-        return stored(self.rule_state(p, group), precision_of(group), counter())
+        """p's state as stored: its rule's at the group's precision
+        (:func:`matrixopt.precision.stored`) and what its weight's storage keeps
+        (``weight_state``: :func:`matrixopt.weights.declared`)."""
+        return {**stored(self.rule_state(p, group), precision_of(group), counter()), **self.weight_state(p, group)}
 
     def create(self, state: dict, group: dict, params: list[Tensor]) -> list[dict]:
         """The params' state dicts (``state``: the optimizer's), created from the declarations
@@ -217,8 +221,8 @@ class Declarations:
         if a saved state lacks a declared entry (int8 codes: their scales) or a tensor's
         shape differs from the declared one (int8 codes: or their dtype), or naming the
         hyperparameter if a saved group's is invalid (``validate``). The declarations are at
-        the saved group's ``state_precision``, which the load restores (as every saved
-        hyperparameter)."""
+        the saved group's ``state_precision`` and ``master_weights`` (a group saved without it:
+        "nearest"), which the load restores (as every saved hyperparameter)."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(groups):
             raise ValueError(f"State dict has {len(saved_groups)} param groups, this optimizer "
@@ -230,9 +234,10 @@ class Declarations:
                                  f"params, this optimizer's has {len(group['params'])}")
             validate({**saved, "params": group["params"]})
             precision = precision_of(saved)
+            storage = {"state_precision": precision, "master_weights": saved.get("master_weights", "nearest")}
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 saved_state = state_dict["state"].get(pid, {})
-                declared = self.stored(p, {**group, "state_precision": precision})
+                declared = self.stored(p, {**group, **storage})
                 _check_entries(name_of(group, i), declared, saved_state, precision)
                 triples.append((p, declared, saved_state))
         return triples
