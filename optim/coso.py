@@ -441,7 +441,7 @@ class CoSOAdamW(LowRankAdamW):
 
     Args (as :class:`~matrixopt.GaLoreAdamW`: params, lr, betas, eps, rank, update_proj_gap,
     scale, proj_type, svd, reproject_states, seed, proj_dtype, nonfinite, fallback,
-    distributed, process_group), and:
+    distributed, process_group, state_precision, master_weights), and:
         weight_decay: λ, applied to Π(W) only (decay of W inside H would erase what is
             protected); default 0.
         protect: "gradients" (default; CoSO), "weights" (Sculpting Subspaces) or "both".

@@ -242,7 +242,8 @@ class LowRankAdamW(MatrixOptimizer):
     for a left one, see :meth:`~matrixopt.protocols.Projector.whole_low`) and the projector's bases (whole).
     ``state_precision`` ("fp32" default, "bf16", "int8"; every subclass takes it) stores the
     moments and the fallback's in bf16 or int8 codes, and the SVD bases in bf16 at both
-    (:mod:`matrixopt.precision`); the math runs in fp32 either way.
+    (:mod:`matrixopt.precision`); the math runs in fp32 either way. ``master_weights`` (every
+    subclass takes it) stores bf16 params from fp32 working copies (:mod:`matrixopt.weights`).
     """
 
     hyperparameters = {"rank": rank_spec, "update_proj_gap": integer(1), "scale": _scale,

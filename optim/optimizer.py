@@ -28,17 +28,18 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
+from . import weights
 from .batching import ORTHOGONALIZE
-from .distributed import MODES, check_placement
+from .distributed import MODES, check_placement, dtensor_like
 from .execute import Executor, NonFinite
 from .fallback import AdamW
-from .matrices import block_sizes, equal_blocks, matrix_shape, unequal_blocks
+from .matrices import block_sizes, equal_blocks, local, matrix_shape, unequal_blocks
 from .plan import Bucket, Limits, Planner, is_matrix
 from .precision import PRECISIONS
 from .state import Declarations, State, storage_bytes
 from .validation import betas_in_unit_interval, choice, real
-from . import weights
 
 SHARED_HYPERPARAMETERS = {
     "lr": real(0.0),
@@ -327,6 +328,19 @@ class MatrixOptimizer(torch.optim.Optimizer):
         finally:
             for handle in handles:
                 handle.remove()
+
+    @torch.no_grad()
+    def master_weight(self, p: Tensor) -> Tensor:
+        """The fp32 value param ``p`` stands for (a new tensor; fp64 params: fp64): with
+        ``master_weights`` "int8" or "int16" its master (the bf16 weight and its low bits),
+        else the weight itself. For a DTensor (FSDP2) param, a DTensor placed like it. To
+        export or evaluate the master: ``{n: opt.master_weight(p) for n, p in
+        model.named_parameters()}``."""
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            raise ValueError(f"master_weight: the tensor of shape {tuple(p.shape)} is not a param of this optimizer")
+        value = weights.master_value(local(p), weights.mode_of(group, p), self.state.get(p, {}))
+        return dtensor_like(p, value) if isinstance(p, DTensor) else value
 
     def _shared_state_tensors(self) -> list[Tensor]:
         """State shared by many params (e.g. a DCT basis); counted once by state_bytes."""

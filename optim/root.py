@@ -72,8 +72,8 @@ class ROOT(Muon):
 
     Args:
         params, lr, momentum, nesterov, weight_decay, ns_steps, lr_scaling, betas, eps,
-        nonfinite, ns_dtype, ns_method, fallback, distributed, process_group, state_precision: as for
-        :class:`~matrixopt.Muon`.
+        nonfinite, ns_dtype, ns_method, fallback, distributed, process_group, state_precision,
+        master_weights: as for :class:`~matrixopt.Muon`.
         ns_coefficients: "auto" (default; per shape, see above) or anything Muon accepts.
         threshold_quantile: q in (0, 1] (default 0.90); None turns outlier suppression off.
     """

@@ -113,6 +113,14 @@ def stored(group: dict, p: Tensor, state: dict, place: tuple, low_view, offset: 
     return Stored(mode, low, seed, offset)
 
 
+def master_value(weight: Tensor, mode: str | None, state: dict) -> Tensor:
+    """The value a stored ``weight`` (a param's local shard) stands for, in fp32 (fp64 stays
+    fp64): its master where its low bits are kept (``state``: the param's), else itself."""
+    if mode in LOW_BITS_DTYPE and LOW_BITS in state:
+        return master(weight, Stored(mode, state[LOW_BITS], 0, 0))
+    return weight.detach().to(torch.promote_types(weight.dtype, torch.float32), copy=True)
+
+
 def master(weight: Tensor, how: Stored) -> Tensor:
     """The fp32 master of a stored weight view."""
     if how.low is None:

@@ -72,9 +72,9 @@ class Tiny(nn.Module):
         return self.head(x)
 
 
-def model(seed: int = 0) -> nn.Module:
+def model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(seed)
-    return Tiny()
+    return Tiny().to(dtype)
 
 
 def batches(steps: int):

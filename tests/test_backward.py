@@ -117,6 +117,23 @@ def assert_same(a: nn.Module, b: nn.Module, opt_a=None, opt_b=None):
 
 # -- equal to the ordinary loop --------------------------------------------------------------
 
+@pytest.mark.parametrize("mode", ["stochastic", "int8", "int16"])
+@pytest.mark.parametrize("name", ["Muon", "GaLoreAdamW"])
+def test_lean_weights_equal_the_ordinary_loop_bit_for_bit(name, mode):
+    """bf16 params stored with master_weights (random bits drawn per param and step, low bits
+    in the state): weights, low bits and counters equal the ordinary loop's."""
+    batches = data(8)
+    ref = net().to(torch.bfloat16)
+    ref_opt = optimizer(name, ref, master_weights=mode)
+    ordinary(ref, ref_opt, batches, 2)
+    got = net().to(torch.bfloat16)
+    opt = optimizer(name, got, master_weights=mode)
+    matrixopt.step_in_backward(opt, accumulation_steps=2)
+    in_backward(got, batches, 2)
+    assert_same(got, ref, opt, ref_opt)
+    assert any("weight_low_bits" in s or "weight_rounding_step" in s for s in opt.state.values())
+
+
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_equals_ordinary_loop_bit_for_bit(name, k):

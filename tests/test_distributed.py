@@ -10,7 +10,9 @@ every rank; unsupported DTensor layouts are refused by name. All of it again wit
 ``state_precision="int8"`` for every optimizer (int8 codes and scales sharded like the param,
 saved by DCP as DTensors), and with "bf16" for Muon and GaLoreAdamW (stochastic rounding
 seeded by global position, so a shard rounds as the single process does, and the fallback's
-update in chunks of rows rounds as one of the whole shard).
+update in chunks of rows rounds as one of the whole shard); and bf16 params with each
+``master_weights`` option (random bits and low bits by global position, low bits sharded like
+the param and saved by DCP).
 """
 import pytest
 import torch
@@ -35,13 +37,20 @@ def _assert_shared(flops: list[int], total: int, largest: int):
     assert max(flops) - min(flops) <= largest, flops
 
 
+#: bf16 params stored with each master_weights option: (case, master_weights).
+LEAN = [("Muon", "int16"), ("GaLoreAdamW", "stochastic"), ("DCTAdamW", "int8")]
+
+
 def _worker(rank, checkpoint_dir):
-    for case, precision in [(case, "fp32") for case in CHECKED] + [(case, "int8") for case in CHECKED] + \
-            [("Muon", "bf16"), ("GaLoreAdamW", "bf16")]:
+    runs = [(case, {"state_precision": precision}) for precision in ("fp32", "int8") for case in CHECKED]
+    runs += [(case, {"state_precision": "bf16"}) for case in ("Muon", "GaLoreAdamW")]
+    runs += [(case, {"master_weights": mode, "dtype": torch.bfloat16}) for case, mode in LEAN]
+    for case, kwargs in runs:
+        label = "-".join(str(v) for v in kwargs.values())
         try:
-            _check(case, rank, f"{checkpoint_dir}/{case}-{precision}", state_precision=precision)
+            _check(case, rank, f"{checkpoint_dir}/{case}-{label}", **kwargs)
         except Exception as e:
-            raise AssertionError(f"{case} at state_precision={precision} on rank {rank}: {e}") from e
+            raise AssertionError(f"{case} with {kwargs} on rank {rank}: {e}") from e
     _check_process_group()
 
 
@@ -60,8 +69,9 @@ def _check_process_group():
     assert sum(gathered(work.flops)) == ref_work.flops > work.flops > 0
 
 
-def _check(case, rank, checkpoint_dir, **kwargs):
-    """Every check of one optimizer (``kwargs``: its extra arguments, e.g. state_precision).
+def _check(case, rank, checkpoint_dir, dtype=torch.float32, **kwargs):
+    """Every check of one optimizer (``kwargs``: its extra arguments, e.g. state_precision;
+    ``dtype``: the params').
 
     Every rank trains on the whole batch: FSDP's and DDP's averaged gradients then equal the
     single-process ones bit for bit, so the comparison sees only the optimizer (ARO amplifies
@@ -71,11 +81,11 @@ def _check(case, rank, checkpoint_dir, **kwargs):
     # The sharded and replicated paths equal the single process to fp32 rounding (1e-7 after
     # 5 steps: matmuls over shards round differently), not bit for bit; int8 codes and bf16's
     # stochastic rounding turn such a difference into a code step (≤ 1.4%) or a bf16 step of
-    # the few entries it flips, ~2e-4 of a param after 5 steps.
-    rtol = 1e-5 if kwargs.get("state_precision", "fp32") == "fp32" else 1e-3
+    # the few entries it flips, ~2e-4 of a param after 5 steps (bf16 weights: their rounding).
+    rtol = _rtol(dtype, **kwargs)
 
     # The single-process reference, run with the process group up: it calls no collective.
-    ref = model()
+    ref = model(dtype=dtype)
     ref_opt = make_optimizer(case, ref, **kwargs)
     ref_work = CountingWork(ref_opt)
     with NoCollectives():
@@ -85,7 +95,7 @@ def _check(case, rank, checkpoint_dir, **kwargs):
                   for p in ref.parameters())
 
     # DDP with replicated params: each rank computes its share, results all-gathered.
-    ddp = DistributedDataParallel(model())
+    ddp = DistributedDataParallel(model(dtype=dtype))
     opt = make_optimizer(case, ddp.module, distributed="replicated", **kwargs)
     work = CountingWork(opt)
     train(ddp, opt, data)
@@ -93,7 +103,7 @@ def _check(case, rank, checkpoint_dir, **kwargs):
     _assert_shared(gathered(work.flops), ref_work.flops, largest)
 
     # FSDP2: sharded params, owner-rank matrix work.
-    net = sharded(model())
+    net = sharded(model(dtype=dtype))
     opt = make_optimizer(case, net, **kwargs)
     work = CountingWork(opt)
     train(net, opt, data)
@@ -104,19 +114,23 @@ def _check(case, rank, checkpoint_dir, **kwargs):
     assert_params_close(full_params(net), want, rtol=1e-3 if CASES[case][0] == "ARO" else rtol)
     _assert_shared(gathered(work.flops), ref_work.flops, largest)
 
-    if kwargs.get("state_precision") == "bf16":
-        _check_fallback_chunks(case, data, net, opt, **kwargs)
-    _check_nonfinite(case, rank, data, **kwargs)
-    _check_checkpoint(case, data, checkpoint_dir, **kwargs)
-    if kwargs.get("state_precision", "fp32") == "fp32":   # layouts do not depend on it
+    if kwargs.get("state_precision") == "bf16" or "master_weights" in kwargs:
+        _check_fallback_chunks(case, data, net, opt, dtype, **kwargs)
+    _check_nonfinite(case, rank, data, dtype, **kwargs)
+    _check_checkpoint(case, data, checkpoint_dir, dtype, **kwargs)
+    if kwargs.get("state_precision", "fp32") == "fp32" and dtype == torch.float32:   # layouts do not depend on it
         _check_layouts(case)
 
 
-def _check_fallback_chunks(case, data, net, opt, **kwargs):
+def _rtol(dtype, **kwargs) -> float:
+    return 1e-5 if kwargs.get("state_precision", "fp32") == "fp32" and dtype == torch.float32 else 1e-3
+
+
+def _check_fallback_chunks(case, data, net, opt, dtype, **kwargs):
     """The sharded fallback params (embedding, head) updated in chunks of a few rows, each
     chunk's stochastic rounding offset by its shard's and its own first row: every local
     param and state bit-identical to the run updating each shard whole (``net``, ``opt``)."""
-    chunked = sharded(model())
+    chunked = sharded(model(dtype=dtype))
     chunked_opt = make_optimizer(case, chunked, **kwargs)
     chunked_opt.fallback_chunk_elements = 1
     train(chunked, chunked_opt, data)
@@ -127,18 +141,18 @@ def _check_fallback_chunks(case, data, net, opt, **kwargs):
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
 
 
-def _check_nonfinite(case, rank, data, **kwargs):
+def _check_nonfinite(case, rank, data, dtype, **kwargs):
     """A NaN in one rank's shard of a gradient skips that param on every rank, and the run goes
     on with it a step behind its bucket-mates (its refreshes due apart from theirs: work for a
     subset of a bucket) to the single-process run with the same skip, under DDP and FSDP2."""
-    ref = model()
+    ref = model(dtype=dtype)
     ref_opt = make_optimizer(case, ref, **kwargs)
     with NoCollectives():
         train(ref, NanOnce(ref_opt, ref.blocks[0].up.weight), data)
     assert ref_opt.nonfinite_skips == 1
     want = full_params(ref)
 
-    net = sharded(model())
+    net = sharded(model(dtype=dtype))
     opt = make_optimizer(case, net, **kwargs)
     before = full_params(net)
     train(net, NanOnce(opt, net.blocks[0].up.weight, rank=1), data[:1])
@@ -147,19 +161,19 @@ def _check_nonfinite(case, rank, data, **kwargs):
     assert torch.equal(after["blocks.0.up.weight"], before["blocks.0.up.weight"])
     assert not torch.equal(after["blocks.0.down.weight"], before["blocks.0.down.weight"])
     train(net, opt, data[1:])
-    rtol = 1e-5 if kwargs.get("state_precision", "fp32") == "fp32" else 1e-3
+    rtol = _rtol(dtype, **kwargs)
     assert_params_close(full_params(net), want, rtol=1e-3 if CASES[case][0] == "ARO" else rtol)
 
-    ddp = DistributedDataParallel(model())
+    ddp = DistributedDataParallel(model(dtype=dtype))
     opt = make_optimizer(case, ddp.module, distributed="replicated", **kwargs)
     train(ddp, NanOnce(opt, ddp.module.blocks[0].up.weight, rank=1), data)
     assert opt.nonfinite_skips == 1
     assert_params_close(full_params(ddp.module), want, rtol)
 
 
-def _check_checkpoint(case, data, checkpoint_dir, **kwargs):
+def _check_checkpoint(case, data, checkpoint_dir, dtype, **kwargs):
     """Distributed checkpoint after 3 steps, resumed in a fresh model and optimizer."""
-    net = sharded(model())
+    net = sharded(model(dtype=dtype))
     opt = make_optimizer(case, net, **kwargs)
     train(net, opt, data[:3])
     model_sd, optim_sd = get_state_dict(net, opt)
@@ -167,7 +181,7 @@ def _check_checkpoint(case, data, checkpoint_dir, **kwargs):
     train(net, opt, data[3:])
     uninterrupted = full_params(net)
 
-    resumed = sharded(model(seed=1))
+    resumed = sharded(model(seed=1, dtype=dtype))
     opt = make_optimizer(case, resumed, **kwargs)
     model_sd, optim_sd = get_state_dict(resumed, opt)
     loaded = {"model": model_sd, "optim": optim_sd}
