@@ -38,6 +38,9 @@ import math
 from typing import Callable
 
 import torch
+from torch import Tensor
+
+from matrixopt.kernels import host
 
 from .batching import LOWRANK
 from .matrices import local_matrices
@@ -323,7 +326,8 @@ class LowRankAdamW(MatrixOptimizer):
 
     def _warn_refreshes(self, group, places, status) -> None:
         """One warning per cause naming the params a refresh left on their previous basis."""
-        worst = torch.stack([s.amax() for s in status]).tolist()   # per param, its worst matrix
+        worst = torch.stack([s.amax() for s in status])   # per param, its worst matrix
+        worst = host.read(worst, Tensor.tolist, [REFRESHED] * len(worst))
         if all(w == REFRESHED for w in worst):
             return
         causes = [(SVD_FAILED, "the SVD did not converge or was not finite")]
