@@ -43,8 +43,9 @@ real ones), which saves the output and the log-sum-exp as CUDA's flash kernel do
 math path's T×T scores (which SDPA under fake ``cuda`` tensors would silently take: 2.8× flash's
 memory at seq 2048). Every GPU-sized row is unvalidated (``validated``: "no, GPU pending")
 until a GPU runs it for real and compares ``torch.cuda.max_memory_allocated``
-(benchmarks/gpu_session.sh runs the same configs); ``--validate`` runs each row of a small
-config both ways on this CPU (the real peak by PeakMeter) and gives their ratio.
+(benchmarks/gpu_session.sh runs the same configs); ``--validate`` runs each row for real
+too, on a GPU where there is one, else on this CPU (for a config that fits it), by PeakMeter,
+and gives the ratio.
 
 **What the simulation cannot see:** the allocator's reserve and fragmentation (CUDA's caching
 allocator holds more than it has allocated; its 512-byte rounding is not modeled), the CUDA
@@ -69,6 +70,7 @@ from tqdm import tqdm
 
 import matrixopt
 
+from .common import default_device
 from .memory import (ADAMW, BNB_ADAMW8BIT, CONFIGS, GALORE_TORCH, GiB, MB, PRECISIONS, TORCHAO_ADAMW8BIT, PeakMeter,
                      Row, build_model, first_line, make_optimizer, missing, random_tokens, table_rows, train_step)
 from .optimizers import PEER_NOTES, Settings, TorchStepInBackward, matrixopt_classes, state_bytes
@@ -204,7 +206,8 @@ def build_optimizer(r: SimRow, model: torch.nn.Module, settings: Settings, lr: f
 def cuda_stack_limits():
     """matrixopt's stack-or-not limits pinned to :data:`CUDA_STACK_LIMITS` for both kinds of work."""
     batching = matrixopt.batching
-    pin = f"{batching.ORTHOGONALIZE}:cpu={CUDA_STACK_LIMITS},{batching.LOWRANK}:cpu={CUDA_STACK_LIMITS}"
+    pin = ",".join(f"{kind}:{device}={CUDA_STACK_LIMITS}" for kind in (batching.ORTHOGONALIZE, batching.LOWRANK)
+                   for device in ("cpu", "cuda"))
     before = os.environ.get(batching.ENV_LIMITS)
     os.environ[batching.ENV_LIMITS] = pin
     try:
@@ -216,13 +219,13 @@ def cuda_stack_limits():
             os.environ[batching.ENV_LIMITS] = before
 
 
-def training(r: SimRow, config: str, options: Options, meter) -> int:
+def training(r: SimRow, config: str, options: Options, meter, device="cpu") -> int:
     """Two training steps of row ``r`` on ``config`` from a fresh model and optimizer, under
     ``meter`` (its spans: step 1, step 2 and their phases); returns the optimizer's state bytes."""
     shape = CONFIGS[config]
     dtype = torch.bfloat16 if r.weights == "bf16" else torch.float32
-    tokens = random_tokens(shape, options.batch, options.seq_len, "cpu")
-    model = build_model(shape, options.seq_len, "cpu", dtype, checkpoint=options.checkpoint)
+    tokens = random_tokens(shape, options.batch, options.seq_len, device)
+    model = build_model(shape, options.seq_len, device, dtype, checkpoint=options.checkpoint)
     opt = build_optimizer(r, model, options.settings())
     handle = matrixopt.step_in_backward(opt) if r.row.in_backward and r.row.matrixopt else None
     for i in range(2):
@@ -243,9 +246,11 @@ def simulated(r: SimRow, config: str, options: Options) -> tuple[LiveBytes, int]
 
 
 def measured(r: SimRow, config: str, options: Options) -> PeakMeter:
-    """Row ``r`` for real on this CPU, with the simulation's choices, by PeakMeter."""
-    with cuda_stack_limits(), PeakMeter("cpu") as meter:
-        training(r, config, options, meter)
+    """Row ``r`` for real, with the simulation's choices, by PeakMeter: on a GPU where there is
+    one (``torch.cuda.max_memory_allocated``), else on this CPU (the allocator's events)."""
+    device = default_device()
+    with cuda_stack_limits(), PeakMeter(device) as meter:
+        training(r, config, options, meter, device)
     return meter
 
 
@@ -260,8 +265,9 @@ def simulate_row(r: SimRow, config: str, options: Options, validate: bool) -> di
            "seconds": time.perf_counter() - start, "validated": "no, GPU pending"}
     if validate:
         real = measured(r, config, options)
+        where = "GPU real" if real.cuda else "CPU real"
         row.update(peak_MB=meter.peak / MB, real_peak_MB=real.peak / MB, sim_over_real=meter.peak / real.peak,
-                   validated="CPU real" if abs(meter.peak / real.peak - 1) <= 0.05 else "CPU real: off by > 5%")
+                   validated=where if abs(meter.peak / real.peak - 1) <= 0.05 else f"{where}: off by > 5%")
     return row
 
 
