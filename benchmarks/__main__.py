@@ -5,6 +5,8 @@
     python -m benchmarks continual --quick # three text tasks in a row: forgetting vs plasticity (--seed N)
     python -m benchmarks step --quick      # step time and optimizer-state memory
     python -m benchmarks memory --quick    # peak memory of a whole training step, per optimizer
+    python -m benchmarks memory --simulate 7B --batch 16 --seq-len 256 --checkpoint --rank 1024
+                                           # the same on fake tensors, GPU-sized (GaLore's 7B recipe)
     python -m benchmarks lean_weights --quick  # bf16 weights, each master_weights option vs fp32 params
     python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
     python -m benchmarks ns --quick        # Newton-Schulz alone: standard, Gram, the peers (--cpu: target shapes)
@@ -47,6 +49,23 @@ def call_run(module, quick: bool, flags: dict):
     return module.run(quick, **flags)
 
 
+#: ``memory``'s flags that only a simulation (``--simulate``) reads.
+SIMULATE_FLAGS = ("simulate", "weights", "checkpoint", "rank", "validate")
+
+
+def call_memory(module, quick: bool, flags: dict):
+    """``memory``: the real measurement (benchmarks.memory), or with ``--simulate CONFIG`` the
+    fake-tensor one (benchmarks.simulate) on that config, batch and sequence length."""
+    simulation = {key: flags.pop(key) for key in SIMULATE_FLAGS}
+    config = simulation.pop("simulate")
+    if config is None:
+        return module.run(quick, **flags)
+    from . import simulate
+
+    return simulate.run(config, flags["optimizers"], flags["precisions"], batch=flags["batch"],
+                        seq_len=flags["seq_len"], **simulation)
+
+
 def call_ns(module, quick: bool, flags: dict):
     """benchmarks.ns's sections, with its settings for the JSON and no figure."""
     return module.run(quick, **flags), {"cpu": flags["cpu"], "repeats": flags["repeats"], "steps": module.STEPS}, None
@@ -76,7 +95,7 @@ class Command(NamedTuple):
     sections, extra JSON and figure, ``flags`` being the parsed flags but ``--quick``, ``--out``
     and ``--threads`` (which sets torch's thread count first). ``per_seed``: a run with
     ``--seed N`` writes ``<command>-seed<N>-…``, so runs of several seeds on one day sit side by
-    side.
+    side. ``results(flags)``: a suffix of the results' name (``<command>-<suffix>-…``) or None.
     """
 
     module: str | None
@@ -85,6 +104,7 @@ class Command(NamedTuple):
     device: bool = True
     call: Callable = call_run
     per_seed: bool = False
+    results: Callable | None = None
 
 
 COMMANDS = {
@@ -120,7 +140,18 @@ COMMANDS = {
                   "(default on a GPU: 24, under set_per_process_memory_fraction; on CPU by measured peak)"),
         flag("--fit-configs", nargs="+", choices=list(CONFIGS), help="configs the fit search tries, "
              "in increasing size (default: GaLore's 60M … 7B)"),
-        *RUN_OPTIONS)),
+        flag("--simulate", choices=list(CONFIGS), metavar="CONFIG",
+             help="measure CONFIG's step on fake tensors instead (nothing of its size allocated; "
+                  "benchmarks/simulate.py): 1B, 3B, 7B, 13B, or quick/70M to check against --validate"),
+        flag("--weights", choices=["bf16", "fp32"], help="with --simulate: bf16 weights (default) or fp32 "
+                                                       "master weights under bf16 autocast"),
+        flag("--checkpoint", action="store_true", help="with --simulate: activation checkpointing per block"),
+        flag("--rank", type=lambda v: float(v) if "." in v else int(v),
+             help="with --simulate: the low-rank optimizers' rank (int, or a fraction; default 0.25)"),
+        flag("--validate", action="store_true",
+             help="with --simulate: also run each row for real on this CPU and give the ratio"),
+        *RUN_OPTIONS), call=call_memory, results=lambda flags: flags.get("simulate") and
+        f"simulate-{flags['simulate']}"),
     "update_rms": Command("update_rms", "RMS of each optimizer's step per unit lr (ΔW/lr) vs AdamW's, "
                                         "at several widths and run lengths", (
         flag("--widths", type=int, nargs="+", help="model widths (default 64 128 with --quick)"),
@@ -154,12 +185,14 @@ def main(argv=None):
     flags = vars(parser.parse_args(argv))
     name, quick, out, threads = flags.pop("command"), flags.pop("quick"), flags.pop("out"), flags.pop("threads", None)
     command = COMMANDS[name]
+    suffix = command.results and command.results(flags)
     if threads:
         torch.set_num_threads(threads)
     module = importlib.import_module(f"{__package__}.{command.module}") if command.module else None
     sections, extra, fig = command.call(module, quick, flags)
     extra.update(quick=quick, cpu_threads=torch.get_num_threads())
     results = f"{name}-seed{flags['seed']}" if command.per_seed and flags["seed"] is not None else name
+    results = f"{results}-{suffix}" if suffix else results
     return write_results(results, sections, extra=extra, figure=fig, out_dir=out,
                          invocation=" ".join(["python -m benchmarks", *argv]))
 

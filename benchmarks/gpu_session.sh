@@ -14,6 +14,8 @@
 #    GaLoreAdamW at int8 with and without step_in_backward, and the largest of the 1B/3B/7B
 #    configs whose step fits in 24 GiB per row (GaLore's 7B headline; a binary search, two
 #    models built and stepped per row) (issue 15);
+# 1b. memory --simulate 1B and 7B --validate: the fake-tensor simulation's rows run for real beside it
+#    (torch.cuda.max_memory_allocated), GaLore's 7B recipe (issue 27);
 # 2. step --sets 1B with int8 state: Muon and GaLoreAdamW's step at int8 next to AdamW (the
 #    codes' eager ops on a GPU) (issue 15), in its own folder int8/;
 # 3. step --sets 1B: every optimizer's step, refresh and peak memory on the LLaMA-1B matrix
@@ -32,8 +34,8 @@
 #    the figures only a GPU gives);
 # 7. dct: matmul vs FFT DCT scores on CUDA (FFT_MIN_SIZE has no CUDA entry yet);
 # 8. distributed: what the DDP/FSDP2 code path costs on one GPU (world size 1, NCCL).
-# The limits add up to ~17 min, more than one 10-minute device command: the order is by priority, so a
-# command cut at its limit loses only the last ones (the first three fit in 9 min); a second
+# The limits add up to ~26 min, more than one 10-minute device command: the order is by priority, so a
+# command cut at its limit loses only the last ones (the first two fit in 8 min); a second
 # call can run the rest (`SKIP=3 bash benchmarks/gpu_session.sh`: skip the first three).
 set -u
 shopt -s nullglob
@@ -84,6 +86,12 @@ run() {
 
 run 240 python3 -m benchmarks memory --config 130M --precisions int8 --fit-budget-gib 24 --fit-configs 1B 3B 7B \
     --optimizers torch.optim.AdamW matrixopt.Muon matrixopt.GaLoreAdamW --out "$out"
+# issue 27: the fake-tensor simulation beside the real step (max_memory_allocated), GaLore's
+# recipe (bf16, checkpointing, rank 1024, batch 16 x 256) on 1B, then 7B's int8 rows
+run 240 python3 -m benchmarks memory --simulate 1B --validate --batch 16 --seq-len 256 --checkpoint --rank 1024 \
+    --precisions int8 --optimizers torch.optim.AdamW matrixopt.Muon matrixopt.GaLoreAdamW --out "$out"
+run 300 python3 -m benchmarks memory --simulate 7B --validate --batch 16 --seq-len 256 --checkpoint --rank 1024 \
+    --precisions int8 --optimizers matrixopt.Muon matrixopt.GaLoreAdamW matrixopt.DCTAdamW --out "$out"
 mkdir -p "$out/int8"
 run 90 python3 -m benchmarks step --sets 1B --repeats 5 --optimizers torch.optim.AdamW \
     "matrixopt.Muon[state_precision='int8']" "matrixopt.GaLoreAdamW[state_precision='int8']" --out "$out/int8"

@@ -78,6 +78,7 @@ running out of memory. ``--fit-budget-gib`` runs the same search on CPU against 
 measured peak.
 """
 import bisect
+import dataclasses
 import gc
 import inspect
 import itertools
@@ -89,6 +90,7 @@ import torch
 from tqdm import tqdm
 
 import matrixopt
+from matrixopt.kernels import host
 
 from .common import allocation_events, default_device
 from .model import ModelConfig, Transformer
@@ -131,6 +133,8 @@ CONFIGS = {
     "1B": Shape(2048, 24, 32, 5461, 32000),
     "3B": Shape(2560, 32, 32, 6848, 32000),
     "7B": Shape(4096, 32, 32, 11008, 32000),
+    # LLaMA-13B (Touvron et al. 2023, Table 2; its FFN 13824 as in the released config)
+    "13B": Shape(5120, 40, 40, 13824, 32000),
 }
 FIT_CONFIGS = ("60M", "130M", "350M", "1B", "3B", "7B")
 
@@ -187,11 +191,12 @@ def missing(c: Row) -> str | None:
     return f"{' and '.join(reasons)} not in this build of matrixopt" if reasons else None
 
 
-def make_optimizer(c: Row, model: torch.nn.Module, settings: Settings, lr: float = 1e-4):
+def make_optimizer(c: Row, model: torch.nn.Module, settings: Settings, lr: float = 1e-4, **arguments):
     """Row ``c``'s optimizer over ``model``, as the registry builds it: torch AdamW and the
     8-bit AdamWs over every param (torch AdamW in backward by :class:`TorchStepInBackward`), the
     others with ``matrixopt.param_groups``'s hidden matrices on their matrix rule and the rest
-    on AdamW, matrixopt's with ``state_precision`` wherever the class takes it."""
+    on AdamW, matrixopt's with ``state_precision`` wherever the class takes it and the
+    constructor ``arguments`` given (Python literals)."""
     if c.optimizer == ADAMW and c.in_backward:
         return TorchStepInBackward(model.parameters(), lr=lr, betas=settings.betas,
                                    weight_decay=settings.weight_decay)
@@ -200,7 +205,10 @@ def make_optimizer(c: Row, model: torch.nn.Module, settings: Settings, lr: float
     groups = matrixopt.param_groups(model)
     matrices = [pair for g in groups if g["matrix"] for pair in g["params"]]
     others = [pair for g in groups if not g["matrix"] for pair in g["params"]]
-    name = f"{c.optimizer}[state_precision={c.precision!r}]" if c.matrixopt and takes_precision(c) else c.optimizer
+    if c.matrixopt and takes_precision(c):
+        arguments = {"state_precision": c.precision, **arguments}
+    listed = ", ".join(f"{key}={value!r}" for key, value in arguments.items())
+    name = f"{c.optimizer}[{listed}]" if listed else c.optimizer
     return build(name, matrices, others, lr, settings)
 
 
@@ -277,9 +285,10 @@ class PeakMeter:
             self.peaks[name] = max(self.peaks.get(name, 0), now)
 
 
-def train_step(model, opt, tokens, meter: PeakMeter, in_backward: bool) -> None:
-    """Forward, backward and (unless the optimizer steps in backward) step and zero_grad."""
-    with meter.span("forward"):
+def train_step(model, opt, tokens, meter: PeakMeter, in_backward: bool, autocast: bool = False) -> None:
+    """Forward (under bf16 autocast with ``autocast``), backward and (unless the optimizer
+    steps in backward) step and zero_grad."""
+    with meter.span("forward"), torch.autocast(tokens.device.type, torch.bfloat16, enabled=autocast):
         loss = model.loss(tokens[:, :-1], tokens[:, 1:])
     with meter.span("backward"):
         loss.backward()
@@ -310,13 +319,12 @@ def layer_grad_bytes(model: Transformer) -> int:
 def saved_activation_bytes(model: Transformer, tokens: torch.Tensor) -> int:
     """Bytes of the tensors autograd saves for backward in one forward and loss, each storage
     once, the model's own params and buffers and the input tokens excluded."""
-    own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers(), [tokens])}
+    own = {host.storage_id(t) for t in itertools.chain(model.parameters(), model.buffers(), [tokens])}
     saved = {}
 
     def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            saved[storage.data_ptr()] = storage.nbytes()
+        if host.storage_id(t) not in own:
+            saved[host.storage_id(t)] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -325,15 +333,16 @@ def saved_activation_bytes(model: Transformer, tokens: torch.Tensor) -> int:
     return sum(saved.values())
 
 
-def build_model(shape: Shape, seq_len: int, device, dtype=torch.float32) -> Transformer:
+def build_model(shape: Shape, seq_len: int, device, dtype=torch.float32, checkpoint: bool = False) -> Transformer:
     """The model of ``shape``, its params created on ``device`` in ``dtype`` (a 7B model
-    built in fp32 first would not fit the budget its bf16 copy is measured in)."""
+    built in fp32 first would not fit the budget its bf16 copy is measured in), each block
+    checkpointed with ``checkpoint``."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return Transformer(shape.model_config(seq_len))
+            return Transformer(dataclasses.replace(shape.model_config(seq_len), checkpoint=checkpoint))
     finally:
         torch.set_default_dtype(default)
 

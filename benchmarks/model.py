@@ -1,7 +1,8 @@
 """A small LLaMA-style decoder: RMSNorm, rotary position embeddings, SwiGLU, no biases.
 
 Pre-norm blocks ``x + attn(norm(x))``, ``x + mlp(norm(x))``; causal attention through
-``F.scaled_dot_product_attention``; the output head is tied to the token embedding or not.
+``F.scaled_dot_product_attention``; the output head is tied to the token embedding or not;
+with ``checkpoint`` each block's activations are recomputed in backward (only its input is saved).
 Its hidden-layer matrices (wq, wk, wv, wo, w1, w2, w3) are the matrices the matrix
 optimizers act on; ``matrixopt.param_groups`` puts the embedding and head on AdamW.
 """
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -23,6 +25,7 @@ class ModelConfig:
     seq_len: int = 256
     tie_embeddings: bool = False
     rope_base: float = 10000.0
+    checkpoint: bool = False  # activation checkpointing per block (torch.utils.checkpoint)
 
     def __post_init__(self):
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
@@ -117,7 +120,10 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if self.cfg.checkpoint and torch.is_grad_enabled():   # only the block's input is kept
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         return self.output(self.norm(x))
 
     def loss(self, tokens, targets):

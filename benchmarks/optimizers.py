@@ -30,6 +30,7 @@ from torch import Tensor
 
 import matrixopt
 from matrixopt import MATCH_ADAMW_RMS
+from matrixopt.kernels import host
 
 ADAMW = "torch.optim.AdamW"
 TORCH_MUON = "torch.optim.Muon"
@@ -475,7 +476,7 @@ def state_bytes(opt) -> int:
             else:
                 held = vars(value).values() if hasattr(value, "__dict__") else []
             tensors += [inner for t in held if isinstance(t, Tensor) for inner in plain_tensors(t)]
-    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}
+    storages = {host.storage_id(t): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
 

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import host
+
 # Smallest k at which the FFT path is used by default, per device type. Measured with
 # `python -m benchmarks.dct` (1024×k fp32, torch 2.13, 2 CPU cores shared with other jobs,
 # so single timings are noisy; six runs): up to k = 384 neither path wins consistently
@@ -54,12 +56,12 @@ def dct_basis(k: int, device=None, dtype: torch.dtype = torch.float32, *, transp
     return _basis(k, _canonical(device), dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@host.cached
 def _basis(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return _rows(k, device, dtype).mT
 
 
-@functools.lru_cache(maxsize=None)
+@host.cached
 def _rows(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     i = torch.arange(k, dtype=torch.int64)[:, None]
     j = torch.arange(k, dtype=torch.int64)[None, :]

@@ -59,6 +59,8 @@ none is written.
 """
 import torch
 
+from . import host
+
 # Second-round Cholesky pivots below this (squared) mean the input lost rank: the
 # orthogonality error of Cholesky-QR grows like eps·cond(W), cond(W) ≈ 1/pivot².
 _MIN_PIVOT2 = 0.1
@@ -230,7 +232,8 @@ def lowrank_svd(G, rank, *, init=None, iters=2, oversample=8, generator=None):
         omega = torch.randn(A.size(0), *size, device=G.device, dtype=dtype, generator=generator)
     sketch = torch.cat([Q, A @ omega], dim=-1)
     U, S, Vh, ok = _fast(A, sketch, iters, rank)
-    failed = (~ok).nonzero().squeeze(-1)  # the one host sync, unless something failed
+    # the one host sync, unless something failed
+    failed = host.read(ok, lambda ok: (~ok).nonzero().squeeze(-1), ok.new_empty(0, dtype=torch.int64))
     if len(failed):
         # Redone from the same sketch (same Ω); the other entries keep their bits. A steep
         # spectrum (σ₁/σ_p ≳ 3e3) defeats two Cholesky-QR rounds but not three; what three

@@ -5,12 +5,14 @@ from typing import Callable
 
 import torch
 
-from .weights import DEFAULT_MASTER_WEIGHTS
+from matrixopt.kernels import host
+
 from .ops import MATCH_ADAMW_RMS, Out, Rows, Whole, apply_update, default_compute_dtype, local_map, matmul_in
 from .optimizer import MatrixOptimizer
 from .state import State
 from .precision import MOMENT
 from .validation import choice, compute_dtype, integer, real
+from .weights import DEFAULT_MASTER_WEIGHTS
 
 BASE_MAPS = ("sinkhorn", "row_norm", "sign")
 ROTATE_SIDES = ("smaller", "rows", "cols")
@@ -93,7 +95,7 @@ def orthogonal_factor(C: torch.Tensor, method: str = "shifted_cholesky") -> torc
     Q, L, ok2 = _cholesky_qr(Q1, 0.0)
     ok = ok1 & ok2
     done = ok & _orthogonal_enough(L)
-    if done.all():
+    if host.read(done, lambda done: bool(done.all()), True):
         return Q
     again = ok & ~done
     if again.any():

@@ -153,9 +153,10 @@ import functools
 
 import torch
 
+from matrixopt.kernels import host
+
 from .fallback import AdamW
 from .galore import GaLoreAdamW, svd_projector
-from .weights import DEFAULT_MASTER_WEIGHTS
 from .lowrank import LowRankAdamW, back_projections
 from .matrices import local_matrices, resolve_rank
 from .ops import Out, Rows, Whole, named_map
@@ -164,6 +165,7 @@ from .report import warn_once
 from .seeding import bucket_seeds
 from .state import AT_LEAST_FP32, State
 from .validation import choice, integer, rank_spec, real
+from .weights import DEFAULT_MASTER_WEIGHTS
 
 PROTECT = ("gradients", "weights", "both")
 #: The sketch's Gaussian draws: their own stream of :func:`~matrixopt.seeding.sketch_seeds`.
@@ -182,7 +184,8 @@ def split_history(H: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, t
 def protected(H: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """The protected bases of the histories H (B, d, h_max): their first max(count) columns,
     each matrix's beyond its own count zeroed (there H holds the task's sketch)."""
-    return split_history(H[..., :int(count.max()) if count.numel() else 0], count)[0]
+    columns = host.read(count, lambda count: int(count.max()) if count.numel() else 0, 0)   # fake: a first task's
+    return split_history(H[..., :columns], count)[0]
 
 
 def complement(X: torch.Tensor, H: torch.Tensor, side: str, passes: int = 2) -> torch.Tensor:
@@ -216,7 +219,7 @@ def truncate(Z: torch.Tensor, ell: int) -> tuple[torch.Tensor, torch.Tensor]:
     gram = Z @ Z.mT if Z.shape[0] <= Z.shape[1] else Z.mT @ Z
     try:
         lam, Q = torch.linalg.eigh(gram)                     # ascending
-        solved = bool(lam.isfinite().all() and Q.isfinite().all())
+        solved = host.read(lam, lambda lam: bool(lam.isfinite().all() and Q.isfinite().all()), True)
     except torch.linalg.LinAlgError:
         solved = False
     if solved:
@@ -342,7 +345,8 @@ def _accumulate(proj, G, H, count, A, seeds):
     Y = _from_side(proj.outside(G, H, count), proj.side).to(A.dtype)
     b = A.shape[-1]
     omega = torch.stack([torch.randn(Y.shape[-1], b, generator=torch.Generator(Y.device).manual_seed(seed),
-                                     device=Y.device, dtype=torch.float32) for seed in seeds.tolist()])
+                                     device=Y.device, dtype=torch.float32)
+                         for seed in host.read(seeds, torch.Tensor.tolist, [0] * len(seeds))])
     return torch.baddbmm(A, Y, omega.to(A.dtype), alpha=b ** -0.5)
 
 
@@ -350,8 +354,7 @@ def _truncate(H, count, A, E):
     """Each sketch S = H[:, c:] (ℓ = h_max − c columns) takes in its accumulator: S ← the top
     ℓ directions of [S, A], E ← E + the energy cut off, A ← 0."""
     H, E = H.clone(), E.clone()
-    for b in range(H.shape[0]):
-        c = int(count[b])
+    for b, c in enumerate(host.read(count, torch.Tensor.tolist, [0] * len(count))):   # fake: a first task's
         if c < H.shape[-1]:
             H[b, :, c:], cut = truncate(torch.cat([H[b, :, c:], A[b]], dim=-1), H.shape[-1] - c)
             E[b] += cut

@@ -1,9 +1,9 @@
 """DCTAdamW: Adam in a low-rank subspace picked from a fixed DCT basis (no SVD)."""
-from .weights import DEFAULT_MASTER_WEIGHTS
 from .matrices import resolve_rank, unequal_blocks
 from .lowrank import LowRankAdamW
 from .projectors import DCTProjector, work_dtype
 from .validation import choice
+from .weights import DEFAULT_MASTER_WEIGHTS
 
 
 class DCTAdamW(LowRankAdamW):

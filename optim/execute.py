@@ -23,6 +23,8 @@ from typing import Callable, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from matrixopt.kernels import host
+
 from .distributed import agree_finite
 from .matrices import first_row, local, rows_of
 from .plan import Bucket, Item, Limits, Planner, fallback_chunks, group_of
@@ -179,7 +181,7 @@ class Executor:
         # as_matrices copies a param it cannot view (e.g. channels_last); write those back.
         for (p, b), w in zip(items, bucket.weights):
             t = local(p)
-            if b is None and w.data_ptr() != t.data_ptr():
+            if b is None and host.storage_id(w) != host.storage_id(t):
                 t.copy_(w.reshape(t.shape))
 
     def _write_back(self, group: dict, params: list[Tensor], views: list, first_rows: list[int] | None = None):
@@ -239,20 +241,18 @@ def screen(group: dict, indices: list[int], checked: dict[int, list[Tensor]], pr
     policy (``nonfinite``) to those that are not: "raise" raises FloatingPointError naming
     them, "skip" counts them in ``record`` and warns once per param."""
     # One device sync for the whole group rather than one per param (a group may span
-    # devices, so the flags meet on the first param's), and one fused reduction rather
-    # than isfinite's four ops per tensor: Σt in fp32 (or fp64) is NaN or inf exactly when
-    # t holds a NaN or inf (+inf and -inf sum to NaN), or sums past 3e38. (A plain sum
-    # reduces 3.6× faster than Σ|t| on a CPU; not the 2-norm, as fast: Σt² overflows from
-    # |t| ~ 1e19, and a scale-invariant rule (ARO, Muon) steps on 1e30 fine.)
+    # devices, so the flags meet on the first param's), and one fused reduction per tensor
+    # rather than isfinite's four ops (:func:`total`).
     owners = [i for i in indices for _ in checked[i]]
     tensors = [t for i in indices for t in checked[i]]
-    dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors}, torch.float32)
+    totals = [total(t) for t in tensors]
+    dtype = functools.reduce(torch.promote_types, {s.dtype for s in totals}, torch.float32)
     device = tensors[0].device
-    flags = torch.stack([t.sum(dtype=dtype).to(device) for t in tensors]).isfinite()
+    flags = torch.stack([s.to(device, dtype) for s in totals]).isfinite()
     if process_group is not None:  # every rank must skip the same params
         flags = agree_finite(flags, process_group)
     finite = dict.fromkeys(indices, True)
-    for i, ok in zip(owners, flags.tolist()):
+    for i, ok in zip(owners, host.read(flags, Tensor.tolist, [True] * len(owners))):
         finite[i] = finite[i] and ok
     bad = [i for i in indices if not finite[i]]
     if not bad:
@@ -265,3 +265,23 @@ def screen(group: dict, indices: list[int], checked: dict[int, list[Tensor]], pr
               "Non-finite gradient in {}: skipped this step, its weights and state left "
               "unchanged (nonfinite='skip'; counted in nonfinite_skips; warned once per param)")
     return finite
+
+
+def total(t: Tensor) -> Tensor:
+    """A scalar that is NaN or inf exactly when Σt in fp32 (fp64 for fp64 t) is: when t holds
+    a NaN or inf (+inf and −inf sum to NaN), or sums past 3.4e38 (fp32's range: a gradient
+    that large in aggregate is treated as non-finite). A plain sum reduces 3.6× faster than
+    Σ|t| on a CPU; not the 2-norm, as fast: Σt² overflows from |t| ~ 1e19, and a
+    scale-invariant rule (ARO, Muon) steps on 1e30 fine.
+
+    No copy of t: ``t.sum(dtype=torch.float32)`` of a bf16 or fp16 t converts all of t to
+    fp32 first (a hidden temporary twice t's size). A bf16 t is summed as bf16, which
+    accumulates in fp32 and rounds the total to bf16, whose exponent range is fp32's: it is
+    inf where the fp32 sum is, and where that sum rounds past bf16's largest value, 3.39e38
+    (0.3% below fp32's). fp16's range is small (65504): a healthy fp16 gradient can sum past
+    it, so an fp16 t is read by its min and max instead, added in fp32: NaN or inf exactly
+    when t holds a NaN or inf, as its fp32 sum is (|t| ≤ 65504: no fp16 tensor sums past
+    3.4e38)."""
+    if t.dtype != torch.float16:
+        return t.sum()
+    return torch.stack(t.aminmax()).sum(dtype=torch.float32) if t.numel() else t.new_zeros((), dtype=torch.float32)

@@ -1,9 +1,9 @@
 """GaLoreAdamW: Adam with its moments kept in a low-rank projection of each gradient."""
-from .weights import DEFAULT_MASTER_WEIGHTS
 from .matrices import resolve_rank
 from .lowrank import LowRankAdamW
 from .projectors import PROJ_TYPES, SVDProjector
 from .validation import choice
+from .weights import DEFAULT_MASTER_WEIGHTS
 
 
 class GaLoreAdamW(LowRankAdamW):

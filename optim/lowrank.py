@@ -38,9 +38,11 @@ import math
 from typing import Callable
 
 import torch
+from torch import Tensor
+
+from matrixopt.kernels import host
 
 from .batching import LOWRANK
-from .weights import DEFAULT_MASTER_WEIGHTS
 from .matrices import local_matrices
 from .ops import Out, Rows, Whole, apply_update, stacked_call
 from .optimizer import MatrixOptimizer
@@ -52,6 +54,7 @@ from .report import warn_once
 from .seeding import bucket_seeds
 from .state import AT_LEAST_FP32, State, counter
 from .validation import compute_dtype, integer, rank_spec, real
+from .weights import DEFAULT_MASTER_WEIGHTS
 
 
 def lowrank_adam(exp_avgs, exp_avg_sqs, lows, steps, betas, eps) -> list[torch.Tensor]:
@@ -326,7 +329,8 @@ class LowRankAdamW(MatrixOptimizer):
 
     def _warn_refreshes(self, group, places, status) -> None:
         """One warning per cause naming the params a refresh left on their previous basis."""
-        worst = torch.stack([s.amax() for s in status]).tolist()   # per param, its worst matrix
+        worst = torch.stack([s.amax() for s in status])   # per param, its worst matrix
+        worst = host.read(worst, Tensor.tolist, [REFRESHED] * len(worst))
         if all(w == REFRESHED for w in worst):
             return
         causes = [(SVD_FAILED, "the SVD did not converge or was not finite")]

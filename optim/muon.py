@@ -5,13 +5,13 @@ from typing import Callable
 
 import torch
 
-from .weights import DEFAULT_MASTER_WEIGHTS
 from .ops import MATCH_ADAMW_RMS, Out, Rows, apply_update, default_compute_dtype, local_map
 from .optimizer import MatrixOptimizer
 from .state import AT_LEAST_FP32, State
 from .orthogonalize import ns_schedule, orthogonalize
 from .precision import MOMENT
 from .validation import choice, compute_dtype, integer, real
+from .weights import DEFAULT_MASTER_WEIGHTS
 
 LR_SCALINGS = ("match_adamw", "original", "spectral", "none")
 

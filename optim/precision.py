@@ -88,6 +88,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from matrixopt.kernels import host
+
 from .seeding import element_bits, rounding_seed
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -145,7 +147,7 @@ def _unblock(blocks: Tensor, shape) -> Tensor:
     return blocks.reshape(shape[0], blocks.shape[1] * blocks.shape[2])[:, :math.prod(shape[1:])].reshape(shape)
 
 
-@functools.cache
+@host.cached
 def _tables(code: Code, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """For :func:`nearest`: per bf16 bit pattern t (the top 16 bits of an fp32), the count of
     thresholds below t; and the thresholds padded with +inf after and −inf before."""
@@ -206,7 +208,7 @@ def _quantize(x: Tensor, code: Code) -> tuple[Tensor, Tensor]:
     scale = blocks.abs().amax(-1)
     normalized = blocks / torch.where(scale > 0, scale, 1.0)[..., None]
     index = nearest(normalized.contiguous(), code)
-    if code.values[0] == 0:
+    if host.read(code.values, lambda values: bool(values[0] == 0), False):
         index = torch.maximum(index, (normalized > 0).to(torch.int32))
     return _unblock(index.to(torch.uint8), x.shape), scale
 
@@ -224,7 +226,7 @@ def dequantize(codes: Tensor, scale: Tensor, code: Code) -> Tensor:
     return out
 
 
-@functools.cache
+@host.cached
 def _values(code: Code, device: torch.device) -> Tensor:
     return code.values.to(device)
 
@@ -240,7 +242,7 @@ def code_for(role: str) -> Code:
 
 def zero_codes(role: str):
     """The ``init`` of the codes of a state of ``role``: every entry the code's 0."""
-    zero = int(torch.searchsorted(code_for(role).thresholds, torch.tensor(0.0)))
+    zero = host.read(code_for(role).thresholds, lambda t: int(torch.searchsorted(t, torch.tensor(0.0))), 0)
     return lambda shape, dtype, device: torch.full(shape, zero, dtype=dtype, device=device)
 
 

@@ -7,8 +7,10 @@ into W) is optional: a rule whose update is not W's plain sum with the back-proj
 CoSOAdamW's, does without it.
 """
 import torch
+from torch import Tensor
 
 from matrixopt import kernels
+from matrixopt.kernels import host
 
 from .ops import Out, matmul_in
 from .state import AT_LEAST_FP32, State
@@ -169,8 +171,8 @@ class SVDProjector:
         generator per matrix for the randomized sketch; ``warm=False`` starts it cold."""
         zero = G.flatten(1).abs().amax(dim=1) == 0
         status = torch.where(zero, ZERO_GRADIENT, REFRESHED).to(torch.int8)
-        generators = None if seeds is None else [torch.Generator(G.device).manual_seed(seed)
-                                                 for seed in seeds.tolist()]
+        generators = None if seeds is None else [torch.Generator(G.device).manual_seed(seed) for seed in
+                                                 host.read(seeds, Tensor.tolist, [0] * len(seeds))]
         try:
             fresh = self._bases(G.to(previous[0].dtype), previous if warm else None, generators)
         except torch.linalg.LinAlgError:

@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from .weights import DEFAULT_MASTER_WEIGHTS
 from .muon import Muon
 from .validation import real
+from .weights import DEFAULT_MASTER_WEIGHTS
 
 
 def _quantile_or_none(name, value):

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from matrixopt.kernels import host
+
 from .distributed import dtensor_like
 from .matrices import first_row, local
 from .precision import SCALE_SUFFIX, stored, working, write_back
@@ -277,10 +279,11 @@ def _check_entries(name: str, declared: dict, saved_state: dict, precision: str)
 
 
 def storage_bytes(tensors: list[Tensor]) -> int:
-    """Bytes of the storages of ``tensors``, each storage counted once."""
+    """Bytes of the storages of ``tensors``, each storage counted once (told apart by
+    :func:`~matrixopt.kernels.host.storage_id`, which also tells fake tensors' apart)."""
     seen, total = set(), 0
     for t in tensors:
-        key = (t.device, t.untyped_storage().data_ptr())
+        key = host.storage_id(t)
         if key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
