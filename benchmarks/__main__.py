@@ -49,7 +49,7 @@ def call_run(module, quick: bool, flags: dict):
     return module.run(quick, **flags)
 
 
-#: ``memory``'s flags that only a simulation (``--simulate``) reads.
+#: ``memory``'s flags that a simulation (``--simulate``) reads (the real measurement: ``--weights``).
 SIMULATE_FLAGS = ("simulate", "weights", "checkpoint", "rank", "validate")
 
 
@@ -59,7 +59,7 @@ def call_memory(module, quick: bool, flags: dict):
     simulation = {key: flags.pop(key) for key in SIMULATE_FLAGS}
     config = simulation.pop("simulate")
     if config is None:
-        return module.run(quick, **flags)
+        return module.run(quick, weights=simulation["weights"] or "fp32", **flags)
     from . import simulate
 
     return simulate.run(config, flags["optimizers"], flags["precisions"], batch=flags["batch"],
@@ -143,8 +143,9 @@ COMMANDS = {
         flag("--simulate", choices=list(CONFIGS), metavar="CONFIG",
              help="measure CONFIG's step on fake tensors instead (nothing of its size allocated; "
                   "benchmarks/simulate.py): 1B, 3B, 7B, 13B, or quick/70M to check against --validate"),
-        flag("--weights", choices=["bf16", "fp32"], help="with --simulate: bf16 weights (default) or fp32 "
-                                                       "master weights under bf16 autocast"),
+        flag("--weights", choices=["bf16", "fp32"], help="the params' dtype: fp32 (default) or bf16 (then "
+             "matrixopt's rows also with each master_weights value); with --simulate: bf16 weights (default) or "
+             "fp32 master weights under bf16 autocast"),
         flag("--checkpoint", action="store_true", help="with --simulate: activation checkpointing per block"),
         flag("--rank", type=lambda v: float(v) if "." in v else int(v),
              help="with --simulate: the low-rank optimizers' rank (int, or a fraction; default 0.25)"),

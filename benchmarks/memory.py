@@ -100,6 +100,8 @@ from .optimizers import (ADAMW, BNB_ADAMW8BIT, GALORE_TORCH, GALORE_TORCH_8BIT, 
 MB = 2**20
 GiB = 2**30   # a "24 GB" card (RTX 3090/4090) has 24 GiB
 PRECISIONS = ("fp32", "bf16", "int8")
+#: matrixopt's ``master_weights`` values: with bf16 weights, each but a class's default is a row.
+MASTER_WEIGHTS = ("nearest", "stochastic", "int8", "int16")
 #: The rows besides matrixopt's optimizers: torch AdamW, bitsandbytes' and torchao's 8-bit
 #: AdamWs, galore-torch's GaLoreAdamW and its 8-bit variant.
 PEERS = (ADAMW, BNB_ADAMW8BIT, TORCHAO_ADAMW8BIT, GALORE_TORCH, GALORE_TORCH_8BIT)
@@ -147,6 +149,7 @@ class Row:
     optimizer: str
     precision: str = "fp32"
     in_backward: bool = False
+    master_weights: str | None = None
 
     @property
     def matrixopt(self) -> bool:
@@ -156,21 +159,29 @@ class Row:
     def label(self) -> str:
         if not self.matrixopt:
             return self.optimizer + (" + step in backward (torch's recipe)" if self.in_backward else "")
-        return f"{self.optimizer} {self.precision}{' + step_in_backward' if self.in_backward else ''}"
+        lean = "" if self.master_weights is None else f" master_weights={self.master_weights}"
+        return f"{self.optimizer} {self.precision}{' + step_in_backward' if self.in_backward else ''}{lean}"
 
 
-def table_rows(optimizers=None, precisions=PRECISIONS) -> list[Row]:
+def table_rows(optimizers=None, precisions=PRECISIONS, lean: bool = False) -> list[Row]:
     """The peers (torch AdamW also with torch's step-in-backward recipe), then every matrixopt
-    optimizer × precision × (ordinary, step_in_backward); only the optimizers named in
+    optimizer × precision × (ordinary, step_in_backward) (× with ``lean``, bf16 weights: each
+    ``master_weights`` value other than the default); only the optimizers named in
     ``optimizers`` if given."""
     available = [*PEERS, *matrixopt_classes()]
     unknown = sorted(set(optimizers or ()) - set(available))
     if unknown:
         raise ValueError(f"Unknown optimizers {unknown}; available: {available}")
     out = [Row(ADAMW), Row(ADAMW, in_backward=True)] + [Row(name) for name in PEERS[1:]]
-    out += [Row(name, precision, in_backward) for name in matrixopt_classes() for precision in precisions
-            for in_backward in (False, True)]
+    out += [Row(name, precision, in_backward, mode) for name in matrixopt_classes() for precision in precisions
+            for in_backward in (False, True) for mode in (None, *(lean_values(name) if lean else ()))]
     return [c for c in out if not optimizers or c.optimizer in optimizers]
+
+
+def lean_values(name: str) -> list[str]:
+    """The ``master_weights`` values of matrixopt class ``name`` other than its default."""
+    default = inspect.signature(matrixopt_classes()[name]).parameters["master_weights"].default
+    return [mode for mode in MASTER_WEIGHTS if mode != default]
 
 
 def takes_precision(c: Row) -> bool:
@@ -207,6 +218,8 @@ def make_optimizer(c: Row, model: torch.nn.Module, settings: Settings, lr: float
     others = [pair for g in groups if not g["matrix"] for pair in g["params"]]
     if c.matrixopt and takes_precision(c):
         arguments = {"state_precision": c.precision, **arguments}
+    if c.master_weights is not None:
+        arguments = {"master_weights": c.master_weights, **arguments}
     listed = ", ".join(f"{key}={value!r}" for key, value in arguments.items())
     name = f"{c.optimizer}[{listed}]" if listed else c.optimizer
     return build(name, matrices, others, lr, settings)
@@ -363,7 +376,7 @@ def step_temporaries(c: Row, shape: Shape, batch: int, seq_len: int, settings: S
     model = build_model(shape, seq_len, device, dtype)
     tokens = random_tokens(shape, batch, seq_len, device)
     model.loss(tokens[:, :-1], tokens[:, 1:]).backward()
-    opt = make_optimizer(Row(c.optimizer, c.precision), model, settings)
+    opt = make_optimizer(Row(c.optimizer, c.precision, master_weights=c.master_weights), model, settings)
     if c.in_backward and c.matrixopt:
         opt.max_bucket_elements = 1
     peaks = []
@@ -390,6 +403,8 @@ def measure(c: Row, shape: Shape, batch: int, seq_len: int, settings: Settings, 
             with meter.span(f"step {i + 1}"):
                 train_step(model, opt, tokens, meter, c.in_backward)
         state = state_bytes(opt)
+        low_bits = low_bits_bytes(opt)
+        params = sum(p.numel() for p in model.parameters())
         weights = tensor_bytes(itertools.chain(model.parameters(), model.buffers()))
         grads = layer_grad_bytes(model) if c.in_backward else tensor_bytes(model.parameters())
         if handle is not None:
@@ -405,6 +420,7 @@ def measure(c: Row, shape: Shape, batch: int, seq_len: int, settings: Settings, 
         row.update(activations_MB=activations / MB, loss_grads_MB=loss_grads / MB, temporaries_MB=temporaries / MB,
                    model_MB=model_bytes / MB, measured_minus_model_MB=(meter.peak - model_bytes) / MB,
                    measured_minus_model_pct=100 * (meter.peak - model_bytes) / meter.peak)
+        row.update(bytes_per_param(params, weights, low_bits, grads, state, temporaries))
     row.update({f"{column}_peak_MB": meter.peaks[span] / MB if span in meter.peaks else None
                 for column, span in PHASES.items()})
     return row
@@ -412,6 +428,24 @@ def measure(c: Row, shape: Shape, batch: int, seq_len: int, settings: Settings, 
 
 #: Table column → span of :func:`train_step` / :func:`measure` whose peak it shows.
 PHASES = {"forward": "forward", "backward": "backward", "step": "optimizer step", "step1": "step 1", "step2": "step 2"}
+
+
+def low_bits_bytes(opt) -> int:
+    """Bytes of the low halves of lean weights' masters in ``opt``'s state (matrixopt's
+    ``weight_low_bits``: ``master_weights`` "int8"/"int16"; 0 for every other optimizer)."""
+    return sum(v.numel() * v.element_size() for s in getattr(opt, "state", {}).values() for k, v in s.items()
+               if k == "weight_low_bits")
+
+
+def bytes_per_param(params: int, weights: int, low_bits: int, grads: int, state: int, temporaries: int) -> dict:
+    """The step's bytes per parameter, activations excluded, split as the byte model's terms:
+    weights (params and buffers), the low bits of their masters (``master_weights``), the
+    gradients held at once, the rest of the optimizer state, the step's temporaries; and
+    their sum."""
+    split = {"weights_B": weights, "low_bits_B": low_bits, "grads_B": grads, "state_B": state - low_bits,
+             "temporaries_B": temporaries}
+    split = {key: value / params for key, value in split.items()}
+    return {**split, "step_B_per_param": sum(split.values())}
 
 
 def loss_gradient_bytes(shape: Shape, batch: int, seq_len: int, element_size: int = 4) -> int:
@@ -422,9 +456,11 @@ def loss_gradient_bytes(shape: Shape, batch: int, seq_len: int, element_size: in
 
 def run(quick: bool = False, config: str | None = None, batch: int | None = None, seq_len: int | None = None,
         optimizers=None, precisions=PRECISIONS, device=None, fit_budget_gib: float | None = None,
-        fit_configs=None, settings: Settings | None = None):
-    """Every row on one config; on CUDA (or with ``fit_budget_gib``) also the largest config
-    that fits the budget (GiB; 24 by default) per optimizer. Returns (table sections, extra JSON, figure)."""
+        fit_configs=None, settings: Settings | None = None, weights: str = "fp32"):
+    """Every row on one config, with fp32 or bf16 ``weights`` (bf16: matrixopt's rows also
+    with each ``master_weights`` value); on CUDA (or with ``fit_budget_gib``) also the largest
+    config that fits the budget (GiB; 24 by default) per optimizer. Returns (table sections,
+    extra JSON, figure)."""
     device = default_device(device)
     cuda = device.type == "cuda"
     config = config or ("quick" if quick else "1B" if cuda else "70M")
@@ -432,16 +468,18 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
     seq_len = seq_len or (64 if quick else 128)
     settings = settings or Settings()
     shape = CONFIGS[config]
-    rows_to_run = table_rows(optimizers, precisions)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weights]
+    rows_to_run = table_rows(optimizers, precisions, lean=weights == "bf16")
     tokens = random_tokens(shape, batch, seq_len, device)
-    model = build_model(shape, seq_len, device)
+    model = build_model(shape, seq_len, device, dtype)
     params = sum(p.numel() for p in model.parameters())
     activations = saved_activation_bytes(model, tokens)
     del model
     # matrixopt measures its stack-or-not limits once per process, at an optimizer's first
     # step: measured here, no row's peak or temporaries include the measurement.
-    stack_limits = {kind: matrixopt.batching.stack_limit(kind, device, torch.float32)
-                    for kind in (matrixopt.batching.ORTHOGONALIZE, matrixopt.batching.LOWRANK)}
+    stack_limits = {f"{kind} {dtype_name}": matrixopt.batching.stack_limit(kind, device, getattr(torch, dtype_name))
+                    for kind in (matrixopt.batching.ORTHOGONALIZE, matrixopt.batching.LOWRANK)
+                    for dtype_name in dict.fromkeys(("float32", str(dtype).removeprefix("torch.")))}
     rows, notes, temporaries = [], [], {}
     progress = tqdm(rows_to_run, desc="memory", unit="row")
     for c in progress:
@@ -449,10 +487,10 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
         reason = missing(c)
         if reason is None:
             try:
-                key = (c.optimizer, c.precision, c.in_backward and c.matrixopt)
+                key = (c.optimizer, c.precision, c.in_backward and c.matrixopt, c.master_weights)
                 if key not in temporaries:
-                    temporaries[key] = step_temporaries(c, shape, batch, seq_len, settings, device)
-                row = measure(c, shape, batch, seq_len, settings, device, temporaries=temporaries[key],
+                    temporaries[key] = step_temporaries(c, shape, batch, seq_len, settings, device, dtype)
+                row = measure(c, shape, batch, seq_len, settings, device, dtype, temporaries=temporaries[key],
                               activations=activations)
             except Exception as error:   # a peer that does not run here; matrixopt's errors are bugs
                 if c.matrixopt:
@@ -467,12 +505,13 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
     progress.close()
     add_ratios(rows)
     title = (f"{config}: {params / 1e6:.1f}M params (d={shape.dim}, {shape.n_layers} layers, h={shape.hidden_dim}, "
-             f"vocab {shape.vocab_size}), batch {batch} × {seq_len} tokens, fp32, {device.type}")
+             f"vocab {shape.vocab_size}), batch {batch} × {seq_len} tokens, {weights} weights, {device.type}")
     sections = {title: [r for r in rows if "note" not in r],
                 "Not run in this build": [r for r in rows if "note" in r],
                 "Targets (issue 15): peak vs torch.optim.AdamW's": targets(rows)}
     extra = {"settings": {"config": config, "batch": batch, "seq_len": seq_len, "device": str(device),
-                          "dtype": "float32", "activations_bytes": activations, "stack_limits": stack_limits,
+                          "dtype": str(dtype).removeprefix("torch."), "activations_bytes": activations,
+                          "stack_limits": stack_limits,
                           **vars(settings)},
              "byte_model": "W + S + max(A + L, G + T); with a step in backward W + S + A + L + G + T "
                            "(see benchmarks/memory.py)", "notes": notes + PEER_NOTES}

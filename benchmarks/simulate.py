@@ -55,7 +55,6 @@ scratch, and memory a kernel allocates inside one op without an aten op (a hidde
 against 24 GiB with none of that counted.
 """
 import dataclasses
-import inspect
 import os
 import time
 import weakref
@@ -73,14 +72,12 @@ import matrixopt
 from .common import default_device
 from .memory import (ADAMW, BNB_ADAMW8BIT, CONFIGS, GALORE_TORCH, GiB, MB, PRECISIONS, TORCHAO_ADAMW8BIT, PeakMeter,
                      Row, build_model, first_line, make_optimizer, missing, random_tokens, table_rows, train_step)
-from .optimizers import PEER_NOTES, Settings, TorchStepInBackward, matrixopt_classes, state_bytes
+from .optimizers import PEER_NOTES, Settings, TorchStepInBackward, state_bytes
 
 #: The weights: "bf16" (params, gradients and activations) or "fp32" (master weights, bf16 autocast).
 WEIGHTS = ("bf16", "fp32")
 #: torch.optim.AdamW's implementations (CUDA's default is foreach).
 ADAMW_IMPLEMENTATIONS = ("fused", "foreach")
-#: Lean bf16 weights: matrixopt's ``master_weights`` values; each but the default (the plain row) a row of its own.
-MASTER_WEIGHTS = ("nearest", "stochastic", "int8", "int16")
 #: The compute dtype matrixopt's rules default to on CUDA, by hyperparameter.
 CUDA_COMPUTE = {"ns_dtype": torch.bfloat16, "matmul_dtype": torch.bfloat16}
 #: Stack-or-not limits (elements) pinned for both kinds of work: the largest a GPU measures.
@@ -144,7 +141,7 @@ class LiveBytes(TorchDispatchMode):
 @dataclasses.dataclass(frozen=True)
 class SimRow:
     """A row: ``row`` (optimizer, state precision, in backward), the ``weights`` ("bf16",
-    "fp32") and a ``variant``: torch AdamW's implementation, or matrixopt's ``master_weights``."""
+    "fp32") and, for torch AdamW, its implementation (``variant``)."""
 
     row: Row
     weights: str
@@ -152,9 +149,7 @@ class SimRow:
 
     @property
     def label(self) -> str:
-        variant = "" if self.variant is None else f" {self.variant}" if self.row.optimizer == ADAMW else \
-            f" master_weights={self.variant}"
-        return self.row.label + variant
+        return self.row.label + ("" if self.variant is None else f" {self.variant}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,23 +166,13 @@ class Options:
         return Settings(rank_fraction=self.rank, update_proj_gap=1)
 
 
-def default_of(c: Row, argument: str):
-    """The default of constructor ``argument`` of row ``c``'s matrixopt class (None where it
-    has no such argument: then every value gets a row of its own)."""
-    parameter = inspect.signature(matrixopt_classes()[c.optimizer]).parameters.get(argument)
-    return None if parameter is None else parameter.default
-
-
 def sim_rows(weights: str, optimizers=None, precisions=PRECISIONS) -> list[SimRow]:
     """torch AdamW in both weights × implementations and with torch's step-in-backward recipe,
     the peers, then every matrixopt optimizer × precision × in backward (× master_weights)."""
     rows = [SimRow(Row(ADAMW), w, impl) for w in WEIGHTS for impl in ADAMW_IMPLEMENTATIONS]
     rows += [SimRow(Row(ADAMW, in_backward=True), weights, "fused")]
     rows += [SimRow(Row(name), weights) for name in PEERS]
-    for c in table_rows(optimizers, precisions):
-        if c.matrixopt:
-            lean = [m for m in MASTER_WEIGHTS if m != default_of(c, "master_weights")] if weights == "bf16" else []
-            rows += [SimRow(c, weights, variant) for variant in (None, *lean)]
+    rows += [SimRow(c, weights) for c in table_rows(optimizers, precisions, lean=weights == "bf16") if c.matrixopt]
     return [r for r in rows if not optimizers or r.row.optimizer in optimizers]
 
 
@@ -198,7 +183,7 @@ def build_optimizer(r: SimRow, model: torch.nn.Module, settings: Settings, lr: f
         adamw = dict(lr=lr, betas=settings.betas, weight_decay=settings.weight_decay, **{r.variant: True})
         return TorchStepInBackward(model.parameters(), **adamw) if c.in_backward else \
             torch.optim.AdamW(model.parameters(), **adamw)
-    opt = make_optimizer(c, model, settings, lr, **({} if r.variant is None else {"master_weights": r.variant}))
+    opt = make_optimizer(c, model, settings, lr)
     for group in opt.param_groups if c.matrixopt else ():
         group.update({key: dtype for key, dtype in CUDA_COMPUTE.items() if group.get(key, 0) is None})
     return opt

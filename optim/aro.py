@@ -203,7 +203,7 @@ class ARO(MatrixOptimizer):
             fallback's moments are stored (:mod:`matrixopt.precision`). The rotation R stays
             fp32 at every precision: it is the warm start of the next QR and the basis f
             acts in, and in bf16 it would be orthogonal only to 2⁻⁸.
-        master_weights: "nearest" (default), "stochastic", "int8" or "int16": how bf16 (fp16)
+        master_weights: "stochastic" (default), "nearest", "int8" or "int16": how bf16 (fp16)
             params are stored after an update, see :mod:`matrixopt.weights`.
     """
 

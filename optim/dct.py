@@ -53,7 +53,7 @@ class DCTAdamW(LowRankAdamW):
         state_precision: "fp32" (default), "bf16" or "int8": the moments (and the
             fallback's) in bf16 or int8 codes (:mod:`matrixopt.precision`); the indices I
             stay int32 and the DCT basis, shared by every matrix of a size, fp32.
-        master_weights: "nearest" (default), "stochastic", "int8" or "int16": how bf16 (fp16)
+        master_weights: "stochastic" (default), "nearest", "int8" or "int16": how bf16 (fp16)
             params are stored after an update, see :mod:`matrixopt.weights`.
     """
 

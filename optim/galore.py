@@ -69,7 +69,7 @@ class GaLoreAdamW(LowRankAdamW):
             fallback's) in bf16 or int8 codes, the bases P in bf16 at both (orthonormal and
             recomputed each refresh: 2⁻⁹ relative error in a projection), see
             :mod:`matrixopt.precision`.
-        master_weights: "nearest" (default), "stochastic", "int8" or "int16": how bf16 (fp16)
+        master_weights: "stochastic" (default), "nearest", "int8" or "int16": how bf16 (fp16)
             params are stored after an update, see :mod:`matrixopt.weights`.
     """
 

@@ -122,7 +122,7 @@ class Muon(MatrixOptimizer):
         state_precision: "fp32" (default), "bf16" or "int8": how the momentum and the
             fallback's moments are stored (the math runs in fp32 either way); see
             :mod:`matrixopt.precision`.
-        master_weights: "nearest" (default), "stochastic", "int8" or "int16": how bf16 (fp16)
+        master_weights: "stochastic" (default), "nearest", "int8" or "int16": how bf16 (fp16)
             params are stored after an update, see :mod:`matrixopt.weights`.
     """
 

@@ -123,7 +123,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     @property
     def _declarations(self) -> Declarations:
-        return Declarations(self._rule_state, weights.declared)
+        return Declarations(self._rule_state, weights.declared, weights.KEYS)
 
     def _executor(self) -> Executor:
         """The executor of a step (made per step: it refers to this optimizer's methods)."""

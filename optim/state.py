@@ -147,11 +147,12 @@ class Declarations:
     """Every param's state as declared: ``rule_state(p, group)`` is the declaration its rule
     (or the fallback) makes and sees in its update; :meth:`stored` is that declaration at
     the group's ``state_precision``, with what ``weight_state(p, group)`` declares for the
-    weight's own storage (``master_weights``), which is what the optimizer's state holds."""
+    weight's own storage (``master_weights``; every key it may declare: ``weight_keys``),
+    which is what the optimizer's state holds."""
 
     def __init__(self, rule_state: Callable[[Tensor, dict], dict[str, State]],
-                 weight_state: Callable[[Tensor, dict], dict[str, State]]):
-        self.rule_state, self.weight_state = rule_state, weight_state
+                 weight_state: Callable[[Tensor, dict], dict[str, State]], weight_keys: tuple[str, ...]):
+        self.rule_state, self.weight_state, self.weight_keys = rule_state, weight_state, weight_keys
 
     def stored(self, p: Tensor, group: dict) -> dict[str, State]:
         """p's state as stored: its rule's at the group's precision
@@ -238,9 +239,13 @@ class Declarations:
             precision = precision_of(saved)
             storage = {"state_precision": precision, "master_weights": saved.get("master_weights", "nearest")}
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-                saved_state = state_dict["state"].get(pid, {})
+                # The weight's storage entries follow the param's dtype, not the checkpoint's: a
+                # param that takes none drops them, one that takes some starts them afresh.
+                optional = self.weight_state(p, {**group, **storage})
+                saved_state = {k: v for k, v in state_dict["state"].get(pid, {}).items()
+                               if k not in self.weight_keys or k in optional}
                 declared = self.stored(p, {**group, **storage})
-                _check_entries(name_of(group, i), declared, saved_state, precision)
+                _check_entries(name_of(group, i), declared, saved_state, precision, optional)
                 triples.append((p, declared, saved_state))
         return triples
 
@@ -250,15 +255,19 @@ class Declarations:
         param's device, from the saved value (not torch.optim's copy cast to the param's
         dtype); DTensor state as its local shard."""
         for p, declared, saved_state in triples:
+            if saved_state:   # the saved entries only (a dropped one too was loaded by torch.optim)
+                state[p] = {key: value for key, value in state[p].items() if key in saved_state}
+                state[p].update({key: spec.create(p) for key, spec in declared.items() if key not in saved_state})
             for key, value in saved_state.items():
                 if isinstance(value, Tensor):
                     dtype = declared[key].dtype_for(p) if key in declared else value.dtype
                     state[p][key] = local(value).to(device=local(p).device, dtype=dtype, copy=True)
 
 
-def _check_entries(name: str, declared: dict, saved_state: dict, precision: str) -> None:
-    """ValueError naming the param ``name`` unless its saved state fits its declaration."""
-    missing = sorted(set(declared) - set(saved_state)) if saved_state else []
+def _check_entries(name: str, declared: dict, saved_state: dict, precision: str, optional: dict) -> None:
+    """ValueError naming the param ``name`` unless its saved state fits its declaration (the
+    ``optional`` entries may be missing: created afresh)."""
+    missing = sorted(set(declared) - set(saved_state) - set(optional)) if saved_state else []
     if missing:   # state is created whole: a checkpoint of an older rule, say
         raise ValueError(f"State dict does not fit {name}: state {missing} missing "
                          f"(state_precision={precision!r})")

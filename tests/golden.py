@@ -70,6 +70,8 @@ def batch(i: int, dtype):
 
 bf16 = torch.bfloat16
 LOWRANK = dict(rank=2, update_proj_gap=3)
+#: bf16 params stored as torch.optim would (the default before master_weights existed).
+NEAREST = dict(master_weights="nearest")
 #: name -> (optimizer, kwargs, options); options: "dtype" of the params, "nan" (a NaN gradient
 #: at NAN_STEP), "groups" (two param groups with per-group settings).
 CASES = {
@@ -78,18 +80,18 @@ CASES = {
     "Muon-bf16ns-spectral": ("Muon", dict(ns_dtype=bf16, lr_scaling="spectral", weight_decay=0.0), {}),
     "Muon-3steps-none": ("Muon", dict(ns_steps=3, ns_coefficients=[(3.0, -3.2, 1.2), (2.5, -2.0, 0.6),
                                                                     (1.9, -1.3, 0.4)], lr_scaling="none"), {}),
-    "Muon-bf16-params": ("Muon", {}, {"dtype": bf16}),
+    "Muon-bf16-params": ("Muon", NEAREST, {"dtype": bf16}),
     "Muon-nan": ("Muon", {}, {"nan": True}),
     "Muon-groups": ("Muon", {}, {"groups": True}),
     "ROOT": ("ROOT", {}, {}),
     "ROOT-noclip-muon": ("ROOT", dict(threshold_quantile=None, ns_coefficients="muon"), {}),
     "ROOT-q0.3-original": ("ROOT", dict(threshold_quantile=0.3, lr_scaling="original", nesterov=False), {}),
-    "ROOT-bf16-params": ("ROOT", {}, {"dtype": bf16}),
+    "ROOT-bf16-params": ("ROOT", NEAREST, {"dtype": bf16}),
     "ROOT-nan": ("ROOT", {}, {"nan": True}),
     "ARO": ("ARO", {}, {}),
     "ARO-rownorm-cols-householder": ("ARO", dict(base="row_norm", rotate_side="cols", qr="householder"), {}),
     "ARO-sign-rows-none": ("ARO", dict(base="sign", rotate_side="rows", lr_scaling="none"), {}),
-    "ARO-bf16-params": ("ARO", {}, {"dtype": bf16}),
+    "ARO-bf16-params": ("ARO", NEAREST, {"dtype": bf16}),
     "ARO-nan": ("ARO", {}, {"nan": True}),
     "ARO-groups": ("ARO", {}, {"groups": True}),
     **{f"GaLore-{t}": ("GaLoreAdamW", dict(LOWRANK, proj_type=t), {})
@@ -98,13 +100,13 @@ CASES = {
                                                       weight_decay=0.1), {}),
     "GaLore-full-reproject": ("GaLoreAdamW", dict(LOWRANK, proj_type="full", reproject_states=True), {}),
     "GaLore-bf16proj-frac": ("GaLoreAdamW", dict(rank=0.5, update_proj_gap=4, proj_dtype=bf16, seed=3), {}),
-    "GaLore-bf16-params": ("GaLoreAdamW", LOWRANK, {"dtype": bf16}),
+    "GaLore-bf16-params": ("GaLoreAdamW", dict(LOWRANK, **NEAREST), {"dtype": bf16}),
     "GaLore-nan": ("GaLoreAdamW", LOWRANK, {"nan": True}),
     "GaLore-groups": ("GaLoreAdamW", LOWRANK, {"groups": True}),
     "DCT": ("DCTAdamW", LOWRANK, {}),
     "DCT-rotate-l2": ("DCTAdamW", dict(LOWRANK, rotate_states=True, score_norm=2, weight_decay=0.1), {}),
     "DCT-bf16proj": ("DCTAdamW", dict(LOWRANK, proj_dtype=bf16, scale=0.5), {}),
-    "DCT-bf16-params": ("DCTAdamW", LOWRANK, {"dtype": bf16}),
+    "DCT-bf16-params": ("DCTAdamW", dict(LOWRANK, **NEAREST), {"dtype": bf16}),
     "DCT-nan": ("DCTAdamW", LOWRANK, {"nan": True}),
     "DCT-groups": ("DCTAdamW", LOWRANK, {"groups": True}),
     "CoSO": ("CoSOAdamW", LOWRANK, {}),
@@ -119,6 +121,14 @@ CASES = {
     "GaLore-state-bf16-groups": ("GaLoreAdamW", dict(LOWRANK, state_precision="bf16"), {"groups": True}),
     "DCT-state-int8": ("DCTAdamW", dict(LOWRANK, state_precision="int8"), {}),
     "CoSO-state-int8": ("CoSOAdamW", dict(LOWRANK, state_precision="int8"), {}),
+    # master_weights (matrixopt.weights): bf16 params, random bits and low bits bit for bit.
+    "Muon-bf16-stochastic": ("Muon", {}, {"dtype": bf16}),
+    "Muon-bf16-int16-nan": ("Muon", dict(master_weights="int16"), {"dtype": bf16, "nan": True}),
+    "ARO-bf16-int8": ("ARO", dict(master_weights="int8"), {"dtype": bf16}),
+    "GaLore-bf16-int8-state-int8": ("GaLoreAdamW", dict(LOWRANK, master_weights="int8", state_precision="int8"),
+                                    {"dtype": bf16}),
+    "DCT-bf16-int16-groups": ("DCTAdamW", dict(LOWRANK, master_weights="int16"), {"dtype": bf16, "groups": True}),
+    "CoSO-bf16-stochastic": ("CoSOAdamW", LOWRANK, {"dtype": bf16}),
 }
 
 

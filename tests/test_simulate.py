@@ -1,6 +1,7 @@
 """A training step on fake tensors: matrixopt's host-read seam (``matrixopt.kernels.host``),
 ``state_bytes()`` and the non-finite check under FakeTensorMode and for real, and
 ``python -m benchmarks memory --simulate`` against the real CPU measurement."""
+import inspect
 import json
 import warnings
 
@@ -155,6 +156,10 @@ def test_the_simulated_peak_of_the_quick_config_is_the_real_one_within_5_percent
     assert row["sim_over_real"] == pytest.approx(1, abs=0.05), row
 
 
+#: What the rows name the default by: no master_weights in the label.
+DEFAULT_MASTER_WEIGHTS = inspect.signature(matrixopt.Muon).parameters["master_weights"].default
+
+
 def test_memory_simulate_command_writes_its_table(tmp_path):
     paths = cli.main(["memory", "--simulate", "ci", "--seq-len", "8", "--threads", "1", "--precisions", "int8",
                       "--optimizers", ADAMW, "matrixopt.Muon", "--checkpoint", "--out", str(tmp_path)])
@@ -165,5 +170,6 @@ def test_memory_simulate_command_writes_its_table(tmp_path):
         f"{ADAMW} fused", f"{ADAMW} foreach", f"{ADAMW} fused", f"{ADAMW} foreach",
         f"{ADAMW} + step in backward (torch's recipe) fused",
         *[f"matrixopt.Muon int8{backward}{lean}" for backward in ("", " + step_in_backward")
-          for lean in ("", " master_weights=stochastic", " master_weights=int8", " master_weights=int16")]]
+          for lean in ("", *(f" master_weights={mode}" for mode in ("nearest", "stochastic", "int8", "int16")
+                             if mode != DEFAULT_MASTER_WEIGHTS))]]
     assert all(r["validated"] == "no, GPU pending" and r["peak_GiB"] > 0 for r in rows)

@@ -247,11 +247,47 @@ def test_errors_name_the_argument_and_the_param():
 
 def test_a_checkpoint_saved_before_the_option_loads_as_nearest():
     """A group saved without master_weights (an older checkpoint) is "nearest", as its state."""
-    params, opt = run("Muon", torch.bfloat16, 2)   # default: nearest, no key in the groups
+    params, opt = run("Muon", torch.bfloat16, 2, master_weights="nearest")
     saved = opt.state_dict()
-    assert "master_weights" not in saved["param_groups"][0]
+    for group in saved["param_groups"]:   # as saved before the option existed
+        group.pop("master_weights", None)
     fresh = matrixopt.Muon(groups(params), lr=0.02, master_weights="int16")
     fresh.load_state_dict(saved)
     assert fresh.param_groups[0].get("master_weights", "nearest") == "nearest"
     run("Muon", torch.bfloat16, 1, params=params, opt=fresh)
     assert all("weight_low_bits" not in fresh.state[p] for p in params.values())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_conversions_in_pieces_equal_one_piece(mode, monkeypatch):
+    """The stores and reads work CHUNK entries at a time (bounded integer temporaries); the
+    random bits follow the global index, so pieces of 7 entries give the one-piece result."""
+    from matrixopt import weights
+    x = torch.randn(3, 50) * 0.05
+    whole = _stored(mode, x)
+    monkeypatch.setattr(weights, "CHUNK", 7)
+    pieces = _stored(mode, x)
+    assert torch.equal(whole[0], pieces[0]) and torch.equal(whole[1], pieces[1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_checkpoint_resumes_on_params_of_the_other_dtype(mode):
+    """The weight's storage entries follow the param's dtype: saved from bf16 params they are
+    dropped on fp32 ones (their own masters); saved from fp32 params they start afresh on bf16
+    ones (low bits 0: the master is the loaded weight; counter 0), and the run goes on."""
+    keys = ("weight_low_bits", "weight_rounding_step")
+    params, opt = run("GaLoreAdamW", torch.bfloat16, 2, master_weights=mode)
+    as_fp32 = {k: nn.Parameter(p.detach().float()) for k, p in params.items()}
+    fp32_opt = matrixopt.GaLoreAdamW(groups(as_fp32), lr=0.02, master_weights=mode, **SETTINGS["GaLoreAdamW"])
+    fp32_opt.load_state_dict(opt.state_dict())
+    assert not any(key in s for s in fp32_opt.state.values() for key in keys)
+    run("GaLoreAdamW", torch.float32, 1, params=as_fp32, opt=fp32_opt)
+
+    back = {k: nn.Parameter(p.detach().bfloat16()) for k, p in as_fp32.items()}
+    bf16_opt = matrixopt.GaLoreAdamW(groups(back), lr=0.02, master_weights=mode, **SETTINGS["GaLoreAdamW"])
+    bf16_opt.load_state_dict(fp32_opt.state_dict())
+    for p in back.values():
+        state = bf16_opt.state[p]
+        assert state.get("weight_rounding_step", 0) == 0 and set(keys) & set(state), list(state)
+        assert torch.equal(bf16_opt.master_weight(p), p.float())
+    run("GaLoreAdamW", torch.bfloat16, 1, params=back, opt=bf16_opt)
