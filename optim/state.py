@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from .distributed import dtensor_like
 from .matrices import first_row, local
 from .precision import SCALE_SUFFIX, stored, working, write_back
+from .routing import KEY as ROUTED
 
 #: State dtype policies besides a fixed dtype: the param's own, or at least fp32 (fp64 for
 #: fp64 params).
@@ -232,7 +233,9 @@ class Declarations:
             precision = precision_of(saved)
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 saved_state = state_dict["state"].get(pid, {})
-                declared = self.stored(p, {**group, "state_precision": precision})
+                # Routed as saved (the bare-params rule's record, matrixopt.routing), which the load restores.
+                declared = self.stored(p, {**group, "state_precision": precision,
+                                           **{k: v for k, v in saved.items() if k == ROUTED}})
                 _check_entries(name_of(group, i), declared, saved_state, precision)
                 triples.append((p, declared, saved_state))
         return triples

@@ -1,0 +1,133 @@
+"""The bare-params rule: where a group without a ``matrix`` key sends each param.
+
+Training codebases build the optimizer as ``cls(model.parameters(), **kwargs)``: no names,
+no groups. Putting every param with ``ndim >= 2`` on the matrix rule then orthogonalizes /
+projects the embedding and the output head too, which loses to AdamW. So a group without a
+``matrix`` key keeps 0-D/1-D params on the fallback and sends a param with ``ndim >= 2`` to
+the fallback when one of these holds, else to the matrix rule:
+
+1. **broadcast table** — ``ndim >= 3`` with a leading dimension of 1 (a ViT's
+   ``pos_embed`` (1, N, d), ``cls_token`` (1, 1, d)): a linear map is never stored so;
+2. **embedding rows** — 2-D, and its first gradient has rows that are exactly zero, at
+   least a quarter of them, beside rows that are not: an embedding table's rows of tokens
+   absent from the batch (a hidden Linear's gradient has a zero row only where a ReLU unit
+   was dead for the whole batch: a few units of a small batch, not a quarter of a layer);
+3. **output head** — the group's last param with ``ndim >= 2``, 2-D, whose row count is not
+   the model's width (the most common column count of the group's 2-D params), and whose
+   first gradient's rows sum to zero (``‖1ᵀG‖ ≤ 0.01·‖G‖``): every logit gradient of a
+   softmax cross-entropy sums to zero over the classes;
+4. **input table** — the group's first param with ``ndim >= 2``, when it is 2-D and has the
+   shape of the last such param (an untied embedding beside its head: (V, d) twice, V not
+   the width) or more rows than every side of every other matrix of the group and than its
+   own columns (a vocabulary, tied to the head or not, larger than any width).
+
+1 and 4 read shapes; 2 and 3 read the param's own gradient at the first step that updates
+it (whole: an FSDP2 gradient is gathered once), so a step in backward decides each param
+from its own gradient alone. The decision is recorded in the group (``group["routed"]``,
+per param True: matrix rule, False: fallback, None: no gradient yet), saved with
+``state_dict()`` and restored by ``load_state_dict``, so it never changes during a run or
+on resume, and every rank decides the same (DDP: the same averaged gradients; FSDP2: the
+gathered ones). Explicit ``matrix=`` groups and :func:`matrixopt.param_groups` are never
+re-decided.
+"""
+from collections import Counter
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from .matrices import matrix_shape
+
+#: The group entry that records the rule's decisions.
+KEY = "routed"
+#: An embedding's gradient: at least this fraction of its rows exactly zero.
+ZERO_ROWS = 0.25
+#: A head's rows sum to zero up to rounding: ‖1ᵀG‖ ≤ ZERO_SUM·‖G‖ (a generic gradient: ≈ 1).
+ZERO_SUM = 1e-2
+
+
+def decides(group: dict) -> bool:
+    """Whether the rule routes ``group``'s params (it has no ``matrix`` key)."""
+    return group.get("matrix") is None
+
+
+def routed(group: dict, index: int, p: Tensor) -> bool:
+    """Whether the rule sends ``p`` (the group's param ``index``) to the matrix rule: the
+    recorded decision, or, before its first gradient, the shapes' verdict."""
+    decisions = group.get(KEY)
+    if decisions is not None and decisions[index] is not None:
+        return decisions[index]
+    return p.ndim >= 2 and shape_reason(group["params"], index) is None
+
+
+def _matrices(params: list[Tensor]) -> list[int]:
+    return [i for i, q in enumerate(params) if q.ndim >= 2]
+
+
+def _width(params: list[Tensor]) -> int | None:
+    """The most common column count of the 2-D params (the model's width), or None."""
+    counts = Counter(q.shape[1] for q in params if q.ndim == 2)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def shape_reason(params: list[Tensor], index: int) -> str | None:
+    """Why rules 1 and 4 send ``params[index]`` to the fallback, or None."""
+    p, matrices = params[index], _matrices(params)
+    if p.ndim >= 3 and p.shape[0] == 1:
+        return f"broadcast table (shape {tuple(p.shape)})"
+    if p.ndim != 2 or index != matrices[0] or len(matrices) < 2:
+        return None
+    last = params[matrices[-1]]
+    if last.shape == p.shape and p.shape[0] != _width(params):
+        return f"input table (shape {tuple(p.shape)}, the output head's)"
+    if p.shape[0] > max([p.shape[1]] + [s for i in matrices[1:] for s in matrix_shape(params[i])[1:]]):
+        return f"input table ({p.shape[0]} rows, no other matrix has a larger side)"
+    return None
+
+
+def gradient_reason(params: list[Tensor], index: int, grad: Tensor) -> str | None:
+    """Why rules 2 and 3 send ``params[index]`` to the fallback, from its gradient, or None."""
+    p = params[index]
+    if p.ndim != 2 or grad.layout != torch.strided:   # a sparse gradient: the step's check names it
+        return None
+    g = (grad.full_tensor() if isinstance(grad, DTensor) else grad).float()
+    live = int(g.ne(0).any(dim=1).sum())
+    if 0 < live <= (1 - ZERO_ROWS) * g.shape[0]:
+        return f"embedding rows ({g.shape[0] - live} of its {g.shape[0]} rows got no gradient)"
+    if index == _matrices(params)[-1] and g.shape[0] > 1 and g.shape[0] != _width(params):
+        whole = g.norm()
+        if whole > 0 and g.sum(0).norm() <= ZERO_SUM * whole:
+            return f"output head (the gradients of its {g.shape[0]} rows sum to zero)"
+    return None
+
+
+def decide(group: dict, indices) -> list[tuple[int, str]]:
+    """Record the decision for the params at ``indices`` of ``group`` (a group the rule
+    routes) that have a gradient and none yet; returns (index, reason) of those sent to the
+    fallback. The group's record is replaced, not edited, when anything is decided."""
+    params = group["params"]
+    decisions = group.get(KEY) or [None] * len(params)
+    new, fallback = list(decisions), []
+    for i in indices:
+        p = params[i]
+        if new[i] is not None or p.grad is None:
+            continue
+        reason = None if p.ndim < 2 else shape_reason(params, i) or gradient_reason(params, i, p.grad)
+        new[i] = p.ndim >= 2 and reason is None
+        if reason is not None:
+            fallback.append((i, reason))
+    if new != decisions or KEY not in group:
+        group[KEY] = new
+    return fallback
+
+
+def check_record(group: dict) -> None:
+    """ValueError unless a group's record (from a checkpoint, say) has one entry, True,
+    False or None, per param."""
+    decisions = group.get(KEY)
+    if decisions is None:
+        return
+    if (not isinstance(decisions, (list, tuple)) or len(decisions) != len(group["params"])
+            or any(d not in (True, False, None) for d in decisions)):
+        raise ValueError(f"Invalid {KEY!r} in a param group: expected one of True, False, None per param "
+                         f"({len(group['params'])}), got {decisions!r}")
