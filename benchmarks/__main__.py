@@ -6,6 +6,7 @@
     python -m benchmarks step --quick      # step time and optimizer-state memory
     python -m benchmarks memory --quick    # peak memory of a whole training step, per optimizer
     python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
+    python -m benchmarks frameworks --out benchmarks/results/frameworks  # bare params in litgpt / HF Trainer
     python -m benchmarks ns --quick        # Newton-Schulz alone: standard, Gram, the peers (--cpu: target shapes)
 
 Each command prints a markdown table and writes
@@ -126,6 +127,10 @@ COMMANDS = {
         flag("--steps", type=int, nargs="+", help="run lengths (default 200 600 with --quick)"),
         flag("--lr", type=float, help="the peak lr every optimizer runs at (default 3e-3 with --quick)"),
         *RUN_OPTIONS)),
+    "frameworks": Command("frameworks", "bare params in litgpt (--optimizer class_path) and the HF Trainer "
+                                        "(optimizer_cls_and_kwargs) vs param_groups, at AdamW's lr", (
+        flag("--steps", type=int, nargs="+", help="validation loss after these many steps (default 40 200)"),
+        *RUN_OPTIONS), device=False),
     "kernels": Command(None, "Newton-Schulz and low-rank refresh kernels", device=False, call=call_kernels),
     "ns": Command("ns", "Newton-Schulz: standard and Gram methods, peers, schedules", (
         flag("--cpu", action="store_true",

@@ -12,18 +12,21 @@ the fallback when one of these holds, else to the matrix rule:
    least a quarter of them, beside rows that are not: an embedding table's rows of tokens
    absent from the batch (a hidden Linear's gradient has a zero row only where a ReLU unit
    was dead for the whole batch: a few units of a small batch, not a quarter of a layer);
-3. **output head** — the group's last param with ``ndim >= 2``, 2-D, whose row count is not
-   the model's width (the most common column count of the group's 2-D params), and whose
-   first gradient's rows sum to zero (``‖1ᵀG‖ ≤ 0.01·‖G‖``): every logit gradient of a
-   softmax cross-entropy sums to zero over the classes;
-4. **input table** — the group's first param with ``ndim >= 2``, when it is 2-D and has the
-   shape of the last such param (an untied embedding beside its head: (V, d) twice, V not
-   the width) or more rows than every side of every other matrix of the group and than its
-   own columns (a vocabulary, tied to the head or not, larger than any width).
+3. **output head** — 2-D, its row count not the model's width (the most common column
+   count of the group's 2-D params) and above 1, and its first gradient's rows sum to zero
+   (``‖1ᵀG‖ ≤ 0.01·‖G‖``): every logit gradient of a softmax cross-entropy sums to zero
+   over the classes (so does every gradient into a LayerNorm, but that is the gradient of
+   a width-row residual writer, which the width excludes);
+4. **input table** — 2-D, and it has the shape of a matrix rule 2 or 3 sent to the fallback,
+   with rows other than the width (an untied embedding beside its head, (V, d) twice,
+   whatever the batch held), or more
+   rows than its columns and than every side of every other matrix of the group (a
+   vocabulary larger than any width: a table tied to the head, whose gradient is dense).
 
 1 and 4 read shapes; 2 and 3 read the param's own gradient at the first step that updates
-it (whole: an FSDP2 gradient is gathered once), so a step in backward decides each param
-from its own gradient alone. The decision is recorded in the group (``group["routed"]``,
+it (whole: an FSDP2 gradient is gathered once); a step decides 2 and 3 for all its params
+before 4, and a step in backward decides each param when its gradient is final (the head's
+comes before its embedding's). The order of the params plays no part. The decision is recorded in the group (``group["routed"]``,
 per param True: matrix rule, False: fallback, None: no gradient yet), saved with
 ``state_dict()`` and restored by ``load_state_dict``, so it never changes during a run or
 on resume, and every rank decides the same (DDP: the same averaged gradients; FSDP2: the
@@ -57,11 +60,7 @@ def routed(group: dict, index: int, p: Tensor) -> bool:
     decisions = group.get(KEY)
     if decisions is not None and decisions[index] is not None:
         return decisions[index]
-    return p.ndim >= 2 and shape_reason(group["params"], index) is None
-
-
-def _matrices(params: list[Tensor]) -> list[int]:
-    return [i for i, q in enumerate(params) if q.ndim >= 2]
+    return p.ndim >= 2 and shape_reason(group["params"], index, set()) is None
 
 
 def _width(params: list[Tensor]) -> int | None:
@@ -70,17 +69,18 @@ def _width(params: list[Tensor]) -> int | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def shape_reason(params: list[Tensor], index: int) -> str | None:
-    """Why rules 1 and 4 send ``params[index]`` to the fallback, or None."""
-    p, matrices = params[index], _matrices(params)
+def shape_reason(params: list[Tensor], index: int, tables: set) -> str | None:
+    """Why rules 1 and 4 send ``params[index]`` to the fallback, or None; ``tables``: the
+    shapes of the matrices rules 2 and 3 sent there."""
+    p = params[index]
     if p.ndim >= 3 and p.shape[0] == 1:
         return f"broadcast table (shape {tuple(p.shape)})"
-    if p.ndim != 2 or index != matrices[0] or len(matrices) < 2:
+    if p.ndim != 2:
         return None
-    last = params[matrices[-1]]
-    if last.shape == p.shape and p.shape[0] != _width(params):
-        return f"input table (shape {tuple(p.shape)}, the output head's)"
-    if p.shape[0] > max([p.shape[1]] + [s for i in matrices[1:] for s in matrix_shape(params[i])[1:]]):
+    if tuple(p.shape) in tables:
+        return f"input table (shape {tuple(p.shape)}, a table's sent to the fallback)"
+    others = [s for i, q in enumerate(params) if q.ndim >= 2 and i != index for s in matrix_shape(q)[1:]]
+    if others and p.shape[0] > max(others + [p.shape[1]]):
         return f"input table ({p.shape[0]} rows, no other matrix has a larger side)"
     return None
 
@@ -94,7 +94,7 @@ def gradient_reason(params: list[Tensor], index: int, grad: Tensor) -> str | Non
     live = int(g.ne(0).any(dim=1).sum())
     if 0 < live <= (1 - ZERO_ROWS) * g.shape[0]:
         return f"embedding rows ({g.shape[0] - live} of its {g.shape[0]} rows got no gradient)"
-    if index == _matrices(params)[-1] and g.shape[0] > 1 and g.shape[0] != _width(params):
+    if 1 < g.shape[0] != _width(params):
         whole = g.norm()
         if whole > 0 and g.sum(0).norm() <= ZERO_SUM * whole:
             return f"output head (the gradients of its {g.shape[0]} rows sum to zero)"
@@ -103,17 +103,21 @@ def gradient_reason(params: list[Tensor], index: int, grad: Tensor) -> str | Non
 
 def decide(group: dict, indices) -> list[tuple[int, str]]:
     """Record the decision for the params at ``indices`` of ``group`` (a group the rule
-    routes) that have a gradient and none yet; returns (index, reason) of those sent to the
-    fallback. The group's record is replaced, not edited, when anything is decided."""
+    routes) that have a gradient and none yet (rules 2 and 3 first, then 1 and 4); returns
+    (index, reason) of those sent to the fallback. The group's record is replaced, not
+    edited, when anything is decided."""
     params = group["params"]
     decisions = group.get(KEY) or [None] * len(params)
     new, fallback = list(decisions), []
-    for i in indices:
-        p = params[i]
-        if new[i] is not None or p.grad is None:
-            continue
-        reason = None if p.ndim < 2 else shape_reason(params, i) or gradient_reason(params, i, p.grad)
-        new[i] = p.ndim >= 2 and reason is None
+    todo = [i for i in indices if new[i] is None and params[i].grad is not None]
+    reasons = {i: gradient_reason(params, i, params[i].grad) for i in todo}
+    width = _width(params)
+    tables = {tuple(params[i].shape) for i, d in enumerate(decisions) if d is False and params[i].ndim == 2}
+    tables |= {tuple(params[i].shape) for i, r in reasons.items() if r is not None}
+    tables = {shape for shape in tables if shape[0] != width}
+    for i in todo:
+        reason = None if params[i].ndim < 2 else reasons[i] or shape_reason(params, i, tables)
+        new[i] = params[i].ndim >= 2 and reason is None
         if reason is not None:
             fallback.append((i, reason))
     if new != decisions or KEY not in group:

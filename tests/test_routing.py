@@ -162,9 +162,10 @@ ZOO = {
 }
 
 
-#: Heads the rule finds and param_groups does not: the LSTM LM's ``decoder`` is neither named
-#: like a head nor shaped like its embedding (widths 24 and 16), but its gradient is a softmax's.
-BEYOND_PARAM_GROUPS = {"lstm-lm": {"decoder.weight"}}
+#: Softmax outputs the rule finds and param_groups does not: the LSTM LM's ``decoder`` is
+#: neither named like a head nor shaped like its embedding (widths 24 and 16), and the MoE's
+#: softmax ``router`` is a head over the experts (AdamW for the router, as many MoE recipes do).
+BEYOND_PARAM_GROUPS = {"lstm-lm": {"decoder.weight"}, "moe-3d-experts": {"router.weight"}}
 
 
 def loss_of(net, batch, kind):
@@ -213,7 +214,7 @@ def test_the_warning_names_the_params_when_given_names():
     net, batch, kind = build("llama")
     opt = matrixopt.Muon(list(net.named_parameters()), lr=1e-3)
     loss_of(net, batch, kind).backward()
-    with pytest.warns(UserWarning, match=r"embed\.weight: input table .*lm_head\.weight: output head"):
+    with pytest.warns(UserWarning, match=r"embed\.weight: embedding rows .*lm_head\.weight: output head"):
         opt.step()
 
 
