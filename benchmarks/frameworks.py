@@ -127,4 +127,4 @@ def run(quick: bool, *, steps=None, optimizers=None, device=None) -> dict:
                 rows.append(row)
                 print(row, flush=True)
             sections[f"{codebase}: validation loss, bare params vs param_groups (lr {LR})"] = rows
-    return sections
+    return sections, {"steps": steps, "lr": LR, "weight_decay": WEIGHT_DECAY}, None
