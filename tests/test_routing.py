@@ -230,6 +230,74 @@ def test_tied_tiny_vocabulary_is_the_known_miss():
     assert routed_to_fallback(net, opt) == set()
 
 
+def test_a_lone_matrix_is_never_routed():
+    """An optimizer (or a group) over one matrix has nothing to compare it with: the matrix
+    rule runs on it whatever its shape or first gradient (zero rows, zero-sum rows, a
+    broadcast-like leading 1, a vocabulary-like height)."""
+    zero_rows = torch.randn(64, 32)
+    zero_rows[:40] = 0
+    zero_sum = torch.randn(10, 32)
+    zero_sum -= zero_sum.mean(0)
+    for shape, grad in (((64, 32), zero_rows), ((10, 32), zero_sum), ((1, 6, 4), None), ((5000, 8), None)):
+        p = nn.Parameter(torch.randn(shape))
+        opt = matrixopt.Muon([p, nn.Parameter(torch.zeros(3))], lr=1e-3)
+        p.grad = torch.randn(shape) if grad is None else grad
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()
+        assert opt.param_groups[0]["routed"][0] is True, shape
+        assert set(opt.state[p]) == {"momentum_buffer"}
+
+
+def test_random_gradients_on_small_sets_stay_on_the_matrix_rule():
+    """What unit tests do: a few matrices of assorted shapes, dense random gradients (at any
+    scale). No exactly-zero rows, rows far from zero-sum, no table tied to a head."""
+    shapes = [(6, 4), (3, 5, 4), (5, 3), (12, 8), (10, 6), (5, 8), (24, 40), (40, 4), (1, 7), (7, 1), (2, 2)]
+    for seed in range(20):
+        for scale in (1e-30, 1.0, 1e30):
+            g = torch.Generator().manual_seed(seed)
+            ps = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+            opt = matrixopt.Muon(ps, lr=1e-3)
+            for p in ps:
+                p.grad = scale * torch.randn(p.shape, generator=g)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                opt.step()
+            assert all(opt.param_groups[0]["routed"]), (seed, scale)
+
+
+def test_bf16_autocast_head_is_found():
+    """Under bf16 autocast the logits' gradient is rounded to bf16 before the head's matmul:
+    its rows sum to zero to ~1e-3 of its norm, not to fp32 rounding; still a head."""
+    net, batch, kind = build("lstm-lm")
+    opt = matrixopt.Muon(net.parameters(), lr=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_of(net, batch, kind)
+    loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    assert routed_to_fallback(net, opt) == {"encoder.weight", "decoder.weight"}
+
+
+def test_a_non_finite_first_gradient_is_not_read():
+    """A NaN in a matrix's first gradient decides nothing (the step's non-finite policy skips
+    it); the next finite gradient decides."""
+    net, batch, kind = build("llama")
+    opt = matrixopt.Muon(net.parameters(), lr=1e-3, nonfinite="skip")
+    loss_of(net, batch, kind).backward()
+    net.lm_head.weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+        index = next(i for i, p in enumerate(opt.param_groups[0]["params"]) if p is net.lm_head.weight)
+        assert opt.param_groups[0]["routed"][index] is None
+        opt.zero_grad()
+        loss_of(net, batch, kind).backward()
+        opt.step()
+    assert routed_to_fallback(net, opt) == {"embed.weight", "lm_head.weight"}
+
+
 def test_explicit_groups_are_never_decided():
     net, batch, kind = build("llama")
     groups = [{"params": list(net.parameters()), "matrix": True}]
