@@ -7,12 +7,17 @@ SwiGLU, GQA, untied head) trains character-level on Shakespeare at AdamW's lr. R
 - ``litgpt class_path``: ``litgpt.utils.instantiate_torch_optimizer({"class_path":
   "matrixopt.<Name>", "init_args": {...}}, model.parameters())`` — what ``litgpt pretrain
   --optimizer '{...}'`` calls — in litgpt's pretrain loop (Fabric, ``clip_gradients``
-  max_norm 1); ``litgpt param_groups``: the same loop over ``matrixopt.param_groups(model)``.
+  max_norm 1); ``litgpt param_groups``: the same loop over ``matrixopt.param_groups(model)``
+  (which splits litgpt's fused ``qkv`` into q, k, v blocks); ``litgpt unsplit``: the same
+  groups with ``qkv`` moved, whole, into the plain matrix group, as bare params must leave it
+  (nothing names it), so ``bare/unsplit`` isolates the routing from the split.
 - ``HF optimizer_cls_and_kwargs``: ``Trainer(..., optimizer_cls_and_kwargs=(cls, kwargs))``
   (the Trainer's own two groups, weight decay and none, no ``matrix`` key); ``HF
   param_groups``: ``Trainer(..., optimizers=(cls(param_groups(model)), None))``.
 
-Validation loss on held-out plays after 40 and 200 steps (``--steps``).
+Validation loss on held-out plays after 40 and 200 steps (``--steps``). Each codebase's
+``routing`` section lists the matrices the bare route's rule sent to the fallback (first
+optimizer's run) beside those ``param_groups`` puts there.
 """
 import warnings
 
@@ -37,6 +42,17 @@ def val_loss(forward, val) -> float:
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), val[1].reshape(-1)).item()
 
 
+#: Each run's routing, by codebase: (bare fallback matrices, param_groups fallback matrices).
+ROUTING = {}
+
+
+def fallback_matrices(model, opt) -> list[str]:
+    """Names of the params with ndim >= 2 that ``opt`` (bare or grouped) puts on the fallback."""
+    names = {id(p): n.removeprefix("_forward_module.") for n, p in model.named_parameters()}   # Fabric's wrapper
+    return sorted(names[id(p)] for g in opt.param_groups for i, p in enumerate(g["params"])
+                  if p.ndim >= 2 and not opt.is_matrix(g, p, i))
+
+
 def litgpt_run(name: str, route: str, corpus, steps: list[int]) -> dict:
     import lightning as L
     import litgpt
@@ -51,9 +67,14 @@ def litgpt_run(name: str, route: str, corpus, steps: list[int]) -> dict:
     fabric = L.Fabric(devices=1, accelerator="cpu")
     cls_path = name if "." in name else f"matrixopt.{name}"
     init = {"lr": LR, "weight_decay": WEIGHT_DECAY}
-    if route == "param_groups":
+    if route in ("param_groups", "unsplit"):
         import matrixopt
-        opt = getattr(matrixopt, name)(matrixopt.param_groups(model), **init)
+        groups = matrixopt.param_groups(model)
+        if route == "unsplit":
+            blocked = [p for g in groups if "blocks" in g for p in g["params"]]
+            groups = [{**g, "params": g["params"] + blocked} if g["matrix"] and "blocks" not in g else g
+                      for g in groups if "blocks" not in g]
+        opt = getattr(matrixopt, name)(groups, **init)
     else:
         opt = instantiate_torch_optimizer({"class_path": cls_path, "init_args": init}, model.parameters(),
                                           fused=False)
@@ -70,6 +91,8 @@ def litgpt_run(name: str, route: str, corpus, steps: list[int]) -> dict:
         opt.zero_grad()
         if step in steps:
             losses[step] = val_loss(model, val)
+    if "." not in name:
+        ROUTING.setdefault("litgpt", {}).setdefault(route, fallback_matrices(model, opt))
     return losses
 
 
@@ -85,9 +108,12 @@ def hf_run(name: str, route: str, corpus, steps: list[int], out_dir: str) -> dic
     val, losses = eval_windows(corpus.val, 32, SEQ), {}
 
     class Evaluate(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
             if state.global_step in steps:
                 losses[state.global_step] = val_loss(lambda x: model(input_ids=x).logits, val)
+            if state.global_step == max(steps) and name != "torch.optim.AdamW":
+                opt = getattr(optimizer, "optimizer", optimizer)    # accelerate's wrapper
+                ROUTING.setdefault("HF Trainer", {}).setdefault(route, fallback_matrices(model, opt))
 
     args = transformers.TrainingArguments(out_dir, max_steps=max(steps), per_device_train_batch_size=BATCH,
                                           learning_rate=LR, weight_decay=WEIGHT_DECAY, lr_scheduler_type="constant",
@@ -119,12 +145,22 @@ def run(quick: bool, *, steps=None, optimizers=None, device=None) -> dict:
             rows = [{"optimizer": "torch.optim.AdamW", **{f"loss@{s}": round(adamw[s], 4) for s in steps}}]
             for name in names:
                 bare, grouped = train(name, "class_path", corpus, steps), train(name, "param_groups", corpus, steps)
+                unsplit = train(name, "unsplit", corpus, steps) if codebase == "litgpt" else None
                 row = {"optimizer": f"matrixopt.{name}"}
                 for s in steps:
                     row.update({f"bare@{s}": round(bare[s], 4), f"param_groups@{s}": round(grouped[s], 4),
                                 f"bare/param_groups@{s}": round(bare[s] / grouped[s], 4),
                                 f"bare/AdamW@{s}": round(bare[s] / adamw[s], 4)})
+                    if unsplit:
+                        row.update({f"unsplit@{s}": round(unsplit[s], 4), f"bare/unsplit@{s}": round(bare[s] / unsplit[s], 4)})
                 rows.append(row)
                 print(row, flush=True)
             sections[f"{codebase}: validation loss, bare params vs param_groups (lr {LR})"] = rows
-    return sections, {"steps": steps, "lr": LR, "weight_decay": WEIGHT_DECAY}, None
+            routing = ROUTING.get(codebase, {})
+            sections[f"{codebase}: matrices on the fallback"] = [
+                {"route": route, "matrices": ", ".join(matrices)} for route, matrices in routing.items()]
+    from importlib.metadata import version
+    versions = {package: version(package) for package in ("transformers", "accelerate", "lightning", "litgpt")}
+    sections["versions of the codebases"] = [versions]
+    return sections, {"steps": steps, "lr": LR, "weight_decay": WEIGHT_DECAY, "routing": ROUTING,
+                      "versions": versions}, None
