@@ -111,13 +111,19 @@ def shape_reason(params: list[Tensor], index: int, tables: set) -> str | None:
     return None
 
 
+#: gradient_reason's answer for a gradient with a NaN or Inf: not read, decided later.
+NONFINITE = "non-finite"
+
+
 def gradient_reason(params: list[Tensor], index: int, grad: Tensor) -> str | None:
-    """Why rules 2 and 3 send ``params[index]`` to the fallback, from its (finite) gradient,
-    or None."""
+    """Why rules 2 and 3 send ``params[index]`` to the fallback, from its gradient, or None;
+    :data:`NONFINITE` if that gradient (gathered whole, once) has a NaN or Inf."""
     p = params[index]
     if p.ndim != 2 or grad.layout != torch.strided or _alone(params, index):   # sparse: the step's check names it
         return None
     g = (grad.full_tensor() if isinstance(grad, DTensor) else grad).float()
+    if not bool(torch.isfinite(g).all()):
+        return NONFINITE
     live = int(g.ne(0).any(dim=1).sum())
     if 0 < live <= (1 - ZERO_ROWS) * g.shape[0]:
         return f"embedding rows ({g.shape[0] - live} of its {g.shape[0]} rows got no gradient)"
@@ -130,22 +136,18 @@ def gradient_reason(params: list[Tensor], index: int, grad: Tensor) -> str | Non
     return None
 
 
-def _finite(grad: Tensor) -> bool:
-    g = grad.full_tensor() if isinstance(grad, DTensor) else grad
-    return g.layout != torch.strided or bool(torch.isfinite(g).all())
-
-
 def decide(group: dict, indices) -> list[tuple[int, str]]:
     """Record the decision for the params at ``indices`` of ``group`` (a group the rule
-    routes) that have a gradient (a finite one, for a matrix) and none yet (rules 2 and 3
+    routes) that have a gradient (a finite one, for a 2-D param) and none yet (rules 2 and 3
     first, then 1 and 4); returns (index, reason) of those sent to the fallback. The group's
     record is replaced, not edited, when anything is decided."""
     params = group["params"]
     decisions = group.get(KEY) or [None] * len(params)
     new, fallback = list(decisions), []
-    todo = [i for i in indices if new[i] is None and params[i].grad is not None
-            and (params[i].ndim < 2 or _finite(params[i].grad))]
+    todo = [i for i in indices if new[i] is None and params[i].grad is not None]
     reasons = {i: gradient_reason(params, i, params[i].grad) for i in todo}
+    todo = [i for i in todo if reasons[i] != NONFINITE]
+    reasons = {i: reasons[i] for i in todo}
     width = _width(params)
     tables = {tuple(params[i].shape) for i, d in enumerate(decisions) if d is False and params[i].ndim == 2}
     tables |= {tuple(params[i].shape) for i, r in reasons.items() if r is not None}
