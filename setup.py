@@ -27,6 +27,10 @@ setup(
                  "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # Peers the ns benchmark compares with (both install without touching torch);
         # gram-newton-schulz pins CUDA-only kernels packages, so the Makefile adds it --no-deps.
+        # The training codebases the recipes are tested in (tests/test_frameworks.py): plain
+        # litgpt, not its data extras (they pull a CUDA torch); install with the pinned torch
+        # as a constraint (the Makefile does) so none of them replaces it.
+        "frameworks": ["transformers", "accelerate", "lightning", "litgpt>=0.5,<0.6"],
         "bench": ["tqdm", "matplotlib", "numpy", "scipy", "pytorch-optimizer==4.1.0", "heavyball==3.2.1"],
     },
 )

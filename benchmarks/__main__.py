@@ -9,6 +9,7 @@
                                            # the same on fake tensors, GPU-sized (GaLore's 7B recipe)
     python -m benchmarks lean_weights --quick  # bf16 weights, each master_weights option vs fp32 params
     python -m benchmarks kernels --quick   # Newton-Schulz, low-rank refresh, projection and DCT kernels
+    python -m benchmarks frameworks --out benchmarks/results/frameworks  # bare params in litgpt / HF Trainer
     python -m benchmarks ns --quick        # Newton-Schulz alone: standard, Gram, the peers (--cpu: target shapes)
 
 Each command prints a markdown table and writes
@@ -165,6 +166,10 @@ COMMANDS = {
         flag("--lrs", type=float, nargs="+", help="peak lrs (default 3e-3 3e-4)"),
         flag("--steps", type=int, help="training steps per run (overrides the size's default)"),
         *RUN_OPTIONS)),
+    "frameworks": Command("frameworks", "bare params in litgpt (--optimizer class_path) and the HF Trainer "
+                                        "(optimizer_cls_and_kwargs) vs param_groups, at AdamW's lr", (
+        flag("--steps", type=int, nargs="+", help="validation loss after these many steps (default 40 200)"),
+        *RUN_OPTIONS), device=False),
     "kernels": Command(None, "Newton-Schulz and low-rank refresh kernels", device=False, call=call_kernels),
     "ns": Command("ns", "Newton-Schulz: standard and Gram methods, peers, schedules", (
         flag("--cpu", action="store_true",

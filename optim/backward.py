@@ -9,6 +9,8 @@ param after the gradient's reduce-scatter. The hook hands that one param to the 
 step path (``MatrixOptimizer.step_params``: the checks, the non-finite policy, buckets, state
 creation, the rule — exactly what ``step()`` runs for every param) and sets ``p.grad = None``.
 """
+import sys
+import warnings
 import weakref
 
 import torch
@@ -48,17 +50,31 @@ def step_in_backward(optimizer: MatrixOptimizer, *, accumulation_steps: int = 1,
     With FSDP2, load a DCP checkpoint into a fresh optimizer before calling this
     (``get_state_dict`` / ``set_state_dict`` create its state by a ``step()``).
 
-    While the handle is active, ``optimizer.step()`` raises ``RuntimeError`` (the updates
-    happen in backward); so does ``GradScaler.step(optimizer)`` (with GradScaler's own
+    Inside a framework's loop (HF Trainer, accelerate, Lightning, litgpt), which calls
+    ``optimizer.step()``, ``zero_grad()`` and ``clip_grad_norm_`` itself: pass the loop's own
+    accumulation (``gradient_accumulation_steps``, ``accumulate_grad_batches``) as
+    ``accumulation_steps`` and turn the loop's clipping off in favour of ``max_grad_norm``
+    (below). While the handle is active, ``optimizer.step()`` finishes the window in
+    progress: it updates the params that still hold a gradient (a window the loop ends
+    early, at an epoch's end say: every param, from the gradients of its passes so far),
+    clipped as the handle clips, and starts a new window; after a window's last pass has
+    updated everything it updates nothing, so nothing is updated twice. A ``closure``
+    (Lightning runs the window's last forward and backward inside ``optimizer.step(closure)``)
+    runs first, and its backward updates the params as any last pass does. Step hooks and an
+    LR scheduler's check then see two ``step()`` calls per window (the handle's and the
+    loop's). A loop that calls ``step()`` only once per several windows of the handle gets a
+    warning saying which ``accumulation_steps`` it uses. ``zero_grad()`` works as always.
+    ``GradScaler.step(optimizer)`` raises ``RuntimeError`` (with GradScaler's own
     assertion once pass k has consumed every gradient): fp16 loss scaling needs every
     gradient unscaled and checked before any update, and is not supported — bf16 autocast
     needs no scaler and works. A global ``clip_grad_norm_`` needs every gradient and sees
-    none after pass k; ``max_grad_norm`` = c instead clips each param's gradient to norm c
-    (``clip_grad_norm_([p], c)``, the whole param's norm under FSDP2) before its update —
-    per param, not the global clipping. The non-finite policy applies per param: a NaN or
-    Inf in one param's gradient skips that param only (``nonfinite="skip"``, counted and
-    warned as by ``step()``), or raises ``FloatingPointError`` out of ``backward()`` with
-    ``nonfinite="raise"``, after the params updated before it in that pass.
+    none after pass k (it returns 0); ``max_grad_norm`` = c instead clips each param's
+    gradient to norm c (``clip_grad_norm_([p], c)``, the whole param's norm under FSDP2)
+    before its update — per param, not the global clipping. The non-finite policy applies
+    per param: a NaN or Inf in one param's gradient skips that param only
+    (``nonfinite="skip"``, counted and warned as by ``step()``), or raises
+    ``FloatingPointError`` out of ``backward()`` with ``nonfinite="raise"``, after the params
+    updated before it in that pass.
 
     Not supported, refused: an optimizer with ``distributed="replicated"`` or a
     ``process_group`` (DDP): the hooks run before DDP averages the gradients, so each rank
@@ -97,7 +113,11 @@ class StepInBackward:
         self._passes = 0            # passes ended in the current window
         self._pass_task = None      # the backward (autograd graph task) whose end is queued
         self._finishing = False     # the handle's own optimizer.step() at the end of a window
-        self._handles = [optimizer.register_step_pre_hook(self._refuse_step)]
+        self._in_step = False       # inside a step() called by the user's or the framework's loop
+        self._windows = 0           # windows ended by count since that loop's last step()
+        self._mismatch_warned = False
+        self._handles = [optimizer.register_step_pre_hook(self._before_step),
+                         optimizer.register_step_post_hook(self._after_step)]
         for gi, group in enumerate(optimizer.param_groups):
             for i, p in enumerate(group["params"]):
                 if p.requires_grad:
@@ -137,6 +157,10 @@ class StepInBackward:
         self._passes += 1
         if self._passes == self._accumulation_steps:
             self._passes = 0
+            self._windows += 1
+            if self._in_step:      # the loop's step(closure) is running: it is the window's step
+                self._finish()
+                return
             self._finishing = True
             try:
                 self._optimizer.step()
@@ -144,19 +168,58 @@ class StepInBackward:
                 self._finishing = False
             self._optimizer.zero_grad(set_to_none=True)   # the leftovers', as the ordinary loop's zero_grad
 
+    def _finish(self) -> None:
+        """The window's end inside the loop's own step(): the params that still hold a
+        gradient, clipped and updated, then every gradient set to None."""
+        optimizer = self._optimizer
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    self._clip(p)
+            optimizer.step_params([(group, range(len(group["params"]))) for group in optimizer.param_groups])
+        optimizer.zero_grad(set_to_none=True)
+
     def _clip(self, p) -> None:
         if self._max_grad_norm is not None and p.grad is not None:
             torch.nn.utils.clip_grad_norm_([p], self._max_grad_norm)
 
-    def _refuse_step(self, optimizer, args, kwargs) -> None:
-        """The step pre-hook: the handle's own step (at a window's end) clips the params it
-        will update; any other step() raises."""
-        if self._finishing:
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        """The step pre-hook. The handle's own step (at a window's end) and a step() of the
+        loop both update the params that hold a gradient, clipped first; with a closure the
+        clipping waits for the closure's backward (the window's last pass). GradScaler's
+        step is refused."""
+        if _called_by_grad_scaler():
+            raise RuntimeError(
+                f"GradScaler is not supported with step_in_backward ({type(optimizer).__name__}): the updates "
+                "happen inside backward, before the scaler could unscale and check every gradient; use bf16 "
+                "autocast (no scaler), or handle.remove() for the ordinary loop")
+        if not self._finishing:
+            self._in_step = True
+        if self._finishing or not (args or kwargs.get("closure") is not None):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     self._clip(p)
-        else:
-            raise RuntimeError(
-                f"{type(optimizer).__name__}.step() called while step_in_backward is active: loss.backward() "
-                "updates the params (call scheduler.step() after it, not optimizer.step()); GradScaler is not "
-                "supported with step_in_backward; handle.remove() restores optimizer.step()")
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        """The step post-hook: a step() of the loop ends the window in progress."""
+        if self._finishing:
+            return
+        self._in_step = False
+        if self._windows > 1 and not self._mismatch_warned:
+            self._mismatch_warned = True
+            warnings.warn(f"step_in_backward(accumulation_steps={self._accumulation_steps}) on "
+                          f"{type(optimizer).__name__}: the training loop called step() once per {self._windows} "
+                          f"windows, each updating the params; pass the loop's own accumulation, "
+                          f"accumulation_steps={self._windows * self._accumulation_steps}", UserWarning, stacklevel=2)
+        self._passes = self._windows = 0
+        self._pass_task = None
+
+
+def _called_by_grad_scaler() -> bool:
+    """Whether the running step() was called by ``GradScaler.step`` (its ``_maybe_opt_step``)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_maybe_opt_step" and frame.f_code.co_filename.endswith("grad_scaler.py"):
+            return True
+        frame = frame.f_back
+    return False

@@ -15,22 +15,24 @@ tensor) pairs or dicts with every hyperparameter overridable per group, naming, 
 state dicts and :meth:`state_bytes`. The work is done by its parts:
 
 - routing, matrix views and buckets: :mod:`matrixopt.plan` (the planner; a param goes to the
-  matrix rule when its group says ``matrix=True``, or when the key is absent and
-  ``p.ndim >= 2``; else to the fallback, :mod:`matrixopt.fallback`'s AdamW unless given
-  another);
+  matrix rule when its group says ``matrix=True``, or when the key is absent and the
+  bare-params rule says so (:mod:`matrixopt.routing`: ``ndim >= 2`` bar embedding and
+  output-head tables, decided at a param's first gradient); else to the fallback,
+  :mod:`matrixopt.fallback`'s AdamW unless given another);
 - the step: :mod:`matrixopt.execute` (checks, the non-finite policy, the rules over buckets);
 - state from the declarations: :mod:`matrixopt.state` (creation, precision views, load
   checks, DTensors for ``torch.distributed.checkpoint``);
 - distribution: :mod:`matrixopt.distributed` (FSDP2's DTensor params through their local
   shards, whole-matrix work on owner ranks; ``distributed="replicated"`` for DDP).
 """
+import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from . import weights
+from . import routing, weights
 from .batching import ORTHOGONALIZE
 from .distributed import MODES, check_placement, dtensor_like
 from .execute import Executor, NonFinite
@@ -38,6 +40,7 @@ from .fallback import AdamW
 from .matrices import block_sizes, equal_blocks, local, matrix_shape, unequal_blocks
 from .plan import Bucket, Limits, Planner, is_matrix
 from .precision import PRECISIONS
+from .report import caller_stacklevel
 from .state import Declarations, State, storage_bytes
 from .validation import betas_in_unit_interval, choice, real
 
@@ -106,6 +109,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._planner = Planner(distributed == "replicated" or process_group is not None, process_group,
                                 type(self).__name__)
         self._nonfinite = NonFinite()
+        self._routing_warned = False
         super().__init__(params, defaults)
 
     def __getstate__(self):
@@ -155,13 +159,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._validate_hyperparameters(group)
         if "matrix" in group:
             choice(None, True, False)("matrix", group["matrix"])
+        routing.check_record(group)
         for i, p in enumerate(group["params"]):
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters: "
                                  f"{self._param_name(group, i)} is {p.dtype}")
             check_placement(p, self._param_name(group, i))
             weights.check(self._param_name(group, i), p, group)
-            if group.get("blocks") is not None and self.is_matrix(group, p):
+            if group.get("blocks") is not None and self.is_matrix(group, p, i):
                 block_sizes(self._param_name(group, i), group["blocks"], p)
 
     # -- naming and routing --------------------------------------------------------------------
@@ -178,9 +183,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return next((gi for gi, other in enumerate(self.param_groups) if other is group), len(self.param_groups))
 
     @staticmethod
-    def is_matrix(group: dict, p: Tensor) -> bool:
-        """Whether ``p`` goes to the matrix rule (else to the fallback)."""
-        return is_matrix(group, p)
+    def is_matrix(group: dict, p: Tensor, index: int | None = None) -> bool:
+        """Whether ``p`` (the group's param ``index``, or found by identity) goes to the matrix
+        rule (else to the fallback)."""
+        return is_matrix(group, p, index)
 
     def _shape(self, group: dict, p: Tensor) -> tuple[int, int, int]:
         """p's (B, m, n) matrix view in ``group`` (its equal ``blocks`` applied)."""
@@ -264,6 +270,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         :meth:`step` passes every param; :func:`matrixopt.step_in_backward` one whose
         gradient is final."""
         self._planner.retain(self.param_groups)
+        self._route(selection)
         self._executor().step(self.state, selection, self._limits(), self.fallback_chunk_elements)
 
     @torch.no_grad()
@@ -276,10 +283,24 @@ class MatrixOptimizer(torch.optim.Optimizer):
         loads, limits, executor = {}, self._limits(), self._executor()
         for gi, group in enumerate(self.param_groups):
             self._planner.layout(group, check=range(len(group["params"])))
-            params = [p for p in group["params"] if self.is_matrix(group, p) and self.state.get(p)]
+            params = [p for i, p in enumerate(group["params"]) if self.is_matrix(group, p, i) and self.state.get(p)]
             for items in self._planner.buckets(group, params, limits):
                 bucket = self._planner.bucket(group, gi, items, loads, limits, grads=False)
                 executor.run_bucket(self.state, group, bucket, work)
+
+    def _route(self, selection: list[tuple[dict, range | list[int]]]) -> None:
+        """The bare-params rule's decision (:mod:`matrixopt.routing`) for the selected params of
+        groups without ``matrix`` that have a gradient and none yet; one warning per
+        optimizer names the params it sent to the fallback and why."""
+        fallback = [f"{self._param_name(group, i)}: {reason}" for group, indices in selection
+                    if routing.decides(group) for i, reason in routing.decide(group, indices)]
+        if fallback and not self._routing_warned:
+            self._routing_warned = True
+            warnings.warn(f"{type(self).__name__}: params given without a 'matrix' flag; sent to the fallback "
+                          f"({type(self.fallback).__name__}) by the bare-params rule (README, 'Bare params'): "
+                          f"{'; '.join(fallback)}. Every other param with ndim >= 2 gets the matrix rule. Give "
+                          "groups matrix=True/False, or use matrixopt.param_groups(model), to decide yourself.",
+                          UserWarning, stacklevel=caller_stacklevel())
 
     def _limits(self) -> Limits:
         return Limits(self.max_bucket_elements, self.unbatched_elements, self.stack_work)

@@ -20,15 +20,22 @@ from .distributed import MatrixWork
 from .matrices import (as_matrices, block_sizes, equal_blocks, first_row, local, matrix_shape, sharded_axis,
                        unequal_blocks)
 from .ops import local_map
+from .routing import KEY as ROUTED
+from .routing import routed
 from .state import RowState
 from .weights import working_dtype
 
 
-def is_matrix(group: dict, p: Tensor) -> bool:
-    """Whether ``p`` goes to the matrix rule (else to the fallback): the group's ``matrix``
-    flag, or ``p.ndim >= 2`` where it has none."""
+def is_matrix(group: dict, p: Tensor, index: int | None = None) -> bool:
+    """Whether ``p`` (the group's param ``index``; found by identity if None) goes to the
+    matrix rule (else to the fallback): the group's ``matrix`` flag, or where it has none the
+    bare-params rule (:mod:`matrixopt.routing`)."""
     flag = group.get("matrix")
-    return p.ndim >= 2 if flag is None else bool(flag)
+    if flag is not None:
+        return bool(flag)
+    if index is None:
+        index = next(i for i, q in enumerate(group["params"]) if q is p)
+    return routed(group, index, p)
 
 
 class ParamLayout(NamedTuple):
@@ -66,15 +73,15 @@ class GroupLayout(NamedTuple):
 
 def _signature(group: dict) -> tuple:
     """What a group's layout is made from, bar its params one by one (see
-    :meth:`GroupLayout.holds`): the params' list and length, the group's ``blocks`` and
-    ``matrix``."""
+    :meth:`GroupLayout.holds`): the params' list and length, the group's ``blocks``,
+    ``matrix`` and routing record (replaced, never edited, by :func:`matrixopt.routing.decide`)."""
     params = group["params"]
-    return id(params), len(params), repr(group.get("blocks")), group.get("matrix")
+    return id(params), len(params), repr(group.get("blocks")), group.get("matrix"), id(group.get(ROUTED))
 
 
 def param_layout(group: dict, index: int, p: Tensor) -> ParamLayout:
     """How ``group`` sees ``p``, its param ``index``."""
-    matrix = is_matrix(group, p)
+    matrix = is_matrix(group, p, index)
     sizes = block_sizes("blocks", group.get("blocks"), p) if matrix else None
     blocks = equal_blocks(sizes)
     return ParamLayout(index, p.shape, matrix, matrix_shape(p, blocks), blocks, unequal_blocks(sizes))

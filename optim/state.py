@@ -26,6 +26,7 @@ from matrixopt.kernels import host
 from .distributed import dtensor_like
 from .matrices import first_row, local
 from .precision import SCALE_SUFFIX, stored, working, write_back
+from .routing import KEY as ROUTED
 
 #: State dtype policies besides a fixed dtype: the param's own, or at least fp32 (fp64 for
 #: fp64 params).
@@ -241,10 +242,12 @@ class Declarations:
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 # The weight's storage entries follow the param's dtype, not the checkpoint's: a
                 # param that takes none drops them, one that takes some starts them afresh.
-                optional = self.weight_state(p, {**group, **storage})
+                # Routed as saved (the bare-params rule's record, matrixopt.routing), which the load restores.
+                settings = {**group, **storage, **{k: v for k, v in saved.items() if k == ROUTED}}
+                optional = self.weight_state(p, settings)
                 saved_state = {k: v for k, v in state_dict["state"].get(pid, {}).items()
                                if k not in self.weight_keys or k in optional}
-                declared = self.stored(p, {**group, **storage})
+                declared = self.stored(p, settings)
                 _check_entries(name_of(group, i), declared, saved_state, precision, optional)
                 triples.append((p, declared, saved_state))
         return triples

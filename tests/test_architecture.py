@@ -33,7 +33,7 @@ PACKAGE_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m
 OPTIM = Path(matrixopt.__file__).parent
 #: The shell's files: what torch.optim sees and everything a step is planned and run with.
 SHELL = {"optimizer.py", "plan.py", "execute.py", "state.py", "precision.py", "distributed.py", "matrices.py",
-         "validation.py", "backward.py", "protocols.py", "batching.py", "weights.py"}
+         "validation.py", "backward.py", "protocols.py", "batching.py", "weights.py", "routing.py"}
 #: What rules and shell share: the matrix-map seam and update, seeds, warnings.
 MECHANICS = {"ops.py", "seeding.py", "report.py"}
 

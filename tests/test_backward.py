@@ -250,26 +250,68 @@ def test_step_hooks_run_once_per_window():
 
 # -- step(), remove(), checkpoints -----------------------------------------------------------
 
-def test_step_raises_while_active_and_remove_restores_the_ordinary_loop():
-    batches = data(8)
+def test_step_finishes_the_window_in_progress_and_updates_nothing_twice():
+    """A loop that calls step() itself: after a full window it updates nothing; mid-window
+    (an epoch's end) it updates every held gradient — the ordinary loop whose window ends
+    there; remove() restores the ordinary loop."""
+    batches = data(9)
     ref = net()
     ref_opt = optimizer("DCTAdamW", ref)
-    ordinary(ref, ref_opt, batches, 2)
+    ordinary(ref, ref_opt, batches[:2], 2)
+    ref_opt.zero_grad()
+    (loss_of(ref, batches[2]) / 2).backward()     # a window of one pass, ended by step()
+    ref_opt.step()
+    ordinary(ref, ref_opt, batches[3:9], 2)
     got = net()
     opt = optimizer("DCTAdamW", got)
     handle = matrixopt.step_in_backward(opt, accumulation_steps=2)
-    in_backward(got, batches[:2], 2)
-    (loss_of(got, batches[2]) / 2).backward()   # pass 1 of the next window
-    before = [p.clone() for p in got.parameters()]
-    with pytest.raises(RuntimeError, match=r"DCTAdamW.step\(\) called while step_in_backward is active"):
-        opt.step()
-    assert all(torch.equal(p, b) for p, b in zip(got.parameters(), before))
+    for tokens in batches[:2]:
+        (loss_of(got, tokens) / 2).backward()
+    after_window = [p.clone() for p in got.parameters()]
+    opt.step()                                    # the loop's step after a full window
+    opt.zero_grad()
+    assert all(torch.equal(p, b) for p, b in zip(got.parameters(), after_window))
+    (loss_of(got, batches[2]) / 2).backward()     # pass 1 of 2: held
+    opt.step()                                    # the loop ends the window early
+    opt.zero_grad()
+    in_backward(got, batches[3:7], 2)
     handle.remove()
-    # The window in progress goes on in the ordinary loop: its pass 1 gradient is kept.
-    (loss_of(got, batches[3]) / 2).backward()
-    opt.step()
-    ordinary(got, opt, batches[4:], 2)
+    ordinary(got, opt, batches[7:9], 2)
     assert_same(got, ref, opt, ref_opt)
+
+
+def test_step_with_a_closure_runs_the_last_pass_inside_it():
+    """Lightning's way: passes 1..k-1 outside, the last forward and backward inside
+    ``optimizer.step(closure)``: equal to the ordinary loop, each param updated once."""
+    batches = data(6)
+    ref = net()
+    ref_opt = optimizer("Muon", ref)
+    ordinary(ref, ref_opt, batches, 3)
+    got = net()
+    opt = optimizer("Muon", got)
+    matrixopt.step_in_backward(opt, accumulation_steps=3)
+    for w in range(2):
+        for tokens in batches[3 * w:3 * w + 2]:
+            (loss_of(got, tokens) / 3).backward()
+
+        def closure(tokens=batches[3 * w + 2]):
+            loss = loss_of(got, tokens) / 3
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        opt.zero_grad()
+    assert_same(got, ref, opt, ref_opt)
+
+
+def test_a_loop_stepping_once_per_several_windows_is_warned():
+    model = net()
+    opt = optimizer("Muon", model)
+    matrixopt.step_in_backward(opt, accumulation_steps=1)
+    for tokens in data(3):
+        loss_of(model, tokens).backward()
+    with pytest.warns(UserWarning, match=r"once per 3 windows.*accumulation_steps=3"):
+        opt.step()
 
 
 def test_checkpoint_mid_run_resumes_identically(tmp_path):
@@ -395,7 +437,7 @@ def test_grad_scaler_step_is_refused():
     matrixopt.step_in_backward(opt, accumulation_steps=2)
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(loss_of(model, data(1)[0])).backward()     # pass 1 of 2: gradients held
-    with pytest.raises(RuntimeError, match="GradScaler is not supported"):
+    with pytest.raises(RuntimeError, match="GradScaler is not supported with step_in_backward"):
         scaler.step(opt)
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(loss_of(model, data(1)[0])).backward()     # pass 2: every gradient consumed

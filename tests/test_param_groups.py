@@ -158,3 +158,52 @@ def test_groups_route_and_train():
     model.blocks[1].mlp[0].weight.grad.fill_(float("nan"))
     with pytest.warns(RuntimeWarning, match=r"blocks\.1\.mlp\.0\.weight"):
         opt.step()
+
+
+# -- fused projections of the training codebases ---------------------------------------------
+
+def _blocks_of(groups):
+    return {n: g.get("blocks") for g in groups for n, _ in g["params"] if g.get("blocks") is not None}
+
+
+def test_litgpt_qkv_with_gqa_sizes_from_its_config():
+    litgpt = pytest.importorskip("litgpt")
+    config = litgpt.Config(n_layer=2, n_head=4, n_query_groups=2, n_embd=32, block_size=16, vocab_size=64,
+                           padded_vocab_size=64, bias=False)
+    model = litgpt.GPT(config)
+    # litgpt splits qkv as (n_head, n_query_groups, n_query_groups) × head_size rows, in order.
+    assert _blocks_of(matrixopt.param_groups(model)) == {f"transformer.h.{i}.attn.qkv.weight": (32, 16, 16)
+                                                         for i in range(2)}
+    mha = litgpt.GPT(litgpt.Config(n_layer=1, n_head=4, n_embd=32, block_size=16, vocab_size=64,
+                                   padded_vocab_size=64))
+    assert _blocks_of(matrixopt.param_groups(mha)) == {"transformer.h.0.attn.qkv.weight": 3}
+
+
+def test_gpt_neox_query_key_value_interleaved_per_head():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                                        intermediate_size=64, vocab_size=64)
+    model = transformers.GPTNeoXForCausalLM(config)
+    # view(..., heads, 3 * head_size): q, k, v of head 0, then head 1, ...: 12 blocks of 8 rows.
+    assert _blocks_of(matrixopt.param_groups(model)) == {"gpt_neox.layers.0.attention.query_key_value.weight": 12}
+
+
+def test_phi3_qkv_proj_and_gate_up_proj():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Phi3Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+                                     intermediate_size=48, vocab_size=64, pad_token_id=0)
+    model = transformers.Phi3ForCausalLM(config)
+    assert _blocks_of(matrixopt.param_groups(model)) == {"model.layers.0.self_attn.qkv_proj.weight": (32, 16, 16),
+                                                         "model.layers.0.mlp.gate_up_proj.weight": 2}
+    opt = matrixopt.Muon(matrixopt.param_groups(model), lr=1e-3)    # the optimizer accepts the groups
+    model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss.backward()
+    opt.step()
+
+
+def test_fused_declares_other_projections_by_name():
+    model = Transformer()
+    groups = matrixopt.param_groups(model, fused={"mlp.0.weight": 4, "blocks.1.q.weight": (8, 4, 4)})
+    assert _blocks_of(groups) == {"blocks.0.mlp.0.weight": 4, "blocks.1.mlp.0.weight": 4,
+                                  "blocks.1.q.weight": (8, 4, 4)}
+    with pytest.raises(ValueError, match=r"no param of the model is named or ends in \['c_attn.weight'\]"):
+        matrixopt.param_groups(model, fused={"c_attn.weight": 3})

@@ -1,0 +1,174 @@
+"""The bare-params rule: where a group without a ``matrix`` key sends each param.
+
+Training codebases build the optimizer as ``cls(model.parameters(), **kwargs)``: no names,
+no groups. Putting every param with ``ndim >= 2`` on the matrix rule then orthogonalizes /
+projects the embedding and the output head too, which loses to AdamW. So a group without a
+``matrix`` key keeps 0-D/1-D params on the fallback and sends a param with ``ndim >= 2`` to
+the fallback when one of these holds, else to the matrix rule — and never when the group
+holds no other param with ``ndim >= 2`` to compare it with (an optimizer over one matrix,
+``Muon([W])``, runs the matrix rule on it whatever its shape or gradient):
+
+1. **broadcast table** — ``ndim >= 3`` with a leading dimension of 1 (a ViT's
+   ``pos_embed`` (1, N, d), ``cls_token`` (1, 1, d)): a linear map is never stored so;
+2. **embedding rows** — 2-D, and its first gradient has rows that are exactly zero, at
+   least a quarter of them, beside rows that are not: an embedding table's rows of tokens
+   absent from the batch (a dense gradient, random or a hidden Linear's, has no exactly-zero
+   row; a Linear has one only where a ReLU unit was dead for the whole batch: a few units of
+   a small batch, not a quarter of a layer);
+3. **output head** — 2-D, at least ``HEAD_COLUMNS`` columns, its row count above 1 and not
+   the model's width (the most common column count of the group's 2-D params), and its first
+   gradient's rows sum to zero to within rounding, ``‖1ᵀG‖ ≤ ZERO_SUM·‖G‖``: every logit
+   gradient of a softmax cross-entropy sums to zero over the classes, so the head's rows do
+   up to rounding (fp32: ~1e-7; bf16 autocast or bf16 params: up to ~1e-2), where a
+   generic gradient has ``‖1ᵀG‖ ≈ ‖G‖`` (a random one: the ratio is a chi over √columns, below
+   ``ZERO_SUM`` with a probability ~``ZERO_SUM**columns``); every gradient into a LayerNorm
+   also sums to zero, but that is a width-row residual writer's, which the width excludes;
+4. **input table** — 2-D with rows other than the width, and either
+   (a) the shape of a matrix rule 2 or 3 sent to the fallback (an untied embedding beside
+   its head, (V, d) twice, whatever the batch held), or
+   (b) at least ``TIED_ROWS`` times as many rows as every side of every other matrix of the
+   group and its own columns, in a group of at least ``TIED_PEERS`` other matrices (a
+   vocabulary table tied to the head, whose gradient is dense and not zero-sum: the only
+   rule read from shapes alone, so it asks for a vocabulary well beyond any hidden size in
+   a model-sized group).
+
+1 and 4 read shapes; 2 and 3 read the param's own gradient at the first step that updates
+it (whole: an FSDP2 gradient is gathered once; a gradient with a NaN or Inf is not read, the
+param is decided at its next finite one); a step decides 2 and 3 for all its params before
+4, and a step in backward decides each param when its gradient is final (the head's comes
+before its embedding's). The order of the params plays no part. The decision is recorded in
+the group (``group["routed"]``, per param True: matrix rule, False: fallback, None: no
+gradient yet), saved with ``state_dict()`` and restored by ``load_state_dict``, so it never
+changes during a run or on resume, and every rank decides the same (DDP: the same averaged
+gradients; FSDP2: the gathered ones). Explicit ``matrix=`` groups and
+:func:`matrixopt.param_groups` are never re-decided.
+"""
+from collections import Counter
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from .matrices import matrix_shape
+
+#: The group entry that records the rule's decisions.
+KEY = "routed"
+#: An embedding's gradient: at least this fraction of its rows exactly zero.
+ZERO_ROWS = 0.25
+#: A head's rows sum to zero up to rounding: ‖1ᵀG‖ ≤ ZERO_SUM·‖G‖ (a generic gradient: ≈ 1;
+#: a head's: ~1e-7 in fp32, up to ~1e-2 under bf16).
+ZERO_SUM = 3e-2
+#: A head has at least this many columns (its width): with fewer, a random gradient's rows
+#: sum to nearly zero too often (one column: ZERO_SUM of the time).
+HEAD_COLUMNS = 4
+#: A tied vocabulary table (rule 4b): rows ≥ TIED_ROWS × every other side, among ≥ TIED_PEERS
+#: other matrices.
+TIED_ROWS, TIED_PEERS = 2, 4
+
+
+def decides(group: dict) -> bool:
+    """Whether the rule routes ``group``'s params (it has no ``matrix`` key)."""
+    return group.get("matrix") is None
+
+
+def routed(group: dict, index: int, p: Tensor) -> bool:
+    """Whether the rule sends ``p`` (the group's param ``index``) to the matrix rule: the
+    recorded decision, or, before its first gradient, the shapes' verdict."""
+    decisions = group.get(KEY)
+    if decisions is not None and decisions[index] is not None:
+        return decisions[index]
+    return p.ndim >= 2 and shape_reason(group["params"], index, set()) is None
+
+
+def _width(params: list[Tensor]) -> int | None:
+    """The most common column count of the 2-D params (the model's width), or None."""
+    counts = Counter(q.shape[1] for q in params if q.ndim == 2)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _alone(params: list[Tensor], index: int) -> bool:
+    """Whether ``params[index]`` is the group's only param with ndim >= 2 (nothing to compare
+    it with: the rule never routes it)."""
+    return not any(q.ndim >= 2 for i, q in enumerate(params) if i != index)
+
+
+def shape_reason(params: list[Tensor], index: int, tables: set) -> str | None:
+    """Why rules 1 and 4 send ``params[index]`` to the fallback, or None; ``tables``: the
+    shapes of the matrices rules 2 and 3 sent there."""
+    p = params[index]
+    if p.ndim < 2 or _alone(params, index):
+        return None
+    if p.ndim >= 3 and p.shape[0] == 1:
+        return f"broadcast table (shape {tuple(p.shape)})"
+    if p.ndim != 2 or p.shape[0] == _width(params):
+        return None
+    if tuple(p.shape) in tables:
+        return f"input table (shape {tuple(p.shape)}, a table's sent to the fallback)"
+    others = [q for i, q in enumerate(params) if q.ndim >= 2 and i != index]
+    sides = [s for q in others for s in matrix_shape(q)[1:]] + [p.shape[1]]
+    if len(others) >= TIED_PEERS and p.shape[0] >= TIED_ROWS * max(sides):
+        return f"input table ({p.shape[0]} rows, over {TIED_ROWS}x every other side: a vocabulary)"
+    return None
+
+
+#: gradient_reason's answer for a gradient with a NaN or Inf: not read, decided later.
+NONFINITE = "non-finite"
+
+
+def gradient_reason(params: list[Tensor], index: int, grad: Tensor) -> str | None:
+    """Why rules 2 and 3 send ``params[index]`` to the fallback, from its gradient, or None;
+    :data:`NONFINITE` if that gradient (gathered whole, once) has a NaN or Inf."""
+    p = params[index]
+    if p.ndim != 2 or grad.layout != torch.strided or _alone(params, index):   # sparse: the step's check names it
+        return None
+    g = (grad.full_tensor() if isinstance(grad, DTensor) else grad).float()
+    if not bool(torch.isfinite(g).all()):
+        return NONFINITE
+    live = int(g.ne(0).any(dim=1).sum())
+    if 0 < live <= (1 - ZERO_ROWS) * g.shape[0]:
+        return f"embedding rows ({g.shape[0] - live} of its {g.shape[0]} rows got no gradient)"
+    if g.shape[1] >= HEAD_COLUMNS and 1 < g.shape[0] != _width(params):
+        scale = g.abs().amax()
+        if scale > 0:
+            g = g / scale                  # ‖G‖² of a gradient scaled by 1e30 would overflow fp32
+            if g.sum(0).norm() <= ZERO_SUM * g.norm():
+                return f"output head (the gradients of its {g.shape[0]} rows sum to zero)"
+    return None
+
+
+def decide(group: dict, indices) -> list[tuple[int, str]]:
+    """Record the decision for the params at ``indices`` of ``group`` (a group the rule
+    routes) that have a gradient (a finite one, for a 2-D param) and none yet (rules 2 and 3
+    first, then 1 and 4); returns (index, reason) of those sent to the fallback. The group's
+    record is replaced, not edited, when anything is decided."""
+    params = group["params"]
+    decisions = group.get(KEY) or [None] * len(params)
+    new, fallback = list(decisions), []
+    todo = [i for i in indices if new[i] is None and params[i].grad is not None]
+    reasons = {i: gradient_reason(params, i, params[i].grad) for i in todo}
+    todo = [i for i in todo if reasons[i] != NONFINITE]
+    reasons = {i: reasons[i] for i in todo}
+    width = _width(params)
+    tables = {tuple(params[i].shape) for i, d in enumerate(decisions) if d is False and params[i].ndim == 2}
+    tables |= {tuple(params[i].shape) for i, r in reasons.items() if r is not None}
+    tables = {shape for shape in tables if shape[0] != width}
+    for i in todo:
+        reason = None if params[i].ndim < 2 else reasons[i] or shape_reason(params, i, tables)
+        new[i] = params[i].ndim >= 2 and reason is None
+        if reason is not None:
+            fallback.append((i, reason))
+    if new != decisions or KEY not in group:
+        group[KEY] = new
+    return fallback
+
+
+def check_record(group: dict) -> None:
+    """ValueError unless a group's record (from a checkpoint, say) has one entry, True,
+    False or None, per param."""
+    decisions = group.get(KEY)
+    if decisions is None:
+        return
+    if (not isinstance(decisions, (list, tuple)) or len(decisions) != len(group["params"])
+            or any(d not in (True, False, None) for d in decisions)):
+        raise ValueError(f"Invalid {KEY!r} in a param group: expected one of True, False, None per param "
+                         f"({len(group['params'])}), got {decisions!r}")

@@ -1,0 +1,400 @@
+"""The bare-params rule (matrixopt.routing): ``cls(model.parameters())`` routes embedding-like
+and output-head tables to the fallback without names.
+
+The reference is :func:`matrixopt.param_groups`, which reads module types and names: on a
+model zoo (LLaMA-style, nanoGPT and HF GPT-2 with tied embeddings, ViT, CNN, MoE with 3-D
+experts, an LSTM LM, a tiny vocabulary) the params the rule sends to the fallback are the
+matrices param_groups sends there. The decision is made once, warned once, kept across steps
+and restored by load_state_dict (exact resume), equal under step_in_backward and on every
+FSDP2 rank; explicit ``matrix=`` groups are never re-decided.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import matrixopt
+from dist_utils import WORLD, sharded, spawn
+from dist_utils import batches as dist_batches
+from dist_utils import model as dist_model
+from dist_utils import train as dist_train
+
+torch.set_num_threads(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, d, norm):
+        super().__init__()
+        self.norm = norm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        h = self.norm(x)
+        att = nn.functional.scaled_dot_product_attention(self.q(h), self.k(h), self.v(h), is_causal=True)
+        return x + self.o(att)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.norm, self.gate, self.up = nn.RMSNorm(d), nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+        self.down = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+class LLaMA(nn.Module):
+    """RMSNorm, SwiGLU, untied head (``tied``: nanoGPT-style, LayerNorm, GELU MLP, head = embedding)."""
+
+    def __init__(self, vocab=64, d=32, layers=2, tied=False):
+        super().__init__()
+        norm = nn.LayerNorm if tied else nn.RMSNorm
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(Attention(d, norm), SwiGLU(d, 4 * d) if not tied else GeluMLP(d)) for _ in range(layers))
+        self.norm = norm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm(x))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.fc, self.proj = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.proj(nn.functional.gelu(self.fc(self.norm(x))))
+
+
+class MoE(nn.Module):
+    """Embedding, a dense softmax router over 4 experts stored as 3-D stacks, untied head."""
+
+    def __init__(self, vocab=64, d=16, h=24, experts=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.router = nn.Linear(d, experts, bias=False)
+        self.w_in = nn.Parameter(torch.randn(experts, d, h) / d ** 0.5)
+        self.w_out = nn.Parameter(torch.randn(experts, h, d) / h ** 0.5)
+        self.norm = nn.RMSNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        gates = torch.softmax(self.router(x), -1)                                    # (B, T, E)
+        y = torch.einsum("bteh,ehd->bted", torch.relu(torch.einsum("btd,edh->bteh", x, self.w_in)), self.w_out)
+        return self.lm_head(self.norm(x + (gates.unsqueeze(-1) * y).sum(-2)))
+
+
+class LSTMLM(nn.Module):
+    """PyTorch's word_language_model: encoder, LSTM, decoder (embedding and hidden widths differ)."""
+
+    def __init__(self, vocab=50, e=16, h=24):
+        super().__init__()
+        self.encoder, self.rnn, self.decoder = nn.Embedding(vocab, e), nn.LSTM(e, h, batch_first=True), nn.Linear(h, vocab)
+
+    def forward(self, tokens):
+        return self.decoder(self.rnn(self.encoder(tokens))[0])
+
+
+class ViT(nn.Module):
+    """Conv patches, a class token and positions as bare Parameters, pre-LN blocks, a head."""
+
+    def __init__(self, d=32, classes=10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, 17, d) * 0.02)
+        self.blocks = nn.Sequential(*(nn.TransformerEncoderLayer(d, 2, 2 * d, 0.0, batch_first=True, norm_first=True)
+                                      for _ in range(2)))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
+
+    def forward(self, images):
+        x = self.patch(images).flatten(2).mT
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class CNN(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(32, classes)
+
+    def forward(self, images):
+        return self.classifier(self.features(images))
+
+
+def hf_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tokens(vocab, used, batch=4, seq=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, used, (batch, seq), generator=g) % vocab
+
+
+#: name -> (model factory, batch, kind): "lm" next-token, "hf" HF causal LM, "image" classes.
+ZOO = {
+    "llama": (lambda: LLaMA(), tokens(64, 40), "lm"),
+    "llama-all-tokens-seen": (lambda: LLaMA(), torch.arange(64).repeat(2, 1), "lm"),
+    "tiny-vocab": (lambda: LLaMA(vocab=4), tokens(4, 4), "lm"),
+    "nanogpt-tied": (lambda: LLaMA(vocab=300, tied=True), tokens(300, 300), "lm"),
+    "hf-gpt2-tied": (hf_gpt2, tokens(300, 300), "hf"),
+    "moe-3d-experts": (lambda: MoE(), tokens(64, 40), "lm"),
+    "lstm-lm": (lambda: LSTMLM(), tokens(50, 20), "lm"),
+    "vit": (lambda: ViT(), torch.randn(4, 3, 16, 16), "image"),
+    "cnn": (lambda: CNN(), torch.randn(4, 3, 8, 8), "image"),
+}
+
+
+#: Softmax outputs the rule finds and param_groups does not: the LSTM LM's ``decoder`` is
+#: neither named like a head nor shaped like its embedding (widths 24 and 16), and the MoE's
+#: softmax ``router`` is a head over the experts (AdamW for the router, as many MoE recipes do).
+BEYOND_PARAM_GROUPS = {"lstm-lm": {"decoder.weight"}, "moe-3d-experts": {"router.weight"}}
+
+
+def loss_of(net, batch, kind):
+    if kind == "hf":
+        return net(input_ids=batch, labels=batch).loss
+    if kind == "image":
+        return nn.functional.cross_entropy(net(batch), torch.arange(len(batch)) % 10)
+    logits = net(batch[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def build(name, seed=0):
+    torch.manual_seed(seed)
+    factory, batch, kind = ZOO[name]
+    return factory(), batch, kind
+
+
+def fallback_matrices_of_param_groups(net):
+    """Names of the params with ndim >= 2 that param_groups puts on the fallback."""
+    return {n for g in matrixopt.param_groups(net) if not g["matrix"] for n, p in g["params"] if p.ndim >= 2}
+
+
+def routed_to_fallback(net, opt):
+    names = {id(p): n for n, p in net.named_parameters()}
+    group = opt.param_groups[0]
+    return {names[id(p)] for p, d in zip(group["params"], group["routed"]) if p.ndim >= 2 and d is False}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_bare_params_route_what_param_groups_routes(name):
+    net, batch, kind = build(name)
+    opt = matrixopt.Muon(net.parameters(), lr=1e-3)
+    loss_of(net, batch, kind).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+        opt.step()   # decided once: no second warning
+    expected = fallback_matrices_of_param_groups(net) | BEYOND_PARAM_GROUPS.get(name, set())
+    assert routed_to_fallback(net, opt) == expected
+    messages = [str(w.message) for w in caught if "bare-params rule" in str(w.message)]
+    assert len(messages) == (1 if expected else 0)
+    assert not expected or messages[0].count("param_groups[0]['params']") == len(expected)
+
+
+def test_the_warning_names_the_params_when_given_names():
+    net, batch, kind = build("llama")
+    opt = matrixopt.Muon(list(net.named_parameters()), lr=1e-3)
+    loss_of(net, batch, kind).backward()
+    with pytest.warns(UserWarning, match=r"embed\.weight: embedding rows .*lm_head\.weight: output head"):
+        opt.step()
+
+
+def test_tied_tiny_vocabulary_is_the_known_miss():
+    """Tied, every token in the first batch, the vocabulary smaller than the width: no
+    evidence (the table's gradient is dense, its head part is not zero-sum with the
+    embedding part added); it stays on the matrix rule, as README says."""
+    torch.manual_seed(0)
+    net = LLaMA(vocab=8, tied=True)
+    opt = matrixopt.Muon(net.parameters(), lr=1e-3)
+    loss_of(net, tokens(8, 8), "lm").backward()
+    opt.step()
+    assert routed_to_fallback(net, opt) == set()
+
+
+def test_a_lone_matrix_is_never_routed():
+    """An optimizer (or a group) over one matrix has nothing to compare it with: the matrix
+    rule runs on it whatever its shape or first gradient (zero rows, zero-sum rows, a
+    broadcast-like leading 1, a vocabulary-like height)."""
+    zero_rows = torch.randn(64, 32)
+    zero_rows[:40] = 0
+    zero_sum = torch.randn(10, 32)
+    zero_sum -= zero_sum.mean(0)
+    for shape, grad in (((64, 32), zero_rows), ((10, 32), zero_sum), ((1, 6, 4), None), ((5000, 8), None)):
+        p = nn.Parameter(torch.randn(shape))
+        opt = matrixopt.Muon([p, nn.Parameter(torch.zeros(3))], lr=1e-3)
+        p.grad = torch.randn(shape) if grad is None else grad
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()
+        assert opt.param_groups[0]["routed"][0] is True, shape
+        assert set(opt.state[p]) == {"momentum_buffer"}
+
+
+def test_random_gradients_on_small_sets_stay_on_the_matrix_rule():
+    """What unit tests do: a few matrices of assorted shapes, dense random gradients (at any
+    scale). No exactly-zero rows, rows far from zero-sum, no table tied to a head."""
+    shapes = [(6, 4), (3, 5, 4), (5, 3), (12, 8), (10, 6), (5, 8), (24, 40), (40, 4), (1, 7), (7, 1), (2, 2)]
+    for seed in range(20):
+        for scale in (1e-30, 1.0, 1e30):
+            g = torch.Generator().manual_seed(seed)
+            ps = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+            opt = matrixopt.Muon(ps, lr=1e-3)
+            for p in ps:
+                p.grad = scale * torch.randn(p.shape, generator=g)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                opt.step()
+            assert all(opt.param_groups[0]["routed"]), (seed, scale)
+
+
+def test_bf16_autocast_head_is_found():
+    """Under bf16 autocast the logits' gradient is rounded to bf16 before the head's matmul:
+    its rows sum to zero to ~1e-3 of its norm, not to fp32 rounding; still a head."""
+    net, batch, kind = build("lstm-lm")
+    opt = matrixopt.Muon(net.parameters(), lr=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_of(net, batch, kind)
+    loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    assert routed_to_fallback(net, opt) == {"encoder.weight", "decoder.weight"}
+
+
+def test_a_non_finite_first_gradient_is_not_read():
+    """A NaN in a matrix's first gradient decides nothing (the step's non-finite policy skips
+    it); the next finite gradient decides."""
+    net, batch, kind = build("llama")
+    opt = matrixopt.Muon(net.parameters(), lr=1e-3, nonfinite="skip")
+    loss_of(net, batch, kind).backward()
+    net.lm_head.weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+        index = next(i for i, p in enumerate(opt.param_groups[0]["params"]) if p is net.lm_head.weight)
+        assert opt.param_groups[0]["routed"][index] is None
+        opt.zero_grad()
+        loss_of(net, batch, kind).backward()
+        opt.step()
+    assert routed_to_fallback(net, opt) == {"embed.weight", "lm_head.weight"}
+
+
+def test_explicit_groups_are_never_decided():
+    net, batch, kind = build("llama")
+    groups = [{"params": list(net.parameters()), "matrix": True}]
+    opt = matrixopt.Muon(groups, lr=1e-3)
+    loss_of(net, batch, kind).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert "routed" not in opt.param_groups[0]
+    assert set(opt.state[net.embed.weight]) == {"momentum_buffer"}     # the matrix rule's state
+
+
+def train(net, opt, batches, kind="lm"):
+    for batch in batches:
+        opt.zero_grad()
+        loss_of(net, batch, kind).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", [matrixopt.Muon, matrixopt.GaLoreAdamW])
+def test_decision_is_stable_and_resumes_exactly(cls, tmp_path):
+    """The LSTM LM's embedding is decided by its rows on the first batch (20 of 50 tokens);
+    later batches with every token would not say so, but the record stands; a checkpoint
+    restores it into a fresh optimizer, which continues bit for bit."""
+    later = [torch.arange(50).repeat(2, 1)] * 2 + [tokens(50, 50, seed=s) for s in range(3)]
+    net, first, _ = build("lstm-lm")
+    kwargs = dict(rank=4, update_proj_gap=2) if cls is matrixopt.GaLoreAdamW else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = cls(net.parameters(), lr=1e-2, **kwargs)
+        train(net, opt, [first] + later[:2])
+        decided = list(opt.param_groups[0]["routed"])
+        torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+        train(net, opt, later[2:])
+        assert opt.param_groups[0]["routed"] == decided
+        assert decided[0] is False                                     # the embedding
+
+        resumed, _, _ = build("lstm-lm", seed=1)
+        saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+        resumed.load_state_dict(saved["model"])
+        opt2 = cls(resumed.parameters(), lr=1e-2, **kwargs)
+        opt2.load_state_dict(saved["opt"])
+        assert opt2.param_groups[0]["routed"] == decided
+        train(resumed, opt2, later[2:])
+    for (n, p), q in zip(net.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_step_in_backward_decides_as_step():
+    """Each param decided from its own gradient inside backward: the same record, the same
+    weights as the ordinary loop (buckets of one param here: every matrix has its own shape
+    or the update is per matrix)."""
+    results = []
+    for in_backward in (False, True):
+        net, batch, kind = build("lstm-lm")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = matrixopt.Muon(net.parameters(), lr=1e-2)
+            if in_backward:
+                matrixopt.step_in_backward(opt)
+                for _ in range(3):
+                    loss_of(net, batch, kind).backward()
+            else:
+                train(net, opt, [batch] * 3)
+        results.append((opt.param_groups[0]["routed"], [p.detach().clone() for p in net.parameters()]))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_bad_record_is_refused_naming_the_key():
+    net, _, _ = build("llama")
+    opt = matrixopt.Muon(net.parameters(), lr=1e-3)
+    state = copy.deepcopy(opt.state_dict())
+    state["param_groups"][0]["routed"] = [True]
+    with pytest.raises(ValueError, match="Invalid 'routed' in a param group"):
+        opt.load_state_dict(state)
+
+
+def _fsdp_worker(rank, out):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = sharded(dist_model())
+        opt = matrixopt.Muon(net.parameters(), lr=0.02)
+        dist_train(net, opt, dist_batches(2))
+    torch.save(opt.param_groups[0]["routed"], f"{out}/routed{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_fsdp2_ranks_decide_as_the_single_process(tmp_path):
+    net = dist_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = matrixopt.Muon(net.parameters(), lr=0.02)
+        dist_train(net, opt, dist_batches(2))
+    want = opt.param_groups[0]["routed"]
+    assert want[0] is False and want[-2] is False      # the embedding and the head (weight, bias last)
+    spawn(_fsdp_worker, str(tmp_path))
+    for rank in range(WORLD):
+        assert torch.load(tmp_path / f"routed{rank}.pt") == want
