@@ -51,7 +51,7 @@ def call_run(module, quick: bool, flags: dict):
 
 
 #: ``memory``'s flags that a simulation (``--simulate``) reads (the real measurement: ``--weights``).
-SIMULATE_FLAGS = ("simulate", "weights", "checkpoint", "rank", "validate")
+SIMULATE_FLAGS = ("simulate", "weights", "checkpoint", "rank", "validate", "in_backward", "master_weights")
 
 
 def call_memory(module, quick: bool, flags: dict):
@@ -148,6 +148,10 @@ COMMANDS = {
              "matrixopt's rows also with each master_weights value); with --simulate: bf16 weights (default) or "
              "fp32 master weights under bf16 autocast"),
         flag("--checkpoint", action="store_true", help="with --simulate: activation checkpointing per block"),
+        flag("--in-backward", action="store_true",
+             help="with --simulate: of matrixopt's rows only those that step in backward"),
+        flag("--master-weights", nargs="+", choices=["nearest", "stochastic", "int8", "int16"],
+             help="with --simulate and bf16 weights: of matrixopt's rows only those with these master_weights"),
         flag("--rank", type=lambda v: float(v) if "." in v else int(v),
              help="with --simulate: the low-rank optimizers' rank (int, or a fraction; default 0.25)"),
         flag("--validate", action="store_true",

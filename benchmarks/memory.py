@@ -178,10 +178,14 @@ def table_rows(optimizers=None, precisions=PRECISIONS, lean: bool = False) -> li
     return [c for c in out if not optimizers or c.optimizer in optimizers]
 
 
+def default_mode(name: str) -> str:
+    """The default ``master_weights`` of matrixopt class ``name``."""
+    return inspect.signature(matrixopt_classes()[name]).parameters["master_weights"].default
+
+
 def lean_values(name: str) -> list[str]:
     """The ``master_weights`` values of matrixopt class ``name`` other than its default."""
-    default = inspect.signature(matrixopt_classes()[name]).parameters["master_weights"].default
-    return [mode for mode in MASTER_WEIGHTS if mode != default]
+    return [mode for mode in MASTER_WEIGHTS if mode != default_mode(name)]
 
 
 def takes_precision(c: Row) -> bool:

@@ -53,8 +53,16 @@ context (~0.5 GiB), library workspaces (cuBLAS, cuSOLVER, cuDNN), NCCL buffers, 
 scratch, and memory a kernel allocates inside one op without an aten op (a hidden copy, as
 ``aten::sum(dtype=float32)`` of a bf16 tensor makes). A "fits in 24 GiB" column is the peak
 against 24 GiB with none of that counted.
+
+Bytes per parameter (activations excluded): ``weights_B``, ``low_bits_B`` (the masters' low
+bits of ``master_weights`` "int8"/"int16"), ``state_B`` (the rest of the optimizer state) from
+counts, and ``step_B_per_param``, the peak less the byte model's activations and loss
+gradients (A + L of benchmarks/memory.py, measured on fake tensors): what the step holds
+beyond its activations — weights, state, gradients held at once and temporaries.
 """
 import dataclasses
+import functools
+import itertools
 import os
 import time
 import weakref
@@ -71,7 +79,8 @@ import matrixopt
 
 from .common import default_device
 from .memory import (ADAMW, BNB_ADAMW8BIT, CONFIGS, GALORE_TORCH, GiB, MB, PRECISIONS, TORCHAO_ADAMW8BIT, PeakMeter,
-                     Row, build_model, first_line, make_optimizer, missing, random_tokens, table_rows, train_step)
+                     Row, build_model, default_mode, first_line, loss_gradient_bytes, low_bits_bytes, make_optimizer,
+                     missing, random_tokens, saved_activation_bytes, table_rows, tensor_bytes, train_step)
 from .optimizers import PEER_NOTES, Settings, TorchStepInBackward, state_bytes
 
 #: The weights: "bf16" (params, gradients and activations) or "fp32" (master weights, bf16 autocast).
@@ -166,13 +175,18 @@ class Options:
         return Settings(rank_fraction=self.rank, update_proj_gap=1)
 
 
-def sim_rows(weights: str, optimizers=None, precisions=PRECISIONS) -> list[SimRow]:
+def sim_rows(weights: str, optimizers=None, precisions=PRECISIONS, in_backward: bool = False,
+             master_weights=None) -> list[SimRow]:
     """torch AdamW in both weights × implementations and with torch's step-in-backward recipe,
-    the peers, then every matrixopt optimizer × precision × in backward (× master_weights)."""
+    the peers, then every matrixopt optimizer × precision × in backward (× master_weights);
+    with ``in_backward`` only matrixopt's rows that step in backward, with ``master_weights``
+    only its rows of those values (the default's: the plain row)."""
     rows = [SimRow(Row(ADAMW), w, impl) for w in WEIGHTS for impl in ADAMW_IMPLEMENTATIONS]
     rows += [SimRow(Row(ADAMW, in_backward=True), weights, "fused")]
     rows += [SimRow(Row(name), weights) for name in PEERS]
-    rows += [SimRow(c, weights) for c in table_rows(optimizers, precisions, lean=weights == "bf16") if c.matrixopt]
+    rows += [SimRow(c, weights) for c in table_rows(optimizers, precisions, lean=weights == "bf16")
+             if c.matrixopt and (c.in_backward or not in_backward)
+             and (master_weights is None or (c.master_weights or default_mode(c.optimizer)) in master_weights)]
     return [r for r in rows if not optimizers or r.row.optimizer in optimizers]
 
 
@@ -218,18 +232,34 @@ def training(r: SimRow, config: str, options: Options, meter, device="cpu") -> i
     for i in range(2):
         with meter.span(f"step {i + 1}"):
             train_step(model, opt, tokens, meter, r.row.in_backward, autocast=r.weights == "fp32")
-    state = state_bytes(opt)
+    counts = {"state": state_bytes(opt), "low_bits": low_bits_bytes(opt),
+              "params": sum(p.numel() for p in model.parameters()),
+              "weights": tensor_bytes(itertools.chain(model.parameters(), model.buffers()))}
     for hooks in (handle, opt if isinstance(opt, TorchStepInBackward) else None):
         if hooks is not None:
             hooks.remove()
-    return state
+    return counts
 
 
 def simulated(r: SimRow, config: str, options: Options) -> tuple[LiveBytes, int]:
     """Row ``r`` on fake tensors: the meter and the state bytes."""
     with cuda_stack_limits(), FakeTensorMode(allow_non_fake_inputs=True), LiveBytes() as meter:
-        state = training(r, config, options, meter)
-    return meter, state
+        counts = training(r, config, options, meter)
+    return meter, counts
+
+
+@functools.cache
+def activation_bytes(config: str, options: Options) -> int:
+    """A + L of the byte model (benchmarks/memory.py) on fake tensors: the tensors autograd
+    saves in one forward (with checkpointing: the blocks' inputs) and the loss's gradients."""
+    shape = CONFIGS[config]
+    dtype = torch.bfloat16 if options.weights == "bf16" else torch.float32
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = build_model(shape, options.seq_len, "cpu", dtype, checkpoint=options.checkpoint)
+        tokens = random_tokens(shape, options.batch, options.seq_len, "cpu")
+        with torch.autocast("cpu", torch.bfloat16, enabled=options.weights == "fp32"):
+            saved = saved_activation_bytes(model, tokens)
+    return saved + loss_gradient_bytes(shape, options.batch, options.seq_len)
 
 
 def measured(r: SimRow, config: str, options: Options) -> PeakMeter:
@@ -245,8 +275,12 @@ def simulate_row(r: SimRow, config: str, options: Options, validate: bool) -> di
     """Row ``r``'s table row: the simulated peak and its phases, the state, and with
     ``validate`` the real CPU peak and the ratio."""
     start = time.perf_counter()
-    meter, state = simulated(r, config, options)
+    meter, counts = simulated(r, config, options)
+    state, params = counts["state"], counts["params"]
     row = {"optimizer": r.label, "weights": r.weights, "peak_GiB": meter.peak / GiB, "state_GiB": state / GiB,
+           "weights_B": counts["weights"] / params, "low_bits_B": counts["low_bits"] / params,
+           "state_B": (state - counts["low_bits"]) / params,
+           "step_B_per_param": (meter.peak - activation_bytes(config, dataclasses.replace(options, weights=r.weights))) / params,
            "forward_GiB": meter.peaks["forward"] / GiB, "backward_GiB": meter.peaks["backward"] / GiB,
            "step_GiB": meter.peaks.get("optimizer step", 0) / GiB, "fits_24GiB": meter.peak <= 24 * GiB,
            "seconds": time.perf_counter() - start, "validated": "no, GPU pending"}
@@ -258,12 +292,15 @@ def simulate_row(r: SimRow, config: str, options: Options, validate: bool) -> di
     return row
 
 
-def run(config: str, optimizers=None, precisions=PRECISIONS, validate: bool = False, **recipe):
-    """Every row on ``config`` with ``recipe`` (:class:`Options`' fields). Returns (table
+def run(config: str, optimizers=None, precisions=PRECISIONS, validate: bool = False, in_backward: bool = False,
+        master_weights=None, **recipe):
+    """Every row on ``config`` with ``recipe`` (:class:`Options`' fields), or those
+    :func:`sim_rows` keeps with ``in_backward`` and ``master_weights``. Returns (table
     sections, extra JSON, no figure)."""
     options = Options(**{key: value for key, value in recipe.items() if value is not None})
     rows, notes = [], []
-    progress = tqdm(sim_rows(options.weights, optimizers, precisions), desc=f"simulate {config}", unit="row")
+    progress = tqdm(sim_rows(options.weights, optimizers, precisions, in_backward, master_weights),
+                    desc=f"simulate {config}", unit="row")
     for r in progress:
         progress.set_postfix_str(r.label)
         reason = missing(r.row)

@@ -25,22 +25,19 @@ state dicts and :meth:`state_bytes`. The work is done by its parts:
 - distribution: :mod:`matrixopt.distributed` (FSDP2's DTensor params through their local
   shards, whole-matrix work on owner ranks; ``distributed="replicated"`` for DDP).
 """
-import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from . import routing, weights
 from .batching import ORTHOGONALIZE
-from .distributed import MODES, check_placement, dtensor_like
+from .distributed import MODES, check_placement
 from .execute import Executor, NonFinite
 from .fallback import AdamW
-from .matrices import block_sizes, equal_blocks, local, matrix_shape, unequal_blocks
+from .matrices import block_sizes, equal_blocks, matrix_shape, unequal_blocks
 from .plan import Bucket, Limits, Planner, is_matrix
 from .precision import PRECISIONS
-from .report import caller_stacklevel
 from .state import Declarations, State, storage_bytes
 from .validation import betas_in_unit_interval, choice, real
 
@@ -289,18 +286,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 executor.run_bucket(self.state, group, bucket, work)
 
     def _route(self, selection: list[tuple[dict, range | list[int]]]) -> None:
-        """The bare-params rule's decision (:mod:`matrixopt.routing`) for the selected params of
-        groups without ``matrix`` that have a gradient and none yet; one warning per
-        optimizer names the params it sent to the fallback and why."""
-        fallback = [f"{self._param_name(group, i)}: {reason}" for group, indices in selection
-                    if routing.decides(group) for i, reason in routing.decide(group, indices)]
-        if fallback and not self._routing_warned:
-            self._routing_warned = True
-            warnings.warn(f"{type(self).__name__}: params given without a 'matrix' flag; sent to the fallback "
-                          f"({type(self.fallback).__name__}) by the bare-params rule (README, 'Bare params'): "
-                          f"{'; '.join(fallback)}. Every other param with ndim >= 2 gets the matrix rule. Give "
-                          "groups matrix=True/False, or use matrixopt.param_groups(model), to decide yourself.",
-                          UserWarning, stacklevel=caller_stacklevel())
+        """The bare-params rule's decision for the selected params (:func:`matrixopt.routing.route`)."""
+        self._routing_warned = routing.route(selection, self._param_name, type(self).__name__,
+                                             type(self.fallback).__name__, self._routing_warned)
 
     def _limits(self) -> Limits:
         return Limits(self.max_bucket_elements, self.unbatched_elements, self.stack_work)
@@ -332,9 +320,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                                          self._param_name))
 
         def declared_dtypes(optimizer):
-            # A hyperparameter of this optimizer the checkpoint predates takes its default
-            # (not state_precision nor master_weights: a group saved without them is fp32 and
-            # "nearest", as its state).
+            # A hyperparameter the checkpoint predates takes its default (not state_precision
+            # nor master_weights: a group saved without them is fp32 and "nearest", as its state).
             for group in self.param_groups:
                 for key in self._validators().keys() & self.defaults.keys() - {"state_precision", "master_weights"}:
                     group.setdefault(key, self.defaults[key])
@@ -350,18 +337,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
             for handle in handles:
                 handle.remove()
 
-    @torch.no_grad()
     def master_weight(self, p: Tensor) -> Tensor:
-        """The fp32 value param ``p`` stands for (a new tensor; fp64 params: fp64): with
-        ``master_weights`` "int8" or "int16" its master (the bf16 weight and its low bits),
-        else the weight itself. For a DTensor (FSDP2) param, a DTensor placed like it. To
-        export or evaluate the master: ``{n: opt.master_weight(p) for n, p in
+        """The fp32 value param ``p`` stands for (:func:`matrixopt.weights.master_weight`: with
+        ``master_weights`` "int8"/"int16" its master, else the weight; a new tensor, a DTensor
+        for an FSDP2 param). To export the masters: ``{n: opt.master_weight(p) for n, p in
         model.named_parameters()}``."""
-        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
-        if group is None:
-            raise ValueError(f"master_weight: the tensor of shape {tuple(p.shape)} is not a param of this optimizer")
-        value = weights.master_value(local(p), weights.mode_of(group, p), self.state.get(p, {}))
-        return dtensor_like(p, value) if isinstance(p, DTensor) else value
+        return weights.master_weight(p, self.param_groups, self.state)
 
     def _shared_state_tensors(self) -> list[Tensor]:
         """State shared by many params (e.g. a DCT basis); counted once by state_bytes."""

@@ -43,6 +43,7 @@ changes during a run or on resume, and every rank decides the same (DDP: the sam
 gradients; FSDP2: the gathered ones). Explicit ``matrix=`` groups and
 :func:`matrixopt.param_groups` are never re-decided.
 """
+import warnings
 from collections import Counter
 
 import torch
@@ -50,6 +51,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from .matrices import matrix_shape
+from .report import caller_stacklevel
 
 #: The group entry that records the rule's decisions.
 KEY = "routed"
@@ -172,3 +174,18 @@ def check_record(group: dict) -> None:
             or any(d not in (True, False, None) for d in decisions)):
         raise ValueError(f"Invalid {KEY!r} in a param group: expected one of True, False, None per param "
                          f"({len(group['params'])}), got {decisions!r}")
+
+
+def route(selection: list[tuple[dict, range | list[int]]], name_of, owner: str, fallback: str, warned: bool) -> bool:
+    """The rule's decision (:func:`decide`) for the selected params of groups without
+    ``matrix`` that have a gradient and none yet; unless ``warned`` (once per optimizer), a
+    warning names the params it sent to the fallback and why. Returns whether it has warned."""
+    routed = [f"{name_of(group, i)}: {reason}" for group, indices in selection
+              if decides(group) for i, reason in decide(group, indices)]
+    if not routed or warned:
+        return warned
+    warnings.warn(f"{owner}: params given without a 'matrix' flag; sent to the fallback ({fallback}) by the "
+                  f"bare-params rule (README, 'Bare params'): {'; '.join(routed)}. Every other param with "
+                  "ndim >= 2 gets the matrix rule. Give groups matrix=True/False, or use "
+                  "matrixopt.param_groups(model), to decide yourself.", UserWarning, stacklevel=caller_stacklevel())
+    return True

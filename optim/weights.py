@@ -42,7 +42,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
+from .distributed import dtensor_like
+from .matrices import local
 from .seeding import element_bits, rounding_seed
 from .precision import round_bf16
 from .state import State, counter
@@ -118,12 +121,20 @@ def stored(group: dict, p: Tensor, state: dict, place: tuple, low_view, offset: 
     return Stored(mode, low, seed, offset)
 
 
-def master_value(weight: Tensor, mode: str | None, state: dict) -> Tensor:
-    """The value a stored ``weight`` (a param's local shard) stands for, in fp32 (fp64 stays
-    fp64): its master where its low bits are kept (``state``: the param's), else itself."""
-    if mode in LOW_BITS_DTYPE and LOW_BITS in state:
-        return master(weight, Stored(mode, state[LOW_BITS], 0, 0))
-    return weight.detach().to(torch.promote_types(weight.dtype, torch.float32), copy=True)
+@torch.no_grad()
+def master_weight(p: Tensor, groups: list[dict], state: dict) -> Tensor:
+    """The value param ``p`` (of one of ``groups``; ``state``: the optimizer's) stands for, in
+    fp32 (fp64 stays fp64), as a new tensor: its master where its low bits are kept, else the
+    weight itself; for a DTensor param a DTensor placed like it."""
+    group = next((g for g in groups if any(q is p for q in g["params"])), None)
+    if group is None:
+        raise ValueError(f"master_weight: the tensor of shape {tuple(p.shape)} is not a param of this optimizer")
+    mode, saved, weight = mode_of(group, p), state.get(p, {}), local(p)
+    if mode in LOW_BITS_DTYPE and LOW_BITS in saved:
+        value = master(weight, Stored(mode, saved[LOW_BITS], 0, 0))
+    else:
+        value = weight.detach().to(torch.promote_types(weight.dtype, torch.float32), copy=True)
+    return dtensor_like(p, value) if isinstance(p, DTensor) else value
 
 
 def _pieces(*tensors: Tensor):
