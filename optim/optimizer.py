@@ -230,13 +230,15 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """p's state as the rule (or the fallback) declares it and sees it in its update."""
         if not self.is_matrix(group, p):
             return self.fallback.state(p, group)
-        sizes = unequal_blocks(self._block_sizes(group, p))
+        sizes = self._block_sizes(group, p)
         if sizes is None:
             return self._state(p, group)
-        # One matrix per block, its state named "<key>.<b>" (whole: blocked params are not sharded).
-        plain = {**group, "blocks": None}
-        return {f"{key}.{b}": spec._replace(sharded=False)
-                for b, rows in enumerate(sizes) for key, spec in self._state(p.detach()[:rows], plain).items()}
+        unequal = unequal_blocks(sizes)
+        declared = self._state(p, group) if unequal is None else {
+            f"{key}.{b}": spec for b, rows in enumerate(unequal)   # one matrix per block, "<key>.<b>"
+            for key, spec in self._state(p.detach()[:rows], {**group, "blocks": None}).items()}
+        # Not sharded: blocked params are no DTensors, and blocks' state may lack p's dim 0 ((k, m/k, r) moments).
+        return {key: spec._replace(sharded=False) for key, spec in declared.items()}
 
     # -- the step ------------------------------------------------------------------------------
     @torch.compiler.disable
