@@ -231,14 +231,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if not self.is_matrix(group, p):
             return self.fallback.state(p, group)
         sizes = self._block_sizes(group, p)
-        if sizes is None:
-            return self._state(p, group)
         unequal = unequal_blocks(sizes)
         declared = self._state(p, group) if unequal is None else {
             f"{key}.{b}": spec for b, rows in enumerate(unequal)   # one matrix per block, "<key>.<b>"
             for key, spec in self._state(p.detach()[:rows], {**group, "blocks": None}).items()}
         # Not sharded: blocked params are no DTensors, and blocks' state may lack p's dim 0 ((k, m/k, r) moments).
-        return {key: spec._replace(sharded=False) for key, spec in declared.items()}
+        return declared if sizes is None else {key: spec._replace(sharded=False) for key, spec in declared.items()}
 
     # -- the step ------------------------------------------------------------------------------
     @torch.compiler.disable
