@@ -33,6 +33,18 @@ CONTRACT_KWARGS = {
 pytestmark = pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
 #: The tests that exercise state run at every state_precision (matrixopt.precision).
 precisions = pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+#: ... and the tests of checkpoints and skipped steps with every way of storing the weights:
+#: fp32 params, and bf16 params with each master_weights (matrixopt.weights) — None: fp32.
+LEAN = [None, "nearest", "stochastic", "int8", "int16"]
+leans = pytest.mark.parametrize("lean", LEAN, ids=["fp32-params", *LEAN[1:]])
+
+
+def lean_model(lean):
+    return make_model(dtype=torch.float32 if lean is None else torch.bfloat16)
+
+
+def lean_kwargs(lean, precision):
+    return {"state_precision": precision, **({} if lean is None else {"master_weights": lean})}
 
 
 class Tiny(nn.Module):
@@ -111,17 +123,18 @@ def assert_same(a, b):
 
 # -- checkpoints ---------------------------------------------------------------------------------
 
+@leans
 @precisions
-def test_checkpoint_resumes_bit_identically(cls, tmp_path, precision):
-    model = make_model()
-    opt = make_opt(cls, model, state_precision=precision)
+def test_checkpoint_resumes_bit_identically(cls, tmp_path, precision, lean):
+    model = lean_model(lean)
+    opt = make_opt(cls, model, **lean_kwargs(lean, precision))
     train(model, opt, range(3))
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     resumed_model = copy.deepcopy(model)
     train(model, opt, range(3, 9))  # crosses refreshes at steps 3 and 6
 
     torch.manual_seed(12345)  # resuming must not depend on the global RNG's state
-    resumed = make_opt(cls, resumed_model, state_precision=precision)
+    resumed = make_opt(cls, resumed_model, **lean_kwargs(lean, precision))
     resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     train(resumed_model, resumed, range(3, 9))
     assert_same(weights(resumed_model), weights(model))
@@ -294,13 +307,16 @@ NONFINITE = [("wide.weight", float("nan")), ("experts", float("inf")),
              ("conv.weight", -float("inf")), ("tall.bias", float("nan"))]
 
 
+@leans
 @precisions
 @pytest.mark.parametrize("bad,value", NONFINITE, ids=[n for n, _ in NONFINITE])
-def test_nonfinite_grad_is_skipped(cls, bad, value, precision):
-    """The bad param and its state stay bit-identical; the others step exactly as if it had
-    no grad; nonfinite_skips counts; one warning names it, however often it recurs."""
-    model, reference = make_model(), make_model()
-    opt, ref_opt = make_opt(cls, model, state_precision=precision), make_opt(cls, reference, state_precision=precision)
+def test_nonfinite_grad_is_skipped(cls, bad, value, precision, lean):
+    """The bad param and its state (its weight's low bits and rounding counter too) stay
+    bit-identical; the others step exactly as if it had no grad; nonfinite_skips counts; one
+    warning names it, however often it recurs."""
+    model, reference = lean_model(lean), lean_model(lean)
+    opt, ref_opt = make_opt(cls, model, **lean_kwargs(lean, precision)), \
+        make_opt(cls, reference, **lean_kwargs(lean, precision))
     train(model, opt, range(2))
     train(reference, ref_opt, range(2))
     p = dict(model.named_parameters())[bad]
