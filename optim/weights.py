@@ -52,9 +52,9 @@ from .state import State, counter
 
 MODES = ("nearest", "stochastic", "int8", "int16")
 #: The default of every optimizer's ``master_weights``: on ``train --quick`` (five seeds, bf16
-#: autocast, AdamW's lr) bf16 weights rounded to nearest ended 0.5-0.9% above fp32 params for
-#: every optimizer, stochastically rounded ones within 0.09%, at no extra state
-#: (benchmarks/results/lean-weights/lean_weights-cpu2-2026-12-07.md).
+#: autocast) bf16 weights rounded to nearest ended 0.5-0.9% above fp32 params for every
+#: optimizer at AdamW's lr (2.2-2.4% at a tenth of it), stochastically rounded ones within 0.09%
+#: (0.012%), at no extra state (benchmarks/results/lean-weights/).
 DEFAULT_MASTER_WEIGHTS = "stochastic"
 #: The modes that draw random bits (a counter per param), and those that keep low bits.
 ROUNDS, LOW_BITS_DTYPE = ("stochastic", "int8"), {"int8": torch.int8, "int16": torch.int16}
