@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from matrixopt.kernels import newton_schulz, newton_schulz_gram
 from matrixopt.kernels.newton_schulz import GRAM_CROSSOVER, choose_method, gram_restarts
@@ -55,22 +55,25 @@ triples = st.tuples(st.floats(1.0, 4.0), st.floats(-5.0, -0.5), st.floats(0.2, 2
 
 
 def bounded(schedule, limit=2.0):
-    """Whether the composed polynomial keeps every σ in [0, 1] below ``limit`` at every step."""
-    x = np.linspace(0.0, 1.0, 2001)
+    """``schedule`` with each triple scaled down where it would take a σ in [0, 1] (after the
+    steps before it) beyond ``limit``: a bounded schedule by construction, so no drawn input is
+    filtered out (filtering unbounded random schedules out tripped Hypothesis' health check on
+    some seeds)."""
+    x, out = np.linspace(0.0, 1.0, 2001), []
     for a, b, c in schedule:
-        x = a * x + b * x**3 + c * x**5
-        if np.abs(x).max() > limit:
-            return False
-    return True
+        y = a * x + b * x**3 + c * x**5
+        k = min(1.0, limit / max(np.abs(y).max(), 1e-300))
+        out.append((a * k, b * k, c * k))
+        x = k * y
+    return out
 
 
 @settings(max_examples=25, deadline=None)
-@given(schedule=st.lists(triples, min_size=1, max_size=6), batch=st.sampled_from([(), (1,), (3,), (2, 2)]),
-       m=st.integers(1, 24), n=st.integers(1, 24), seed=st.integers(0, 2**16))
+@given(schedule=st.lists(triples, min_size=1, max_size=6).map(bounded),
+       batch=st.sampled_from([(), (1,), (3,), (2, 2)]), m=st.integers(1, 24), n=st.integers(1, 24), seed=st.integers(0, 2**16))
 def test_gram_is_the_same_polynomial_in_float64(schedule, batch, m, n, seed):
-    """Any triples list, batched stacks, tall, wide and square: the Gram method and the
+    """Any bounded triples list, batched stacks, tall, wide and square: the Gram method and the
     standard one agree to ~1e-10, and both equal the SVD-based polynomial."""
-    assume(bounded(schedule))
     X = torch.randn(*batch, m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     gram = newton_schulz(X, schedule, method="gram")
     standard = newton_schulz(X, schedule, method="standard")
