@@ -148,6 +148,12 @@ def tokens(vocab, used, batch=4, seq=17, seed=0):
     return torch.randint(0, used, (batch, seq), generator=g) % vocab
 
 
+def images(batch, size, seed=0):
+    """Seeded images (a batch drawn from the global RNG at import would depend on which tests
+    ran before)."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
 #: name -> (model factory, batch, kind): "lm" next-token, "hf" HF causal LM, "image" classes.
 ZOO = {
     "llama": (lambda: LLaMA(), tokens(64, 40), "lm"),
@@ -157,8 +163,8 @@ ZOO = {
     "hf-gpt2-tied": (hf_gpt2, tokens(300, 300), "hf"),
     "moe-3d-experts": (lambda: MoE(), tokens(64, 40), "lm"),
     "lstm-lm": (lambda: LSTMLM(), tokens(50, 20), "lm"),
-    "vit": (lambda: ViT(), torch.randn(4, 3, 16, 16), "image"),
-    "cnn": (lambda: CNN(), torch.randn(4, 3, 8, 8), "image"),
+    "vit": (lambda: ViT(), images(16, 16), "image"),
+    "cnn": (lambda: CNN(), images(16, 8), "image"),
 }
 
 
