@@ -4,6 +4,7 @@ and the benchmarks' use of matrixopt's public API only (small, writing to tmp_pa
 network blocked). matrixopt's own properties measured with the benchmarks' instruments are in
 tests/test_costs.py, benchmarks/gpu_session.sh's tests in tests/test_gpu_session.py."""
 import ast
+import io
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import matrixopt
 from matrixopt import kernels, ns_schedule
 from matrixopt.kernels import newton_schulz_torch
 from benchmarks import __main__ as cli
-from benchmarks import data, optimizers, step, train
+from benchmarks import corpora, data, optimizers, step, train
 from benchmarks.model import ModelConfig, Transformer, apply_rope, rope_tables
 from benchmarks.train import TrainConfig, lr_factor
 
@@ -810,3 +811,31 @@ def test_benchmarks_use_only_matrixopts_public_api():
     found = {path.name: private_imports(path.read_text())
              for path in sorted(Path(cli.__file__).parent.glob("*.py"))}
     assert not {name: imports for name, imports in found.items() if imports}, found
+
+
+@pytest.mark.parametrize("kind", corpora.KINDS)
+def test_every_corpus_is_utf8_bytes_with_whole_documents_held_out(kind):
+    corpus = corpora.load_corpus(kind, max_bytes=300_000)
+    docs = corpora.documents(kind, max_bytes=300_000)
+    assert corpus.val_plays == sorted(docs)[::10] and not set(corpus.val_plays) & set(corpus.train_plays)
+    for tokens, names in ((corpus.train, corpus.train_plays), (corpus.val, corpus.val_plays)):
+        text = bytes(tokens.tolist()).decode("utf-8")  # bytes, and whole characters
+        assert text == "\n\n".join(docs[n].decode("utf-8") for n in names)
+    assert sum(len(d) for d in docs.values()) - max(len(d) for d in docs.values()) < 300_000
+
+
+def test_structured_corpus_is_valid_csv_and_json_lines_of_the_unicode_database():
+    import csv, unicodedata
+    docs = corpora.documents("structured", max_bytes=100_000)
+    tables = [d.decode() for d in docs.values() if not d.startswith(b"{")]
+    lines = [d.decode() for d in docs.values() if d.startswith(b"{")]
+    assert tables and lines
+    for row in csv.DictReader(io.StringIO(tables[0])):
+        assert unicodedata.lookup(row["name"]) == chr(int(row["code"][2:], 16))
+    for record in map(json.loads, lines[0].splitlines()):
+        assert unicodedata.category(chr(int(record["code"][2:], 16))) == record["category"]
+
+
+def test_unknown_corpus_is_named():
+    with pytest.raises(ValueError, match="'poetry'.*verse"):
+        corpora.load_corpus("poetry")
