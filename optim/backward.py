@@ -15,6 +15,8 @@ import weakref
 
 import torch
 from torch.autograd import Variable
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
 
 from .optimizer import MatrixOptimizer
 from .validation import integer, real
@@ -24,7 +26,8 @@ _ACTIVE: "weakref.WeakSet[MatrixOptimizer]" = weakref.WeakSet()
 
 
 def step_in_backward(optimizer: MatrixOptimizer, *, accumulation_steps: int = 1,
-                     max_grad_norm: float | None = None) -> "StepInBackward":
+                     max_grad_norm: float | None = None,
+                     ddp: DistributedDataParallel | None = None) -> "StepInBackward":
     """Update ``optimizer``'s params inside ``loss.backward()``, each as soon as its gradient
     is final, freeing the gradient; returns a handle whose ``.remove()`` restores ordinary
     ``backward(); step()`` training.
@@ -76,34 +79,48 @@ def step_in_backward(optimizer: MatrixOptimizer, *, accumulation_steps: int = 1,
     ``FloatingPointError`` out of ``backward()`` with ``nonfinite="raise"``, after the params
     updated before it in that pass.
 
-    Not supported, refused: an optimizer with ``distributed="replicated"`` or a
-    ``process_group`` (DDP): the hooks run before DDP averages the gradients, so each rank
-    would update from its own. Do not wrap the model in ``DistributedDataParallel`` either
-    (nothing on a param tells that it is). FSDP2 works (each rank updates its shards after
-    the reduce-scatter, whole-matrix work on owner ranks as in ``step()``) with gradient sync
-    on every backward (FSDP2's default). Checkpoints: ``optimizer.state_dict()`` and
+    DDP: pass the ``DistributedDataParallel`` module as ``ddp``. The handle registers DDP's
+    communication hook (DDP's own all-reduce and mean, ``allreduce_hook``) and, in a window's
+    last pass, updates each DDP bucket's params as soon as its all-reduce completes, from the
+    averaged gradients (views of the bucket), overlapping the updates with the backward of
+    the layers before them: the result equals DDP's ordinary loop. Use DDP's ``no_sync()``
+    for passes 1…k-1 of a window, as in the ordinary accumulation loop. The optimizer must
+    not split its matrix work (no ``distributed="replicated"`` / ``process_group``): the
+    updates run inside DDP's hook, where no other collective may run, so each rank updates
+    every param from the identical averaged gradients. DDP keeps its gradient buckets, so
+    under DDP the handle saves time (the overlap), not the gradients' memory. A comm hook
+    cannot be removed from DDP: after ``remove()`` it is DDP's plain all-reduce. Without
+    ``ddp``, an optimizer with ``distributed="replicated"`` or a ``process_group`` is refused
+    (its hooks would run before DDP averages the gradients). FSDP2 works (each rank updates
+    its shards after the reduce-scatter, whole-matrix work on owner ranks as in ``step()``)
+    with gradient sync on every backward (FSDP2's default). Checkpoints: ``optimizer.state_dict()`` and
     ``load_state_dict`` work as without the handle; save at the end of a window (after pass k),
     since the accumulated gradients of a window in progress live in ``p.grad``. Params added by
     ``add_param_group`` afterwards get no hook: they are updated by the step at the end of
     pass k.
     """
-    return StepInBackward(optimizer, accumulation_steps, max_grad_norm)
+    return StepInBackward(optimizer, accumulation_steps, max_grad_norm, ddp)
 
 
 class StepInBackward:
     """The handle of :func:`step_in_backward`: the hooks and the window's pass count."""
 
-    def __init__(self, optimizer: MatrixOptimizer, accumulation_steps: int, max_grad_norm: float | None):
+    def __init__(self, optimizer: MatrixOptimizer, accumulation_steps: int, max_grad_norm: float | None,
+                 ddp: DistributedDataParallel | None = None):
         if not isinstance(optimizer, MatrixOptimizer):
             raise TypeError(f"step_in_backward needs a matrixopt optimizer, got {type(optimizer).__name__}")
         integer(1)("accumulation_steps", accumulation_steps)
         if max_grad_norm is not None:
             real(0.0, lo_open=True)("max_grad_norm", max_grad_norm)
+        if ddp is not None and not isinstance(ddp, DistributedDataParallel):
+            raise TypeError(f"step_in_backward: ddp must be the DistributedDataParallel module, got {type(ddp).__name__}")
         if optimizer._planner.replicated:
             raise ValueError(f"step_in_backward does not support {type(optimizer).__name__}(distributed="
-                             "'replicated' or process_group=...): its hooks run before DDP averages the "
-                             "gradients, so each rank would update from its own; use FSDP2 (fully_shard) or "
-                             "the ordinary backward(); step() loop")
+                             "'replicated' or process_group=...): " + (
+                                 "under DDP each rank updates every param inside DDP's hook, where the split "
+                                 "work's collectives cannot run; drop distributed=" if ddp is not None else
+                                 "its hooks would run before DDP averages the gradients; pass ddp=<the "
+                                 "DistributedDataParallel module>, use FSDP2, or the ordinary loop"))
         if optimizer in _ACTIVE:
             raise RuntimeError(f"step_in_backward is already active on this {type(optimizer).__name__}; "
                                "remove() its handle first")
@@ -116,12 +133,18 @@ class StepInBackward:
         self._in_step = False       # inside a step() called by the user's or the framework's loop
         self._windows = 0           # windows ended by count since that loop's last step()
         self._mismatch_warned = False
+        self._ddp = ddp
+        self._updated = []          # params a DDP bucket's hook updated in this pass
+        self._where = {p: (gi, i) for gi, group in enumerate(optimizer.param_groups)
+                       for i, p in enumerate(group["params"])}
         self._handles = [optimizer.register_step_pre_hook(self._before_step),
                          optimizer.register_step_post_hook(self._after_step)]
         for gi, group in enumerate(optimizer.param_groups):
             for i, p in enumerate(group["params"]):
                 if p.requires_grad:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._hook(gi, i)))
+        if ddp is not None:
+            ddp.register_comm_hook(None, self._bucket_hook)
         _ACTIVE.add(optimizer)
 
     def remove(self) -> None:
@@ -136,8 +159,8 @@ class StepInBackward:
         # By index: load_state_dict replaces the group dicts.
         def ready(p):
             self._count_pass()
-            if self._passes + 1 < self._accumulation_steps:
-                return   # accumulating: the gradient stays for the next pass
+            if self._passes + 1 < self._accumulation_steps or self._ddp is not None:
+                return   # accumulating (the gradient stays for the next pass), or DDP's hook updates
             with torch.no_grad():
                 self._clip(p)
                 self._optimizer.step_params([(self._optimizer.param_groups[gi], [i])])
@@ -146,14 +169,51 @@ class StepInBackward:
         return ready
 
     def _count_pass(self) -> None:
-        """At a backward's first hook, queue the end of the pass (autograd's final callback)."""
+        """At a backward's first hook, queue the end of the pass (autograd's final callback;
+        under DDP queued again from there, so that it runs after DDP's own, which writes the
+        averaged gradients into ``p.grad``)."""
         task = torch._C._current_graph_task_id()
         if task != self._pass_task:
             self._pass_task = task
-            Variable._execution_engine.queue_callback(self._end_pass)
+            end = self._end_pass if self._ddp is None else lambda: Variable._execution_engine.queue_callback(
+                self._end_pass)
+            Variable._execution_engine.queue_callback(end)
+
+    def _bucket_hook(self, process_group, bucket):
+        """DDP's communication hook: DDP's all-reduce and mean, then, in a window's last pass,
+        the bucket's params updated from the averaged gradients."""
+        reduced = allreduce_hook(process_group, bucket)
+        if not self._handles or self._passes + 1 < self._accumulation_steps:
+            return reduced
+        params, grads = bucket.parameters(), bucket.gradients()
+
+        def update(fut):
+            self._update_from(params, grads)
+            return fut.value()
+
+        return reduced.then(update)
+
+    def _update_from(self, params, grads) -> None:
+        """Update ``params`` (those of the optimizer) from ``grads``, in one step_params call."""
+        mine = [(p, grad) for p, grad in zip(params, grads) if p in self._where]
+        selection = {}
+        with torch.no_grad():
+            for p, grad in mine:
+                p.grad = grad.view_as(p)
+                self._clip(p)
+                gi, i = self._where[p]
+                selection.setdefault(gi, []).append(i)
+            self._optimizer.step_params([(self._optimizer.param_groups[gi], indices)
+                                         for gi, indices in selection.items()])
+        for p, _ in mine:
+            p.grad = None
+            self._updated.append(p)
 
     def _end_pass(self) -> None:
         self._pass_task = None
+        for p in self._updated:   # DDP wrote the averaged gradients back after the update
+            p.grad = None
+        self._updated = []
         self._passes += 1
         if self._passes == self._accumulation_steps:
             self._passes = 0

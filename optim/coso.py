@@ -282,6 +282,8 @@ class CoSOProjector:
     refresh_gives_low = False
     dtype = None   # project_back returns the history's dtype: Π is applied in fp32 (or fp64)
 
+    split_columns = False   # as SVDProjector's
+
     def __init__(self, inner, side: str, h_max: int, sketch_rank: int | None):
         self.inner, self.side, self.h_max, self.sketch_rank = inner, side, h_max, sketch_rank
         self.m, self.n, self.rank = inner.m, inner.n, inner.rank
@@ -293,8 +295,9 @@ class CoSOProjector:
 
     def whole_low(self) -> bool:
         """Whether L and the moments are whole per matrix: GaLore's or Π's projection sums
-        over G's rows, or a single row (:meth:`~matrixopt.projectors.SVDProjector.whole_low`)."""
-        return whole_low(self.left, self.m)
+        over G's rows, or a single row, or split columns
+        (:meth:`~matrixopt.projectors.SVDProjector.whole_low`)."""
+        return whole_low(self.left, self.m) or self.split_columns
 
     def low_shape(self, batch: int):
         return self.inner.low_shape(batch)
@@ -495,7 +498,7 @@ class CoSOAdamW(LowRankAdamW):
 
     # -- the step --------------------------------------------------------------------------------
     def _update(self, group, bucket):
-        proj = self._projector(group, *bucket.shape)
+        proj = self._bucket_projector(group, bucket)
         steps = [s["step"] for s in bucket.states]   # t, before this step counts
         if group["protect"] != "gradients" and 0 in steps:   # a task starts: protect W's top subspace
             self._task_boundary(group, proj, bucket, [t == 0 for t in steps], sketch=False)
@@ -560,7 +563,7 @@ class CoSOAdamW(LowRankAdamW):
             self.fallback.end_task([self.state[p] for p in group["params"]
                                     if not self.is_matrix(group, p) and self.state.get(p)])
         self.for_each_bucket(lambda group, bucket: self._task_boundary(
-            group, self._projector(group, *bucket.shape), bucket, [True] * len(bucket.params), sketch=True))
+            group, self._bucket_projector(group, bucket), bucket, [True] * len(bucket.params), sketch=True))
 
     def _task_boundary(self, group, proj, bucket, active, *, sketch: bool):
         """Fold the sketches (if ``sketch`` and the group keeps one) and the weights (if the

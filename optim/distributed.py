@@ -1,4 +1,5 @@
-"""Matrix work across ranks: FSDP2-sharded (DTensor ``Shard(0)``) and replicated (DDP) params.
+"""Matrix work across ranks: DTensor params on 1-D or 2-D meshes (FSDP2, HSDP, tensor
+parallel, both) and replicated (DDP) params.
 
 Usage (nothing else in the training loop changes)::
 
@@ -6,6 +7,10 @@ Usage (nothing else in the training loop changes)::
         fully_shard(block)                           # which the optimizers detect
     fully_shard(model)
     opt = matrixopt.Muon(matrixopt.param_groups(model), lr=3e-4)
+
+    # the same with torchtitan's layouts: parallelize_module(..., ColwiseParallel /
+    # RowwiseParallel) on a "tp" mesh, then fully_shard on "dp"; or fully_shard on a
+    # (replicate, shard) mesh (HSDP)
 
     ddp = DistributedDataParallel(model)             # DDP: ask for the split explicitly
     opt = matrixopt.Muon(matrixopt.param_groups(model), lr=3e-4, distributed="replicated")
@@ -18,94 +23,167 @@ Every rule routes its whole-matrix work (orthogonalization, QR, projector refres
 through the ``matrix_map`` its step is given (:meth:`matrixopt.plan.Planner.matrix_map`); this
 module runs that work on owner ranks so that each matrix is computed exactly once and the
 results equal the single-process run. Every input says what it is — :class:`Rows` (pieces
-of the param's matrix view, sharded like the param) or :class:`Whole` (a per-matrix value of
+of the param's matrix view, placed like the param) or :class:`Whole` (a per-matrix value of
 another shape, identical on every rank) — and so does every output (:class:`Out`, with its
 per-matrix shape and dtype), so ranks that own no matrix know what they receive.
 
-**FSDP2** (params are DTensors placed ``(Shard(0),)`` on a 1-D mesh; shards may be uneven
-or empty). Element-wise work (momentum, Adam moments, the AdamW fallback) runs on the local
-shards and its state stays local. For the whole-matrix work of a bucket (same-shape params)
-each matrix gets an owner rank, chosen greedily by FLOPs (m·n·min(m, n) per matrix) so the
-ranks' loads stay balanced across all buckets of the step. Then, per input of the work:
+**Layouts.** A DTensor param may be placed ``Shard(d)``, ``Replicate()`` or FSDP2's strided
+shard on each dim of its mesh, as long as each rank's piece is a block of it (a
+:class:`Box`: offsets and sizes per dim; :func:`p_boxes` gives every rank's, from DTensor's
+own layout arithmetic, and :func:`check_placement` refuses the rest by name). FSDP2 gives
+``(Shard(0),)``; HSDP ``(Replicate(), Shard(0))``; a colwise TP weight under FSDP2
+``(_StridedShard(0), Shard(0))``, a rowwise one ``(Shard(0), Shard(1))``. Pieces may be uneven
+or empty. Element-wise work (momentum, Adam moments, the AdamW fallback) runs on the local
+pieces and its state stays local. For the whole-matrix work of a bucket (same-shape params
+of one mesh and placement) each matrix gets an owner rank: one that holds it whole where
+there is one (an expert of a stack sharded on dim 0, a param on one rank, any replica: the
+least loaded of them), else the least loaded rank; loads are FLOPs (m·n·min(m, n) per
+matrix) summed across all buckets of the step. Then, per call of the work:
 
-1. one ``all_to_all_single`` sends every rank's row shards of each matrix to its owner,
-   which concatenates them into the whole matrix (no rank holds more than the matrices it
-   owns);
+1. one ``all_to_all_single`` sends each distinct piece of each matrix (one holder per piece:
+   the owner where it holds it, so replicas send nothing twice) to its owner, for every
+   :class:`Rows` input at once (packed as bytes, whatever their dtypes);
 2. the owner runs the work on the stack of its matrices in one call;
-3. one ``all_to_all_single`` per output returns the rows of each result to the ranks that
-   hold those rows of the param.
+3. one ``all_to_all_single`` returns every output: a Rows result's piece to each rank
+   holding that piece of the param (replicas included; an output of the param's rows but
+   other columns, a right projection's, gets the piece's rows), a Whole one to every rank.
 
-A 3-D param (E, m, n) sharded on dim 0 holds whole expert matrices, so its experts are
-computed where they live, without communication; so is a matrix whose rows all sit on one
-rank. A 1-D param routed to the matrix rule is a (1, n) matrix sharded on its columns; it is
-handled like the row case. All ranks agree on which params have non-finite gradients (one
-small all-reduce per group), so they skip the same params and run the same collectives.
+Where nothing moves (every owner holds its matrices whole and is their only holder) the
+exchange is skipped. All ranks agree on which params have non-finite gradients (one small
+all-reduce per group), so they skip the same params and run the same collectives.
 
 Per-matrix state of another shape than the param (a rotation, a projector, selected
 indices) is kept whole and identical on every rank: such inputs are :class:`Whole`, read from
-the owner's own copy, and such outputs ``Out(..., whole=True)``, all-gathered. In the
-optimizer's ``state_dict`` the state a rule declares sharded (``State(sharded=True)``, see
+the owner's own copy, and such outputs ``Out(..., whole=True)``. In the optimizer's
+``state_dict`` the state a rule declares sharded (``State(sharded=True)``, see
 :mod:`matrixopt.state`) is a DTensor with the param's placement, so
-``torch.distributed.checkpoint`` saves each shard once; whole state is a plain tensor (a
+``torch.distributed.checkpoint`` saves each piece once and loads it on another layout (a
+2×2 FSDP+TP checkpoint resumes on a 4-rank FSDP2 mesh); whole state is a plain tensor (a
 replicated value to DCP).
 
-Low-rank projections between refreshes (GaLore, DCT-AdamW): with G sharded by rows, the
+Low-rank projections between refreshes (GaLore, DCT-AdamW): with G split by rows only, the
 right projection ``G·V_r`` (or ``G·Q[:, I]``) of each row block is that block of the result,
 so the low-rank moments are row-sharded like the param; both compute that projection and
 its back-projection ``L·V_rᵀ`` locally, reading a sharded expert stack's bases (or DCT
-indices) through :func:`matrixopt.matrices.local_matrices`. The left projection ``U_rᵀ·G`` sums over rows: rather than add up
-per-shard partial products (an all-reduce whose summation order would differ from the
-single-process matmul), it is routed through ``matrix_map`` (computed on the owner of the
-whole gradient, the r×n result all-gathered, the moments whole on every rank), and so is
-its back-projection ``U_r·L`` (rows returned to their ranks); so are refreshes (SVD, DCT
-scores) and ARO's rotation. GaLore's randomized refresh draws each matrix's sketch from a
-seed of its own (see :class:`~matrixopt.GaLoreAdamW`), so owners draw what a single process
-would.
+indices) through :func:`matrixopt.matrices.local_matrices`. The left projection ``U_rᵀ·G``
+sums over rows, and a right one over columns that TP splits (``Projector.split_columns``):
+rather than add up per-piece partial products (an all-reduce whose summation order would
+differ from the single-process matmul), such projections go through ``matrix_map``
+(computed on the owner of the whole gradient, the result whole on every rank, and so the
+moments), and so do their back-projections (pieces returned to their ranks); so do
+refreshes (SVD, DCT scores) and ARO's rotation. GaLore's randomized refresh draws each
+matrix's sketch from a seed of its own (see :class:`~matrixopt.GaLoreAdamW`), so owners
+draw what a single process would. int8 state and stochastic rounding place their bits by
+each entry's global index in rows, so a param split beyond its rows (TP's rowwise
+``Shard(1)``) takes ``state_precision="fp32"`` and ``master_weights="nearest"`` (a group of
+its own; refused otherwise).
 
 **Replicated** (``distributed="replicated"``, with ``process_group=`` or the default group;
 DDP keeps params identical on every rank): each rank computes a disjoint, FLOP-balanced
-share of the matrices, and the results are all-gathered. Without it, and without DTensor
-params, the optimizers never call a collective.
+share of the matrices (every rank holds every matrix whole), and the results go to every
+rank. Without it, and without DTensor params, the optimizers never call a collective.
 
 Collectives are gloo-compatible: ``all_to_all_single`` with uneven splits (gloo supports
-it); an all-gather of uneven pieces is an ``all_to_all_single`` whose send buffer repeats
-the rank's piece for every peer, since ``all_gather`` wants pieces of equal size.
+it); sending a result to every rank is an ``all_to_all_single`` whose send buffer repeats
+it for every peer, since ``all_gather`` wants pieces of equal size.
 """
-import bisect
-import itertools
+import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from .ops import Out, Rows, Whole
 
 MODES = (None, "replicated")
 
 
-def check_placement(p: Tensor, name: str) -> None:
-    """Reject DTensor layouts other than FSDP2's (``Shard(0)`` on a 1-D mesh), naming ``p``."""
+class Box(NamedTuple):
+    """The piece of a tensor one rank holds: ``offsets`` and ``sizes`` per dim, global."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def empty(self) -> bool:
+        return 0 in self.sizes
+
+
+def check_placement(p: Tensor, name: str, positional: bool = False) -> None:
+    """Reject DTensor layouts whose pieces are not boxes of the param, naming ``p``: partial
+    sums (gradients, not params), strided shards that interleave rows, and an N-D (N ≥ 4) param
+    split beyond its dim 0 (its (1, d₀, d₁·d₂…) matrix view would interleave the pieces).
+    ``positional``: p's state or weight is stored with bits that follow each entry's global
+    index (int8 blocks of a row, stochastic rounding), which needs each piece to be a range
+    of rows (p split on dim 0 only)."""
     if not isinstance(p, DTensor):
         return
-    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-        raise ValueError(
-            f"{name} is a DTensor placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; "
-            "matrixopt supports FSDP2's (Shard(dim=0),) on a 1-D mesh (tensor-parallel "
-            "Shard(1), 2-D meshes and Replicate placements are not supported)")
+    bad = [q for q in p.placements if not isinstance(q, (Shard, _StridedShard, Replicate))]
+    if bad:
+        raise ValueError(f"{name} is a DTensor placed {tuple(p.placements)}: matrixopt takes params "
+                         f"placed Shard(d), Replicate() or FSDP2's strided shards, not {bad[0]}")
+    boxes = [b for b in set(p_boxes(p)) if not b.empty]
+    if sum(math.prod(b.sizes) for b in boxes) != p.numel() or _overlap(boxes):
+        raise ValueError(f"{name}: the pieces of its placement {tuple(p.placements)} on a mesh of "
+                         f"{tuple(p.device_mesh.shape)} are not contiguous blocks of its {tuple(p.shape)}")
+    beyond_rows = any(b.sizes[1:] != tuple(p.shape[1:]) for b in boxes)
+    if p.ndim >= 4 and beyond_rows:
+        raise ValueError(f"{name} ({p.ndim}-D, placed {tuple(p.placements)}) is split beyond dim 0; "
+                         "an N-D param (N ≥ 4) can be split on its dim 0 only")
+    if positional and beyond_rows:
+        raise ValueError(f"{name} is placed {tuple(p.placements)}, split beyond its rows: its state_precision "
+                         "must be 'fp32' and master_weights 'nearest' (int8 blocks and stochastic rounding "
+                         "follow global positions, which a column split breaks); give it a group of its own")
 
 
-def shard_sizes(size: int, world: int) -> list[int]:
-    """Sizes of the ``Shard(0)`` pieces of a dim of ``size`` on ``world`` ranks (torch.chunk)."""
-    chunk = -(-size // world)
-    return [max(0, min(chunk, size - r * chunk)) for r in range(world)]
+def _overlap(boxes: list[Box]) -> bool:
+    return any(all(a0 < b0 + bs and b0 < a0 + as_ for a0, as_, b0, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes))
+               for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+@functools.lru_cache(maxsize=None)
+def mesh_group(mesh):
+    """The process group of all ranks of ``mesh``: a 1-D mesh's own; for more dims the default
+    group where the mesh spans every process, else the mesh flattened (a named mesh) or a new
+    group of its ranks (made on first use, which every process must reach alike)."""
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.mesh.numel() == dist.get_world_size():
+        return dist.group.WORLD
+    if mesh.mesh_dim_names:
+        return mesh._flatten().get_group()
+    return dist.new_group(sorted(mesh.mesh.flatten().tolist()))
+
+
+def p_boxes(p: DTensor) -> list[Box]:
+    """Per rank of ``mesh_group(p.device_mesh)`` (in its rank order), the piece of p it holds."""
+    return _boxes(tuple(p.shape), p.device_mesh, tuple(p.placements))
+
+
+@functools.lru_cache(maxsize=None)
+def _boxes(shape: tuple, mesh, placements: tuple) -> list[Box]:
+    group = mesh_group(mesh)
+    boxes = []
+    for r in range(dist.get_world_size(group)):
+        coordinate = (mesh.mesh == dist.get_global_rank(group, r)).nonzero()[0].tolist()
+        sizes, offsets = _compute_local_shape_and_global_offset(shape, tuple(mesh.shape), coordinate, placements)
+        boxes.append(Box(tuple(offsets), tuple(sizes)))
+    return boxes
+
+
+def my_box(p: DTensor) -> Box:
+    group = mesh_group(p.device_mesh)
+    return p_boxes(p)[dist.get_rank(group)]
 
 
 def dtensor_like(p: DTensor, local: Tensor, shape: Sequence[int] | None = None) -> DTensor:
-    """``local`` (p's shard, or a shard of a tensor of global ``shape`` split on dim 0 like p)
-    as a DTensor with p's mesh and placement."""
+    """``local`` (p's piece, or a piece of a tensor of global ``shape`` whose dim 0 is p's,
+    p being split on dim 0 only) as a DTensor with p's mesh and placement."""
     shape = torch.Size(p.shape if shape is None else shape)
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
@@ -118,73 +196,76 @@ def agree_finite(finite: Tensor, group) -> Tensor:
     return flags.bool()
 
 
+def _bytes(t: Tensor) -> Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _typed(b: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bytes ``b`` (a slice of a received buffer) as ``dtype`` (copied where misaligned)."""
+    return (b if b.storage_offset() % dtype.itemsize == 0 else b.clone()).view(dtype)
+
+
 class MatrixWork:
     """The owner split of one bucket's whole-matrix work in one step, and its collectives.
 
-    Per param: ``counts`` (matrices in its (B, m, n) view), ``axes`` (the axis of that view
-    that holds the param's dim 0, the one FSDP2 splits; None for replicated params),
-    ``rows`` (global and local sizes of dim 0). ``cost`` is one matrix's FLOPs; ``load``
-    (FLOPs per rank so far this step, shared by all buckets) is updated in place.
+    Per param: ``shapes`` (its (B, m, n) view) and ``boxes`` (per rank of ``group``, the box of
+    that view the rank holds; None: replicated, every rank holds all of it). ``cost`` is one
+    matrix's FLOPs; ``load`` (FLOPs per rank so far this step, shared by all buckets) is
+    updated in place. A matrix some rank holds whole is owned by the least loaded such rank
+    (computed where it lives: an expert of a sharded stack, a param on one rank); one split
+    across ranks by the least loaded rank of all.
     """
 
-    def __init__(self, counts: list[int], axes: list[int | None], rows: list[tuple[int, int]],
-                 cost: int, group, load: list[int]):
+    def __init__(self, shapes: list[tuple[int, int, int]], boxes: list[list[Box] | None], cost: int, group,
+                 load: list[int]):
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.sharded = axes[0] is not None
-        self.counts, self.axes = counts, axes
-        self.splits, self.owners = [], []     # per param
-        for count, axis, (size, local_size) in zip(counts, axes, rows):
-            splits = shard_sizes(size, self.world) if self.sharded else None
-            if self.sharded and local_size != splits[self.rank]:
-                raise ValueError(f"Shard with {local_size} rows on rank {self.rank} is not the "
-                                 f"Shard(0) piece of a dim of {size}")
-            holders = [r for r, k in enumerate(splits) if k] if self.sharded else []
-            ends = list(itertools.accumulate(splits)) if axis == 0 else None   # of each rank's experts
-            owners = []
-            for j in range(count):
-                if axis == 0:             # expert j is a whole matrix: computed where it lives
-                    owner = bisect.bisect_right(ends, j)
-                elif len(holders) == 1:   # one rank holds every row: nothing to move
-                    owner = holders[0]
-                else:                     # the least loaded rank so far this step
-                    owner = min(range(self.world), key=load.__getitem__)
-                owners.append(owner)
+        self.shapes = shapes
+        self.boxes = [b or [Box((0, 0, 0), tuple(s))] * self.world for b, s in zip(boxes, shapes)]
+        self.owners, self.holders, self.pieces = [], [], []   # per param, per matrix
+        for shape, boxes in zip(shapes, self.boxes):
+            owners, holders, pieces = [], [], []
+            for j in range(shape[0]):
+                held = [r for r, b in enumerate(boxes) if not b.empty and b.offsets[0] <= j < b.offsets[0] + b.sizes[0]]
+                whole = [r for r in held if boxes[r].sizes[1:] == tuple(shape[1:])]
+                owner = min(whole or range(self.world), key=load.__getitem__)
                 load[owner] += cost
-            self.splits.append(splits)
+                senders = {}
+                for r in held:   # one sender per distinct piece: the owner where it holds it
+                    if r == owner or boxes[r] not in senders:
+                        senders[boxes[r]] = r
+                owners.append(owner)
+                holders.append(held)
+                pieces.append([] if owner in whole else sorted(senders.values()))
             self.owners.append(owners)
-        self.units = [(i, j) for i, owners in enumerate(self.owners) for j, r in enumerate(owners)
-                      if r == self.rank]
-        self.units_of = [0] * self.world   # matrices each rank owns
-        for owners in self.owners:
-            for r in owners:
-                self.units_of[r] += 1
+            self.holders.append(holders)
+            self.pieces.append(pieces)
+        self.units = [(i, j) for i, owners in enumerate(self.owners) for j, r in enumerate(owners) if r == self.rank]
+        # Whether any input piece moves, and whether any Rows result does (known on every rank).
+        self.gathers = any(senders for pieces in self.pieces for senders in pieces)
+        self.scatters = any(held != [owner] for holders, owners in zip(self.holders, self.owners)
+                            for held, owner in zip(holders, owners))
 
-    def _gathered(self, i: int) -> bool:
-        """Whether param i's matrices are split across ranks (so they move to the owner)."""
-        return self.sharded and self.axes[i] != 0
+    def _local(self, i: int, j: int, tensors: list[Tensor], rank: int | None = None) -> Tensor:
+        """Matrix j of param i as rank ``rank`` (this one) holds it in ``tensors[i]``."""
+        return tensors[i][j - self.boxes[i][self.rank if rank is None else rank].offsets[0]]
 
     # -- the map ---------------------------------------------------------------------------------
     def map(self, fn: Callable, inputs: Sequence[Rows | Whole], outputs: Sequence[Out]) -> tuple[list[Tensor], ...]:
-        """``matrix_map`` on owner ranks; returns per-param lists like the single-process map."""
+        """``matrix_map`` on owner ranks; returns per-param lists like the single-process map:
+        one collective brings every Rows input to the owners, one takes every output back."""
         for inp in inputs:
-            if len(inp.tensors) != len(self.counts):   # else one rank fails while the others wait
+            if len(inp.tensors) != len(self.shapes):   # else one rank fails while the others wait
                 raise ValueError(f"matrix_map: an input holds {len(inp.tensors)} entries for a split of "
-                                 f"{len(self.counts)}; pass entries= for a subset of the bucket")
+                                 f"{len(self.shapes)}; pass entries= for a subset of the bucket")
+        rows = [inp.tensors for inp in inputs if isinstance(inp, Rows)]
+        gathered = iter(self._to_owners(rows))
         stacks = []
         for inp in inputs:
-            whole, tensors = isinstance(inp, Whole), inp.tensors
-            full = None if whole or not self.sharded else self._to_owners(tensors)
-            pieces = []
-            for i, j in self.units:
-                if whole or not self.sharded:
-                    pieces.append(tensors[i][j])
-                elif self._gathered(i):
-                    pieces.append(full[i][0])
-                else:  # an expert this rank holds; j counts the param's experts globally
-                    pieces.append(tensors[i][j - sum(self.splits[i][:self.rank])])
-            stacks.append(torch.stack(pieces) if pieces else None)
-        device = inputs[0].tensors[0].device
+            if isinstance(inp, Whole):
+                stacks.append(torch.stack([inp.tensors[i][j] for i, j in self.units]) if self.units else None)
+            else:
+                stacks.append(next(gathered))
         if self.units:
             out = fn(*stacks)
             outs = out if isinstance(out, tuple) else (out,)
@@ -193,83 +274,112 @@ class MatrixWork:
                     raise ValueError(f"matrix_map: an output of {tuple(o.shape[1:])} {o.dtype} per matrix "
                                      f"was declared {tuple(spec.shape)} {spec.dtype}")
         else:
-            outs = [torch.empty((0, *spec.shape), dtype=spec.dtype, device=device) for spec in outputs]
-        return tuple(self._all_gather(o, spec.shape) if spec.whole or not self.sharded else self._to_shards(o)
-                     for o, spec in zip(outs, outputs))
+            outs = [None] * len(outputs)
+        return self._from_owners(outs, outputs, inputs[0].tensors[0].device)
 
     # -- collectives -------------------------------------------------------------------------------
-    def _piece_shape(self, i: int, rank: int, shape: Sequence[int]) -> list[int]:
-        """Shape of rank ``rank``'s piece of param i's matrix view, given any piece's ``shape``."""
-        shape = list(shape)
-        shape[self.axes[i]] = self.splits[i][rank]
-        return shape
-
-    def _to_owners(self, tensors: list[Tensor]) -> dict[int, Tensor]:
-        """Whole (1, m, n) matrices of the split params this rank owns, from every rank's shard."""
-        split_params = [i for i in range(len(tensors)) if self._gathered(i)]
-        if not split_params:
-            return {}
+    def _to_owners(self, inputs: list[list[Tensor]]) -> list[Tensor | None]:
+        """Per Rows input, the stack of the whole matrices this rank owns, assembled from the
+        pieces their holders send (all inputs in one exchange)."""
+        if not inputs:
+            return []
+        if not self.gathers:   # every owner holds its matrices whole
+            return [torch.stack([self._local(i, j, t) for i, j in self.units]) if self.units else None for t in inputs]
         send = [[] for _ in range(self.world)]
-        for i in split_params:
-            send[self.owners[i][0]].append(tensors[i].reshape(-1))
-        mine = [i for i in split_params if self.owners[i][0] == self.rank]
-        recv_shapes = [[self._piece_shape(i, r, tensors[i].shape) for i in mine] for r in range(self.world)]
-        received = self._exchange(send, [[math.prod(s) for s in shapes] for shapes in recv_shapes],
-                                  tensors[0].dtype, tensors[0].device)
-        return {i: torch.cat([received[r][k].view(recv_shapes[r][k]) for r in range(self.world)],
-                             dim=self.axes[i])
-                for k, i in enumerate(mine)}
-    def _to_shards(self, out: Tensor) -> list[Tensor]:
-        """Per param, this rank's shard of the owners' results (``out`` holds this rank's units)."""
+        for tensors in inputs:
+            for i, pieces in enumerate(self.pieces):
+                for j, senders in enumerate(pieces):
+                    if self.rank in senders:
+                        send[self.owners[i][j]].append(self._local(i, j, tensors))
+        recv = [[] for _ in range(self.world)]
+        for tensors in inputs:
+            for i, j in self.units:
+                for r in self.pieces[i][j]:
+                    recv[r].append((self.boxes[i][r].sizes[1:], tensors[0].dtype))
+        received = self._exchange(send, recv, inputs[0][0].device)
+        stacks = []
+        for tensors in inputs:
+            whole = []
+            for i, j in self.units:
+                if not self.pieces[i][j]:
+                    whole.append(self._local(i, j, tensors))
+                    continue
+                m, n = self.shapes[i][1:]
+                matrix = tensors[0].new_empty((m, n))
+                for r in self.pieces[i][j]:
+                    (_, r0, c0), (_, rs, cs) = self.boxes[i][r]
+                    matrix[r0:r0 + rs, c0:c0 + cs] = next(received[r])
+                whole.append(matrix)
+            stacks.append(torch.stack(whole) if whole else None)
+        return stacks
+
+    def _piece(self, i: int, rank: int, spec: Out) -> tuple[slice, slice]:
+        """The rows and columns of a per-matrix Rows output ``spec`` that ``rank`` holds: the
+        box's rows, and its columns where the output has the matrix's."""
+        (_, r0, c0), (_, rs, cs) = self.boxes[i][rank]
+        n = self.shapes[i][2]
+        return slice(r0, r0 + rs), slice(c0, c0 + cs) if spec.shape[1] == n else slice(None)
+
+    def _from_owners(self, outs: list, outputs: Sequence[Out], device) -> tuple[list[Tensor], ...]:
+        """Every output back in one exchange: Whole ones to every rank, Rows ones to the ranks
+        holding those rows (replicas included)."""
+        if not self.scatters and not any(spec.whole for spec in outputs):   # each result where it lives
+            return tuple([self._kept(i, out, spec, device) for i in range(len(self.shapes))]
+                         for out, spec in zip(outs, outputs))
         send = [[] for _ in range(self.world)]
-        local = {}
-        for (i, j), o in zip(self.units, out):
-            if self._gathered(i):
-                for r, piece in enumerate(o.unsqueeze(0).split(self.splits[i], dim=self.axes[i])):
-                    send[r].append(piece.reshape(-1))
-            else:
-                local.setdefault(i, []).append(o)
-        shapes = {i: self._piece_shape(i, self.rank, (1, *out.shape[1:])) for i in range(len(self.counts))
-                  if self._gathered(i)}
-        recv_sizes = [[] for _ in range(self.world)]
-        for i, shape in shapes.items():
-            recv_sizes[self.owners[i][0]].append(math.prod(shape))
-        received = self._exchange(send, recv_sizes, out.dtype, out.device) if shapes else None
-        taken = [0] * self.world
+        for out, spec in zip(outs, outputs):
+            for (i, j), o in zip(self.units, out if out is not None else []):
+                for r in range(self.world) if spec.whole else self.holders[i][j]:
+                    send[r].append(o if spec.whole else o[self._piece(i, r, spec)])
+        recv = [[] for _ in range(self.world)]
+        for spec in outputs:
+            for i, owners in enumerate(self.owners):
+                for j, r in enumerate(owners):
+                    if spec.whole:
+                        recv[r].append((tuple(spec.shape), spec.dtype))
+                    elif self.rank in self.holders[i][j]:
+                        rows, cols = self._piece(i, self.rank, spec)
+                        shape = torch.empty(spec.shape, device="meta")[rows, cols].shape
+                        recv[r].append((tuple(shape), spec.dtype))
+        received = self._exchange(send, recv, device)
         results = []
-        for i in range(len(self.counts)):
-            if i in shapes:
-                r = self.owners[i][0]
-                results.append(received[r][taken[r]].view(shapes[i]))
-                taken[r] += 1
-            else:
-                held = local.get(i, [])
-                results.append(torch.stack(held) if held else out.new_empty((0, *out.shape[1:])))
-        return results
+        for spec in outputs:
+            per_param = []
+            for i, owners in enumerate(self.owners):
+                mine = [next(received[r]) for j, r in enumerate(owners)
+                        if spec.whole or self.rank in self.holders[i][j]]
+                per_param.append(torch.stack(mine) if mine else self._nothing(i, spec, device))
+            results.append(per_param)
+        return tuple(results)
 
-    def _all_gather(self, out: Tensor, shape: tuple) -> list[Tensor]:
-        """Every unit's result on every rank, as per-param stacks (B_i, *shape)."""
-        numel = math.prod(shape)
-        flat = out.reshape(-1)
-        received = self._exchange([[flat]] * self.world,
-                                  [[numel] * self.units_of[r] for r in range(self.world)],
-                                  out.dtype, out.device)
-        taken = [0] * self.world
-        results = []
-        for owners in self.owners:
-            rows = []
-            for r in owners:
-                rows.append(received[r][taken[r]].view(shape))
-                taken[r] += 1
-            results.append(torch.stack(rows) if rows else out.new_empty((0, *shape)))
-        return results
+    def _kept(self, i: int, out: Tensor | None, spec: Out, device) -> Tensor:
+        """Param i's results from this rank's own ``out`` (each of its matrices' only holder)."""
+        mine = [o for (k, _), o in zip(self.units, out if out is not None else []) if k == i]
+        return torch.stack(mine) if mine else self._nothing(i, spec, device)
 
-    def _exchange(self, send: list[list[Tensor]], recv_sizes: list[list[int]], dtype, device):
-        """One all_to_all_single: ``send[r]`` (flat pieces) to rank r; returns ``recv[r]`` pieces."""
-        flat = [t.to(dtype) for pieces in send for t in pieces]
-        inp = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
-        out = torch.empty(sum(map(sum, recv_sizes)), dtype=dtype, device=device)
-        dist.all_to_all_single(out, inp.contiguous(), [sum(s) for s in recv_sizes],
-                               [sum(t.numel() for t in pieces) for pieces in send], group=self.group)
-        chunks = out.split([sum(s) for s in recv_sizes])
-        return [list(chunk.split(sizes)) for chunk, sizes in zip(chunks, recv_sizes)]
+    def _nothing(self, i: int, spec: Out, device) -> Tensor:
+        """Param i's results on a rank holding none of its entries (an empty piece: (1, 0, n) of
+        a matrix, (0, m, n) of an expert stack)."""
+        count = 0 if spec.whole else self.boxes[i][self.rank].sizes[0]
+        shape = tuple(spec.shape) if spec.whole else tuple(self._local_shape(i, spec))
+        return torch.empty((count, *shape), dtype=spec.dtype, device=device)
+
+    def _local_shape(self, i: int, spec: Out) -> torch.Size:
+        rows, cols = self._piece(i, self.rank, spec)
+        return torch.empty(spec.shape, device="meta")[rows, cols].shape
+
+    def _exchange(self, send: list[list[Tensor]], recv: list[list[tuple]], device) -> list:
+        """One all_to_all_single of bytes: ``send[r]`` (tensors of any dtype) to rank r;
+        ``recv[r]``: (shape, dtype) of each tensor rank r sends here. Returns per rank an
+        iterator over the received tensors, in order."""
+        sizes = [[math.prod(shape) * dtype.itemsize for shape, dtype in pieces] for pieces in recv]
+        flat = [_bytes(t) for pieces in send for t in pieces]
+        inp = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8, device=device)
+        out = torch.empty(sum(map(sum, sizes)), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(out, inp, [sum(s) for s in sizes],
+                               [sum(t.numel() * t.element_size() for t in pieces) for pieces in send], group=self.group)
+        received = []
+        for chunk, pieces, nbytes in zip(out.split([sum(s) for s in sizes]), recv, sizes):
+            received.append(iter([_typed(b, dtype).view(shape)
+                                  for b, (shape, dtype) in zip(chunk.split(nbytes), pieces)]))
+        return received

@@ -43,7 +43,7 @@ from torch import Tensor
 from matrixopt.kernels import host
 
 from .batching import LOWRANK
-from .matrices import local_matrices
+from .matrices import local_matrices, splits_columns
 from .ops import Out, Rows, Whole, apply_update, stacked_call
 from .optimizer import MatrixOptimizer
 from .plan import Bucket
@@ -273,16 +273,23 @@ class LowRankAdamW(MatrixOptimizer):
         super().__init__(params, defaults, fallback=fallback, distributed=distributed,
                          process_group=process_group, state_precision=state_precision, master_weights=master_weights)
 
-    def _projector(self, group, m: int, n: int) -> Projector:
+    def _projector(self, group, m: int, n: int, split_columns: bool = False) -> Projector:
+        """The projector of m×n matrices of ``group``; ``split_columns``: of a param whose
+        columns ranks split (:func:`~matrixopt.matrices.splits_columns`), so that every
+        projection is whole per matrix (``Projector.whole_low``)."""
         settings = tuple(group[k] for k in self._projector_keys)
-        key = (m, n, settings)
+        key = (m, n, settings, split_columns)
         if key not in self._projectors:
             self._projectors[key] = self._make_projector(m, n, **dict(zip(self._projector_keys, settings)))
+            self._projectors[key].split_columns = split_columns
         return self._projectors[key]
+
+    def _bucket_projector(self, group, bucket) -> Projector:
+        return self._projector(group, *bucket.shape, bucket.split_columns)
 
     def _state(self, p, group):
         B, m, n = self._shape(group, p)
-        proj = self._projector(group, m, n)
+        proj = self._projector(group, m, n, splits_columns(p))
         batched = p.ndim == 3 or group.get("blocks") is not None
         low = stored_shape(proj.low_shape(B), batched)
         moment = State(low, AT_LEAST_FP32, sharded=not proj.whole_low(), role=MOMENT)
@@ -297,11 +304,11 @@ class LowRankAdamW(MatrixOptimizer):
         bucket are held until the check has passed: the size of one moment in all."""
         lows = [None] * len(bucket.params)
         project_into(lows, [i for i, s in enumerate(bucket.states) if s["step"] % group["update_proj_gap"]],
-                     self._projector(group, *bucket.shape), bucket)
+                     self._bucket_projector(group, bucket), bucket)
         return [g if low is None else low for g, low in zip(bucket.grads, lows)], lows
 
     def _update(self, group, bucket):
-        proj = self._projector(group, *bucket.shape)
+        proj = self._bucket_projector(group, bucket)
         states = bucket.states
         lows = list(bucket.prepared or [None] * len(bucket.params))
         due = [i for i, s in enumerate(states) if s["step"] % group["update_proj_gap"] == 0]

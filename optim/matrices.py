@@ -6,14 +6,15 @@
 - A group's ``blocks`` splits each matrix's rows into blocks, each a matrix of its own:
   k equal blocks are a free (B·k, m/k, n) view; blocks of unequal sizes are separate
   matrices (their state is kept per block).
-- Under FSDP2 a param is a DTensor sharded on dim 0; a rank updates its local rows.
+- A DTensor param (FSDP2, HSDP, tensor parallel) is updated through its local piece, a box of
+  it (:func:`matrixopt.distributed.p_boxes`).
 """
 import math
 
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from .distributed import shard_sizes
+from .distributed import Box, my_box, p_boxes
 
 
 def matrix_shape(t: Tensor, blocks: int | None = None) -> tuple[int, int, int]:
@@ -34,9 +35,21 @@ def matrix_shape(t: Tensor, blocks: int | None = None) -> tuple[int, int, int]:
     return B * k, m // k, n
 
 
-def sharded_axis(t: Tensor) -> int:
-    """The axis of ``t``'s (B, m, n) view that holds t's dim 0, the one FSDP2 splits."""
-    return {1: 2, 3: 0}.get(t.ndim, 1)
+def view_boxes(p: Tensor) -> list[Box] | None:
+    """Per rank, the box of ``p``'s (B, m, n) view (see :func:`matrix_shape`) it holds (None:
+    a plain tensor, the same whole on every rank)."""
+    if not isinstance(p, DTensor):
+        return None
+    boxes = []
+    for (offsets, sizes) in p_boxes(p):
+        if p.ndim == 1:
+            offsets, sizes = (0, 0, offsets[0]), (1, 1, sizes[0])
+        elif p.ndim == 2:
+            offsets, sizes = (0, *offsets), (1, *sizes)
+        elif p.ndim > 3:   # split on dim 0 only (check_placement)
+            offsets, sizes = (0, offsets[0], 0), (1, sizes[0], math.prod(p.shape[1:]))
+        boxes.append(Box(tuple(offsets), tuple(sizes)))
+    return boxes
 
 
 def as_matrices(t: Tensor, blocks: int | None = None) -> Tensor:
@@ -84,19 +97,23 @@ def rows_of(t: Tensor, rows: slice | None) -> Tensor:
 
 
 def first_row(p: Tensor) -> int:
-    """The global index of the first row of this rank's shard of ``p`` (0 for a plain tensor)."""
-    if not isinstance(p, DTensor):
-        return 0
-    return sum(shard_sizes(p.shape[0], p.device_mesh.size())[:p.device_mesh.get_local_rank()])
+    """The global index of the first row of this rank's piece of ``p`` (0 for a plain tensor)."""
+    return my_box(p).offsets[0] if isinstance(p, DTensor) else 0
+
+
+def splits_columns(p: Tensor) -> bool:
+    """Whether some rank holds only part of the columns of ``p``'s (B, m, n) view (its last
+    dim; a 1-D param's only one): a right projection G·V then sums over ranks."""
+    return isinstance(p, DTensor) and any(b.sizes[-1] != p.shape[-1] for b in p_boxes(p) if not b.empty)
 
 
 def local_matrices(p: Tensor, values: Tensor) -> Tensor:
     """The entries of per-matrix values ``values`` (B, ...) (kept whole on every rank) for the
-    matrices this rank holds rows of: a sharded 3-D param's own experts, else all B."""
-    if not isinstance(p, DTensor) or sharded_axis(p) != 0:
+    matrices this rank holds part of: a split 3-D param's own experts, else all B."""
+    if not isinstance(p, DTensor) or p.ndim != 3:
         return values
-    sizes = shard_sizes(p.shape[0], p.device_mesh.size())
-    return values.narrow(0, first_row(p), sizes[p.device_mesh.get_local_rank()])
+    box = my_box(p)
+    return values.narrow(0, box.offsets[0], box.sizes[0])
 
 
 def resolve_rank(rank: int | float, m: int, n: int) -> int:

@@ -158,13 +158,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
             choice(None, True, False)("matrix", group["matrix"])
         routing.check_record(group)
         for i, p in enumerate(group["params"]):
+            name = self._param_name(group, i)
             if p.is_complex():
-                raise ValueError(f"{type(self).__name__} does not support complex parameters: "
-                                 f"{self._param_name(group, i)} is {p.dtype}")
-            check_placement(p, self._param_name(group, i))
-            weights.check(self._param_name(group, i), p, group)
+                raise ValueError(f"{type(self).__name__} does not support complex parameters: {name} is {p.dtype}")
+            check_placement(p, name, group.get("state_precision", "fp32") != "fp32" or weights.mode_of(group, p) is not None)
+            weights.check(name, p, group)
             if group.get("blocks") is not None and self.is_matrix(group, p, i):
-                block_sizes(self._param_name(group, i), group["blocks"], p)
+                block_sizes(name, group["blocks"], p)
 
     # -- naming and routing --------------------------------------------------------------------
     def _param_name(self, group: dict, index: int) -> str:

@@ -16,9 +16,9 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from .batching import agree, stack_limit
-from .distributed import MatrixWork
-from .matrices import (as_matrices, block_sizes, equal_blocks, first_row, local, matrix_shape, sharded_axis,
-                       unequal_blocks)
+from .distributed import MatrixWork, mesh_group
+from .matrices import (as_matrices, block_sizes, equal_blocks, first_row, local, matrix_shape, splits_columns,
+                       unequal_blocks, view_boxes)
 from .ops import local_map
 from .routing import KEY as ROUTED
 from .routing import routed
@@ -114,6 +114,8 @@ class Bucket(NamedTuple):
     (:attr:`MatrixOptimizer.unbatched_elements`); a larger one has a bucket of its own.
     ``prepared``: per entry, what the rule's ``_prepare`` computed before the non-finite
     check (None: nothing).
+    ``split_columns``: whether ranks split the matrices' columns (tensor-parallel
+    ``Shard(1)``: a right projection G·V then sums over ranks).
     """
     params: list
     weights: list
@@ -129,6 +131,7 @@ class Bucket(NamedTuple):
     counts: list[int]
     stack: bool = True
     prepared: list | None = None
+    split_columns: bool = False
 
 
 class Limits(NamedTuple):
@@ -195,7 +198,7 @@ class Planner:
         layout = self.layout(group)
         buckets = defaultdict(list)
         for p in params:
-            key = (working_dtype(group, p), p.device, getattr(p, "device_mesh", None))
+            key = (working_dtype(group, p), p.device, getattr(p, "device_mesh", None), getattr(p, "placements", None))
             shape = layout.of(p)
             if shape.row_blocks is None:
                 _, m, n = shape.shape
@@ -254,7 +257,8 @@ class Planner:
         return Bucket(params, weights, grad_views, None, (m, n), isinstance(params[0], DTensor),
                       process_group is not None, self.matrix_map(params, shapes, loads, process_group),
                       [b for _, b in items], group_index, self.layout(group).places(params), [s[0] for s in shapes],
-                      self.stacks(m, n, params[0], working_dtype(group, params[0]), limits, process_group))
+                      self.stacks(m, n, params[0], working_dtype(group, params[0]), limits, process_group),
+                      split_columns=splits_columns(params[0]))
 
     def stacks(self, m: int, n: int, p: Tensor, dtype: torch.dtype, limits: Limits, process_group) -> bool:
         """Whether m×n matrices of params like ``p`` (device, process group), worked on in
@@ -292,15 +296,13 @@ class Planner:
         matrix work per rank so far this step)."""
         if process_group is None:
             return local_map
-        sharded = isinstance(params[0], DTensor)
         _, m, n = shapes[0]
         load = loads.setdefault(process_group, [0] * torch.distributed.get_world_size(process_group))
+        boxes = [view_boxes(p) for p in params]
 
         def work(entries) -> MatrixWork:
-            return MatrixWork([shapes[i][0] for i in entries],
-                              [sharded_axis(params[i]) if sharded else None for i in entries],
-                              [(params[i].shape[0], local(params[i]).shape[0]) for i in entries],
-                              m * n * min(m, n), process_group, load)
+            return MatrixWork([shapes[i] for i in entries], [boxes[i] for i in entries], m * n * min(m, n),
+                              process_group, load)
 
         whole = work(range(len(params)))
 
@@ -319,7 +321,7 @@ def group_of(params, replicated_group):
     replicated group), or None (single process)."""
     for p in params:
         if isinstance(p, DTensor):
-            return p.device_mesh.get_group()
+            return mesh_group(p.device_mesh)
     return replicated_group
 
 

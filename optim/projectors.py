@@ -93,6 +93,7 @@ class SVDProjector:
         self.randomized = svd == "randomized"
 
     refresh_gives_low = False
+    split_columns = False   # set by the rule for params whose columns ranks split (tensor parallel)
 
     def whole_low(self) -> bool:
         """Whether the low-rank gradient and moments are whole per matrix, rather than having
@@ -104,9 +105,11 @@ class SVDProjector:
         either layout would be exact; whole is the one that needs only the projector, and it
         is what GaLore's right-projected (1, n) rows (``proj_type="reverse_std"``) have always
         stored. DCT projects a single row on its left side unless n == 1 too, so for DCT this
-        differs from "left side only" just for 1×1 matrices.
+        differs from "left side only" just for 1×1 matrices. And so is every projection of a
+        param whose columns are split across ranks (``split_columns``: tensor-parallel
+        ``Shard(1)``), where G·V sums over ranks too.
         """
-        return whole_low(self.left, self.m)
+        return whole_low(self.left, self.m) or self.split_columns
 
     def low_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of the projected gradient of a (batch, m, n) stack."""
@@ -233,6 +236,8 @@ class DCTProjector:
     randomized = False
     refresh_gives_low = True
 
+    split_columns = False   # as SVDProjector's
+
     def __init__(self, rank: int, m: int, n: int, score_norm: int = 1, method: str = "auto",
                  dtype: torch.dtype | None = None):
         self.rank, self.m, self.n = rank, m, n
@@ -242,8 +247,8 @@ class DCTProjector:
         self.score_norm, self.method, self.dtype = score_norm, method, dtype
 
     def whole_low(self) -> bool:
-        """As :meth:`SVDProjector.whole_low`: a left projection, or a single row."""
-        return whole_low(self.left, self.m)
+        """As :meth:`SVDProjector.whole_low`: a left projection, a single row, split columns."""
+        return whole_low(self.left, self.m) or self.split_columns
 
     def low_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of the projected gradient of a (batch, m, n) stack."""

@@ -57,6 +57,9 @@ class Projector(Protocol):
     randomized: bool
     refresh_gives_low: bool
     dtype: torch.dtype | None
+    #: Set by the rule (after making the projector) for params whose columns ranks split
+    #: (tensor parallel); ``whole_low`` must then be True.
+    split_columns: bool
 
     def whole_low(self) -> bool:
         """Whether the low-rank gradient and moments are whole per matrix (identical on every

@@ -38,8 +38,10 @@ class State(NamedTuple):
 
     ``shape``: the global shape as stored (``None``: a Python int counter, e.g. Adam's step).
     ``dtype``: a torch dtype, :data:`PARAM_DTYPE` or :data:`AT_LEAST_FP32`.
-    ``sharded``: element-wise state split like the param on dim 0 under FSDP2 (its dim 0 is
-    the param's); else whole per matrix, identical on every rank.
+    ``sharded``: element-wise state split like a DTensor param: of the param's shape, the
+    param's piece on each rank (any placement); of another shape whose dim 0 is the param's,
+    the param's rows (the param split on dim 0 only); else whole per matrix, identical on
+    every rank.
     ``init``: ``init(shape, dtype, device)`` gives the initial value (None: zeros).
     ``role``: what the state is, for ``state_precision`` (:mod:`matrixopt.precision`):
     ``"moment"`` (a signed moment: a momentum, Adam's M), ``"second_moment"`` (a
@@ -60,11 +62,14 @@ class State(NamedTuple):
         return self.dtype
 
     def create(self, p: Tensor):
-        """The initial value for param ``p`` (its local rows, for sharded state)."""
+        """The initial value for param ``p`` (for sharded state: p's local piece, or for
+        another shape with p's dim 0, p's local rows)."""
         if self.shape is None:
             return 0
         shard = local(p)
-        shape = (shard.shape[0], *self.shape[1:]) if self.sharded and self.shape else tuple(self.shape)
+        shape = tuple(self.shape)
+        if self.sharded and self.shape:
+            shape = tuple(shard.shape) if shape == tuple(p.shape) else (shard.shape[0], *shape[1:])
         dtype = self.dtype_for(p)
         if self.init is None:
             return torch.zeros(shape, dtype=dtype, device=shard.device)

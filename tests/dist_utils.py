@@ -21,8 +21,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, port: int, fn, args):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _entry(rank: int, port: int, world: int, fn, args):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         fn(rank, *args)
@@ -30,9 +30,9 @@ def _entry(rank: int, port: int, fn, args):
         dist.destroy_process_group()
 
 
-def spawn(fn, *args) -> None:
-    """Run ``fn(rank, *args)`` on WORLD gloo ranks; a failure on any rank raises here."""
-    mp.spawn(_entry, args=(free_port(), fn, args), nprocs=WORLD, join=True)
+def spawn(fn, *args, world: int = WORLD) -> None:
+    """Run ``fn(rank, *args)`` on ``world`` gloo ranks; a failure on any rank raises here."""
+    mp.spawn(_entry, args=(free_port(), world, fn, args), nprocs=world, join=True)
 
 
 # -- the model ------------------------------------------------------------------------------------

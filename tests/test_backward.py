@@ -541,3 +541,61 @@ def _fsdp_worker(rank, checkpoint_dir):
 
 def test_fsdp2_equals_the_ordinary_fsdp2_loop(tmp_path):
     spawn(_fsdp_worker, str(tmp_path / "dcp"))
+
+
+# -- DDP -------------------------------------------------------------------------------------
+
+def _ddp_run(case, batches, k, handle):
+    """DDP (each rank its own batches, so the gradients are averaged) trained by the ordinary
+    loop (``no_sync`` in passes 1…k-1, DDP's all-reduce hook) or the in-backward one."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model(), bucket_cap_mb=0.002)   # several buckets for this small model
+    opt = make_optimizer(case, ddp.module)
+    if handle:
+        matrixopt.step_in_backward(opt, accumulation_steps=k, ddp=ddp)
+        opt.updates = []   # per step_params call, the params it found with a gradient
+        step_params = opt.step_params
+        opt.step_params = lambda selection: (
+            opt.updates.append(sum(g["params"][i].grad is not None for g, idx in selection for i in idx)),
+            step_params(selection))
+    else:
+        ddp.register_comm_hook(None, allreduce_hook)
+    for w in range(len(batches) // k):
+        if not handle:
+            opt.zero_grad()
+        for j, tokens in enumerate(batches[w * k:(w + 1) * k]):
+            if j < k - 1:
+                with ddp.no_sync():
+                    (loss_of(ddp, tokens) / k).backward()
+            else:
+                (loss_of(ddp, tokens) / k).backward()
+        if not handle:
+            opt.step()
+    return ddp.module, opt
+
+
+def _ddp_worker(rank):
+    g = torch.Generator().manual_seed(rank)
+    batches = [torch.randint(0, 11, (8, 7), generator=g) for _ in range(6)]
+    for case in FSDP_CASES:
+        for k in ([1, 3] if case in ("Muon", "GaLoreAdamW") else [1]):
+            want = full_params(_ddp_run(case, batches[:2 * k], k, False)[0])
+            got, opt = _ddp_run(case, batches[:2 * k], k, True)
+            assert all(p.grad is None for p in got.parameters())
+            # Per window: one call per DDP bucket inside backward updates them all, the
+            # window's own step() finds nothing left.
+            calls = [n for n in opt.updates if n]
+            assert len(calls) > 2 and sum(calls) == 2 * len(list(got.parameters())), opt.updates
+            try:
+                assert_params_close(full_params(got), want, rtol=1e-6)
+            except AssertionError as e:
+                raise AssertionError(f"{case}, accumulation_steps={k}, rank {rank}: {e}") from e
+    with pytest.raises(ValueError, match="under DDP each rank updates every param"):
+        ddp = torch.nn.parallel.DistributedDataParallel(model())
+        matrixopt.step_in_backward(make_optimizer("Muon", ddp.module, distributed="replicated"), ddp=ddp)
+
+
+def test_ddp_updates_each_bucket_after_its_all_reduce_as_the_ordinary_ddp_loop():
+    spawn(_ddp_worker)

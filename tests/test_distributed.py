@@ -6,7 +6,8 @@ DDP with distributed="replicated" and under FSDP2 (fully_shard per block + root;
 split unevenly, an empty shard, 3-D experts) 5 steps end at the single-process params, with
 the matrix work done once and split by FLOPs; a torch.distributed.checkpoint save → load →
 continue equals the uninterrupted run; a NaN in one rank's gradient shard skips the param on
-every rank; unsupported DTensor layouts are refused by name. All of it again with
+every rank; DTensor layouts whose pieces are not blocks are refused by name (2-D meshes:
+tests/test_meshes.py). All of it again with
 ``state_precision="int8"`` for every optimizer (int8 codes and scales sharded like the param,
 saved by DCP as DTensors), and with "bf16" for Muon and GaLoreAdamW (stochastic rounding
 seeded by global position, so a shard rounds as the single process does, and the fallback's
@@ -20,7 +21,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.nn.parallel import DistributedDataParallel
 
 import matrixopt
@@ -194,16 +196,22 @@ def _check_checkpoint(case, data, checkpoint_dir, dtype, **kwargs):
 
 
 def _check_layouts(case):
-    """Layouts other than FSDP2's are refused, naming the param and the placement."""
+    """Placements whose pieces are not blocks of the param, partial sums, and a column split
+    under int8 state are refused, naming the param and the placement."""
     cls = getattr(matrixopt, CASES[case][0])
     mesh = init_device_mesh("cpu", (WORLD,))
     column = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
-    with pytest.raises(ValueError, match=r"tp\.weight .*Shard\(dim=1\)"):
-        cls([("tp.weight", column)])
-    mesh_2d = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp"))
-    hybrid = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh_2d, [Replicate(), Shard(0)]))
-    with pytest.raises(ValueError, match=r"hsdp\.weight .*2-D mesh"):
-        cls([("hsdp.weight", hybrid)])
+    cls([("tp.weight", column)])   # fp32 state: any placement
+    with pytest.raises(ValueError, match=r"tp\.weight .*Shard\(dim=1\).*state_precision"):
+        cls([("tp.weight", column)], state_precision="int8")
+    partial = torch.nn.Parameter(DTensor.from_local(torch.randn(4, 6), mesh, [Partial()]))
+    with pytest.raises(ValueError, match=r"sum\.weight .*Partial"):
+        cls([("sum.weight", partial)])
+    mesh_2d = init_device_mesh("cpu", (1, WORLD))
+    strided = DTensor.from_local(torch.randn(2, 6), mesh_2d, [Shard(0), _StridedShard(0, split_factor=2)],
+                                 shape=(4, 6), stride=(6, 1))
+    with pytest.raises(ValueError, match=r"strided\.weight.*not contiguous blocks"):
+        cls([("strided.weight", torch.nn.Parameter(strided))])
 
 
 def test_fsdp_ddp_and_checkpoint_match_single_process(tmp_path):
