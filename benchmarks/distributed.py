@@ -21,8 +21,9 @@ embedding rowwise, the head colwise, then ``fully_shard`` on dp) and ``hsdp`` (`
 on a (replicate, shard) mesh). Per optimizer and layout: the ``matrix_map`` calls of a step
 (the whole-matrix work of a bucket: each is one gather of its inputs to the owners and one
 return of its outputs), the collectives the step called (all kinds, the non-finite
-agreement's all-reduce included), their bytes and time, and the step's time (the slowest
-rank's; medians over steps). A layout the code refuses is reported as such.
+agreement's all-reduce included; ``all_to_all_per_map``: 2 is one exchange to the owners and
+one back), the bytes this rank sent, the time in collectives and the step's time (the
+slowest rank's; medians over steps). A layout the code refuses is reported as such.
 
     python -m benchmarks.distributed --quick     # CPU, gloo; writes benchmarks/results/distributed-*
     python -m benchmarks.distributed --quick --layouts --out benchmarks/results/meshes
@@ -170,7 +171,8 @@ class Counted:
     def _counting(self, name, fn):
         def counting(*args, **kwargs):
             self.calls[name] += 1
-            self.bytes += sum(a.numel() * a.element_size() for a in args[:2] if torch.is_tensor(a))
+            sent = args[1] if name == "all_to_all_single" else args[0]   # the input buffer
+            self.bytes += sent.numel() * sent.element_size() if torch.is_tensor(sent) else 0
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -211,8 +213,8 @@ def _layout_row(name: str, layout: str, cfg: ModelConfig, world: int, steps: int
     first = per_step[0][0]
     return {"optimizer": name, "layout": layout, "matrix_maps": first.maps,
             "collectives": sum(first.calls.values()), "all_to_all": first.calls["all_to_all_single"],
-            "all_reduce": first.calls["all_reduce"], "collectives_per_map": sum(first.calls.values()) / max(1, first.maps),
-            "kB": first.bytes / 1e3, "collective_ms": 1e3 * statistics.median(c.seconds for c, _ in per_step),
+            "all_reduce": first.calls["all_reduce"], "all_to_all_per_map": first.calls["all_to_all_single"] / max(1, first.maps),
+            "sent_kB": first.bytes / 1e3, "collective_ms": 1e3 * statistics.median(c.seconds for c, _ in per_step),
             "step_ms": 1e3 * statistics.median(t for _, t in per_step)}
 
 
