@@ -14,9 +14,10 @@ own: their pieces are not ranges of rows, which int8 blocks need, see
 ``check_placement``), 4 steps on the single-process run's gradients (see :func:`replay`):
 the params equal the single-process run's within 1e-5, with one step of one param skipped
 for a NaN on one rank only; a ``torch.distributed.checkpoint`` saved on the 2×2 FSDP+TP
-layout after 2 steps loads on a 4×1 FSDP2 mesh and on HSDP, every state tensor equal to
-the saved one, and the run goes on to the reference. And real FSDP+TP training (its own
-forward and backward) of Muon ends within 1e-5 of the single process.
+layout after 2 steps loads on a 4×1 FSDP2 mesh, on HSDP and in one process without a process
+group, every state tensor equal to the saved one, and the run goes on to the reference. And real FSDP+TP training (its own
+forward and backward) of Muon ends within 1e-5 of the single process, and
+``step_in_backward`` on both 2-D layouts equals their ordinary loop.
 """
 import pytest
 import torch
@@ -222,12 +223,24 @@ def _worker(rank, checkpoint_dir):
 
 
 def _check_training(data):
-    """Real FSDP+TP training (its own forward and backward) ends at the single process's params."""
+    """Real FSDP+TP training (its own forward and backward) ends at the single process's
+    params; on both 2-D layouts, updates in backward (each param after its reduce-scatter)
+    equal the ordinary loop there."""
     ref = llama()
     train(ref, optimizer("Muon", ref), data)
     net = fsdp_tp(llama())
     train(net, optimizer("Muon", net), data)
     assert_params_close(full_params(net), full_params(ref), 1e-5)
+    for layout in ("fsdp_tp", "hsdp"):
+        for case in ("Muon", "GaLoreAdamW"):
+            want = LAYOUTS[layout](llama())
+            train(want, optimizer(case, want), data)
+            got = LAYOUTS[layout](llama())
+            matrixopt.step_in_backward(optimizer(case, got))
+            for tokens in data:
+                loss(got, tokens).backward()
+            assert all(p.grad is None for p in got.parameters())
+            assert_params_close(full_params(got), full_params(want), 1e-6)
 
 
 def _full_state(opt) -> dict:
@@ -248,6 +261,8 @@ def _check_checkpoint(case, precision, grads, want, checkpoint_dir):
     saved = _full_state(opt)
     model_sd, optim_sd = get_state_dict(net, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir)
+    if dist.get_rank() == 0:   # for the single-process resume (test_single_process_resumes_a_2x2_checkpoint)
+        torch.save({"saved": saved, "grads": grads[2:], "want": want}, f"{checkpoint_dir}.pt")
     for layout in ("fsdp", "hsdp"):
         resumed = LAYOUTS[layout](llama(seed=1))
         resumed_opt = optimizer(case, resumed, precision)
@@ -263,5 +278,32 @@ def _check_checkpoint(case, precision, grads, want, checkpoint_dir):
         assert_params_close(full_params(resumed), want, RTOL)
 
 
+def _resume_single(checkpoint_dir, case, precision):
+    """The 2×2 checkpoint loaded by one process without a process group: the same state, and
+    the run goes on to the reference."""
+    expected = torch.load(f"{checkpoint_dir}.pt")
+    net = llama(seed=1)
+    opt = optimizer(case, net, precision)
+    model_sd, optim_sd = get_state_dict(net, opt)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=checkpoint_dir, no_dist=True)
+    set_state_dict(net, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    got = _full_state(opt)
+    assert got.keys() == expected["saved"].keys()
+    for key, value in expected["saved"].items():
+        assert torch.equal(got[key], value), key
+    for step_grads in expected["grads"]:
+        for n, p in net.named_parameters():
+            p.grad = step_grads[n].clone()
+        opt.step()
+    assert_params_close(full_params(net), expected["want"], RTOL)
+
+
 def test_fsdp_tp_and_hsdp_match_single_process_and_checkpoints_move_between_layouts(tmp_path):
     spawn(_worker, str(tmp_path), world=WORLD)
+    for case in CASES:
+        for precision in ("fp32", "int8"):
+            try:
+                _resume_single(f"{tmp_path}/{case}-{precision}", case, precision)
+            except Exception as e:
+                raise AssertionError(f"{case} at {precision}, resumed in one process: {e}") from e
