@@ -488,24 +488,15 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
     progress = tqdm(rows_to_run, desc="memory", unit="row")
     for c in progress:
         progress.set_postfix_str(c.label)
-        reason = missing(c)
-        if reason is None:
-            try:
-                key = (c.optimizer, c.precision, c.in_backward and c.matrixopt, c.master_weights)
-                if key not in temporaries:
-                    temporaries[key] = step_temporaries(c, shape, batch, seq_len, settings, device, dtype)
-                row = measure(c, shape, batch, seq_len, settings, device, dtype, temporaries=temporaries[key],
-                              activations=activations)
-            except Exception as error:   # a peer that does not run here; matrixopt's errors are bugs
-                if c.matrixopt:
-                    raise
-                reason = f"does not run on {device.type}: {first_line(error)}"
-                gc.collect()
-        if reason is not None:
-            row = {"optimizer": c.label, "note": reason}
-            notes.append(f"{c.label}: {reason}")
-        rows.append(row)
-        tqdm.write(str(row))
+
+        def measured(c=c):
+            key = (c.optimizer, c.precision, c.in_backward and c.matrixopt, c.master_weights)
+            if key not in temporaries:
+                temporaries[key] = step_temporaries(c, shape, batch, seq_len, settings, device, dtype)
+            return measure(c, shape, batch, seq_len, settings, device, dtype, temporaries=temporaries[key],
+                           activations=activations)
+
+        add_row(rows, notes, c.label, c.matrixopt, missing(c), measured, f"on {device.type}")
     progress.close()
     add_ratios(rows)
     title = (f"{config}: {params / 1e6:.1f}M params (d={shape.dim}, {shape.n_layers} layers, h={shape.hidden_dim}, "
@@ -525,6 +516,26 @@ def run(quick: bool = False, config: str | None = None, batch: int | None = None
         fit_title = f"Largest config whose step fits in {budget / GiB:g} GiB (bf16 weights, batch 1 × 256 tokens)"
         sections[fit_title] = fit_rows
     return sections, extra, figure(title, sections[title])
+
+
+def add_row(rows: list, notes: list, label: str, is_matrixopt: bool, reason: str | None, measured,
+            where: str) -> None:
+    """Append ``measured()``'s row to ``rows`` (and print it), or, where it cannot run, a row
+    with a note why: ``reason`` (a missing install) or the error of a peer that does not run
+    ``where`` (matrixopt's errors are raised: they are bugs), also added to ``notes``."""
+    if reason is None:
+        try:
+            row = measured()
+        except Exception as error:
+            if is_matrixopt:
+                raise
+            reason = f"does not run {where}: {first_line(error)}"
+            gc.collect()
+    if reason is not None:
+        row = {"optimizer": label, "note": reason}
+        notes.append(f"{label}: {reason}")
+    rows.append(row)
+    tqdm.write(str(row))
 
 
 def first_line(error: Exception) -> str:

@@ -79,8 +79,8 @@ import matrixopt
 
 from .common import default_device
 from .memory import (ADAMW, BNB_ADAMW8BIT, CONFIGS, GALORE_TORCH, GiB, MB, PRECISIONS, TORCHAO_ADAMW8BIT, PeakMeter,
-                     Row, build_model, default_mode, first_line, loss_gradient_bytes, low_bits_bytes, make_optimizer,
-                     missing, random_tokens, saved_activation_bytes, table_rows, tensor_bytes, train_step)
+                     Row, build_model, default_mode, loss_gradient_bytes, low_bits_bytes, make_optimizer,
+                     add_row, missing, random_tokens, saved_activation_bytes, table_rows, tensor_bytes, train_step)
 from .optimizers import PEER_NOTES, Settings, TorchStepInBackward, state_bytes
 
 #: The weights: "bf16" (params, gradients and activations) or "fp32" (master weights, bf16 autocast).
@@ -303,19 +303,8 @@ def run(config: str, optimizers=None, precisions=PRECISIONS, validate: bool = Fa
                     desc=f"simulate {config}", unit="row")
     for r in progress:
         progress.set_postfix_str(r.label)
-        reason = missing(r.row)
-        if reason is None:
-            try:
-                row = simulate_row(r, config, options, validate)
-            except Exception as error:   # a peer that does not run on fake tensors; matrixopt's errors are bugs
-                if r.row.matrixopt:
-                    raise
-                reason = f"does not run under fake tensors: {first_line(error)}"
-        if reason is not None:
-            row = {"optimizer": r.label, "note": reason}
-            notes.append(f"{r.label}: {reason}")
-        rows.append(row)
-        tqdm.write(str(row))
+        add_row(rows, notes, r.label, r.row.matrixopt, missing(r.row),
+                lambda r=r: simulate_row(r, config, options, validate), "under fake tensors")
     progress.close()
     shape = CONFIGS[config]
     title = (f"{config} (d={shape.dim}, {shape.n_layers} layers, h={shape.hidden_dim}, vocab {shape.vocab_size}), "
