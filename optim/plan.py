@@ -317,11 +317,12 @@ class Planner:
 
 
 def group_of(params, replicated_group):
-    """The process group the matrix work of ``params`` spans (a DTensor's mesh, else the
-    replicated group), or None (single process)."""
-    for p in params:
-        if isinstance(p, DTensor):
-            return mesh_group(p.device_mesh)
+    """The process group the matrix work of ``params`` spans (their DTensors' mesh with the
+    most ranks: under FSDP+TP the 2-D one, which holds the 1-D dp mesh of the params TP left
+    whole; else the replicated group), or None (single process)."""
+    meshes = {id(p.device_mesh): p.device_mesh for p in params if isinstance(p, DTensor)}
+    if meshes:
+        return mesh_group(max(meshes.values(), key=lambda mesh: mesh.mesh.numel()))
     return replicated_group
 
 
