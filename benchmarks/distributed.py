@@ -21,8 +21,8 @@ embedding rowwise, the head colwise, then ``fully_shard`` on dp) and ``hsdp`` (`
 on a (replicate, shard) mesh). Per optimizer and layout: the ``matrix_map`` calls of a step
 (the whole-matrix work of a bucket: each is one gather of its inputs to the owners and one
 return of its outputs), the collectives the step called (all kinds, the non-finite
-agreement's all-reduce included; ``all_to_all_per_map``: 2 is one exchange to the owners and
-one back), the bytes this rank sent, the time in collectives and the step's time (the
+agreement's all-reduce included; ``exchanges_per_map``, all-to-alls and all-gathers: 2 is
+one exchange to the owners and one back), the bytes this rank sent, the time in collectives and the step's time (the
 slowest rank's; medians over steps). A layout the code refuses is reported as such.
 
     python -m benchmarks.distributed --quick     # CPU, gloo; writes benchmarks/results/distributed-*
@@ -144,8 +144,8 @@ LAYOUTS = {
     "hsdp": lambda net, world: _fsdp_blocks(net, init_device_mesh("cpu", (2, world // 2),
                                                                   mesh_dim_names=("replicate", "shard"))),
 }
-COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
-               "reduce_scatter_tensor")
+COLLECTIVES = ("all_to_all_single", "all_gather_single", "all_reduce", "all_gather", "all_gather_into_tensor",
+               "broadcast", "reduce_scatter_tensor")
 
 
 class Counted:
@@ -171,7 +171,7 @@ class Counted:
     def _counting(self, name, fn):
         def counting(*args, **kwargs):
             self.calls[name] += 1
-            sent = args[1] if name == "all_to_all_single" else args[0]   # the input buffer
+            sent = args[1] if name in ("all_to_all_single", "all_gather_single") else args[0]   # the input buffer
             self.bytes += sent.numel() * sent.element_size() if torch.is_tensor(sent) else 0
             t0 = time.perf_counter()
             try:
@@ -211,9 +211,11 @@ def _layout_row(name: str, layout: str, cfg: ModelConfig, world: int, steps: int
         per_step.append((counted, float(slowest)))
     per_step = per_step[1:]
     first = per_step[0][0]
+    exchanges = first.calls["all_to_all_single"] + first.calls["all_gather_single"]
     return {"optimizer": name, "layout": layout, "matrix_maps": first.maps,
             "collectives": sum(first.calls.values()), "all_to_all": first.calls["all_to_all_single"],
-            "all_reduce": first.calls["all_reduce"], "all_to_all_per_map": first.calls["all_to_all_single"] / max(1, first.maps),
+            "all_gather": first.calls["all_gather_single"], "all_reduce": first.calls["all_reduce"],
+            "exchanges_per_map": exchanges / max(1, first.maps),
             "sent_kB": first.bytes / 1e3, "collective_ms": 1e3 * statistics.median(c.seconds for c, _ in per_step),
             "step_ms": 1e3 * statistics.median(t for _, t in per_step)}
 

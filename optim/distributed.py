@@ -44,9 +44,10 @@ matrix) summed across all buckets of the step. Then, per call of the work:
    the owner where it holds it, so replicas send nothing twice) to its owner, for every
    :class:`Rows` input at once (packed as bytes, whatever their dtypes);
 2. the owner runs the work on the stack of its matrices in one call;
-3. one ``all_to_all_single`` returns every output: a Rows result's piece to each rank
-   holding that piece of the param (replicas included; an output of the param's rows but
-   other columns, a right projection's, gets the piece's rows), a Whole one to every rank.
+3. one collective returns every output: a Rows result's piece to each rank holding that
+   piece of the param (replicas included; an output of the param's rows but other columns,
+   a right projection's, gets the piece's rows), a Whole one to every rank (an all-gather
+   where every rank gets everything, else an ``all_to_all_single``).
 
 Where nothing moves (every owner holds its matrices whole and is their only holder) the
 exchange is skipped. All ranks agree on which params have non-finite gradients (one small
@@ -84,8 +85,10 @@ share of the matrices (every rank holds every matrix whole), and the results go 
 rank. Without it, and without DTensor params, the optimizers never call a collective.
 
 Collectives are gloo-compatible: ``all_to_all_single`` with uneven splits (gloo supports
-it); sending a result to every rank is an ``all_to_all_single`` whose send buffer repeats
-it for every peer, since ``all_gather`` wants pieces of equal size.
+it); where every rank gets every result (replicated params, or only Whole outputs) the
+return is one ``all_gather_single`` of each rank's bytes padded to the longest; results some
+ranks get and others not go in the ``all_to_all_single``, a Whole one repeated for every
+peer.
 """
 import functools
 import math
@@ -245,6 +248,7 @@ class MatrixWork:
         self.gathers = any(senders for pieces in self.pieces for senders in pieces)
         self.scatters = any(held != [owner] for holders, owners in zip(self.holders, self.owners)
                             for held, owner in zip(holders, owners))
+        self.everywhere = all(b is None for b in boxes)   # replicated: every rank gets every result whole
 
     def _local(self, i: int, j: int, tensors: list[Tensor], rank: int | None = None) -> Tensor:
         """Matrix j of param i as rank ``rank`` (this one) holds it in ``tensors[i]``."""
@@ -326,6 +330,7 @@ class MatrixWork:
         if not self.scatters and not any(spec.whole for spec in outputs):   # each result where it lives
             return tuple([self._kept(i, out, spec, device) for i in range(len(self.shapes))]
                          for out, spec in zip(outs, outputs))
+        everywhere = all(spec.whole for spec in outputs) or self.everywhere   # an all-gather
         send = [[] for _ in range(self.world)]
         for out, spec in zip(outs, outputs):
             for (i, j), o in zip(self.units, out if out is not None else []):
@@ -341,7 +346,7 @@ class MatrixWork:
                         rows, cols = self._piece(i, self.rank, spec)
                         shape = torch.empty(spec.shape, device="meta")[rows, cols].shape
                         recv[r].append((tuple(shape), spec.dtype))
-        received = self._exchange(send, recv, device)
+        received = self._exchange(send, recv, device, everywhere)
         results = []
         for spec in outputs:
             per_param = []
@@ -368,18 +373,27 @@ class MatrixWork:
         rows, cols = self._piece(i, self.rank, spec)
         return torch.empty(spec.shape, device="meta")[rows, cols].shape
 
-    def _exchange(self, send: list[list[Tensor]], recv: list[list[tuple]], device) -> list:
-        """One all_to_all_single of bytes: ``send[r]`` (tensors of any dtype) to rank r;
-        ``recv[r]``: (shape, dtype) of each tensor rank r sends here. Returns per rank an
-        iterator over the received tensors, in order."""
+    def _exchange(self, send: list[list[Tensor]], recv: list[list[tuple]], device, everywhere: bool = False) -> list:
+        """One collective of bytes: ``send[r]`` (tensors of any dtype) to rank r; ``recv[r]``:
+        (shape, dtype) of each tensor rank r sends here. Returns per rank an iterator over the
+        received tensors, in order. ``everywhere``: every rank sends the same to all, an
+        all-gather (each rank's bytes padded to the longest), else an ``all_to_all_single``."""
         sizes = [[math.prod(shape) * dtype.itemsize for shape, dtype in pieces] for pieces in recv]
-        flat = [_bytes(t) for pieces in send for t in pieces]
+        totals = [sum(s) for s in sizes]
+        flat = [_bytes(t) for pieces in (send[:1] if everywhere else send) for t in pieces]
         inp = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8, device=device)
-        out = torch.empty(sum(map(sum, sizes)), dtype=torch.uint8, device=device)
-        dist.all_to_all_single(out, inp, [sum(s) for s in sizes],
-                               [sum(t.numel() * t.element_size() for t in pieces) for pieces in send], group=self.group)
+        if everywhere:
+            width = max(totals)
+            out = torch.empty(self.world * width, dtype=torch.uint8, device=device)
+            dist.all_gather_single(out, torch.nn.functional.pad(inp, (0, width - inp.numel())), group=self.group)
+            chunks = [out[r * width:r * width + totals[r]] for r in range(self.world)]
+        else:
+            out = torch.empty(sum(totals), dtype=torch.uint8, device=device)
+            dist.all_to_all_single(out, inp, totals, [sum(t.numel() * t.element_size() for t in pieces)
+                                                      for pieces in send], group=self.group)
+            chunks = out.split(totals)
         received = []
-        for chunk, pieces, nbytes in zip(out.split([sum(s) for s in sizes]), recv, sizes):
+        for chunk, pieces, nbytes in zip(chunks, recv, sizes):
             received.append(iter([_typed(b, dtype).view(shape)
                                   for b, (shape, dtype) in zip(chunk.split(nbytes), pieces)]))
         return received
