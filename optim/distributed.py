@@ -224,19 +224,21 @@ class MatrixWork:
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.shapes = shapes
+        self.everywhere = all(b is None for b in boxes)   # replicated: every rank gets every result whole
         self.boxes = [b or [Box((0, 0, 0), tuple(s))] * self.world for b, s in zip(boxes, shapes)]
         self.owners, self.holders, self.pieces = [], [], []   # per param, per matrix
-        for shape, boxes in zip(shapes, self.boxes):
+        for shape, pieces_of in zip(shapes, self.boxes):
             owners, holders, pieces = [], [], []
             for j in range(shape[0]):
-                held = [r for r, b in enumerate(boxes) if not b.empty and b.offsets[0] <= j < b.offsets[0] + b.sizes[0]]
-                whole = [r for r in held if boxes[r].sizes[1:] == tuple(shape[1:])]
+                held = [r for r, b in enumerate(pieces_of)
+                        if not b.empty and b.offsets[0] <= j < b.offsets[0] + b.sizes[0]]
+                whole = [r for r in held if pieces_of[r].sizes[1:] == tuple(shape[1:])]
                 owner = min(whole or range(self.world), key=load.__getitem__)
                 load[owner] += cost
                 senders = {}
                 for r in held:   # one sender per distinct piece: the owner where it holds it
-                    if r == owner or boxes[r] not in senders:
-                        senders[boxes[r]] = r
+                    if r == owner or pieces_of[r] not in senders:
+                        senders[pieces_of[r]] = r
                 owners.append(owner)
                 holders.append(held)
                 pieces.append([] if owner in whole else sorted(senders.values()))
@@ -248,7 +250,6 @@ class MatrixWork:
         self.gathers = any(senders for pieces in self.pieces for senders in pieces)
         self.scatters = any(held != [owner] for holders, owners in zip(self.holders, self.owners)
                             for held, owner in zip(holders, owners))
-        self.everywhere = all(b is None for b in boxes)   # replicated: every rank gets every result whole
 
     def _local(self, i: int, j: int, tensors: list[Tensor], rank: int | None = None) -> Tensor:
         """Matrix j of param i as rank ``rank`` (this one) holds it in ``tensors[i]``."""
