@@ -18,12 +18,12 @@ the train benchmark's model, parallelized the way torchtitan does it (:data:`LAY
 ``replicated`` (DDP's params, ``distributed="replicated"``), ``fsdp`` (``fully_shard`` on a
 1-D mesh), ``fsdp_tp`` (a (dp, tp) mesh: q/k/v and w1/w3 colwise, wo/w2 rowwise, the
 embedding rowwise, the head colwise, then ``fully_shard`` on dp) and ``hsdp`` (``fully_shard``
-on a (replicate, shard) mesh). Per optimizer and layout: the ``matrix_map`` calls of a step
-(the whole-matrix work of a bucket: each is one gather of its inputs to the owners and one
-return of its outputs), the collectives the step called (all kinds, the non-finite
-agreement's all-reduce included; ``exchanges_per_map``, all-to-alls and all-gathers: 2 is
-one exchange to the owners and one back), the bytes this rank sent, the time in collectives and the step's time (the
-slowest rank's; medians over steps). A layout the code refuses is reported as such.
+on a (replicate, shard) mesh). Per optimizer and layout: the collectives one step called (all
+kinds: the exchanges of the whole-matrix work, all-to-alls and all-gathers, and the
+non-finite agreement's all-reduce per param group), the bytes this rank sent, the time in
+collectives and the step's time (the slowest rank's; medians over steps). A layout the code
+refuses is reported as such. (That each call of a bucket's whole-matrix work makes at most
+one exchange each way is asserted in tests/test_meshes.py.)
 
     python -m benchmarks.distributed --quick     # CPU, gloo; writes benchmarks/results/distributed-*
     python -m benchmarks.distributed --quick --layouts --out benchmarks/results/meshes
@@ -149,23 +149,15 @@ COLLECTIVES = ("all_to_all_single", "all_gather_single", "all_reduce", "all_gath
 
 
 class Counted:
-    """Within it, every collective of ``torch.distributed`` is counted, with its bytes and time,
-    and so are the ``matrix_map`` calls of the optimizers' distributed work."""
+    """Within it, every collective of ``torch.distributed`` is counted, with its bytes and time."""
 
     def __init__(self):
-        self.calls, self.bytes, self.seconds, self.maps = Counter(), 0, 0.0, 0
+        self.calls, self.bytes, self.seconds = Counter(), 0, 0.0
 
     def __enter__(self):
         self.saved = {name: getattr(dist, name) for name in COLLECTIVES}
         for name, fn in self.saved.items():
             setattr(dist, name, self._counting(name, fn))
-        self.saved_map = matrixopt.distributed.MatrixWork.map
-
-        def counted_map(work, *args, **kwargs):
-            self.maps += 1
-            return self.saved_map(work, *args, **kwargs)
-
-        matrixopt.distributed.MatrixWork.map = counted_map
         return self
 
     def _counting(self, name, fn):
@@ -184,7 +176,6 @@ class Counted:
     def __exit__(self, *exc):
         for name, fn in self.saved.items():
             setattr(dist, name, fn)
-        matrixopt.distributed.MatrixWork.map = self.saved_map
 
 
 def _layout_row(name: str, layout: str, cfg: ModelConfig, world: int, steps: int) -> dict:
@@ -211,11 +202,9 @@ def _layout_row(name: str, layout: str, cfg: ModelConfig, world: int, steps: int
         per_step.append((counted, float(slowest)))
     per_step = per_step[1:]
     first = per_step[0][0]
-    exchanges = first.calls["all_to_all_single"] + first.calls["all_gather_single"]
-    return {"optimizer": name, "layout": layout, "matrix_maps": first.maps,
-            "collectives": sum(first.calls.values()), "all_to_all": first.calls["all_to_all_single"],
-            "all_gather": first.calls["all_gather_single"], "all_reduce": first.calls["all_reduce"],
-            "exchanges_per_map": exchanges / max(1, first.maps),
+    return {"optimizer": name, "layout": layout, "collectives": sum(first.calls.values()),
+            "all_to_all": first.calls["all_to_all_single"], "all_gather": first.calls["all_gather_single"],
+            "all_reduce": first.calls["all_reduce"],
             "sent_kB": first.bytes / 1e3, "collective_ms": 1e3 * statistics.median(c.seconds for c, _ in per_step),
             "step_ms": 1e3 * statistics.median(t for _, t in per_step)}
 

@@ -1,6 +1,7 @@
 """2-D meshes: FSDP2 × tensor parallel and HSDP on 4 gloo ranks equal the single process.
 
-A small LLaMA-style model is parallelized the way torchtitan does it (without sequence
+A small LLaMA-style model (torchtitan's module names) is parallelized by
+``benchmarks.distributed.LAYOUTS``, the way torchtitan does it (without sequence
 parallel): on a (dp=2, tp=2) mesh, the attention's q/k/v and the MLP's w1/w3 colwise
 (``Shard(0)`` on tp), their outputs wo/w2 rowwise (``Shard(1)``), the embedding rowwise
 (its table ``Shard(0)``), the head colwise; then ``fully_shard`` per block and the root on the
@@ -18,21 +19,19 @@ listed first: every rank must learn of it); a ``torch.distributed.checkpoint`` s
 layout after 2 steps loads on a 4×1 FSDP2 mesh, on HSDP and in one process without a process
 group, every state tensor equal to the saved one, and the run goes on to the reference. And real FSDP+TP training (its own
 forward and backward) of Muon ends within 1e-5 of the single process, and
-``step_in_backward`` on both 2-D layouts equals their ordinary loop.
+``step_in_backward`` on both 2-D layouts equals their ordinary loop; each call of a bucket's
+whole-matrix work makes at most one exchange each way.
 """
-import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import matrixopt
+from benchmarks.distributed import LAYOUTS
 from dist_utils import assert_params_close, full_params, spawn
 
 WORLD = 4
@@ -100,38 +99,10 @@ def llama(seed: int = 0) -> Llama:
     return Llama()
 
 
-def fsdp_tp(net: Llama) -> Llama:
-    """torchtitan's layout on a (dp=2, tp=2) mesh."""
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    parallelize_module(net, mesh["tp"], {"tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
-                                         "output": ColwiseParallel(output_layouts=Replicate())})
-    for layer in net.layers:
-        parallelize_module(layer, mesh["tp"], {
-            "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(), "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(), "feed_forward.w2": RowwiseParallel()})
-        fully_shard(layer, mesh=mesh["dp"])
-    fully_shard(net, mesh=mesh["dp"])
-    return net
-
-
-def hsdp(net: Llama) -> Llama:
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-    for layer in net.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(net, mesh=mesh)
-    return net
-
-
-def fsdp(net: Llama) -> Llama:
-    mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in net.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(net, mesh=mesh)
-    return net
-
-
-LAYOUTS = {"fsdp_tp": fsdp_tp, "hsdp": hsdp, "fsdp": fsdp, "single": lambda net: net}
+def layout(name: str, net: Llama) -> Llama:
+    """``net`` parallelized as benchmarks.distributed.LAYOUTS[name] does on the 4 ranks (the
+    same module names as torchtitan's llama), or as is for "single"."""
+    return net if name == "single" else LAYOUTS[name](net, WORLD)
 
 
 ROWWISE = ("attention.wo.weight", "feed_forward.w2.weight")   # Shard(1) on tp
@@ -214,8 +185,8 @@ def _worker(rank, checkpoint_dir):
         for precision in ("fp32", "int8"):
             try:
                 want, grads = reference(case, precision, data)
-                for layout in ("fsdp_tp", "hsdp"):
-                    net = LAYOUTS[layout](llama())
+                for name in ("fsdp_tp", "hsdp"):
+                    net = layout(name, llama())
                     opt = optimizer(case, net, precision)
                     replay(net, opt, grads)
                     assert opt.nonfinite_skips == 2
@@ -224,6 +195,44 @@ def _worker(rank, checkpoint_dir):
             except Exception as e:
                 raise AssertionError(f"{case} at {precision} on rank {rank}: {e}") from e
     _check_training(data)
+    _check_exchanges(data)
+
+
+def _check_exchanges(data):
+    """Each call of a bucket's whole-matrix work makes at most one exchange to the owners and
+    one back (all-to-all or all-gather), on both layouts, for every optimizer."""
+    for case in CASES:
+        for name in ("fsdp_tp", "hsdp"):
+            net = layout(name, llama())
+            opt = optimizer(case, net)
+            per_call = _exchanges_per_call(opt)
+            train(net, opt, data[:2])
+            assert per_call and max(per_call) <= 2, (case, name, per_call)
+
+
+def _exchanges_per_call(opt) -> list[int]:
+    """Wraps each bucket's matrix_map: the list gets the exchanges each call made."""
+    per_call, bucket_map = [], opt._planner.matrix_map
+    names = ("all_to_all_single", "all_gather_single")
+
+    def counting_bucket_map(*args, **kwargs):
+        matrix_map = bucket_map(*args, **kwargs)
+
+        def counted(*map_args, **map_kwargs):
+            saved, calls = {n: getattr(dist, n) for n in names}, [0]
+            for n, fn in saved.items():
+                setattr(dist, n, lambda *a, fn=fn, **k: (calls.__setitem__(0, calls[0] + 1), fn(*a, **k))[1])
+            try:
+                return matrix_map(*map_args, **map_kwargs)
+            finally:
+                for n, fn in saved.items():
+                    setattr(dist, n, fn)
+                per_call.append(calls[0])
+
+        return counted
+
+    opt._planner.matrix_map = counting_bucket_map
+    return per_call
 
 
 def _check_training(data):
@@ -232,14 +241,14 @@ def _check_training(data):
     equal the ordinary loop there."""
     ref = llama()
     train(ref, optimizer("Muon", ref), data)
-    net = fsdp_tp(llama())
+    net = layout("fsdp_tp", llama())
     train(net, optimizer("Muon", net), data)
     assert_params_close(full_params(net), full_params(ref), 1e-5)
-    for layout in ("fsdp_tp", "hsdp"):
+    for name in ("fsdp_tp", "hsdp"):
         for case in ("Muon", "GaLoreAdamW"):
-            want = LAYOUTS[layout](llama())
+            want = layout(name, llama())
             train(want, optimizer(case, want), data)
-            got = LAYOUTS[layout](llama())
+            got = layout(name, llama())
             matrixopt.step_in_backward(optimizer(case, got))
             for tokens in data:
                 loss(got, tokens).backward()
@@ -259,7 +268,7 @@ def _full_state(opt) -> dict:
 def _check_checkpoint(case, precision, grads, want, checkpoint_dir):
     """Saved on FSDP+TP after 2 steps; loaded on FSDP2 over 4 ranks and on HSDP: the same
     state, and the run goes on to the single-process params."""
-    net = fsdp_tp(llama())
+    net = layout("fsdp_tp", llama())
     opt = optimizer(case, net, precision)
     replay(net, opt, grads[:2])
     saved = _full_state(opt)
@@ -267,17 +276,17 @@ def _check_checkpoint(case, precision, grads, want, checkpoint_dir):
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir)
     if dist.get_rank() == 0:   # for the single-process resume (test_single_process_resumes_a_2x2_checkpoint)
         torch.save({"saved": saved, "grads": grads[2:], "want": want}, f"{checkpoint_dir}.pt")
-    for layout in ("fsdp", "hsdp"):
-        resumed = LAYOUTS[layout](llama(seed=1))
+    for name in ("fsdp", "hsdp"):
+        resumed = layout(name, llama(seed=1))
         resumed_opt = optimizer(case, resumed, precision)
         model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
         loaded = {"model": model_sd, "optim": optim_sd}
         dcp.load(loaded, checkpoint_id=checkpoint_dir)
         set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
         got = _full_state(resumed_opt)
-        assert got.keys() == saved.keys(), (layout, sorted(set(got) ^ set(saved)))
+        assert got.keys() == saved.keys(), (name, sorted(set(got) ^ set(saved)))
         for key, value in saved.items():
-            assert torch.equal(got[key], value), (layout, key)
+            assert torch.equal(got[key], value), (name, key)
         replay(resumed, resumed_opt, grads[2:])
         assert_params_close(full_params(resumed), want, RTOL)
 
