@@ -29,8 +29,11 @@ setup(
         # gram-newton-schulz pins CUDA-only kernels packages, so the Makefile adds it --no-deps.
         # The training codebases the recipes are tested in (tests/test_frameworks.py): plain
         # litgpt, not its data extras (they pull a CUDA torch); install with the pinned torch
-        # as a constraint (the Makefile does) so none of them replaces it.
-        "frameworks": ["transformers", "accelerate", "lightning", "litgpt>=0.5,<0.6"],
+        # as a constraint (the Makefile does) so none of them replaces it. torchtitan is
+        # installed --no-deps by the Makefile (its data and metrics dependencies are not needed
+        # here); tyro is the one of them its optimizer container needs to import.
+        "frameworks": ["transformers", "accelerate", "lightning", "litgpt>=0.5,<0.6", "ai2-olmo-core==3.0.0",
+                       "tyro"],
         "bench": ["tqdm", "matplotlib", "numpy", "scipy", "pytorch-optimizer==4.1.0", "heavyball==3.2.1"],
     },
 )

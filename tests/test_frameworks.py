@@ -7,6 +7,7 @@ without the handle for step_in_backward. A framework that is not installed is sk
 (`make test` installs them all).
 """
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -227,3 +228,201 @@ def test_litgpt_with_step_in_backward_equals_its_loop_and_peaks_lower():
         runs.append((cpu_peak_bytes(lambda: litgpt_loop(fabric, model, opt, batches, accumulation=2)), model))
     assert_same_weights(runs[1][1], runs[0][1], rtol=1e-5)
     assert runs[1][0] < runs[0][0], [r[0] for r in runs]
+
+
+# -- torchtitan -----------------------------------------------------------------------------------
+
+MATRIXOPT_NAMES = ("Muon", "ROOT", "ARO", "GaLoreAdamW", "DCTAdamW", "CoSOAdamW")
+
+
+def torchtitan_llama() -> nn.Module:
+    """A tiny torchtitan llama3 (fused ``wqkv``, 4 q and 2 kv heads), built as its trainer builds
+    one (meta device, ``to_empty``, ``init_weights``), with SDPA in place of its FlexAttention,
+    whose backward has no CPU kernel."""
+    pytest.importorskip("torchtitan")
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
+    from torchtitan.models.llama3 import Llama3Model, _build_llama3_layers
+
+    config = Llama3Model.Config(
+        dim=DIM, vocab_size=VOCAB, tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM),
+        norm=RMSNorm.Config(normalized_shape=DIM), lm_head=Linear.Config(in_features=DIM, out_features=VOCAB),
+        layers=_build_llama3_layers(n_layers=2, dim=DIM, n_heads=4, n_kv_heads=2, hidden_dim=2 * DIM,
+                                    rope=ComplexRoPE.Config(dim=DIM // 4, max_seq_len=SEQ, theta=500000,
+                                                            scaling="none"), attn_backend="flex"))
+    for _, _, parent, attr in list(config.traverse(FlexAttention.Config)):
+        setattr(parent, attr, ScaledDotProductAttention.Config())
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = config.build()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights(buffer_device=torch.device("cpu"))
+    return model
+
+
+def matrixopt_optimizers():
+    """The README's recipe: torchtitan's container resolving matrixopt's optimizer names."""
+    from torchtitan.components.optimizer import OptimizersContainer
+
+    class MatrixoptOptimizers(OptimizersContainer):
+        @dataclass(kw_only=True, slots=True)
+        class Config(OptimizersContainer.Config):    # torchtitan builds the class that declares it
+            pass
+
+        @staticmethod
+        def _resolve_optimizer_factory(name):
+            cls = getattr(matrixopt, name, None)
+            if isinstance(cls, type) and issubclass(cls, matrixopt.MatrixOptimizer):
+                return cls
+            return OptimizersContainer._resolve_optimizer_factory(name)
+
+    return MatrixoptOptimizers
+
+
+def torchtitan_groups(name: str, flagged=True) -> list:
+    """The README's patterns: embedding, head and norms on the fallback, each head's q, k and v
+    rows of the fused ``wqkv`` a matrix of their own (4 + 2 + 2 blocks), the rest the matrix
+    rule; ``flagged=False``: one catch-all group without ``matrix`` (the bare-params rule)."""
+    from torchtitan.components.optimizer import ParamGroupConfig
+
+    def group(pattern, **kwargs):
+        return ParamGroupConfig(pattern=pattern, optimizer_name=name, optimizer_kwargs={"lr": 3e-3, **kwargs})
+
+    if not flagged:
+        return [group(r".*")]
+    return [group(r"tok_embeddings|lm_head|norm", matrix=False), group(r"\.wqkv\.", matrix=True, blocks=8),
+            group(r".*", matrix=True)]
+
+
+class TrainState:
+    """What torchtitan's Trainer checkpoints as ``train_state``: the step."""
+    step = 0
+
+    def state_dict(self):
+        return {"step": torch.tensor(self.step)}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+
+
+def torchtitan_run(folder, steps: int, groups: list) -> tuple[nn.Module, int]:
+    """torchtitan's Trainer around the container: warmup schedule, a checkpoint every 2 steps
+    by its CheckpointManager (DCP), the latest loaded at start (a restarted job resumes).
+    Returns the model and the step it started from."""
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.optimizer import LRSchedulersContainer
+
+    model = torchtitan_llama()
+    opt = matrixopt_optimizers().Config(param_groups=groups).build(model_parts=[model])
+    schedule = LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=opt, training_steps=6)
+    state = TrainState()
+    checkpointer = CheckpointManager.Config(enable=True, interval=2, keep_latest_k=0).build(
+        dataloader=None, model_parts=[model], optimizers=opt, lr_schedulers=schedule,
+        states={"train_state": state}, sd_adapter=None, base_folder=str(folder))
+    checkpointer.load()
+    start, batches = state.step, tokens(12).split(2)
+    while state.step < steps:
+        batch, state.step = batches[state.step], state.step + 1
+        nn.functional.cross_entropy(model(batch[:, :-1]).reshape(-1, VOCAB), batch[:, 1:].reshape(-1)).backward()
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+        checkpointer.save(state.step)
+    checkpointer.close()
+    return model, start
+
+
+@pytest.mark.parametrize("name", MATRIXOPT_NAMES)
+def test_torchtitan_container_recipe_trains_and_resumes_exactly(name, tmp_path):
+    whole, _ = torchtitan_run(tmp_path / "whole", 6, torchtitan_groups(name))
+    torchtitan_run(tmp_path / "job", 2, torchtitan_groups(name))
+    resumed, start = torchtitan_run(tmp_path / "job", 6, torchtitan_groups(name))
+    assert start == 2
+    assert_same_weights(resumed, whole)
+
+
+def test_torchtitan_catch_all_group_without_matrix_cannot_resume(tmp_path):
+    """README: torchtitan (like torch's DCP state-dict helpers) makes the optimizer's state with
+    a zero-gradient step before loading into it, and the bare-params rule cannot tell an
+    embedding from a zero gradient: the live state asks for the matrix rule's momentum."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    torchtitan_run(tmp_path, 2, torchtitan_groups("Muon", flagged=False))
+    with pytest.raises(CheckpointException, match="tok_embeddings.weight.momentum_buffer"):
+        torchtitan_run(tmp_path, 4, torchtitan_groups("Muon", flagged=False))
+
+
+# -- OLMo-core ------------------------------------------------------------------------------------
+
+def olmo_model() -> nn.Module:
+    pytest.importorskip("olmo_core")
+    from olmo_core.nn.transformer import TransformerConfig
+
+    torch.manual_seed(0)
+    config = TransformerConfig.llama_like(d_model=DIM, vocab_size=VOCAB, n_layers=2, n_heads=4, n_kv_heads=2,
+                                          hidden_size_multiple_of=32)
+    model = config.build(init_device="cpu")
+    model.init_weights(max_seq_len=SEQ, device=torch.device("cpu"))
+    return model
+
+
+def olmo_config(optimizer, grouped=True):
+    """The README's recipe: an OptimConfig building ``optimizer`` over ``param_groups``
+    (``grouped=False``: OLMo-core's own groups, one without ``matrix``)."""
+    from olmo_core.optim import OptimConfig
+
+    @dataclass
+    class MatrixoptConfig(OptimConfig):
+        lr: float = 3e-3
+
+        @classmethod
+        def optimizer(cls):
+            return optimizer
+
+        def build_groups(self, model, strict=True):
+            return matrixopt.param_groups(model) if grouped else OptimConfig.build_groups(self, model, strict)
+
+    return MatrixoptConfig()
+
+
+def olmo_run(path, optimizer, batches, grouped=True, load=False, save=False) -> nn.Module:
+    """A few steps of a tiny OLMo-core transformer; state saved and loaded by OLMo-core's DCP
+    functions (``save_model_and_optim_state`` / ``load_model_and_optim_state``)."""
+    from olmo_core.distributed.checkpoint import load_model_and_optim_state, save_model_and_optim_state
+
+    model = olmo_model()
+    opt = olmo_config(optimizer, grouped).build(model)
+    if load:
+        load_model_and_optim_state(path, model, opt)
+    for batch in batches:
+        nn.functional.cross_entropy(model(batch[:, :-1]).reshape(-1, VOCAB), batch[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    if save:
+        save_model_and_optim_state(path, model, opt)
+    return model
+
+
+@pytest.mark.parametrize("name", MATRIXOPT_NAMES)
+def test_olmo_core_config_recipe_trains_and_resumes_exactly(name, tmp_path):
+    optimizer, batches = getattr(matrixopt, name), tokens(8).split(2)
+    whole = olmo_run(tmp_path, optimizer, batches)
+    olmo_run(tmp_path, optimizer, batches[:2], save=True)
+    assert_same_weights(olmo_run(tmp_path, optimizer, batches[2:], load=True), whole)
+
+
+def test_olmo_core_param_groups_route_embedding_and_head_to_the_fallback():
+    model = olmo_model()
+    opt = olmo_config(matrixopt.Muon).build(model)
+    fallback = {id(p) for g in opt.param_groups if not g["matrix"] for p in g["params"]}
+    assert {id(model.embeddings.weight), id(model.lm_head.w_out.weight)} <= fallback
+
+
+def test_olmo_core_groups_without_matrix_cannot_resume(tmp_path):
+    """The same zero-gradient step (torch's get_/set_optimizer_state_dict) as torchtitan's."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    olmo_run(tmp_path, matrixopt.Muon, tokens(4).split(2), grouped=False, save=True)
+    with pytest.raises(CheckpointException, match="embeddings.weight.momentum_buffer"):
+        olmo_run(tmp_path, matrixopt.Muon, [], grouped=False, load=True)
