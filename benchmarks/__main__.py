@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .common import add_common_arguments, write_results
+from .corpora import CORPORA
 from .memory import CONFIGS, PRECISIONS
 from .step import SHAPES
 
@@ -34,6 +35,16 @@ KERNEL_MODULES = ("ns", "lowrank", "projection", "dct")
 def flag(*names, **kwargs) -> tuple[tuple, dict]:
     """One flag of a command: ``parser.add_argument``'s arguments."""
     return names, kwargs
+
+
+#: The flag of the commands that train on a choice of corpora; a run on another corpus than
+#: the default writes ``<command>-<corpus>-…``.
+CORPUS = flag("--corpus", choices=CORPORA, help="the training data (default shakespeare, character level; the "
+              "others are byte-level corpora of other kinds, see benchmarks/corpora.py)")
+
+
+def corpus_suffix(flags: dict) -> str | None:
+    return flags.get("corpus")
 
 
 #: The flags of the commands that train or step a choice of the registry's optimizers.
@@ -117,7 +128,7 @@ COMMANDS = {
                   "(default 2; 0: the grid only)"),
         flag("--dim", type=int, help="model width (overrides the size's default)"),
         flag("--seed", type=int, help="seed of the init and the batches (default 0)"),
-        *RUN_OPTIONS)),
+        CORPUS, *RUN_OPTIONS), results=corpus_suffix),
     "continual": Command("continual", "three text tasks in a row (plays, Python, tragedies): forgetting, plasticity", (
         flag("--steps", type=int, help="training steps per task (overrides the size's default)"),
         flag("--seed", type=int, help="seed of the init and the batches (default 0)"),
@@ -163,7 +174,7 @@ COMMANDS = {
         flag("--widths", type=int, nargs="+", help="model widths (default 64 128 with --quick)"),
         flag("--steps", type=int, nargs="+", help="run lengths (default 200 600 with --quick)"),
         flag("--lr", type=float, help="the peak lr every optimizer runs at (default 3e-3 with --quick)"),
-        *RUN_OPTIONS)),
+        CORPUS, *RUN_OPTIONS), results=corpus_suffix),
     "lean_weights": Command("lean_weights", "bf16 params stored with each master_weights option vs fp32 params "
                                             "under bf16 autocast, several seeds", (
         flag("--seeds", type=int, help="seeds per cell (default 5)"),

@@ -26,9 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .data import Corpus, texts_dir
+from .data import Corpus, load_shakespeare, texts_dir
 
 KINDS = ("verse", "prose", "code", "structured")
+#: What the ``train`` and ``update_rms`` benchmarks' ``--corpus`` takes: their default, the
+#: character-level Shakespeare corpus of :mod:`benchmarks.data`, or one of :data:`KINDS`.
+CORPORA = ("shakespeare", *KINDS)
 BYTES = "".join(map(chr, range(256)))  # the vocabulary: byte b is token b
 DEFAULT_MAX_BYTES = 2_000_000
 
@@ -97,3 +100,8 @@ def load_corpus(kind: str, max_bytes: int = DEFAULT_MAX_BYTES) -> Corpus:
     join = lambda names: torch.frombuffer(bytearray(b"\n\n".join(docs[n] for n in names)), dtype=torch.uint8).long()
     train_names = [n for n in docs if n not in val_names]
     return Corpus(BYTES, join(train_names), join(val_names), train_names, val_names)
+
+
+def named(name: str | None) -> Corpus:
+    """The corpus ``--corpus`` names (:data:`CORPORA`; None: ``"shakespeare"``)."""
+    return load_shakespeare() if name in (None, "shakespeare") else load_corpus(name)

@@ -10,7 +10,10 @@ best sits (so the best is bracketed; one still at an end is flagged in
 AdamW's best lr (AdamW runs first): ``val_loss_at_adamw_lr`` is the loss a user who
 keeps AdamW's tuned lr and weight decay gets, which README promises is a good start. Hidden-layer matrices get the optimizer's matrix rule;
 embedding, head and norms get AdamW (``matrixopt.param_groups``). Validation is on whole
-held-out plays (``benchmarks.data.VAL_PLAYS``); loss is in nats per character.
+held-out plays (``benchmarks.data.VAL_PLAYS``); loss is in nats per character. ``--corpus``
+trains on another corpus instead (:mod:`benchmarks.corpora`: byte-level verse, prose, code or
+structured text, documents held out whole; loss in nats per byte), so that a default can be
+checked on data it was not chosen on.
 
 ``--quick`` is a tiny model for a 2-core CPU (all optimizers and the sweep in a few
 minutes); the default (~19M params, ~5M tokens per run) is sized for one GPU.
@@ -25,7 +28,8 @@ from tqdm import tqdm
 import matrixopt
 
 from .common import default_device
-from .data import batches, eval_windows, load_shakespeare
+from . import corpora
+from .data import batches, eval_windows
 from .model import ModelConfig, Transformer
 from .optimizers import ADAMW, Settings, build, contenders, state_bytes
 
@@ -212,8 +216,9 @@ def sweep(run_at, lrs, extend: int, must_include: float | None = None) -> tuple[
 
 
 def run(quick: bool = False, steps: int | None = None, lrs=None, optimizers=None, device=None,
-        dim: int | None = None, extend: int | None = None, seed: int | None = None):
-    """The sweep and the comparison; returns (table sections, extra JSON, figure)."""
+        dim: int | None = None, extend: int | None = None, seed: int | None = None, corpus: str | None = None):
+    """The sweep and the comparison on ``corpus`` (:data:`benchmarks.corpora.CORPORA`, default
+    Shakespeare); returns (table sections, extra JSON, figure)."""
     cfg = QUICK if quick else TrainConfig()
     if steps is not None:
         cfg = replace(cfg, steps=steps, eval_every=max(1, min(cfg.eval_every, steps // 4)))
@@ -226,7 +231,7 @@ def run(quick: bool = False, steps: int | None = None, lrs=None, optimizers=None
     if seed is not None:   # another init and batch order: how much of a difference is noise
         cfg = replace(cfg, seed=seed)
     device = default_device(device)
-    corpus = load_shakespeare()
+    corpus_name, corpus = corpus or "shakespeare", corpora.named(corpus)
     names, notes = contenders(optimizers)
 
     runs, best, edges = [], {}, {}
@@ -253,7 +258,7 @@ def run(quick: bool = False, steps: int | None = None, lrs=None, optimizers=None
     extra = {
         "config": asdict(cfg), "device": str(device), "params_M": runs[0]["params_M"],
         "tokens_per_run": cfg.steps * cfg.batch_size * cfg.seq_len,
-        "data": {"train_chars": len(corpus.train), "val_chars": len(corpus.val), "vocab": len(corpus.vocab),
+        "data": {"corpus": corpus_name, "train_chars": len(corpus.train), "val_chars": len(corpus.val), "vocab": len(corpus.vocab),
                  "val_plays": corpus.val_plays},
         "curves": {name: r["curve"] for name, r in best.items()},
         "sweep_curves": [{"optimizer": r["optimizer"], "lr": r["lr"], **r["curve"]} for r in runs],

@@ -23,6 +23,9 @@ subspace (exact, not a model: P has orthonormal columns). Variants (e.g.
 ``"matrixopt.Muon[rms=0.6]"``, see :func:`benchmarks.optimizers.parse_variant`) can be
 measured with ``--optimizers``.
 
+``--corpus``: the train benchmark's other corpora (:mod:`benchmarks.corpora`), the data that
+the update's profile, and so the lr that carries over, may depend on.
+
 ``--quick``: the train benchmark's quick model at widths 64 and 128, 200 and 600 steps, at
 lr 3e-3 (AdamW's best on that grid); a few minutes on one CPU thread. Without it, widths
 128, 256 and 512 (the default train model) at 320 and 1000 steps, lr 1e-3, for a GPU.
@@ -35,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from .common import default_device
-from .data import load_shakespeare
+from . import corpora
 from .optimizers import ADAMW, Settings, contenders, is_low_rank, matrixopt_classes, smaller_side_and_rank, variant_of
 from .train import QUICK, TrainConfig, train_one
 
@@ -126,12 +129,12 @@ def low_rank_factor(name: str, params, rank_fraction: float) -> float | None:
     return factors.pop() if len(factors) == 1 else None
 
 
-def run(quick: bool = False, widths=None, steps=None, lr=None, optimizers=None, device=None):
+def run(quick: bool = False, widths=None, steps=None, lr=None, optimizers=None, device=None, corpus=None):
     sizes = QUICK_SIZES if quick else FULL_SIZES
     widths, run_steps, lr = widths or sizes["widths"], steps or sizes["steps"], lr or sizes["lr"]
     base_cfg = QUICK if quick else TrainConfig()
     device = default_device(device)
-    corpus = load_shakespeare()
+    corpus_name, corpus = corpus or "shakespeare", corpora.named(corpus)
     names, notes = contenders(optimizers or DEFAULT_OPTIMIZERS)
     rows, traces = [], []
     total = len(names) * len(widths) * sum(run_steps)
@@ -168,7 +171,7 @@ def run(quick: bool = False, widths=None, steps=None, lr=None, optimizers=None, 
                                    "spectral": [sum(r) / len(r) for r in obs.spectral],
                                    "matrices": obs.names})
     sections = {f"RMS of ΔW/lr over the hidden matrices at peak lr {lr:g}": rows}
-    extra = {"lr": lr, "widths": list(widths), "run_steps": list(run_steps), "windows": WINDOWS,
+    extra = {"corpus": corpus_name, "lr": lr, "widths": list(widths), "run_steps": list(run_steps), "windows": WINDOWS,
              "base_config": {k: v for k, v in vars(base_cfg).items() if k not in ("lrs",)},
              "notes": notes, "traces": traces}
     return sections, extra, figure(traces)

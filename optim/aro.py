@@ -194,8 +194,10 @@ class ARO(MatrixOptimizer):
         qr: "shifted_cholesky" (default) or "householder" (``torch.linalg.qr`` always).
         lr_scaling: "match_adamw" (default: the update has RMS ρ = 0.5,
             :data:`~matrixopt.ops.MATCH_ADAMW_RMS`, so
-            AdamW's lr and weight decay carry over) or "none" (U as is; f already gives
-            entries of RMS ≈ 1 and R preserves it).
+            AdamW's lr and weight decay carry over; Muon's ρ: U's spectral norm is ~1.2×
+            an orthogonalized update's of the same RMS, but ARO's best lr measured the same as
+            Muon's on every corpus tried) or "none" (U as is; f already gives entries of
+            RMS ≈ 1 and R preserves it).
         matmul_dtype: operand dtype of the products with M (default: bf16 on CUDA, fp32
             elsewhere, like Muon's ``ns_dtype``).
         betas, eps: the AdamW fallback's (defaults (0.9, 0.95), 1e-8).

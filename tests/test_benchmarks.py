@@ -498,6 +498,16 @@ def test_update_rms_command(tmp_path):
     assert result["widths"] == [32] and result["run_steps"] == [8, 10]
 
 
+def test_corpus_flag_trains_on_that_corpus_and_names_the_results(tmp_path):
+    paths = cli.main(["update_rms", "--quick", "--widths", "32", "--steps", "3", "--threads", "1", "--corpus", "code",
+                      "--optimizers", optimizers.ADAMW, "--out", str(tmp_path)])
+    assert paths["json"].name.startswith("update_rms-code-")
+    result = written(paths)
+    assert result["corpus"] == "code" and result["sections"]
+    # A byte-level corpus: the model's vocabulary is the 256 bytes, not Shakespeare's 84 characters.
+    assert corpora.named("code").vocab == corpora.BYTES and len(corpora.named(None).vocab) == 84
+
+
 def test_step_command(tmp_path, monkeypatch):
     monkeypatch.setitem(step.EMBEDDING_ROWS, "ci", 96)   # a 96×64 embedding, on each one's AdamW
     result = written(cli.main(["step", "--quick", "--sets", "ci", "--warmup", "1", "--repeats", "2",
