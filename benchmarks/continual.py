@@ -30,12 +30,20 @@ subspace on the matrix rule). The matrices' protection leaked for two reasons, f
 and the history was folded from a rank-r sketch of GaLore's projected gradients, which holds
 few of the input directions a task used.
 
+``python -m benchmarks.continual --quick`` (:func:`run_pairs`) runs the same model on pairs of
+byte-level corpora of different kinds (:mod:`benchmarks.corpora`: prose, code, verse,
+structured text; vocabulary 256), each pair in both orders, several seeds and task lengths,
+every contender at every lr of a grid: forgetting and new-task loss at its own best lr and at
+AdamW's, against AdamW's at its best, their median over pairs × seeds, state and the
+protected history's fill per matrix. Defaults are chosen on that grid, not on one sequence.
+
 Reported: the validation loss of every task after every stage; **forgetting** of task j,
 its loss at the end minus its loss right after it was learned, averaged over the tasks
 before the last; **plasticity**, the loss on each task right after learning it (the newest
 task's at the end).
 """
 import math
+import statistics
 import sysconfig
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -45,10 +53,11 @@ from tqdm import tqdm
 
 import matrixopt
 
-from .common import default_device
+from . import corpora
+from .common import default_device, module_main
 from .data import Corpus, batches, eval_windows, texts_dir
 from .model import ModelConfig, Transformer
-from .optimizers import ADAMW, CONTINUAL, Settings, build
+from .optimizers import ADAMW, CONTINUAL, Settings, build, parse_variant, state_bytes
 from .train import TrainConfig, evaluate, train_step
 
 TRAGEDIES = ("antony_and_cleopatra", "coriolanus", "hamlet", "julius_caesar", "lear", "macbeth", "othello",
@@ -108,10 +117,11 @@ def load_tasks(python_chars: int) -> tuple[str, list[Task]]:
 
 
 def make_optimizer(name: str, model, lr: float, cfg: ContinualConfig):
-    """Contender ``name`` of :data:`~benchmarks.optimizers.CONTINUAL` over ``model``: built by
-    the registry, with the tables on the matrix rule (``tables_on_matrix_rule``) but for torch
-    AdamW; CoSOAdamW with the tables in a group of their own (``table_settings``)."""
-    base, extra, _ = CONTINUAL[name]
+    """Contender ``name`` of :data:`~benchmarks.optimizers.CONTINUAL` (or a variant,
+    ``"matrixopt.CoSOAdamW[history_energy=0.97]"``) over ``model``: built by the registry, with
+    the tables on the matrix rule (``tables_on_matrix_rule``) but for torch AdamW; CoSOAdamW
+    with the tables in a group of their own (``table_settings``)."""
+    base, extra, _ = CONTINUAL.get(name) or parse_variant(name)
     groups = matrixopt.param_groups(model)
     matrices = [pair for g in groups if g["matrix"] for pair in g["params"]]
     others = [pair for g in groups if not g["matrix"] for pair in g["params"]]
@@ -148,7 +158,7 @@ def run_sequence(name: str, lr: float, cfg: ContinualConfig, vocab: str, tasks: 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    losses = []   # losses[stage][task]
+    losses, fills = [], []   # losses[stage][task]; each protected matrix's history after each stage
     for stage, task in enumerate(tasks[:stages]):
         data = batches(task.train, cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(cfg.seed + stage))
         for step in range(cfg.steps):
@@ -158,11 +168,22 @@ def run_sequence(name: str, lr: float, cfg: ContinualConfig, vocab: str, tasks: 
         if hasattr(opt, "end_task"):
             opt.end_task()
         losses.append([evaluate(model, x, y, autocast) for x, y in vals])
+        if isinstance(opt, matrixopt.CoSOAdamW):
+            fills.append(history_fill(model, opt))
     history = {}
     if isinstance(opt, matrixopt.CoSOAdamW):
         counts = [int(s["history_count"].sum()) for s in opt.state.values() if "history_count" in s]
-        history = {"protected_directions": sum(counts), "state_MB": opt.state_bytes() / 2**20}
-    return {"optimizer": name, "lr": lr, "losses": losses, **history}
+        basis = sum(4 * s["history"].shape[-2] * int(s["history_count"].sum())
+                    for s in opt.state.values() if "history_count" in s)
+        history = {"protected_directions": sum(counts), "basis_MB": basis / 2**20, "fill": fills}
+    return {"optimizer": name, "lr": lr, "losses": losses, "state_MB": state_bytes(opt) / 2**20, **history}
+
+
+def history_fill(model, opt) -> dict[str, list[int]]:
+    """Each protected matrix's history after a task: [c, h_max], by param name."""
+    names = {p: n for n, p in model.named_parameters()}
+    return {names[p]: [int(s["history_count"].sum()), s["history"].shape[-1]]
+            for p, s in opt.state.items() if "history_count" in s}
 
 
 def metrics(losses: list[list[float]]) -> dict:
@@ -238,3 +259,156 @@ def figure(runs: dict):
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# -- task pairs: two corpora of different kinds in a row ---------------------------------------
+
+#: Pairs of :mod:`benchmarks.corpora` kinds, each in both orders: prose ↔ code, prose ↔ verse,
+#: code ↔ structured text.
+PAIRS = ("prose:code", "code:prose", "prose:verse", "verse:prose", "code:structured", "structured:code")
+#: AdamW's forgetting below this (nats/byte) is too small for a ratio to it to mean anything:
+#: such a cell's ratio is left empty and out of the medians (its forgetting is still shown).
+MIN_FORGETTING = 0.05
+
+
+def run_pairs(quick: bool = False, device=None, pairs=PAIRS, seeds=(0, 1, 2), steps=(150, 450), lrs=None,
+              optimizers=None, threads=None) -> dict:
+    """Every contender of :data:`CONTINUAL` at every lr of the grid through each pair of byte-level
+    corpora (first task, then the second, ``end_task()`` between), for each seed and task length.
+
+    The cells: each optimizer at its own best lr (the grid's best on the first task alone, as
+    :func:`run`) and at AdamW's; **forgetting** is the first task's validation loss after the
+    second minus after the first, compared with AdamW's at its own best lr; **new-task loss**
+    the second task's at the end, likewise; state and, for CoSOAdamW, the protected history's
+    fill per matrix after each task."""
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = QUICK if quick else ContinualConfig()
+    lrs = tuple(lrs or cfg.lrs)
+    device = default_device(device)
+    names = [n for n in CONTINUAL if not optimizers or n in optimizers]
+    names += [n for n in optimizers or () if parse_variant(n)]
+    kinds = {kind for pair in pairs for kind in pair.split(":")}
+    corpora_ = {kind: corpora.load_corpus(kind) for kind in sorted(kinds)}
+    runs = []
+    with tqdm(total=2 * sum(steps) * len(pairs) * len(seeds) * len(names) * len(lrs), desc="continual pairs",
+              unit="step") as progress:
+        for n_steps in steps:
+            for pair in pairs:
+                tasks = [Task(kind, corpora_[kind].train, corpora_[kind].val) for kind in pair.split(":")]
+                for seed in seeds:
+                    run_cfg = replace(cfg, steps=n_steps, seed=seed)
+                    for name in names:
+                        for lr in lrs:
+                            progress.set_postfix_str(f"{n_steps} {pair} seed {seed} {name} lr={lr:g}")
+                            r = run_sequence(name, lr, run_cfg, corpora.BYTES, tasks, device, progress)
+                            runs.append({"steps": n_steps, "pair": pair, "seed": seed, **r})
+    cells = pair_cells(runs)
+    return {"Median over pairs × seeds (ratios to AdamW at its best lr)": medians(cells, ("steps",)),
+            "Median over seeds, per pair": medians(cells, ("steps", "pair")),
+            "Protected directions per matrix after each task (over pairs, seeds, lrs)": fill_rows(runs),
+            "Every cell": cells, "Every run": [run_row(r) for r in runs]}
+
+
+def fill_rows(runs: list[dict]) -> list[dict]:
+    """Per task length, optimizer and matrix: the median and the most of its protected
+    directions c after each task, against its cap h_max (``max_history``)."""
+    counts = {}
+    for r in runs:
+        for stage, fill in enumerate(r.get("fill", ()), 1):
+            for matrix, (c, h_max) in fill.items():
+                counts.setdefault((r["steps"], r["optimizer"], matrix, h_max), {}).setdefault(stage, []).append(c)
+    rows = []
+    for (steps, name, matrix, h_max), stages in counts.items():
+        row = {"steps": steps, "optimizer": name, "matrix": matrix, "h_max": h_max}
+        for stage, c in stages.items():
+            row.update({f"median_{stage}": median(c), f"most_{stage}": max(c)})
+        rows.append(row)
+    return rows
+
+
+def run_row(r: dict) -> dict:
+    """One run of the grid, flat: losses after each task and the history's fill."""
+    (first, _), (after, new) = r["losses"]
+    row = {k: r[k] for k in ("steps", "pair", "seed", "optimizer", "lr")}
+    row.update(task1_loss=first, forgetting=after - first, new_task_loss=new, state_MB=r["state_MB"])
+    for stage, fill in enumerate(r.get("fill", ()), 1):
+        shares = [c / h for c, h in fill.values()]
+        row[f"fill_mean_{stage}"] = sum(shares) / len(shares)
+        row[f"at_cap_{stage}"] = sum(c == h for c, h in fill.values())
+    if "basis_MB" in r:
+        row["basis_MB"] = r["basis_MB"]
+    return row
+
+
+def pair_cells(runs: list[dict]) -> list[dict]:
+    """The runs of each (steps, pair, seed) at each optimizer's own best lr and at AdamW's,
+    with their ratios to AdamW at its best lr."""
+    rows = [run_row(r) for r in runs]
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["steps"], row["pair"], row["seed"]), []).append(row)
+    cells = []
+    for group in groups.values():
+        best = {}
+        for row in group:
+            if row["optimizer"] not in best or row["task1_loss"] < best[row["optimizer"]]["task1_loss"]:
+                best[row["optimizer"]] = row
+        adamw = best.get("AdamW")
+        for name, own in best.items():
+            at_adamw = [r for r in group if r["optimizer"] == name and adamw and r["lr"] == adamw["lr"]]
+            for rule, row in (("own", own), ("AdamW's", at_adamw[0] if at_adamw else None)):
+                if row is not None and (rule == "own" or name != "AdamW"):
+                    cells.append({**row, "lr_rule": rule, **ratios(row, adamw)})
+    return cells
+
+
+def ratios(row: dict, adamw: dict | None) -> dict:
+    """Forgetting and new-task loss of ``row`` over AdamW's (None where AdamW forgets too
+    little for a ratio, :data:`MIN_FORGETTING`)."""
+    if adamw is None:
+        return {"forgetting_vs_adamw": None, "new_task_vs_adamw": None}
+    meaningful = adamw["forgetting"] >= MIN_FORGETTING
+    return {"forgetting_vs_adamw": row["forgetting"] / adamw["forgetting"] if meaningful else None,
+            "new_task_vs_adamw": row["new_task_loss"] / adamw["new_task_loss"]}
+
+
+def medians(cells: list[dict], by: tuple[str, ...]) -> list[dict]:
+    """Per optimizer, lr rule and ``by``: the median and the worst of the ratios over the cells
+    (the cells without a forgetting ratio counted apart), the median state and fill."""
+    groups = {}
+    for cell in cells:
+        groups.setdefault((*(cell[k] for k in by), cell["optimizer"], cell["lr_rule"]), []).append(cell)
+    rows = []
+    for key, group in groups.items():
+        forgetting = [c["forgetting_vs_adamw"] for c in group if c["forgetting_vs_adamw"] is not None]
+        new = [c["new_task_vs_adamw"] for c in group]
+        row = dict(zip((*by, "optimizer", "lr_rule"), key))
+        row.update(cells=len(group), forgetting_vs_adamw=median(forgetting), worst_forgetting_vs_adamw=max(
+            forgetting, default=None), no_ratio=len(group) - len(forgetting), new_task_vs_adamw=median(new),
+            worst_new_task_vs_adamw=max(new), state_MB=median([c["state_MB"] for c in group]))
+        for k in ("basis_MB", "fill_mean_1", "fill_mean_2", "at_cap_2"):
+            if k in group[0]:
+                row[k] = median([c[k] for c in group])
+        rows.append(row)
+    return rows
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def options(parser) -> None:
+    """``python -m benchmarks.continual``'s flags: the pairs grid."""
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), help="first:second corpus kinds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, nargs="+", default=[150, 450], help="steps per task")
+    parser.add_argument("--lrs", type=float, nargs="+", help="the lr grid (default: the config's)")
+    parser.add_argument("--optimizers", nargs="+",
+                        help='labels of CONTINUAL (default: all), or variants: "matrixopt.CoSOAdamW[key=value, ...]"')
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+if __name__ == "__main__":
+    module_main("continual", run_pairs, options=options,
+                description="task pairs of different kinds (benchmarks.corpora): forgetting, new-task loss, state")

@@ -602,6 +602,36 @@ def test_continual_seed(tmp_path):
     assert runs[None] != runs[1]
 
 
+def test_continual_pairs(tmp_path):
+    """``python -m benchmarks.continual``: every optimizer at every lr through each pair, the
+    cells at its own best first-task lr and at AdamW's, ratios to AdamW at its best, medians."""
+    from benchmarks import continual
+
+    paths = continual.module_main("continual", continual.run_pairs, description="", options=continual.options, argv=[
+        "--quick", "--pairs", "code:prose", "--seeds", "0", "--steps", "2", "--lrs", "3e-3", "1e-2",
+        "--threads", "1", "--optimizers", "AdamW", "CoSOAdamW (both)", "--out", str(tmp_path)])
+    sections = json.loads(paths["json"].read_text())["sections"]
+    runs = sections["Every run"]
+    assert [(r["optimizer"], r["lr"]) for r in runs] == [(n, lr) for n in ("AdamW", "CoSOAdamW (both)")
+                                                         for lr in (3e-3, 1e-2)]
+    best = {n: min((r for r in runs if r["optimizer"] == n), key=lambda r: r["task1_loss"]) for n in ("AdamW",
+                                                                                                 "CoSOAdamW (both)")}
+    cells = sections["Every cell"]
+    assert [(c["optimizer"], c["lr_rule"]) for c in cells] == [("AdamW", "own"), ("CoSOAdamW (both)", "own"),
+                                                               ("CoSOAdamW (both)", "AdamW's")]
+    assert cells[1]["lr"] == best["CoSOAdamW (both)"]["lr"] and cells[2]["lr"] == best["AdamW"]["lr"]
+    for cell in cells:
+        assert cell["new_task_vs_adamw"] == pytest.approx(cell["new_task_loss"] / best["AdamW"]["new_task_loss"])
+        if best["AdamW"]["forgetting"] >= continual.MIN_FORGETTING:
+            assert cell["forgetting_vs_adamw"] == pytest.approx(cell["forgetting"] / best["AdamW"]["forgetting"])
+        else:
+            assert cell["forgetting_vs_adamw"] is None
+    coso = [r for r in runs if r["optimizer"] == "CoSOAdamW (both)"]
+    assert all(0 < r["fill_mean_1"] <= r["fill_mean_2"] <= 1 and r["basis_MB"] < r["state_MB"] for r in coso)
+    medians = sections["Median over pairs × seeds (ratios to AdamW at its best lr)"]
+    assert {(m["optimizer"], m["lr_rule"]) for m in medians} == {(c["optimizer"], c["lr_rule"]) for c in cells}
+
+
 def test_markdown_table_keeps_columns_only_later_rows_have():
     """Rows of one table may differ (a rectangular case has a Gram column, a square one not):
     every column shows, in first-seen order, empty where a row has no value."""

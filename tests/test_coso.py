@@ -36,7 +36,7 @@ class Reference:
     """The rule for one matrix in float64, growing H as a d×c matrix (no padding)."""
 
     def __init__(self, W, *, lr, betas, eps, scale, rank, update_proj_gap, weight_decay=0.0, protect="gradients",
-                 side="right", history_energy=0.9, weight_energy=0.5, max_history=1.0, sketch_rank=None,
+                 side="right", history_energy=0.95, weight_energy=0.5, max_history=1.0, sketch_rank=None,
                  sketch_gap=5, proj_type="std"):
         self.W, self.lr, self.betas, self.eps, self.scale = W.clone(), lr, betas, eps, scale
         self.T, self.wd, self.protect, self.side = update_proj_gap, weight_decay, protect, side
