@@ -287,7 +287,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _route(self, selection: list[tuple[dict, range | list[int]]]) -> None:
         """The bare-params rule's decision for the selected params (:func:`matrixopt.routing.route`)."""
-        self._routing_warned = routing.route(selection, self._param_name, type(self).__name__,
+        self._routing_warned = routing.route(selection, self.state, self._param_name, type(self).__name__,
                                              type(self.fallback).__name__, self._routing_warned)
 
     def _limits(self) -> Limits:

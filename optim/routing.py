@@ -33,8 +33,11 @@ holds no other param with ``ndim >= 2`` to compare it with (an optimizer over on
    a model-sized group).
 
 1 and 4 read shapes; 2 and 3 read the param's own gradient at the first step that updates
-it (whole: an FSDP2 gradient is gathered once; a gradient with a NaN or Inf is not read, the
-param is decided at its next finite one); a step decides 2 and 3 for all its params before
+it (whole: an FSDP2 gradient is gathered once; a gradient with a NaN or Inf, or all zeros —
+the lr-0 step with zero gradients by which ``torch.distributed.checkpoint``'s state-dict
+helpers and torchtitan make a fresh optimizer's state — is not read: the param is decided at
+its next one, follows the shapes' verdict until then, and loses the state those steps made if
+the decision goes the other way); a step decides 2 and 3 for all its params before
 4, and a step in backward decides each param when its gradient is final (the head's comes
 before its embedding's). The order of the params plays no part. The decision is recorded in
 the group (``group["routed"]``, per param True: matrix rule, False: fallback, None: no
@@ -113,20 +116,22 @@ def shape_reason(params: list[Tensor], index: int, tables: set) -> str | None:
     return None
 
 
-#: gradient_reason's answer for a gradient with a NaN or Inf: not read, decided later.
-NONFINITE = "non-finite"
+#: gradient_reason's answer for a gradient that tells nothing (a NaN or Inf, or all zeros:
+#: torch.distributed.checkpoint's and torchtitan's state initialization step): not read, the
+#: param decided at its next gradient.
+UNREAD = "unread"
 
 
 def gradient_reason(params: list[Tensor], index: int, grad: Tensor) -> str | None:
     """Why rules 2 and 3 send ``params[index]`` to the fallback, from its gradient, or None;
-    :data:`NONFINITE` if that gradient (gathered whole, once) has a NaN or Inf."""
+    :data:`UNREAD` if that gradient (gathered whole, once) has a NaN or Inf or is all zeros."""
     p = params[index]
     if p.ndim != 2 or grad.layout != torch.strided or _alone(params, index):   # sparse: the step's check names it
         return None
     g = (grad.full_tensor() if isinstance(grad, DTensor) else grad).float()
-    if not bool(torch.isfinite(g).all()):
-        return NONFINITE
     live = int(g.ne(0).any(dim=1).sum())
+    if not live or not bool(torch.isfinite(g).all()):
+        return UNREAD
     if 0 < live <= (1 - ZERO_ROWS) * g.shape[0]:
         return f"embedding rows ({g.shape[0] - live} of its {g.shape[0]} rows got no gradient)"
     if g.shape[1] >= HEAD_COLUMNS and 1 < g.shape[0] != _width(params):
@@ -138,17 +143,20 @@ def gradient_reason(params: list[Tensor], index: int, grad: Tensor) -> str | Non
     return None
 
 
-def decide(group: dict, indices) -> list[tuple[int, str]]:
+def decide(group: dict, indices) -> tuple[list[tuple[int, str]], list[int]]:
     """Record the decision for the params at ``indices`` of ``group`` (a group the rule
-    routes) that have a gradient (a finite one, for a 2-D param) and none yet (rules 2 and 3
-    first, then 1 and 4); returns (index, reason) of those sent to the fallback. The group's
-    record is replaced, not edited, when anything is decided."""
+    routes) that have a gradient (a finite, nonzero one, for a 2-D param) and none yet (rules 2
+    and 3 first, then 1 and 4); returns (index, reason) of those sent to the fallback, and the
+    indices decided against the shapes' verdict they were routed by until now (their state,
+    made by steps on all-zero gradients, belongs to the other rule). The group's record is
+    replaced, not edited, when anything is decided."""
     params = group["params"]
     decisions = group.get(KEY) or [None] * len(params)
     new, fallback = list(decisions), []
     todo = [i for i in indices if new[i] is None and params[i].grad is not None]
     reasons = {i: gradient_reason(params, i, params[i].grad) for i in todo}
-    todo = [i for i in todo if reasons[i] != NONFINITE]
+    todo = [i for i in todo if reasons[i] != UNREAD]
+    provisional = {i: routed(group, i, params[i]) for i in todo}
     reasons = {i: reasons[i] for i in todo}
     width = _width(params)
     tables = {tuple(params[i].shape) for i, d in enumerate(decisions) if d is False and params[i].ndim == 2}
@@ -161,7 +169,7 @@ def decide(group: dict, indices) -> list[tuple[int, str]]:
             fallback.append((i, reason))
     if new != decisions or KEY not in group:
         group[KEY] = new
-    return fallback
+    return fallback, [i for i in todo if new[i] != provisional[i]]
 
 
 def check_record(group: dict) -> None:
@@ -176,12 +184,20 @@ def check_record(group: dict) -> None:
                          f"({len(group['params'])}), got {decisions!r}")
 
 
-def route(selection: list[tuple[dict, range | list[int]]], name_of, owner: str, fallback: str, warned: bool) -> bool:
+def route(selection: list[tuple[dict, range | list[int]]], state: dict, name_of, owner: str, fallback: str,
+          warned: bool) -> bool:
     """The rule's decision (:func:`decide`) for the selected params of groups without
-    ``matrix`` that have a gradient and none yet; unless ``warned`` (once per optimizer), a
-    warning names the params it sent to the fallback and why. Returns whether it has warned."""
-    routed = [f"{name_of(group, i)}: {reason}" for group, indices in selection
-              if decides(group) for i, reason in decide(group, indices)]
+    ``matrix`` that have a gradient and none yet; a param decided against the rule it was
+    routed to before (by the shapes, while its gradients were all zero) loses the state those
+    steps made (``state``: the optimizer's). Unless ``warned`` (once per optimizer), a warning
+    names the params it sent to the fallback and why. Returns whether it has warned."""
+    routed = []
+    for group, indices in selection:
+        if decides(group):
+            sent, moved = decide(group, indices)
+            routed += [f"{name_of(group, i)}: {reason}" for i, reason in sent]
+            for i in moved:
+                state.pop(group["params"][i], None)
     if not routed or warned:
         return warned
     warnings.warn(f"{owner}: params given without a 'matrix' flag; sent to the fallback ({fallback}) by the "

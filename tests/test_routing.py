@@ -304,6 +304,30 @@ def test_a_non_finite_first_gradient_is_not_read():
     assert routed_to_fallback(net, opt) == {"embed.weight", "lm_head.weight"}
 
 
+@pytest.mark.parametrize("name", ["Muon", "GaLoreAdamW"])
+def test_a_state_dict_before_the_first_step_decides_nothing(name):
+    """torch.distributed.checkpoint's get_optimizer_state_dict makes a fresh optimizer's state by
+    an lr-0 step on all-zero gradients: that step routes by the shapes alone and records
+    nothing; the first real gradient decides as without it, and the tables' state from the
+    zero step (the matrix rule's) is replaced by the fallback's."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    net, batch, kind = build("llama")
+    opt = getattr(matrixopt, name)(net.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_optimizer_state_dict(net, opt)
+        assert all(d is None for p, d in zip(opt.param_groups[0]["params"], opt.param_groups[0]["routed"])
+                   if p.ndim == 2)
+        assert "momentum_buffer" in opt.state[net.embed.weight] or "proj_left" in opt.state[net.embed.weight] \
+            or "proj_right" in opt.state[net.embed.weight]   # the shapes' verdict: the matrix rule
+        loss_of(net, batch, kind).backward()
+        opt.step()
+    assert routed_to_fallback(net, opt) == {"embed.weight", "lm_head.weight"}
+    assert set(opt.state[net.embed.weight]) == {"step", "exp_avg", "exp_avg_sq"}   # AdamW's, fresh
+    assert opt.state[net.embed.weight]["step"] == 1
+
+
 def test_explicit_groups_are_never_decided():
     net, batch, kind = build("llama")
     groups = [{"params": list(net.parameters()), "matrix": True}]
