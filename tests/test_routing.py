@@ -413,11 +413,16 @@ def _fsdp_worker(rank, out):
         net = sharded(dist_model())
         opt = matrixopt.Muon(net.parameters(), lr=0.02)
         dist_train(net, opt, dist_batches(2))
+        # DDP, each rank half of every batch: DDP's averaged gradient is the whole batch's.
+        ddp = torch.nn.parallel.DistributedDataParallel(dist_model())
+        ddp_opt = matrixopt.Muon(ddp.module.parameters(), lr=0.02)
+        dist_train(ddp, ddp_opt, [tokens.chunk(WORLD)[rank] for tokens in dist_batches(2)])
     torch.save(opt.param_groups[0]["routed"], f"{out}/routed{rank}.pt")
+    torch.save(ddp_opt.param_groups[0]["routed"], f"{out}/ddp-routed{rank}.pt")
 
 
 @pytest.mark.distributed
-def test_fsdp2_ranks_decide_as_the_single_process(tmp_path):
+def test_fsdp2_and_ddp_ranks_decide_as_the_single_process(tmp_path):
     net = dist_model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -428,3 +433,4 @@ def test_fsdp2_ranks_decide_as_the_single_process(tmp_path):
     spawn(_fsdp_worker, str(tmp_path))
     for rank in range(WORLD):
         assert torch.load(tmp_path / f"routed{rank}.pt") == want
+        assert torch.load(tmp_path / f"ddp-routed{rank}.pt") == want
