@@ -306,7 +306,7 @@ class CoSOProjector:
         """Whether L and the moments are whole per matrix: GaLore's or Π's projection sums
         over G's rows, or a single row, or split columns
         (:meth:`~matrixopt.projectors.SVDProjector.whole_low`)."""
-        return whole_low(self.left, self.m) or self.split_columns
+        return whole_low(self.left, self.m, self.split_columns)
 
     def low_shape(self, batch: int):
         return self.inner.low_shape(batch)

@@ -251,9 +251,9 @@ class MatrixWork:
         self.scatters = any(held != [owner] for holders, owners in zip(self.holders, self.owners)
                             for held, owner in zip(holders, owners))
 
-    def _local(self, i: int, j: int, tensors: list[Tensor], rank: int | None = None) -> Tensor:
-        """Matrix j of param i as rank ``rank`` (this one) holds it in ``tensors[i]``."""
-        return tensors[i][j - self.boxes[i][self.rank if rank is None else rank].offsets[0]]
+    def _local(self, i: int, j: int, tensors: list[Tensor]) -> Tensor:
+        """Matrix j of param i as this rank holds it in ``tensors[i]``."""
+        return tensors[i][j - self.boxes[i][self.rank].offsets[0]]
 
     # -- the map ---------------------------------------------------------------------------------
     def map(self, fn: Callable, inputs: Sequence[Rows | Whole], outputs: Sequence[Out]) -> tuple[list[Tensor], ...]:
@@ -344,9 +344,7 @@ class MatrixWork:
                     if spec.whole:
                         recv[r].append((tuple(spec.shape), spec.dtype))
                     elif self.rank in self.holders[i][j]:
-                        rows, cols = self._piece(i, self.rank, spec)
-                        shape = torch.empty(spec.shape, device="meta")[rows, cols].shape
-                        recv[r].append((tuple(shape), spec.dtype))
+                        recv[r].append((tuple(self._local_shape(i, spec)), spec.dtype))
         received = self._exchange(send, recv, device, everywhere)
         results = []
         for spec in outputs:
@@ -371,6 +369,7 @@ class MatrixWork:
         return torch.empty((count, *shape), dtype=spec.dtype, device=device)
 
     def _local_shape(self, i: int, spec: Out) -> torch.Size:
+        """The per-matrix shape of this rank's piece of a Rows output ``spec`` of param i."""
         rows, cols = self._piece(i, self.rank, spec)
         return torch.empty(spec.shape, device="meta")[rows, cols].shape
 

@@ -34,10 +34,11 @@ def stored_shape(shape, batched: bool) -> tuple:
     return tuple(shape) if batched else tuple(shape[1:])
 
 
-def whole_low(left: bool, m: int) -> bool:
-    """Whether a projector with a projection summing over rows (``left``) of m-row matrices
-    keeps its low-rank values whole per matrix (see :meth:`SVDProjector.whole_low`)."""
-    return left or m == 1
+def whole_low(left: bool, m: int, split_columns: bool) -> bool:
+    """Whether a projector with a projection summing over rows (``left``) of m-row matrices,
+    whose columns ranks split or not (``split_columns``), keeps its low-rank values whole per
+    matrix (see :meth:`SVDProjector.whole_low`)."""
+    return left or m == 1 or split_columns
 
 
 def _sides(proj_type: str, m: int, n: int) -> tuple[str, ...]:
@@ -109,7 +110,7 @@ class SVDProjector:
         param whose columns are split across ranks (``split_columns``: tensor-parallel
         ``Shard(1)``), where G·V sums over ranks too.
         """
-        return whole_low(self.left, self.m) or self.split_columns
+        return whole_low(self.left, self.m, self.split_columns)
 
     def low_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of the projected gradient of a (batch, m, n) stack."""
@@ -248,7 +249,7 @@ class DCTProjector:
 
     def whole_low(self) -> bool:
         """As :meth:`SVDProjector.whole_low`: a left projection, a single row, split columns."""
-        return whole_low(self.left, self.m) or self.split_columns
+        return whole_low(self.left, self.m, self.split_columns)
 
     def low_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of the projected gradient of a (batch, m, n) stack."""
