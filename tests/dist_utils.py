@@ -2,6 +2,7 @@
 
 Workers are module-level functions (spawned processes import them by name).
 """
+import functools
 import socket
 
 import torch
@@ -157,10 +158,13 @@ def sharded(net):
 class CountingWork:
     """Adds up the matrix FLOPs this rank computed: wraps the ``matrix_map`` each bucket gets
     from ``opt._planner.matrix_map`` so that every work function it runs counts b·m·n·min(m, n) of its
-    first input's stack (b, m, n): the matrices whose whole-matrix work this rank does."""
+    first input's stack (b, m, n): the matrices whose whole-matrix work this rank does. And
+    ``exchanges``: per call of a ``matrix_map``, the all-to-alls and all-gathers it made."""
+
+    EXCHANGES = ("all_to_all_single", "all_gather_single")
 
     def __init__(self, opt):
-        self.flops = 0
+        self.flops, self.exchanges = 0, []
         bucket_map = opt._planner.matrix_map
 
         def counting_bucket_map(*args, **kwargs):
@@ -172,11 +176,24 @@ class CountingWork:
                     self.flops += b * m * n * min(m, n)
                     return fn(*stacks)
 
-                return matrix_map(wrapped, inputs, outputs, entries)
+                saved, calls = {name: getattr(dist, name) for name in self.EXCHANGES}, [0]
+                for name, collective in saved.items():
+                    setattr(dist, name, functools.partial(self._counting, collective, calls))
+                try:
+                    return matrix_map(wrapped, inputs, outputs, entries)
+                finally:
+                    for name, collective in saved.items():
+                        setattr(dist, name, collective)
+                    self.exchanges.append(calls[0])
 
             return counted
 
         opt._planner.matrix_map = counting_bucket_map
+
+    @staticmethod
+    def _counting(collective, calls, *args, **kwargs):
+        calls[0] += 1
+        return collective(*args, **kwargs)
 
 
 def gathered(value: int) -> list[int]:

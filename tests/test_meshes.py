@@ -32,7 +32,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 import matrixopt
 from benchmarks.distributed import LAYOUTS
-from dist_utils import assert_params_close, full_params, spawn
+from dist_utils import CountingWork, assert_params_close, full_params, spawn
 
 WORLD = 4
 DIM, HEAD, VOCAB, HIDDEN, SEQ, BATCH = 16, 4, 12, 38, 6, 8   # TP needs even splits; dp gets 10 + 9 of 19
@@ -205,34 +205,9 @@ def _check_exchanges(data):
         for name in ("fsdp_tp", "hsdp"):
             net = layout(name, llama())
             opt = optimizer(case, net)
-            per_call = _exchanges_per_call(opt)
+            work = CountingWork(opt)
             train(net, opt, data[:2])
-            assert per_call and max(per_call) <= 2, (case, name, per_call)
-
-
-def _exchanges_per_call(opt) -> list[int]:
-    """Wraps each bucket's matrix_map: the list gets the exchanges each call made."""
-    per_call, bucket_map = [], opt._planner.matrix_map
-    names = ("all_to_all_single", "all_gather_single")
-
-    def counting_bucket_map(*args, **kwargs):
-        matrix_map = bucket_map(*args, **kwargs)
-
-        def counted(*map_args, **map_kwargs):
-            saved, calls = {n: getattr(dist, n) for n in names}, [0]
-            for n, fn in saved.items():
-                setattr(dist, n, lambda *a, fn=fn, **k: (calls.__setitem__(0, calls[0] + 1), fn(*a, **k))[1])
-            try:
-                return matrix_map(*map_args, **map_kwargs)
-            finally:
-                for n, fn in saved.items():
-                    setattr(dist, n, fn)
-                per_call.append(calls[0])
-
-        return counted
-
-    opt._planner.matrix_map = counting_bucket_map
-    return per_call
+            assert work.exchanges and max(work.exchanges) <= 2, (case, name, work.exchanges)
 
 
 def _check_training(data):
