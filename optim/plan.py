@@ -191,7 +191,7 @@ class Planner:
         return {**self.__dict__, "_layouts": {}, "_stack_limits": {}}
 
     def buckets(self, group: dict, params: list[Tensor], limits: Limits) -> list[list[Item]]:
-        """The matrices of ``params`` grouped by (m, n, dtype, device, device mesh), in
+        """The matrices of ``params`` grouped by (m, n, dtype, device, device mesh, placement), in
         first-seen order, as :class:`Item`\\ s. A bucket holds at most
         ``max_bucket_elements`` elements (a single larger item makes a bucket of its own),
         and a matrix too large to be stacked (:meth:`stacks`) one of its own."""
