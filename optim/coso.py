@@ -291,7 +291,7 @@ class CoSOProjector:
     refresh_gives_low = False
     dtype = None   # project_back returns the history's dtype: Π is applied in fp32 (or fp64)
 
-    split_columns = False   # as SVDProjector's
+    whole_projections = False   # as SVDProjector's
 
     def __init__(self, inner, side: str, h_max: int, sketch_rank: int | None):
         self.inner, self.side, self.h_max, self.sketch_rank = inner, side, h_max, sketch_rank
@@ -304,9 +304,9 @@ class CoSOProjector:
 
     def whole_low(self) -> bool:
         """Whether L and the moments are whole per matrix: GaLore's or Π's projection sums
-        over G's rows, or a single row, or split columns
+        over G's rows, or a single row, or the param's pieces ask for it
         (:meth:`~matrixopt.projectors.SVDProjector.whole_low`)."""
-        return whole_low(self.left, self.m, self.split_columns)
+        return whole_low(self.left, self.m, self.whole_projections)
 
     def low_shape(self, batch: int):
         return self.inner.low_shape(batch)
@@ -552,7 +552,7 @@ class CoSOAdamW(LowRankAdamW):
         histories = [s["history"] for s in bucket.states]
         counts = [s["history_count"] for s in bucket.states]
         fn = functools.partial(_decayed, proj.side)
-        if proj.side == "left":
+        if proj.side == "left" or proj.whole_projections:   # over rows, or over columns ranks split
             (decays,) = bucket.matrix_map(fn, [Rows(bucket.weights), Whole(histories), Whole(counts)],
                                           [Out(bucket.shape, bucket.weights[0].dtype)])
         else:   # row-local

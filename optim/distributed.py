@@ -67,7 +67,8 @@ right projection ``G·V_r`` (or ``G·Q[:, I]``) of each row block is that block 
 so the low-rank moments are row-sharded like the param; both compute that projection and
 its back-projection ``L·V_rᵀ`` locally, reading a sharded expert stack's bases (or DCT
 indices) through :func:`matrixopt.matrices.local_matrices`. The left projection ``U_rᵀ·G``
-sums over rows, and a right one over columns that TP splits (``Projector.split_columns``):
+sums over rows, and a right one over columns that TP splits (``Projector.whole_projections``,
+also set for a DTensor in row blocks, whose pieces of the blocked view are not its rows):
 rather than add up per-piece partial products (an all-reduce whose summation order would
 differ from the single-process matmul), such projections go through ``matrix_map``
 (computed on the owner of the whole gradient, the result whole on every rank, and so the
@@ -102,6 +103,7 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from .ops import Out, Rows, Whole
+from .precision import BLOCK
 
 MODES = (None, "replicated")
 
@@ -117,13 +119,14 @@ class Box(NamedTuple):
         return 0 in self.sizes
 
 
-def check_placement(p: Tensor, name: str, positional: bool = False) -> None:
+def check_placement(p: Tensor, name: str, positional: bool = False, int8: bool = False) -> None:
     """Reject DTensor layouts whose pieces are not boxes of the param, naming ``p``: partial
     sums (gradients, not params), strided shards that interleave rows, and an N-D (N ≥ 4) param
     split beyond its dim 0 (its (1, d₀, d₁·d₂…) matrix view would interleave the pieces).
     ``positional``: p's state or weight is stored with bits that follow each entry's global
-    index (int8 blocks of a row, stochastic rounding), which needs each piece to be a range
-    of rows (p split on dim 0 only)."""
+    index (stochastic rounding, int8 codes), which needs each piece to be rows, or columns of
+    rows of a 2-D param; ``int8``: its state in int8 blocks of a row
+    (:data:`~matrixopt.precision.BLOCK` entries), which a piece of columns must not cut."""
     if not isinstance(p, DTensor):
         return
     bad = [q for q in p.placements if not isinstance(q, (Shard, _StridedShard, Replicate))]
@@ -138,10 +141,31 @@ def check_placement(p: Tensor, name: str, positional: bool = False) -> None:
     if p.ndim >= 4 and beyond_rows:
         raise ValueError(f"{name} ({p.ndim}-D, placed {tuple(p.placements)}) is split beyond dim 0; "
                          "an N-D param (N ≥ 4) can be split on its dim 0 only")
-    if positional and beyond_rows:
-        raise ValueError(f"{name} is placed {tuple(p.placements)}, split beyond its rows: its state_precision "
-                         "must be 'fp32' and master_weights 'nearest' (int8 blocks and stochastic rounding "
-                         "follow global positions, which a column split breaks); give it a group of its own")
+    if positional and beyond_rows and p.ndim != 2:
+        raise ValueError(f"{name} ({p.ndim}-D, placed {tuple(p.placements)}) is split beyond its rows: its "
+                         "state_precision must be 'fp32' and master_weights 'nearest' (stochastic rounding and "
+                         "int8 codes follow global positions); give it a group of its own")
+    if int8 and beyond_rows and not _whole_int8_blocks(p, boxes):
+        raise ValueError(f"{name} is placed {tuple(p.placements)}: its pieces' columns "
+                         f"{sorted({(b.offsets[1], b.offsets[1] + b.sizes[1]) for b in boxes})} cut its rows' "
+                         f"int8 blocks of {min(BLOCK, p.shape[1])} entries; give it state_precision 'fp32' or "
+                         "'bf16' (a group of its own), or split it where blocks end")
+
+
+def _whole_int8_blocks(p: DTensor, boxes: list[Box]) -> bool:
+    """Whether the pieces of 2-D ``p`` split no int8 block of a row (each starts at a block's
+    first column and ends at a block's end or the row's), so that each rank's blocks and
+    their scales (a (rows, ⌈n/BLOCK⌉) tensor placed like p) are the whole param's."""
+    n = p.shape[1]
+    block = min(BLOCK, n)
+    scales = (p.shape[0], -(-n // block))
+    for box, scale in zip(p_boxes(p), _boxes(scales, p.device_mesh, tuple(p.placements))):
+        (r0, c0), (rs, cs) = box
+        if box.empty:
+            continue
+        if c0 % block or (cs % block and c0 + cs != n) or scale != Box((r0, c0 // block), (rs, -(-cs // block))):
+            return False
+    return True
 
 
 def _overlap(boxes: list[Box]) -> bool:
@@ -179,9 +203,11 @@ def _boxes(shape: tuple, mesh, placements: tuple) -> list[Box]:
     return boxes
 
 
-def my_box(p: DTensor) -> Box:
+def my_box(p: DTensor, shape: Sequence[int] | None = None) -> Box:
+    """This rank's piece of ``p``, or of a tensor of global ``shape`` placed like it."""
     group = mesh_group(p.device_mesh)
-    return p_boxes(p)[dist.get_rank(group)]
+    boxes = p_boxes(p) if shape is None else _boxes(tuple(shape), p.device_mesh, tuple(p.placements))
+    return boxes[dist.get_rank(group)]
 
 
 def dtensor_like(p: DTensor, local: Tensor, shape: Sequence[int] | None = None) -> DTensor:

@@ -17,7 +17,6 @@ For the params selected that have a gradient and elements (:meth:`Executor.step`
    working copies of the weights.
 """
 import functools
-import math
 from typing import Callable, NamedTuple, Protocol
 
 import torch
@@ -26,10 +25,11 @@ from torch import Tensor
 from matrixopt.kernels import host
 
 from .distributed import agree_finite
-from .matrices import first_row, local, rows_of
+from .matrices import entry_span, local, rows_of
 from .plan import Bucket, Item, Limits, Planner, fallback_chunks, group_of
 from .protocols import Fallback
 from .report import warn_once
+from .seeding import Span
 from .state import BlockState, Declarations, RowState, precision_of
 from .weights import ROUNDING_STEP, Masters, mode_of, stored
 
@@ -144,10 +144,10 @@ class Executor:
                 s[ROUNDING_STEP] += 1
 
     def _masters(self, state: dict, group: dict, params: list[Tensor], views: list[Tensor], low_views,
-                 firsts: list[int]) -> Masters:
+                 firsts: list[Span]) -> Masters:
         """The working copies of weight ``views`` of ``params`` (``low_views(j, t)``: entry j's
-        view of a tensor shaped like its param's local shard; ``firsts``: the global index of
-        each view's first entry)."""
+        view of a tensor shaped like its param's local shard; ``firsts``: where each view's
+        entries lie in its whole param)."""
         places = self.planner.layout(group).places(params)
         g = self.place_of(group)
         return Masters(views, [stored(group, p, state[p], (g, i), functools.partial(low_views, j), first)
@@ -213,7 +213,7 @@ class Executor:
             starts = [0 if r is None else r.start for r in rows]
             masters = self._masters(state, group, chunk_params, [rows_of(local(p), r) for p, r in zip(chunk_params, rows)],
                                     lambda j, t: rows_of(local(t), rows[j]),
-                                    [(first_row(p) + r) * math.prod(p.shape[1:]) for p, r in zip(chunk_params, starts)])
+                                    [entry_span(p, row=r) for p, r in zip(chunk_params, starts)])
             self.fallback.update(group, masters.values,
                                  masters.gradients([rows_of(local(p.grad), r) for p, r in zip(chunk_params, rows)]),
                                  views)

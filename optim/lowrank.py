@@ -43,7 +43,7 @@ from torch import Tensor
 from matrixopt.kernels import host
 
 from .batching import LOWRANK
-from .matrices import local_matrices, splits_columns
+from .matrices import local_matrices, whole_projections
 from .ops import Out, Rows, Whole, apply_update, stacked_call
 from .optimizer import MatrixOptimizer
 from .plan import Bucket
@@ -273,23 +273,23 @@ class LowRankAdamW(MatrixOptimizer):
         super().__init__(params, defaults, fallback=fallback, distributed=distributed,
                          process_group=process_group, state_precision=state_precision, master_weights=master_weights)
 
-    def _projector(self, group, m: int, n: int, split_columns: bool = False) -> Projector:
-        """The projector of m×n matrices of ``group``; ``split_columns``: of a param whose
-        columns ranks split (:func:`~matrixopt.matrices.splits_columns`), so that every
-        projection is whole per matrix (``Projector.whole_low``)."""
+    def _projector(self, group, m: int, n: int, whole: bool = False) -> Projector:
+        """The projector of m×n matrices of ``group``; ``whole``: of a param whose pieces need
+        every projection whole per matrix (:func:`~matrixopt.matrices.whole_projections`,
+        ``Projector.whole_low``)."""
         settings = tuple(group[k] for k in self._projector_keys)
-        key = (m, n, settings, split_columns)
+        key = (m, n, settings, whole)
         if key not in self._projectors:
             self._projectors[key] = self._make_projector(m, n, **dict(zip(self._projector_keys, settings)))
-            self._projectors[key].split_columns = split_columns
+            self._projectors[key].whole_projections = whole
         return self._projectors[key]
 
     def _bucket_projector(self, group, bucket) -> Projector:
-        return self._projector(group, *bucket.shape, bucket.split_columns)
+        return self._projector(group, *bucket.shape, bucket.whole_projections)
 
     def _state(self, p, group):
         B, m, n = self._shape(group, p)
-        proj = self._projector(group, m, n, splits_columns(p))
+        proj = self._projector(group, m, n, whole_projections(p, group.get("blocks") is not None))
         batched = p.ndim == 3 or group.get("blocks") is not None
         low = stored_shape(proj.low_shape(B), batched)
         moment = State(low, AT_LEAST_FP32, sharded=not proj.whole_low(), role=MOMENT)

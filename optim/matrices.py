@@ -7,14 +7,19 @@
   k equal blocks are a free (B·k, m/k, n) view; blocks of unequal sizes are separate
   matrices (their state is kept per block).
 - A DTensor param (FSDP2, HSDP, tensor parallel) is updated through its local piece, a box of
-  it (:func:`matrixopt.distributed.p_boxes`).
+  it (:func:`matrixopt.distributed.p_boxes`), and so of its (B, m, n) view; in equal row
+  blocks, a box of the (B·k, m/k, n) view where the piece holds whole blocks, rows inside one
+  block, or columns (:func:`view_boxes`; other pieces are refused by :func:`block_sizes`).
 """
+import functools
 import math
 
+import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from .distributed import Box, my_box, p_boxes
+from .distributed import Box, mesh_group, my_box, p_boxes
+from .seeding import Span
 
 
 def matrix_shape(t: Tensor, blocks: int | None = None) -> tuple[int, int, int]:
@@ -35,21 +40,48 @@ def matrix_shape(t: Tensor, blocks: int | None = None) -> tuple[int, int, int]:
     return B * k, m // k, n
 
 
-def view_boxes(p: Tensor) -> list[Box] | None:
-    """Per rank, the box of ``p``'s (B, m, n) view (see :func:`matrix_shape`) it holds (None:
-    a plain tensor, the same whole on every rank)."""
+def view_boxes(p: Tensor, blocks: int | None = None) -> list[Box | None] | None:
+    """Per rank, the box of ``p``'s (B, m, n) view (see :func:`matrix_shape`; ``blocks``: its
+    equal row blocks) that the rank holds (None: a plain tensor, the same whole on every
+    rank). A piece that is no box of the view (one that cuts across row blocks, see
+    :func:`_blocked_box`) is None in the list."""
     if not isinstance(p, DTensor):
         return None
-    boxes = []
-    for (offsets, sizes) in p_boxes(p):
-        if p.ndim == 1:
+    return _view_boxes(tuple(p.shape), tuple(p_boxes(p)), blocks if p.ndim in (2, 3) else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _view_boxes(shape: tuple, boxes: tuple[Box, ...], blocks: int | None) -> list[Box | None]:
+    out = []
+    for (offsets, sizes) in boxes:
+        if len(shape) == 1:
             offsets, sizes = (0, 0, offsets[0]), (1, 1, sizes[0])
-        elif p.ndim == 2:
+        elif len(shape) == 2:
             offsets, sizes = (0, *offsets), (1, *sizes)
-        elif p.ndim > 3:   # split on dim 0 only (check_placement)
-            offsets, sizes = (0, offsets[0], 0), (1, sizes[0], math.prod(p.shape[1:]))
-        boxes.append(Box(tuple(offsets), tuple(sizes)))
-    return boxes
+        elif len(shape) > 3:   # split on dim 0 only (check_placement)
+            offsets, sizes = (0, offsets[0], 0), (1, sizes[0], math.prod(shape[1:]))
+        box = Box(tuple(offsets), tuple(sizes))
+        out.append(_blocked_box(box, shape[-2] // blocks, blocks) if blocks else box)
+    return out
+
+
+def my_view_box(p: DTensor, blocks: int | None = None) -> Box:
+    """This rank's box of ``p``'s (B, m, n) view (see :func:`view_boxes`)."""
+    return view_boxes(p, blocks)[dist.get_rank(mesh_group(p.device_mesh))]
+
+
+def _blocked_box(box: Box, h: int, k: int) -> Box | None:
+    """``box`` of a (B, m, n) view as a box of its (B·k, h, n) view in row blocks of h rows:
+    whole blocks (rows from a block's first, a multiple of h of them, of one matrix or all rows
+    of each), or rows inside one block; else (rows across a block's edge) None."""
+    (b0, r0, c0), (bs, rs, cs) = box
+    if 0 in box.sizes:
+        return Box((b0 * k, 0, c0), (0, h, cs))
+    if r0 % h == 0 and rs % h == 0 and (bs == 1 or rs == h * k):
+        return Box((b0 * k + r0 // h, 0, c0), (bs * rs // h, h, cs))
+    if bs == 1 and r0 // h == (r0 + rs - 1) // h:
+        return Box((b0 * k + r0 // h, r0 % h, c0), (1, rs, cs))
+    return None
 
 
 def as_matrices(t: Tensor, blocks: int | None = None) -> Tensor:
@@ -59,20 +91,26 @@ def as_matrices(t: Tensor, blocks: int | None = None) -> Tensor:
 
 def block_sizes(name: str, value, p: Tensor) -> list[int] | None:
     """A group's ``blocks`` for ``p`` as row sizes (None: not split); ValueError naming the
-    param unless they split the rows of a 2-D or 3-D, non-DTensor matrix (unequal sizes: of a
-    2-D one)."""
+    param unless they split the rows of a 2-D or 3-D matrix (unequal sizes: of a 2-D, non-DTensor
+    one; equal ones of a DTensor: with each rank's piece whole blocks, rows inside one block,
+    or columns of all rows, see :func:`view_boxes`)."""
     if value is None:
         return None
     sizes = value
     if isinstance(value, int) and not isinstance(value, bool):
         sizes = [p.shape[-2] // value] * value if p.ndim in (2, 3) and value >= 1 else [0]
-    ok = (isinstance(sizes, (list, tuple)) and sizes and p.ndim in (2, 3) and not isinstance(p, DTensor)
+    ok = (isinstance(sizes, (list, tuple)) and sizes and p.ndim in (2, 3)
           and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)
-          and sum(sizes) == p.shape[-2] and (len(set(sizes)) == 1 or p.ndim == 2))
+          and sum(sizes) == p.shape[-2] and (len(set(sizes)) == 1 or (p.ndim == 2 and not isinstance(p, DTensor))))
     if not ok:
         raise ValueError(f"Invalid blocks for {name}: {value!r}; expected a count k or row sizes splitting "
-                         f"the rows of a 2-D (unequal sizes) or 3-D (equal ones), non-DTensor param of "
+                         f"the rows of a 2-D (unequal sizes, not a DTensor) or 3-D (equal ones) param of "
                          f"shape {tuple(p.shape)}")
+    if isinstance(p, DTensor) and None in view_boxes(p, len(sizes)):
+        raise ValueError(f"blocks={value!r} of {name}: its pieces on the mesh (placed {tuple(p.placements)}) cut "
+                         f"across its row blocks of {sizes[0]} rows; each rank must hold whole blocks, rows "
+                         "inside one block, or columns (e.g. fully_shard(..., shard_placement_fn=...) "
+                         "returning Shard(1) for it)")
     return list(sizes)
 
 
@@ -96,15 +134,30 @@ def rows_of(t: Tensor, rows: slice | None) -> Tensor:
     return t if rows is None else t[rows]
 
 
-def first_row(p: Tensor) -> int:
-    """The global index of the first row of this rank's piece of ``p`` (0 for a plain tensor)."""
-    return my_box(p).offsets[0] if isinstance(p, DTensor) else 0
+def entry_span(p: Tensor, shape: tuple | None = None, row: int = 0) -> Span:
+    """Where the entries of this rank's piece of ``p`` (or of a tensor of global ``shape``
+    placed like it: sharded state), from the piece's local row ``row`` on, lie in the whole
+    tensor (a plain tensor: its own, from that row): a range of rows, or some columns of
+    each (a 2-D piece split beyond its rows)."""
+    shape = tuple(p.shape if shape is None else shape)
+    n = math.prod(shape[1:])
+    if not isinstance(p, DTensor):
+        return Span(row * n)
+    (r0, *columns), (_, *widths) = my_box(p, shape)
+    if tuple(widths) == shape[1:]:
+        return Span((r0 + row) * n)
+    return Span((r0 + row) * n + columns[0], widths[0], n)
 
 
-def splits_columns(p: Tensor) -> bool:
-    """Whether some rank holds only part of the columns of ``p``'s (B, m, n) view (its last
-    dim; a 1-D param's only one): a right projection G·V then sums over ranks."""
-    return isinstance(p, DTensor) and any(b.sizes[-1] != p.shape[-1] for b in p_boxes(p) if not b.empty)
+def whole_projections(p: Tensor, blocked: bool = False) -> bool:
+    """Whether the low-rank projections of ``p``'s view matrices are computed whole per matrix
+    (each on the matrix's owner, through ``matrix_map``) rather than on each rank's rows: some
+    rank holds part of their columns (tensor-parallel ``Shard(1)``: a right projection G·V
+    sums over ranks), or p is a DTensor in row blocks (``blocked``; its ranks' pieces of the
+    (B·k, h, n) view are no rows of p's placement)."""
+    if not isinstance(p, DTensor):
+        return False
+    return blocked or any(b.sizes[-1] != p.shape[-1] for b in p_boxes(p) if not b.empty)
 
 
 def local_matrices(p: Tensor, values: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from . import routing, weights
 from .batching import ORTHOGONALIZE
@@ -50,6 +51,13 @@ SHARED_HYPERPARAMETERS = {
     "state_precision": choice(*PRECISIONS),
     "master_weights": choice(*weights.MODES),
 }
+
+
+def _check_placement(p: Tensor, name: str, group: dict) -> None:
+    """:func:`~matrixopt.distributed.check_placement` of ``p`` with what its group stores by
+    global position: state at a lower precision (int8 codes in blocks), master weights."""
+    precision = group.get("state_precision", "fp32")
+    check_placement(p, name, precision != "fp32" or weights.mode_of(group, p) is not None, precision == "int8")
 
 
 class MatrixOptimizer(torch.optim.Optimizer):
@@ -161,7 +169,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             name = self._param_name(group, i)
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters: {name} is {p.dtype}")
-            check_placement(p, name, group.get("state_precision", "fp32") != "fp32" or weights.mode_of(group, p) is not None)
+            _check_placement(p, name, group)
             weights.check(name, p, group)
             if group.get("blocks") is not None and self.is_matrix(group, p, i):
                 block_sizes(name, group["blocks"], p)
@@ -191,8 +199,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _block_sizes(group: dict, p: Tensor) -> list[int] | None:
-        blocks = group.get("blocks")
-        return None if blocks is None else block_sizes("blocks", blocks, p)
+        return block_sizes("blocks", group.get("blocks"), p)
 
     # -- what a rule gives ---------------------------------------------------------------------
     def _state(self, p: Tensor, group: dict) -> dict[str, State]:
@@ -235,8 +242,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         declared = self._state(p, group) if unequal is None else {
             f"{key}.{b}": spec for b, rows in enumerate(unequal)   # one matrix per block, "<key>.<b>"
             for key, spec in self._state(p.detach()[:rows], {**group, "blocks": None}).items()}
-        # Not sharded: blocked params are no DTensors, and blocks' state may lack p's dim 0 ((k, m/k, r) moments).
-        return declared if sizes is None else {key: spec._replace(sharded=False) for key, spec in declared.items()}
+        # Blocks of a plain param: their state may lack p's dim 0 ((k, m/k, r) moments), none is sharded.
+        plain = sizes is not None and not isinstance(p, DTensor)   # a DTensor's: the rule declares by pieces
+        return {key: spec._replace(sharded=False) for key, spec in declared.items()} if plain else declared
 
     # -- the step ------------------------------------------------------------------------------
     @torch.compiler.disable

@@ -17,11 +17,12 @@ from torch.distributed.tensor import DTensor
 
 from .batching import agree, stack_limit
 from .distributed import MatrixWork, mesh_group
-from .matrices import (as_matrices, block_sizes, equal_blocks, first_row, local, matrix_shape, splits_columns,
-                       unequal_blocks, view_boxes)
+from .matrices import (as_matrices, block_sizes, entry_span, equal_blocks, local, matrix_shape, my_view_box,
+                       unequal_blocks, view_boxes, whole_projections)
 from .ops import local_map
 from .routing import KEY as ROUTED
 from .routing import routed
+from .seeding import Span
 from .state import RowState
 from .weights import working_dtype
 
@@ -114,8 +115,9 @@ class Bucket(NamedTuple):
     (:attr:`MatrixOptimizer.unbatched_elements`); a larger one has a bucket of its own.
     ``prepared``: per entry, what the rule's ``_prepare`` computed before the non-finite
     check (None: nothing).
-    ``split_columns``: whether ranks split the matrices' columns (tensor-parallel
-    ``Shard(1)``: a right projection G·V then sums over ranks).
+    ``whole_projections``: whether the low-rank projections of the matrices are computed whole
+    per matrix (:func:`~matrixopt.matrices.whole_projections`: ranks split their columns, or
+    the params are DTensors in row blocks).
     """
     params: list
     weights: list
@@ -131,7 +133,7 @@ class Bucket(NamedTuple):
     counts: list[int]
     stack: bool = True
     prepared: list | None = None
-    split_columns: bool = False
+    whole_projections: bool = False
 
 
 class Limits(NamedTuple):
@@ -228,7 +230,9 @@ class Planner:
         for (p, b), t in zip(items, tensors):
             shape = layout.of(p)
             if b is None:
-                views.append(as_matrices(t, shape.blocks))
+                # A DTensor's piece in row blocks: its box of the (B·k, h, n) view (else the same).
+                blocked = shape.blocks is not None and isinstance(p, DTensor)
+                views.append(t.reshape(my_view_box(p, shape.blocks).sizes) if blocked else as_matrices(t, shape.blocks))
                 shapes.append(shape.shape)
             else:
                 start = sum(shape.row_blocks[:b])
@@ -236,12 +240,11 @@ class Planner:
                 shapes.append((1, shape.row_blocks[b], p.shape[1]))
         return views, shapes
 
-    def first_entries(self, group: dict, items: list[Item]) -> list[int]:
-        """Per item, the global index (in its whole param) of its view's first entry: the
-        rank's first row under FSDP2, a block's first row."""
+    def first_entries(self, group: dict, items: list[Item]) -> list[Span]:
+        """Per item, where its view's entries lie in its whole param
+        (:func:`~matrixopt.matrices.entry_span`): the rank's piece, from a block's first row."""
         layout = self.layout(group)
-        return [(first_row(p) + (0 if b is None else sum(layout.of(p).row_blocks[:b]))) * math.prod(p.shape[1:])
-                for p, b in items]
+        return [entry_span(p, row=0 if b is None else sum(layout.of(p).row_blocks[:b])) for p, b in items]
 
     def bucket(self, group: dict, group_index: int, items: list[Item], loads: dict, limits: Limits,
                grads: bool = True) -> Bucket:
@@ -255,10 +258,10 @@ class Planner:
         _, m, n = shapes[0]
         process_group = group_of(params, self.replicated_group())
         return Bucket(params, weights, grad_views, None, (m, n), isinstance(params[0], DTensor),
-                      process_group is not None, self.matrix_map(params, shapes, loads, process_group),
+                      process_group is not None, self.matrix_map(params, self.layout(group), shapes, loads, process_group),
                       [b for _, b in items], group_index, self.layout(group).places(params), [s[0] for s in shapes],
                       self.stacks(m, n, params[0], working_dtype(group, params[0]), limits, process_group),
-                      split_columns=splits_columns(params[0]))
+                      whole_projections=whole_projections(params[0], self.layout(group).of(params[0]).blocks is not None))
 
     def stacks(self, m: int, n: int, p: Tensor, dtype: torch.dtype, limits: Limits, process_group) -> bool:
         """Whether m×n matrices of params like ``p`` (device, process group), worked on in
@@ -289,7 +292,8 @@ class Planner:
         return self.bucket(group, bucket.group_index, items, loads, limits)._replace(prepared=prepared)
 
     @staticmethod
-    def matrix_map(params: list[Tensor], shapes: list[tuple[int, int, int]], loads: dict, process_group) -> Callable:
+    def matrix_map(params: list[Tensor], layout: GroupLayout, shapes: list[tuple[int, int, int]], loads: dict,
+                   process_group) -> Callable:
         """The ``matrix_map`` of a bucket: :func:`~matrixopt.ops.local_map` in a single
         process (``process_group`` None), else the bucket's owner split over it
         (:class:`~matrixopt.distributed.MatrixWork`; ``loads``: process group → FLOPs of
@@ -298,7 +302,7 @@ class Planner:
             return local_map
         _, m, n = shapes[0]
         load = loads.setdefault(process_group, [0] * torch.distributed.get_world_size(process_group))
-        boxes = [view_boxes(p) for p in params]
+        boxes = [view_boxes(p, layout.of(p).blocks) for p in params]
 
         def work(entries) -> MatrixWork:
             return MatrixWork([shapes[i] for i in entries], [boxes[i] for i in entries], m * n * min(m, n),

@@ -90,7 +90,7 @@ from torch import Tensor
 
 from matrixopt.kernels import host
 
-from .seeding import element_bits, rounding_seed
+from .seeding import Span, element_bits, rounding_seed
 
 PRECISIONS = ("fp32", "bf16", "int8")
 #: Roles a rule gives state in its declaration.
@@ -250,13 +250,14 @@ def zero_codes(role: str):
 
 # -- bf16 with stochastic rounding -----------------------------------------------------------
 
-def round_bf16(x: Tensor, seed: int, offset: int = 0) -> Tensor:
+def round_bf16(x: Tensor, seed: int, offset: int | Span = 0) -> Tensor:
     """x (fp32) stochastically rounded to bf16 (see the module docstring).
 
     The 16 bits bf16 drops are replaced: a random 16-bit r is added to x's bit pattern and
     the low 16 bits are cleared, which rounds |x| up with probability (low bits)/2¹⁶. r of
     entry i is :func:`~matrixopt.seeding.element_bits` of its global index (``offset``: the
-    index of x's first entry in the whole tensor, for a shard) and ``seed``.
+    index of x's first entry in the whole tensor, for a shard of rows; a
+    :class:`~matrixopt.seeding.Span` for a shard of columns) and ``seed``.
     """
     noise = element_bits(x.numel(), seed, offset, x.device)
     bits = (x.float().contiguous().view(torch.int32).reshape(-1) + noise) & -0x10000
@@ -351,10 +352,10 @@ def working(state: dict, declared: dict, precision: str, p: Tensor) -> Working:
     return Working(state, declared, pending, lambda spec: spec.dtype_for(p))
 
 
-def write_back(view: Working, precision: str, place: tuple, offsets: dict[str, int]) -> None:
+def write_back(view: Working, precision: str, place: tuple, offsets: dict[str, Span]) -> None:
     """Store the temporaries of ``view`` (the entries the rule read) into its state: int8
     requantized, bf16 moments stochastically rounded (seeded by ``place``, the key, and the state's rounding counter,
-    advanced here when the view holds such a moment; ``offsets``: key → global index of the local piece's first entry), bases
+    advanced here when the view holds such a moment; ``offsets``: key → where the local piece's entries lie), bases
     rounded to nearest. In place, so each state keeps its storage."""
     state, declared = view.state, view.declared
     if ROUNDING_STEP in state and any(stochastic(declared[key], precision) for key in view.temporaries):

@@ -34,11 +34,12 @@ def stored_shape(shape, batched: bool) -> tuple:
     return tuple(shape) if batched else tuple(shape[1:])
 
 
-def whole_low(left: bool, m: int, split_columns: bool) -> bool:
+def whole_low(left: bool, m: int, whole_projections: bool) -> bool:
     """Whether a projector with a projection summing over rows (``left``) of m-row matrices,
-    whose columns ranks split or not (``split_columns``), keeps its low-rank values whole per
+    of a param whose pieces need every projection whole or not (``whole_projections``, see
+    :func:`~matrixopt.matrices.whole_projections`), keeps its low-rank values whole per
     matrix (see :meth:`SVDProjector.whole_low`)."""
-    return left or m == 1 or split_columns
+    return left or m == 1 or whole_projections
 
 
 def _sides(proj_type: str, m: int, n: int) -> tuple[str, ...]:
@@ -94,7 +95,7 @@ class SVDProjector:
         self.randomized = svd == "randomized"
 
     refresh_gives_low = False
-    split_columns = False   # set by the rule for params whose columns ranks split (tensor parallel)
+    whole_projections = False   # set by the rule for params whose pieces need it (matrices.whole_projections)
 
     def whole_low(self) -> bool:
         """Whether the low-rank gradient and moments are whole per matrix, rather than having
@@ -107,10 +108,10 @@ class SVDProjector:
         is what GaLore's right-projected (1, n) rows (``proj_type="reverse_std"``) have always
         stored. DCT projects a single row on its left side unless n == 1 too, so for DCT this
         differs from "left side only" just for 1×1 matrices. And so is every projection of a
-        param whose columns are split across ranks (``split_columns``: tensor-parallel
-        ``Shard(1)``), where G·V sums over ranks too.
+        param whose columns are split across ranks (tensor-parallel ``Shard(1)``), where G·V
+        sums over ranks too, or which is a DTensor in row blocks (``whole_projections``).
         """
-        return whole_low(self.left, self.m, self.split_columns)
+        return whole_low(self.left, self.m, self.whole_projections)
 
     def low_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of the projected gradient of a (batch, m, n) stack."""
@@ -237,7 +238,7 @@ class DCTProjector:
     randomized = False
     refresh_gives_low = True
 
-    split_columns = False   # as SVDProjector's
+    whole_projections = False   # as SVDProjector's
 
     def __init__(self, rank: int, m: int, n: int, score_norm: int = 1, method: str = "auto",
                  dtype: torch.dtype | None = None):
@@ -248,8 +249,8 @@ class DCTProjector:
         self.score_norm, self.method, self.dtype = score_norm, method, dtype
 
     def whole_low(self) -> bool:
-        """As :meth:`SVDProjector.whole_low`: a left projection, a single row, split columns."""
-        return whole_low(self.left, self.m, self.split_columns)
+        """As :meth:`SVDProjector.whole_low`: a left projection, a single row, ``whole_projections``."""
+        return whole_low(self.left, self.m, self.whole_projections)
 
     def low_shape(self, batch: int) -> tuple[int, int, int]:
         """Shape of the projected gradient of a (batch, m, n) stack."""

@@ -57,9 +57,10 @@ class Projector(Protocol):
     randomized: bool
     refresh_gives_low: bool
     dtype: torch.dtype | None
-    #: Set by the rule (after making the projector) for params whose columns ranks split
-    #: (tensor parallel); ``whole_low`` must then be True.
-    split_columns: bool
+    #: Set by the rule (after making the projector) for params whose pieces need every
+    #: projection whole per matrix (:func:`~matrixopt.matrices.whole_projections`: tensor
+    #: parallel column splits, DTensors in row blocks); ``whole_low`` must then be True.
+    whole_projections: bool
 
     def whole_low(self) -> bool:
         """Whether the low-rank gradient and moments are whole per matrix (identical on every

@@ -6,9 +6,10 @@ resumed run and split of the work (one batch, DDP shares, FSDP2 owners).
   count, stream), computed here without numpy;
 - :func:`rounding_seed`: the seed of a stochastic rounding (of stored state, of weights);
 - :func:`element_bits`: that rounding's random bits per element, a hash of the element's
-  global index and the seed.
+  global index (a shard's: :class:`Span`) and the seed.
 """
 import zlib
+from typing import NamedTuple
 
 import torch
 
@@ -104,14 +105,40 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return ((x >> 16) & 0xFFFF) ^ x
 
 
-def element_bits(n: int, seed: int, offset: int, device) -> torch.Tensor:
-    """16 random bits (int32 in [0, 2¹⁶)) for each of ``n`` consecutive elements, entry i
-    ``hash(hash(offset + i) ^ seed)``: a function of the element's global index (``offset``:
-    the index of the first one in the whole tensor, for a shard or a chunk) and ``seed``
-    only, so every split of a tensor draws the bits the whole one draws."""
-    if offset + n <= 1 << 31:
-        index = torch.arange(offset, offset + n, dtype=torch.int32, device=device)
-    else:   # the global index mod 2³², as int32
-        index = torch.arange(offset, offset + n, dtype=torch.int64, device=device) & 0xFFFFFFFF
-        index = torch.where(index >= 1 << 31, index - (1 << 32), index).to(torch.int32)
-    return _mix32(_mix32(index) ^ _int32(seed)) & 0xFFFF
+class Span(NamedTuple):
+    """Where the entries of a piece of a tensor lie in the whole one, in the piece's order:
+    ``first`` is the global index of its first entry; they come in rows of ``width``
+    consecutive entries, ``stride`` apart (a piece of some columns of a matrix: width = its
+    columns, stride = the matrix's); ``skip``: entries of the piece left out at its start (a
+    chunk of it). A contiguous range (a piece of rows): width = stride."""
+    first: int
+    width: int = 1
+    stride: int = 1
+    skip: int = 0
+
+    def after(self, k: int) -> "Span":
+        """The entries of the piece from its ``k``-th on."""
+        return self._replace(skip=self.skip + k)
+
+    def index(self, n: int, device) -> torch.Tensor:
+        """The global indices of the piece's next ``n`` entries, mod 2³², as int32."""
+        if self.width == self.stride:
+            offset = self.first + self.skip
+            if offset + n <= 1 << 31:
+                return torch.arange(offset, offset + n, dtype=torch.int32, device=device)
+            index = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+        else:
+            k = torch.arange(self.skip, self.skip + n, dtype=torch.int64, device=device)
+            index = self.first + k // self.width * self.stride + k % self.width
+        index = index & 0xFFFFFFFF
+        return torch.where(index >= 1 << 31, index - (1 << 32), index).to(torch.int32)
+
+
+def element_bits(n: int, seed: int, offset: int | Span, device) -> torch.Tensor:
+    """16 random bits (int32 in [0, 2¹⁶)) for each of ``n`` elements, entry i
+    ``hash(hash(g_i) ^ seed)``: a function of the element's global index g_i (``offset``: the
+    index of the first one in the whole tensor, for a shard or a chunk of consecutive entries,
+    or a :class:`Span` for a piece of columns) and ``seed`` only, so every split of a tensor
+    draws the bits the whole one draws."""
+    span = offset if isinstance(offset, Span) else Span(offset)
+    return _mix32(_mix32(span.index(n, device)) ^ _int32(seed)) & 0xFFFF

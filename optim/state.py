@@ -13,7 +13,6 @@ anywhere, this module derives:
 - DTensors for ``torch.distributed.checkpoint`` (:meth:`Declarations.as_dtensors`);
 - the bytes held (:func:`storage_bytes`).
 """
-import math
 from collections.abc import MutableMapping
 from typing import Callable, NamedTuple
 
@@ -23,8 +22,8 @@ from torch.distributed.tensor import DTensor
 
 from matrixopt.kernels import host
 
-from .distributed import dtensor_like
-from .matrices import first_row, local
+from .distributed import dtensor_like, my_box
+from .matrices import entry_span, local
 from .precision import SCALE_SUFFIX, stored, working, write_back
 from .routing import KEY as ROUTED
 
@@ -68,8 +67,8 @@ class State(NamedTuple):
             return 0
         shard = local(p)
         shape = tuple(self.shape)
-        if self.sharded and self.shape:
-            shape = tuple(shard.shape) if shape == tuple(p.shape) else (shard.shape[0], *shape[1:])
+        if self.sharded and self.shape and isinstance(p, DTensor):
+            shape = my_box(p, shape).sizes
         dtype = self.dtype_for(p)
         if self.init is None:
             return torch.zeros(shape, dtype=dtype, device=shard.device)
@@ -194,9 +193,9 @@ class Declarations:
                    first_rows: list[int] | None = None) -> None:
         """Store the temporaries of :meth:`working`'s views (nothing to do at fp32); the
         stochastic rounding is seeded by each param's place (group index, index in it) in
-        ``seeds`` and offset by the global index of the view's first entry (``first_rows``:
-        per param, the local row a view of rows starts at; a shard's rows start at its
-        rank's)."""
+        ``seeds`` and drawn by the global index of each entry of the view
+        (:func:`~matrixopt.matrices.entry_span`; ``first_rows``: per param, the local row a
+        view of rows starts at)."""
         precision = precision_of(group)
         if precision == "fp32":
             return
@@ -205,9 +204,8 @@ class Declarations:
             if id(p) in done:
                 continue
             done.add(id(p))
-            row += first_row(p)
-            offsets = {key: row * math.prod(spec.shape[1:]) for key, spec in view.declared.items()
-                       if row and spec.sharded and spec.shape}
+            offsets = {key: entry_span(p, spec.shape, row) for key, spec in view.declared.items()
+                       if spec.sharded and spec.shape}
             write_back(view, precision, place, offsets)
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from torch.distributed.tensor import DTensor
 
 from .distributed import dtensor_like
 from .matrices import local
-from .seeding import element_bits, rounding_seed
+from .seeding import Span, element_bits, rounding_seed
 from .precision import round_bf16
 from .state import State, counter
 
@@ -102,17 +102,18 @@ def declared(p: Tensor, group: dict) -> dict[str, State]:
 
 class Stored(NamedTuple):
     """How one weight view is stored: ``mode``, its ``low`` bits' view (int8/int16), the
-    rounding ``seed`` and ``offset`` (the global index of the view's first entry)."""
+    rounding ``seed`` and ``offset`` (where the view's entries lie in the whole param: the
+    global index of its first, or a :class:`~matrixopt.seeding.Span`)."""
     mode: str
     low: Tensor | None
     seed: int
-    offset: int
+    offset: int | Span
 
 
-def stored(group: dict, p: Tensor, state: dict, place: tuple, low_view, offset: int) -> Stored | None:
+def stored(group: dict, p: Tensor, state: dict, place: tuple, low_view, offset: int | Span) -> Stored | None:
     """The :class:`Stored` of a view of ``p`` (None: as torch.optim); ``state``: p's state,
     ``place``: (group index, index in group), ``low_view``: the same view of a tensor shaped
-    like p's local shard, ``offset``: the global index of the view's first entry."""
+    like p's local shard, ``offset``: where its entries lie in the whole param."""
     mode = mode_of(group, p)
     if mode is None:
         return None
@@ -159,8 +160,9 @@ def master(weight: Tensor, how: Stored) -> Tensor:
 def store(x: Tensor, weight: Tensor, how: Stored) -> None:
     """Store the fp32 master ``x`` into ``weight`` (and its low bits) as ``how`` says."""
     pieces = _pieces(x, weight) if how.low is None else _pieces(x, weight, how.low)
+    span = how.offset if isinstance(how.offset, Span) else Span(how.offset)
     for start, (x, weight, *low) in pieces:
-        offset = how.offset + start
+        offset = span.after(start)
         if how.mode == "stochastic":
             weight.copy_(round_stochastic(x, weight.dtype, how.seed, offset))
             continue
@@ -172,7 +174,7 @@ def store(x: Tensor, weight: Tensor, how: Stored) -> None:
         weight.copy_(high.to(torch.int16).view(torch.bfloat16))
 
 
-def round_stochastic(x: Tensor, dtype: torch.dtype, seed: int, offset: int = 0) -> Tensor:
+def round_stochastic(x: Tensor, dtype: torch.dtype, seed: int, offset: int | Span = 0) -> Tensor:
     """x (fp32) stochastically rounded to ``dtype`` (bf16 or fp16), unbiased, the bits drawn
     per element's global index (see the module docstring)."""
     if dtype == torch.bfloat16:

@@ -20,8 +20,11 @@ layout after 2 steps loads on a 4×1 FSDP2 mesh, on HSDP and in one process with
 group, every state tensor equal to the saved one, and the run goes on to the reference. And real FSDP+TP training (its own
 forward and backward) of Muon ends within 1e-5 of the single process, and
 ``step_in_backward`` on both 2-D layouts equals their ordinary loop; each call of a bucket's
-whole-matrix work makes at most one exchange each way.
+whole-matrix work makes at most one exchange each way. Params in equal row blocks (fused
+per-head q/k/v, gate/up, a blocked expert stack) as DTensors on 1-D and 2-D meshes equal the
+single process too, params and state.
 """
+import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -295,3 +298,187 @@ def test_fsdp_tp_and_hsdp_match_single_process_and_checkpoints_move_between_layo
                 _resume_single(f"{tmp_path}/{case}-{precision}", case, precision)
             except Exception as e:
                 raise AssertionError(f"{case} at {precision}, resumed in one process: {e}") from e
+
+
+# -- params in row blocks (fused projections: per-head q/k/v) as DTensors --------------------------
+
+BLOCKED = {   # name: (shape, blocks); the pieces below hold whole blocks, rows inside one, or columns
+    "wqkv": ((32, 16), 8),       # 8 heads of 4 rows (GQA q, k, v)
+    "gate_up": ((32, 16), 2),    # 2 blocks of 16 rows
+    "experts": ((4, 16, 8), 2),  # 4 experts, each 2 blocks of 8 rows
+}
+BLOCKED_LAYOUTS = {   # name: (mesh shape, placements per param)
+    "fsdp": ((4,), {"wqkv": ("S0",), "gate_up": ("S0",), "experts": ("S0",)}),
+    "columns": ((4,), {"wqkv": ("S1",), "gate_up": ("S1",), "experts": ("S0",)}),
+    "fsdp_tp": ((2, 2), {"wqkv": ("S0", "S0"), "gate_up": ("S0", "S1"), "experts": ("S0", "R")}),
+    "hsdp": ((2, 2), {"wqkv": ("R", "S0"), "gate_up": ("R", "S0"), "experts": ("R", "S0")}),
+}
+
+
+def _blocked_params(layout_name: str | None) -> dict[str, torch.Tensor]:
+    """The blocked params (seeded), as DTensors placed as ``layout_name`` says (None: plain)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(7)
+    full = {n: torch.randn(shape, generator=g) / 4 for n, (shape, _) in BLOCKED.items()}
+    if layout_name is None:
+        return {n: nn.Parameter(t) for n, t in full.items()}
+    mesh_shape, placements = BLOCKED_LAYOUTS[layout_name]
+    mesh = init_device_mesh("cpu", mesh_shape)
+    kinds = {"S0": Shard(0), "S1": Shard(1), "R": Replicate()}
+    return {n: nn.Parameter(distribute_tensor(t, mesh, [kinds[k] for k in placements[n]], src_data_rank=None))
+            for n, t in full.items()}
+
+
+def _blocked_optimizer(case: str, params: dict, precision: str = "fp32"):
+    name, settings = CASES[case]
+    groups = [{"params": [p], "param_names": [n], "matrix": True, "blocks": BLOCKED[n][1],
+               "state_precision": precision} for n, p in params.items()]
+    return getattr(matrixopt, name)(groups, lr=0.02, weight_decay=0.1, **settings)
+
+
+def _blocked_grads(steps: int) -> list[dict]:
+    g = torch.Generator().manual_seed(11)
+    return [{n: torch.randn(shape, generator=g) for n, (shape, _) in BLOCKED.items()} for _ in range(steps)]
+
+
+def _blocked_run(case, layout_name, grads, precision="fp32", opt=None, params=None):
+    params = params or _blocked_params(layout_name)
+    opt = opt or _blocked_optimizer(case, params, precision)
+    for step_grads in grads:
+        for n, p in params.items():
+            p.grad = step_grads[n].clone() if layout_name is None else placed_like(p, step_grads[n])
+        opt.step()
+    return params, opt
+
+
+def _blocked_worker(rank, checkpoint_dir):
+    grads = _blocked_grads(STEPS)
+    for case in CASES:
+        for precision in ("fp32", "int8"):
+            want, want_opt = _blocked_run(case, None, grads, precision)
+            want_state = _full_state(want_opt)
+            for name in BLOCKED_LAYOUTS if precision == "fp32" else ("fsdp", "hsdp"):   # int8: row pieces
+                try:
+                    got, opt = _blocked_run(case, name, grads, precision)
+                    assert_params_close(full_params(nn.ParameterDict(got)), full_params(nn.ParameterDict(want)), RTOL)
+                    state = _full_state(opt)
+                    assert state.keys() == want_state.keys()
+                    for key, value in want_state.items():   # the same state, laid out as one process's
+                        torch.testing.assert_close(state[key], value, rtol=RTOL, atol=1e-7, msg=str(key))
+                except Exception as e:
+                    raise AssertionError(f"{case} at {precision} on {name}, rank {rank}: {e}") from e
+        # Saved on 2×2 FSDP+TP after 2 steps, loaded on 1-D FSDP2: the run goes on to the reference.
+        params, opt = _blocked_run(case, "fsdp_tp", grads[:2])
+        dcp.save({"optim": get_state_dict(nn.ParameterDict(params), opt)[1]}, checkpoint_id=f"{checkpoint_dir}/{case}")
+        resumed = _blocked_params("fsdp")
+        resumed_opt = _blocked_optimizer(case, resumed)
+        module = nn.ParameterDict(resumed)
+        loaded = {"optim": get_state_dict(module, resumed_opt)[1]}
+        dcp.load(loaded, checkpoint_id=f"{checkpoint_dir}/{case}")
+        set_state_dict(module, resumed_opt, model_state_dict={}, optim_state_dict=loaded["optim"])
+        for n, p in resumed.items():
+            p.data.copy_(placed_like(p, params[n].full_tensor()))
+        _blocked_run(case, "fsdp", grads[2:], opt=resumed_opt, params=resumed)
+        want, _ = _blocked_run(case, None, grads)
+        assert_params_close(full_params(module), full_params(nn.ParameterDict(want)), RTOL)
+    _check_blocked_refusals()
+
+
+def _check_blocked_refusals():
+    """Pieces that cut across row blocks, and unequal blocks of a DTensor, are refused by name."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    w = nn.Parameter(distribute_tensor(torch.randn(24, 8), mesh, [Shard(0)]))   # 6 rows a rank; blocks of 4
+    with pytest.raises(ValueError, match=r"fused\.weight.*cut across its row blocks of 4 rows"):
+        matrixopt.Muon([{"params": [w], "param_names": ["fused.weight"], "blocks": 6}])
+    with pytest.raises(ValueError, match=r"Invalid blocks for fused\.weight.*not a DTensor"):
+        matrixopt.Muon([{"params": [w], "param_names": ["fused.weight"], "blocks": [8, 16]}])
+
+
+def test_blocked_dtensors_match_single_process_on_every_layout(tmp_path):
+    """Params in row blocks (a fused per-head q/k/v, a gate/up pair, an expert stack) as
+    DTensors on 1-D and 2-D meshes, pieces holding whole blocks, rows inside one block or
+    columns: every optimizer equals the single process (params and state), at int8 state
+    too where the pieces are rows; a checkpoint saved on 2×2 resumes on a 1-D mesh."""
+    spawn(_blocked_worker, str(tmp_path), world=WORLD)
+
+
+# -- state and weights stored by global position, on params split by columns (TP's rowwise) --------
+
+WIDE = {"wo": (8, 1024), "head": (8, 1024)}   # head: on the fallback; 1024 columns: whole int8 blocks per piece
+WIDE_LAYOUTS = {"tp": ((4,), ("S1",)), "fsdp_tp": ((2, 2), ("S0", "S1"))}
+STORED = {   # name: (param dtype, group settings)
+    "int8 state": (torch.float32, {"state_precision": "int8"}),
+    "bf16 state": (torch.float32, {"state_precision": "bf16"}),
+    "stochastic bf16 weights, int8 state": (torch.bfloat16, {"master_weights": "stochastic", "state_precision": "int8"}),
+    "int8 master bits": (torch.bfloat16, {"master_weights": "int8"}),
+}
+
+
+def _wide_params(layout_name: str | None, dtype) -> dict[str, torch.Tensor]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(5)
+    full = {n: (torch.randn(shape, generator=g) / 8).to(dtype) for n, shape in WIDE.items()}
+    if layout_name is None:
+        return {n: nn.Parameter(t) for n, t in full.items()}
+    mesh_shape, placements = WIDE_LAYOUTS[layout_name]
+    mesh = init_device_mesh("cpu", mesh_shape)
+    kinds = {"S0": Shard(0), "S1": Shard(1)}
+    return {n: nn.Parameter(distribute_tensor(t, mesh, [kinds[k] for k in placements], src_data_rank=None))
+            for n, t in full.items()}
+
+
+def _wide_run(case, stored, layout_name, grads):
+    dtype, settings = STORED[stored]
+    params = _wide_params(layout_name, dtype)
+    name, rule = CASES[case]
+    opt = getattr(matrixopt, name)([{"params": [p], "param_names": [n], "matrix": n != "head", **settings}
+                                    for n, p in params.items()], lr=0.02, weight_decay=0.1, **rule)
+    for step_grads in grads:
+        for n, p in params.items():
+            full = step_grads[n].to(dtype)
+            p.grad = full if layout_name is None else placed_like(p, full)
+        opt.step()
+    return full_params(nn.ParameterDict(params)), _full_state(opt)
+
+
+def _wide_worker(rank):
+    g = torch.Generator().manual_seed(9)
+    grads = [{n: torch.randn(shape, generator=g) for n, shape in WIDE.items()} for _ in range(STEPS)]
+    for case in CASES:
+        for stored in STORED:
+            want, want_state = _wide_run(case, stored, None, grads)
+            for name in WIDE_LAYOUTS:
+                try:
+                    got, state = _wide_run(case, stored, name, grads)
+                    assert_params_close(got, want, RTOL)
+                    assert state.keys() == want_state.keys()
+                    for key, value in want_state.items():
+                        torch.testing.assert_close(state[key], value, rtol=RTOL, atol=1e-7, msg=str(key))
+                except Exception as e:
+                    raise AssertionError(f"{case}, {stored} on {name}, rank {rank}: {e}") from e
+    _check_wide_refusals()
+
+
+def _check_wide_refusals():
+    """A column split that cuts int8 blocks is refused by name; bf16 state there is not."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w = nn.Parameter(distribute_tensor(torch.randn(8, 512), init_device_mesh("cpu", (WORLD,)), [Shard(1)]))
+    with pytest.raises(ValueError, match=r"wo\.weight is placed .*cut its rows' int8 blocks of 256 entries"):
+        matrixopt.Muon([{"params": [w], "param_names": ["wo.weight"], "state_precision": "int8"}])
+    matrixopt.Muon([{"params": [w], "param_names": ["wo.weight"], "state_precision": "bf16"}])
+
+
+def test_state_and_weights_stored_by_position_on_column_splits_match_single_process():
+    """TP's rowwise weights (split by columns, on a 1-D tp mesh and under FSDP+TP), matrix rule
+    and fallback: int8 and bf16 state, stochastic bf16 weights and int8 master bits draw and
+    store every entry as the single process does (params and state, every optimizer)."""
+    spawn(_wide_worker, world=WORLD)
