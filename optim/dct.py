@@ -1,5 +1,5 @@
 """DCTAdamW: Adam in a low-rank subspace picked from a fixed DCT basis (no SVD)."""
-from .matrices import resolve_rank, unequal_blocks
+from .matrices import resolve_rank, separate_parts
 from .lowrank import LowRankAdamW
 from .projectors import DCTProjector, work_dtype
 from .validation import choice
@@ -83,8 +83,8 @@ class DCTAdamW(LowRankAdamW):
             for p in group["params"]:
                 if not (self.state.get(p) and self.is_matrix(group, p)):
                     continue
-                sizes = unequal_blocks(self._block_sizes(group, p))
-                for m, n in [(rows, p.shape[1]) for rows in sizes] if sizes else [self._shape(group, p)[1:]]:
+                separate = separate_parts(group, p)
+                for m, n in [b.shape[-2:] for b in separate] if separate else [self._shape(group, p)[1:]]:
                     proj = self._projector(group, m, n)
                     bases[(proj.k, p.device, work_dtype(p.dtype))] = proj
         return [t for (_, device, dtype), proj in bases.items()

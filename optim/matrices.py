@@ -5,7 +5,10 @@
   as a single row (1, n).
 - A group's ``blocks`` splits each matrix's rows into blocks, each a matrix of its own:
   k equal blocks are a free (B·k, m/k, n) view; blocks of unequal sizes are separate
-  matrices (their state is kept per block).
+  matrices (their state is kept per block). With the group's ``block_axis="columns"`` the
+  blocks split the columns instead (a fused projection stored (in, out), as transformers'
+  ``Conv1D``, or an expert stack (E, d, 2·f)): each block is a separate matrix (its view a
+  strided slice of the param; its state kept per block), whatever the sizes.
 - A DTensor param (FSDP2, HSDP, tensor parallel) is updated through its local piece, a box of
   it (:func:`matrixopt.distributed.p_boxes`), and so of its (B, m, n) view; in equal row
   blocks, a box of the (B·k, m/k, n) view where the piece holds whole blocks, rows inside one
@@ -89,24 +92,38 @@ def as_matrices(t: Tensor, blocks: int | None = None) -> Tensor:
     return t.reshape(matrix_shape(t, blocks))
 
 
-def block_sizes(name: str, value, p: Tensor) -> list[int] | None:
-    """A group's ``blocks`` for ``p`` as row sizes (None: not split); ValueError naming the
-    param unless they split the rows of a 2-D or 3-D matrix (unequal sizes: of a 2-D, non-DTensor
-    one; equal ones of a DTensor: with each rank's piece whole blocks, rows inside one block,
-    or columns of all rows, see :func:`view_boxes`)."""
+#: A group's ``block_axis`` values: the side of each matrix its ``blocks`` split.
+BLOCK_AXES = ("rows", "columns")
+
+
+def block_axis(group: dict) -> str:
+    """The side a group's ``blocks`` split: "rows" (the default) or "columns"."""
+    return group.get("block_axis") or "rows"
+
+
+def block_sizes(name: str, value, p: Tensor, axis: str = "rows") -> list[int] | None:
+    """A group's ``blocks`` for ``p`` as sizes along ``axis`` (None: not split); ValueError
+    naming the param unless they split the rows of a 2-D (unequal sizes) or 3-D (equal ones)
+    matrix, or the columns of a 2-D or 3-D one. A DTensor takes equal row blocks only, where
+    each rank's piece holds whole blocks, rows inside one block, or columns of all rows (see
+    :func:`view_boxes`)."""
     if value is None:
         return None
+    dim = -2 if axis == "rows" else -1
     sizes = value
     if isinstance(value, int) and not isinstance(value, bool):
-        sizes = [p.shape[-2] // value] * value if p.ndim in (2, 3) and value >= 1 else [0]
+        sizes = [p.shape[dim] // value] * value if p.ndim in (2, 3) and value >= 1 else [0]
+    dtensor = isinstance(p, DTensor)
     ok = (isinstance(sizes, (list, tuple)) and sizes and p.ndim in (2, 3)
           and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)
-          and sum(sizes) == p.shape[-2] and (len(set(sizes)) == 1 or (p.ndim == 2 and not isinstance(p, DTensor))))
+          and sum(sizes) == p.shape[dim] and (len(set(sizes)) == 1 or (p.ndim == 2 and not dtensor)
+                                              or (axis == "columns" and not dtensor))
+          and not (dtensor and axis == "columns"))
     if not ok:
-        raise ValueError(f"Invalid blocks for {name}: {value!r}; expected a count k or row sizes splitting "
-                         f"the rows of a 2-D (unequal sizes, not a DTensor) or 3-D (equal ones) param of "
-                         f"shape {tuple(p.shape)}")
-    if isinstance(p, DTensor) and None in view_boxes(p, len(sizes)):
+        raise ValueError(f"Invalid blocks for {name}: {value!r} (block_axis {axis!r}); expected a count k or "
+                         f"sizes splitting the {axis} of a 2-D or 3-D param of shape {tuple(p.shape)} (rows of a "
+                         f"3-D one or of a DTensor: equal sizes; columns: not of a DTensor)")
+    if dtensor and None in view_boxes(p, len(sizes)):
         raise ValueError(f"blocks={value!r} of {name}: its pieces on the mesh (placed {tuple(p.placements)}) cut "
                          f"across its row blocks of {sizes[0]} rows; each rank must hold whole blocks, rows "
                          "inside one block, or columns (e.g. fully_shard(..., shard_placement_fn=...) "
@@ -114,14 +131,47 @@ def block_sizes(name: str, value, p: Tensor) -> list[int] | None:
     return list(sizes)
 
 
-def equal_blocks(sizes: list[int] | None) -> int | None:
-    """The count of a split into equal row blocks (None: not split, or unequal blocks)."""
-    return len(sizes) if sizes and len(set(sizes)) == 1 else None
+def equal_blocks(sizes: list[int] | None, axis: str = "rows") -> int | None:
+    """The count of a split into equal row blocks, viewed as more matrices of the param's
+    (B, m, n) view (None: not split, or split into separate blocks)."""
+    return len(sizes) if sizes and len(set(sizes)) == 1 and axis == "rows" else None
 
 
-def unequal_blocks(sizes: list[int] | None) -> list[int] | None:
-    """The row sizes of a split into blocks of different sizes (None otherwise)."""
-    return sizes if sizes and len(set(sizes)) > 1 else None
+def separate_blocks(sizes: list[int] | None, axis: str = "rows") -> list[int] | None:
+    """The sizes of a split into blocks that are separate matrices, each with its own state:
+    row blocks of different sizes, or any column blocks (None otherwise)."""
+    return sizes if sizes and (len(set(sizes)) > 1 or axis == "columns") else None
+
+
+def block_of(t: Tensor, sizes: list[int], b: int, axis: str) -> Tensor:
+    """Block ``b`` of ``t`` (a param, its gradient, a tensor shaped like it) split into
+    ``sizes`` along ``axis``: a view with t's ndim (a strided one for columns)."""
+    start = sum(sizes[:b])
+    return t.narrow(-2 if axis == "rows" else -1, start, sizes[b])
+
+
+def separate_parts(group: dict, p: Tensor) -> list[Tensor] | None:
+    """``p``'s blocks under ``group``'s ``blocks`` and ``block_axis`` that are separate
+    matrices (:func:`separate_blocks`), each a view of ``p.detach()`` (:func:`block_of`);
+    None if it has none."""
+    axis = block_axis(group)
+    sizes = separate_blocks(block_sizes("blocks", group.get("blocks"), p, axis), axis)
+    return sizes and [block_of(p.detach(), sizes, b, axis) for b in range(len(sizes))]
+
+
+def block_matrices(t: Tensor, sizes: list[int], b: int, axis: str) -> Tensor:
+    """Block ``b`` of ``t`` as its (B, m, n) view (:func:`block_of`)."""
+    block = block_of(t, sizes, b, axis)
+    return block if block.ndim == 3 else block.unsqueeze(0)
+
+
+def block_offset(p: Tensor, sizes: list[int], b: int, axis: str) -> Span:
+    """Where the entries of ``p``'s block ``b`` (split into ``sizes`` along ``axis``) lie in
+    the whole param (:func:`entry_span`; a column block: some columns of every row), what
+    stochastic rounding draws its bits by: the bits the unsplit param would draw."""
+    if axis == "rows":
+        return entry_span(p, row=sum(sizes[:b]))
+    return Span(sum(sizes[:b]), sizes[b], p.shape[-1])
 
 
 def local(t: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ from .batching import ORTHOGONALIZE
 from .distributed import MODES, check_placement
 from .execute import Executor, NonFinite
 from .fallback import AdamW
-from .matrices import block_sizes, equal_blocks, matrix_shape, unequal_blocks
+from .matrices import BLOCK_AXES, block_axis, block_sizes, equal_blocks, matrix_shape, separate_parts
 from .plan import Bucket, Limits, Planner, is_matrix
 from .precision import PRECISIONS
 from .state import Declarations, State, storage_bytes
@@ -164,6 +164,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._validate_hyperparameters(group)
         if "matrix" in group:
             choice(None, True, False)("matrix", group["matrix"])
+        choice(None, *BLOCK_AXES)("block_axis", group.get("block_axis"))
         routing.check_record(group)
         for i, p in enumerate(group["params"]):
             name = self._param_name(group, i)
@@ -172,7 +173,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             _check_placement(p, name, group)
             weights.check(name, p, group)
             if group.get("blocks") is not None and self.is_matrix(group, p, i):
-                block_sizes(name, group["blocks"], p)
+                block_sizes(name, group["blocks"], p, block_axis(group))
 
     # -- naming and routing --------------------------------------------------------------------
     def _param_name(self, group: dict, index: int) -> str:
@@ -194,12 +195,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return is_matrix(group, p, index)
 
     def _shape(self, group: dict, p: Tensor) -> tuple[int, int, int]:
-        """p's (B, m, n) matrix view in ``group`` (its equal ``blocks`` applied)."""
-        return matrix_shape(p, equal_blocks(self._block_sizes(group, p)))
+        """p's (B, m, n) matrix view in ``group`` (its equal row ``blocks`` applied)."""
+        return matrix_shape(p, equal_blocks(self._block_sizes(group, p), block_axis(group)))
 
     @staticmethod
     def _block_sizes(group: dict, p: Tensor) -> list[int] | None:
-        return block_sizes("blocks", group.get("blocks"), p)
+        return block_sizes("blocks", group.get("blocks"), p, block_axis(group))
 
     # -- what a rule gives ---------------------------------------------------------------------
     def _state(self, p: Tensor, group: dict) -> dict[str, State]:
@@ -237,11 +238,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """p's state as the rule (or the fallback) declares it and sees it in its update."""
         if not self.is_matrix(group, p):
             return self.fallback.state(p, group)
-        sizes = self._block_sizes(group, p)
-        unequal = unequal_blocks(sizes)
-        declared = self._state(p, group) if unequal is None else {
-            f"{key}.{b}": spec for b, rows in enumerate(unequal)   # one matrix per block, "<key>.<b>"
-            for key, spec in self._state(p.detach()[:rows], {**group, "blocks": None}).items()}
+        sizes, separate = self._block_sizes(group, p), separate_parts(group, p)
+        declared = self._state(p, group) if separate is None else {
+            f"{key}.{b}": spec for b, block in enumerate(separate)   # one matrix per block, "<key>.<b>"
+            for key, spec in self._state(block, {**group, "blocks": None, "block_axis": None}).items()}
         # Blocks of a plain param: their state may lack p's dim 0 ((k, m/k, r) moments), none is sharded.
         plain = sizes is not None and not isinstance(p, DTensor)   # a DTensor's: the rule declares by pieces
         return {key: spec._replace(sharded=False) for key, spec in declared.items()} if plain else declared

@@ -1,8 +1,10 @@
 """The planner: a step's param groups as typed plans of work.
 
-Per group, once (:class:`GroupLayout`, cached until the group's params' list, ``blocks`` or
-``matrix`` changes, or a param a step updates is another tensor or has another shape): which params are matrices, how each is seen ((B, m, n), equal or unequal
-row blocks) and its index in the group. Per step: the group's matrices in :class:`Bucket`\\ s
+Per group, once (:class:`GroupLayout`, cached until the group's params' list, ``blocks``,
+``block_axis`` or ``matrix`` changes, or a param a step updates is another tensor or has
+another shape): which params are matrices, how each is seen ((B, m, n), equal row blocks, or
+blocks that are separate matrices: unequal row blocks, column blocks) and its index in the
+group. Per step: the group's matrices in :class:`Bucket`\\ s
 of same-shape matrices (:meth:`Planner.buckets`, :meth:`Planner.bucket`), its fallback
 params, and the ``matrix_map`` each bucket's whole-matrix work runs through
 (:meth:`Planner.matrix_map`: single process or owner ranks).
@@ -17,8 +19,8 @@ from torch.distributed.tensor import DTensor
 
 from .batching import agree, stack_limit
 from .distributed import MatrixWork, mesh_group
-from .matrices import (as_matrices, block_sizes, entry_span, equal_blocks, local, matrix_shape, my_view_box,
-                       unequal_blocks, view_boxes, whole_projections)
+from .matrices import (as_matrices, block_axis, block_matrices, block_offset, block_sizes, entry_span, equal_blocks,
+                       local, matrix_shape, my_view_box, separate_blocks, view_boxes, whole_projections)
 from .ops import local_map
 from .routing import KEY as ROUTED
 from .routing import routed
@@ -43,14 +45,16 @@ class ParamLayout(NamedTuple):
     """How a group sees one of its params. ``index``: its place in the group's params;
     ``param_shape``: its shape when the layout was made; ``matrix``: routed to the matrix
     rule; ``shape``: its (B, m, n) view (equal blocks applied); ``blocks``: the count of equal
-    row blocks, or None; ``row_blocks``: the row sizes of blocks of unequal sizes (each its
-    own matrix), or None."""
+    row blocks, or None; ``separate``: the sizes of blocks that are separate matrices (each
+    with its own state: unequal row blocks, column blocks), or None; ``axis``: the side
+    ``separate`` splits ("rows" or "columns")."""
     index: int
     param_shape: torch.Size
     matrix: bool
     shape: tuple[int, int, int]
     blocks: int | None
-    row_blocks: list[int] | None
+    separate: list[int] | None
+    axis: str = "rows"
 
 
 class GroupLayout(NamedTuple):
@@ -75,22 +79,24 @@ class GroupLayout(NamedTuple):
 def _signature(group: dict) -> tuple:
     """What a group's layout is made from, bar its params one by one (see
     :meth:`GroupLayout.holds`): the params' list and length, the group's ``blocks``,
-    ``matrix`` and routing record (replaced, never edited, by :func:`matrixopt.routing.decide`)."""
+    ``block_axis``, ``matrix`` and routing record (replaced, never edited, by
+    :func:`matrixopt.routing.decide`)."""
     params = group["params"]
-    return id(params), len(params), repr(group.get("blocks")), group.get("matrix"), id(group.get(ROUTED))
+    return (id(params), len(params), repr(group.get("blocks")), block_axis(group), group.get("matrix"),
+            id(group.get(ROUTED)))
 
 
 def param_layout(group: dict, index: int, p: Tensor) -> ParamLayout:
     """How ``group`` sees ``p``, its param ``index``."""
-    matrix = is_matrix(group, p, index)
-    sizes = block_sizes("blocks", group.get("blocks"), p) if matrix else None
-    blocks = equal_blocks(sizes)
-    return ParamLayout(index, p.shape, matrix, matrix_shape(p, blocks), blocks, unequal_blocks(sizes))
+    matrix, axis = is_matrix(group, p, index), block_axis(group)
+    sizes = block_sizes("blocks", group.get("blocks"), p, axis) if matrix else None
+    blocks = equal_blocks(sizes, axis)
+    return ParamLayout(index, p.shape, matrix, matrix_shape(p, blocks), blocks, separate_blocks(sizes, axis), axis)
 
 
 class Item(NamedTuple):
     """One entry of a bucket: ``block`` None for all of a param's (B, m, n) matrices, b for
-    block b of a param split into row blocks of unequal sizes."""
+    block b of a param split into blocks that are separate matrices."""
     param: Tensor
     block: int | None
 
@@ -106,8 +112,7 @@ class Bucket(NamedTuple):
     ``distributed``: whether their matrix work spans ranks (FSDP2, or replicated params).
     ``matrix_map``: runs whole-matrix work (see :meth:`MatrixOptimizer._update`).
     ``blocks``: per entry, None (all of the param's matrices) or b (block b of a param split
-    into blocks of unequal sizes; then ``params`` repeats the param and ``states`` is the
-    block's).
+    into separate blocks; then ``params`` repeats the param and ``states`` is the block's).
     ``group_index``: the group's index in the optimizer; ``places``: per entry, the param's
     index in its group (together they name and seed it).
     ``counts``: per entry, the matrices it holds (B_i).
@@ -202,12 +207,13 @@ class Planner:
         for p in params:
             key = (working_dtype(group, p), p.device, getattr(p, "device_mesh", None), getattr(p, "placements", None))
             shape = layout.of(p)
-            if shape.row_blocks is None:
+            if shape.separate is None:
                 _, m, n = shape.shape
                 buckets[(m, n, *key)].append((Item(p, None), p.numel()))
             else:
-                for b, rows in enumerate(shape.row_blocks):
-                    buckets[(rows, p.shape[1], *key)].append((Item(p, b), rows * p.shape[1]))
+                for b in range(len(shape.separate)):
+                    B, m, n = block_matrices(p, shape.separate, b, shape.axis).shape
+                    buckets[(m, n, *key)].append((Item(p, b), B * m * n))
         chunks = []
         for key, bucket in buckets.items():
             first = bucket[0][0].param
@@ -235,16 +241,17 @@ class Planner:
                 views.append(t.reshape(my_view_box(p, shape.blocks).sizes) if blocked else as_matrices(t, shape.blocks))
                 shapes.append(shape.shape)
             else:
-                start = sum(shape.row_blocks[:b])
-                views.append(t[start:start + shape.row_blocks[b]].unsqueeze(0))
-                shapes.append((1, shape.row_blocks[b], p.shape[1]))
+                views.append(block_matrices(t, shape.separate, b, shape.axis))
+                shapes.append(tuple(views[-1].shape))
         return views, shapes
 
     def first_entries(self, group: dict, items: list[Item]) -> list[Span]:
-        """Per item, where its view's entries lie in its whole param
-        (:func:`~matrixopt.matrices.entry_span`): the rank's piece, from a block's first row."""
+        """Per item, where its view's entries lie in its whole param: the rank's piece
+        (:func:`~matrixopt.matrices.entry_span`), a block's
+        (:func:`~matrixopt.matrices.block_offset`)."""
         layout = self.layout(group)
-        return [entry_span(p, row=0 if b is None else sum(layout.of(p).row_blocks[:b])) for p, b in items]
+        return [entry_span(p) if b is None else block_offset(p, layout.of(p).separate, b, layout.of(p).axis)
+                for p, b in items]
 
     def bucket(self, group: dict, group_index: int, items: list[Item], loads: dict, limits: Limits,
                grads: bool = True) -> Bucket:

@@ -152,16 +152,26 @@ def master(weight: Tensor, how: Stored) -> Tensor:
         return weight.float()
     out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
     shift = 8 if how.mode == "int8" else 0
-    for _, (x, w, low) in _pieces(out, weight, how.low):
+    for _, (x, w, low) in _pieces(out, weight.contiguous(), how.low.contiguous()):
         x.view(torch.int32).copy_((w.view(torch.int16).to(torch.int32) << 16) + (low.to(torch.int32) << shift))
     return out
 
 
 def store(x: Tensor, weight: Tensor, how: Stored) -> None:
-    """Store the fp32 master ``x`` into ``weight`` (and its low bits) as ``how`` says."""
-    pieces = _pieces(x, weight) if how.low is None else _pieces(x, weight, how.low)
+    """Store the fp32 master ``x`` into ``weight`` (and its low bits) as ``how`` says; a
+    strided view (a column block) through contiguous copies, copied into it after."""
+    views = (weight,) if how.low is None else (weight, how.low)
+    stores = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format) for t in views]
+    _store(x.contiguous(), how, *stores)
+    for view, stored_ in zip(views, stores):
+        if stored_ is not view:
+            view.copy_(stored_)
+
+
+def _store(x: Tensor, how: Stored, *targets: Tensor) -> None:
+    """:func:`store` into contiguous ``targets`` (the weight, and its low bits if kept)."""
     span = how.offset if isinstance(how.offset, Span) else Span(how.offset)
-    for start, (x, weight, *low) in pieces:
+    for start, (x, weight, *low) in _pieces(x, *targets):
         offset = span.after(start)
         if how.mode == "stochastic":
             weight.copy_(round_stochastic(x, weight.dtype, how.seed, offset))

@@ -219,6 +219,44 @@ def test_litgpt_class_path_recipe_trains_and_resumes_exactly(tmp_path):
     assert_same_weights(resumed, whole)
 
 
+def test_litgpt_pretrain_cli_with_a_class_path_optimizer(tmp_path):
+    """``litgpt pretrain --optimizer '{"class_path": "matrixopt.Muon", ...}'`` itself (a
+    subprocess: its jsonargparse CLI, torch.compile'd model, Fabric loop and checkpoint), with
+    a data module that needs no data extras: the bare params are routed (embedding and head to
+    AdamW, the fused qkv to Muon) and the loss falls."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    litgpt = pytest.importorskip("litgpt")
+    config = dict(n_layer=2, n_head=4, n_query_groups=2, n_embd=64, block_size=SEQ, vocab_size=VOCAB,
+                  padded_vocab_size=VOCAB, bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+                  intermediate_size=128)
+    (tmp_path / "config.yaml").write_text("model_name: tiny\nmodel_config:\n  name: tiny\n"
+                                          + "".join(f"  {k}: {v}\n" for k, v in config.items()))
+    args = ["--config", "config.yaml", "--out_dir", "out", "--precision", "32-true", "--devices", "1",
+            "--logger_name", "csv", "--data", "litgpt_cli_data.Counting", "--train.micro_batch_size", "4",
+            "--train.global_batch_size", "4", "--train.max_tokens", str(12 * 4 * SEQ), "--train.lr_warmup_steps", "0",
+            "--train.max_seq_length", str(SEQ), "--train.log_interval", "1", "--eval.interval", "1000",
+            "--eval.max_iters", "1", "--optimizer", '{"class_path": "matrixopt.Muon", "init_args": {"lr": 3e-3}}']
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "litgpt", "pretrain", *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [float(line.split("loss train: ")[1].split(",")[0]) for line in run.stdout.splitlines()
+              if "loss train: " in line]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.5, losses
+    saved = torch.load(tmp_path / "out" / "final" / "lit_model.pth", weights_only=False)["optimizer"]
+    names = [n for n, _ in litgpt.GPT(litgpt.Config(**config)).named_parameters()]
+    (group,) = saved["param_groups"]
+    routed = dict(zip([names[i] for i in group["params"]], group["routed"]))
+    assert routed["transformer.wte.weight"] is False and routed["lm_head.weight"] is False
+    assert routed["transformer.h.0.attn.qkv.weight"] is True
+    assert set(saved["state"][names.index("transformer.wte.weight")]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(saved["state"][names.index("transformer.h.0.attn.qkv.weight")]) == {"momentum_buffer"}
+
+
 def test_litgpt_with_step_in_backward_equals_its_loop_and_peaks_lower():
     batches, runs = tokens(8).split(2), []
     for in_backward in (False, True):

@@ -387,7 +387,7 @@ def _blocked_worker(rank, checkpoint_dir):
 
 
 def _check_blocked_refusals():
-    """Pieces that cut across row blocks, and unequal blocks of a DTensor, are refused by name."""
+    """Pieces that cut across row blocks, and unequal or column blocks of a DTensor, are refused by name."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -395,8 +395,10 @@ def _check_blocked_refusals():
     w = nn.Parameter(distribute_tensor(torch.randn(24, 8), mesh, [Shard(0)]))   # 6 rows a rank; blocks of 4
     with pytest.raises(ValueError, match=r"fused\.weight.*cut across its row blocks of 4 rows"):
         matrixopt.Muon([{"params": [w], "param_names": ["fused.weight"], "blocks": 6}])
-    with pytest.raises(ValueError, match=r"Invalid blocks for fused\.weight.*not a DTensor"):
+    with pytest.raises(ValueError, match=r"Invalid blocks for fused\.weight.*of a DTensor: equal sizes"):
         matrixopt.Muon([{"params": [w], "param_names": ["fused.weight"], "blocks": [8, 16]}])
+    with pytest.raises(ValueError, match=r"Invalid blocks for fused\.weight.*columns: not of a DTensor"):
+        matrixopt.Muon([{"params": [w], "param_names": ["fused.weight"], "blocks": 2, "block_axis": "columns"}])
 
 
 def test_blocked_dtensors_match_single_process_on_every_layout(tmp_path):

@@ -163,7 +163,9 @@ def test_groups_route_and_train():
 # -- fused projections of the training codebases ---------------------------------------------
 
 def _blocks_of(groups):
-    return {n: g.get("blocks") for g in groups for n, _ in g["params"] if g.get("blocks") is not None}
+    """name → blocks (row blocks), or (blocks, "columns")."""
+    return {n: g["blocks"] if g.get("block_axis") is None else (g["blocks"], g["block_axis"])
+            for g in groups for n, _ in g["params"] if g.get("blocks") is not None}
 
 
 def test_litgpt_qkv_with_gqa_sizes_from_its_config():
@@ -200,6 +202,89 @@ def test_phi3_qkv_proj_and_gate_up_proj():
     opt.step()
 
 
+def gpt2(**config):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=64,
+                                                                n_positions=16, **config))
+
+
+def test_gpt2_conv1d_c_attn_split_into_column_blocks():
+    """transformers' Conv1D stores c_attn as (in, 3·out) and GPT2Attention splits its output
+    with ``.split(split_size, dim=2)``: q, k, v are column blocks (cross-attention: k, v)."""
+    assert _blocks_of(matrixopt.param_groups(gpt2())) == {f"transformer.h.{i}.attn.c_attn.weight": (3, "columns")
+                                                          for i in range(2)}
+    cross = _blocks_of(matrixopt.param_groups(gpt2(add_cross_attention=True)))
+    assert cross["transformer.h.0.crossattention.c_attn.weight"] == (2, "columns")
+    assert "transformer.h.0.crossattention.q_attn.weight" not in cross
+
+
+def test_gpt2_c_attn_steps_as_three_linears():
+    """Muon through param_groups on GPT-2 updates each of q, k, v as Muon updates a Linear
+    (out, in) holding that projection: the Conv1D block transposed, its gradient too."""
+    model = gpt2()
+    attn = model.transformer.h[0].attn.c_attn.weight
+    before = attn.detach().clone()
+    opt = matrixopt.Muon(matrixopt.param_groups(model), lr=0.02, weight_decay=0.1)
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    grads = attn.grad.detach().clone().split(32, dim=1)
+    opt.step()
+    for b, (w, g) in enumerate(zip(before.split(32, dim=1), grads)):
+        linear = torch.nn.Parameter(w.T.clone())
+        linear.grad = g.T.clone()
+        matrixopt.Muon([linear], lr=0.02, weight_decay=0.1).step()
+        torch.testing.assert_close(attn.detach()[:, 32 * b:32 * (b + 1)], linear.detach().T, rtol=1e-5, atol=1e-6)
+
+
+def test_torchtitan_wqkv_blocks_are_its_heads():
+    """torchtitan's FusedQKVLinear: one block per q head and per kv group's k and v
+    (n_heads + 2·n_kv_heads = 4 + 2·2), each lying on one head of the wq / wk / wv its own
+    state-dict hook splits the weight into."""
+    from test_frameworks import torchtitan_llama
+
+    model = torchtitan_llama()
+    name = "layers.0.attention.qkv_linear.wqkv.weight"
+    blocks = _blocks_of(matrixopt.param_groups(model))
+    assert blocks == {f"layers.{i}.attention.qkv_linear.wqkv.weight": 8 for i in range(2)}
+    fused = dict(model.named_parameters())[name].detach()
+    heads = {tuple(h.flatten().tolist()) for key in ("wq", "wk", "wv")
+             for h in model.state_dict()[name.replace("wqkv", key)].split(16)}    # head_dim 16
+    assert {tuple(b.flatten().tolist()) for b in fused.split(fused.shape[0] // 8)} == heads
+
+
+def test_moe_expert_stacks_gate_up_proj():
+    """Expert stacks of gate and up: Mixtral's (E, 2·f, d) in 2 row blocks, Llama-4's
+    (E, d, 2·f) in 2 column blocks; GPT-OSS interleaves them, and is left whole."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    small = dict(hidden_size=16, intermediate_size=24, num_local_experts=3)
+    model = torch.nn.ModuleDict({
+        "mixtral": MixtralExperts(transformers.MixtralConfig(**small)),
+        "llama4": Llama4TextExperts(transformers.Llama4TextConfig(**small)),
+        "gpt_oss": GptOssExperts(transformers.GptOssConfig(hidden_size=16, intermediate_size=24, num_local_experts=3))})
+    assert model["mixtral"].gate_up_proj.shape == (3, 48, 16) and model["llama4"].gate_up_proj.shape == (3, 16, 48)
+    assert _blocks_of(matrixopt.param_groups(model)) == {"mixtral.gate_up_proj": 2,
+                                                         "llama4.gate_up_proj": (2, "columns")}
+
+
+def test_qkv_proj_layouts_of_codegen_and_minimax():
+    """CodeGen's qkv_proj is 4 groups of (q, v, k) (its forward: ``reshape(..., mp_num=4, -1)``
+    then split), MiniMax's per head (q, k, v): contiguous blocks of equal sizes, not Phi-3's 3."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    codegen = transformers.CodeGenForCausalLM(transformers.CodeGenConfig(
+        n_embd=32, n_head=4, n_layer=1, vocab_size=64, n_positions=16, rotary_dim=4))
+    assert _blocks_of(matrixopt.param_groups(codegen)) == {"transformer.h.0.attn.qkv_proj.weight": 12}
+    minimax = MiniMaxLightningAttention(transformers.MiniMaxConfig(hidden_size=32, num_attention_heads=4,
+                                                                   num_key_value_heads=2), 0)
+    assert _blocks_of(matrixopt.param_groups(torch.nn.ModuleDict({"attn": minimax}))) == {"attn.qkv_proj.weight": 12}
+
+
 def test_fused_declares_other_projections_by_name():
     model = Transformer()
     groups = matrixopt.param_groups(model, fused={"mlp.0.weight": 4, "blocks.1.q.weight": (8, 4, 4)})
@@ -207,3 +292,7 @@ def test_fused_declares_other_projections_by_name():
                                   "blocks.1.q.weight": (8, 4, 4)}
     with pytest.raises(ValueError, match=r"no param of the model is named or ends in \['c_attn.weight'\]"):
         matrixopt.param_groups(model, fused={"c_attn.weight": 3})
+    groups = matrixopt.param_groups(model, fused={"q.weight": {"blocks": 2, "block_axis": "columns"}})
+    assert _blocks_of(groups) == {f"blocks.{i}.q.weight": (2, "columns") for i in range(2)}
+    with pytest.raises(ValueError, match=r"'q\.weight' takes blocks, or a dict"):
+        matrixopt.param_groups(model, fused={"q.weight": {"block_axis": "columns"}})

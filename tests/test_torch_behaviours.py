@@ -184,6 +184,65 @@ def test_each_block_of_a_packed_matrix_is_its_own_matrix(cls, kw, blocks):
     c.load_state_dict(sd)
 
 
+COLUMN_RULES = [(matrixopt.Muon, {}), (matrixopt.ROOT, {}), (matrixopt.ARO, {}),
+                (matrixopt.GaLoreAdamW, dict(rank=2, svd="exact", update_proj_gap=3)),
+                (matrixopt.DCTAdamW, dict(rank=2, update_proj_gap=3)),
+                # Its history from the weights: the gradients' sketch draws per (param, matrix).
+                (matrixopt.CoSOAdamW, dict(rank=2, svd="exact", update_proj_gap=3, protect="weights"))]
+
+
+@pytest.mark.parametrize("cls,kw", COLUMN_RULES, ids=[c.__name__ for c, _ in COLUMN_RULES])
+@pytest.mark.parametrize("shape,blocks", [((5, 12), 3), ((5, 12), (4, 4, 4)), ((5, 12), (6, 3, 3)),
+                                          ((2, 5, 8), 2)], ids=["count", "sizes", "unequal-sizes", "experts"])
+def test_each_column_block_of_a_packed_matrix_is_its_own_matrix(cls, kw, shape, blocks):
+    """``block_axis="columns"``: a param fused along its columns (transformers' Conv1D stores
+    GPT-2's q, k, v as (in, 3·out); Llama-4's experts gate and up as (E, d, 2·f)) steps like
+    the column blocks as separate params, and its checkpoint loads into a fresh optimizer."""
+    torch.manual_seed(0)
+    packed = torch.nn.Parameter(torch.randn(shape))
+    sizes = [shape[-1] // blocks] * blocks if isinstance(blocks, int) else list(blocks)
+    parts = [torch.nn.Parameter(b.detach().clone()) for b in packed.detach().split(sizes, dim=-1)]
+    whole = torch.nn.Parameter(packed.detach().clone())     # not split: one matrix per (B, m, n) entry
+    a = cls([{"params": [packed], "blocks": blocks, "block_axis": "columns"}], lr=0.01, weight_decay=0.1, **kw)
+    b = cls(parts, lr=0.01, weight_decay=0.1, **kw)
+    d = cls([whole], lr=0.01, weight_decay=0.1, **kw)
+    for i in range(7):
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(i))
+        packed.grad, whole.grad = g.clone(), g.clone()
+        for part, gb in zip(parts, g.split(sizes, dim=-1)):
+            part.grad = gb.clone()
+        for opt in (a, b, d):
+            opt.step()
+    torch.testing.assert_close(packed.detach(), torch.cat([p.detach() for p in parts], dim=-1), rtol=1e-6, atol=1e-7)
+    assert (packed - whole).abs().max() > 1e-3
+    c = cls([{"params": [torch.nn.Parameter(packed.detach().clone())], "blocks": blocks, "block_axis": "columns"}],
+            lr=0.01, weight_decay=0.1, **kw)
+    c.load_state_dict(a.state_dict())
+    q = c.param_groups[0]["params"][0]
+    assert all(torch.equal(x, y) for x, y in zip(a.state[packed].values(), c.state[q].values())
+               if isinstance(x, torch.Tensor))
+
+
+@pytest.mark.parametrize("master_weights", ["stochastic", "int8"])
+def test_column_blocks_of_bf16_params_keep_their_masters(master_weights):
+    """A column block is a strided view of the param: its bf16 weight and low bits are stored
+    through contiguous copies. With int16 masters (exact fp32 copies) the bf16 run equals the
+    fp32 run to bf16 rounding; stochastic and int8 masters stay within a bf16 ulp of it."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 12).bfloat16()        # the fp32 run starts from the bf16 values and gets bf16 gradients
+    runs = {}
+    for mode in (master_weights, "int16", None):
+        p = torch.nn.Parameter(w.float() if mode is None else w.clone())
+        opt = matrixopt.Muon([{"params": [p], "blocks": 3, "block_axis": "columns"}], lr=0.01,
+                             **({} if mode is None else {"master_weights": mode}))
+        for i in range(5):
+            p.grad = torch.randn(8, 12, generator=torch.Generator().manual_seed(i)).bfloat16().to(p.dtype)
+            opt.step()
+        runs[mode] = opt.master_weight(p) if mode else p.detach()
+    torch.testing.assert_close(runs["int16"], runs[None], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs[master_weights], runs[None], rtol=1e-2, atol=1e-2)
+
+
 LOWRANK = {"GaLoreAdamW": (matrixopt.GaLoreAdamW, dict(svd="exact"), "reproject_states"),
            "DCTAdamW": (matrixopt.DCTAdamW, {}, "rotate_states"),
            # Its protected history from the weights: the gradients' sketch draws random numbers
@@ -265,6 +324,10 @@ def test_blocks_are_validated_naming_the_param():
     experts = torch.nn.Parameter(torch.randn(2, 12, 5))   # unequal blocks: 2-D params only
     with pytest.raises(ValueError, match=r"blocks for w\.experts"):
         matrixopt.Muon([{"params": [("w.experts", experts)], "blocks": (8, 2, 2)}])
+    with pytest.raises(ValueError, match=r"blocks for w\.qkv.*'columns'"):
+        matrixopt.Muon([{"params": [("w.qkv", p)], "blocks": 2, "block_axis": "columns"}])
+    with pytest.raises(ValueError, match=r"block_axis"):
+        matrixopt.Muon([{"params": [("w.qkv", p)], "blocks": 3, "block_axis": 1}])
 
 
 def test_param_groups_splits_multihead_attention_and_lstm_gates():
