@@ -190,6 +190,7 @@ def run(quick: bool = False, widths=None, steps=None, lr=None, optimizers=None, 
                     traces.append({"dim": dim, "steps": n_steps, "optimizer": name, "lr": obs.lrs,
                                    "rms": [sum(r) / len(r) for r in obs.delta],
                                    "spectral": [sum(r) / len(r) for r in obs.spectral],
+                                   "grad_in_step_span": [sum(r) / len(r) for r in obs.captured],
                                    "matrices": obs.names})
     sections = {f"RMS of ΔW/lr over the hidden matrices at peak lr {lr:g}": rows}
     extra = {"corpus": corpus_name, "lr": lr, "widths": list(widths), "run_steps": list(run_steps), "windows": WINDOWS,

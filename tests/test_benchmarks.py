@@ -520,6 +520,7 @@ def test_update_rms_command(tmp_path):
         assert adamw["spectral_lr_weighted"] > muon["spectral_lr_weighted"] > 0
     traces = result["traces"]
     assert [len(t["rms"]) for t in traces] == [8] * 4 + [10] * 4
+    assert [len(t["grad_in_step_span"]) for t in traces] == [8] * 4 + [10] * 4
     assert result["widths"] == [32] and result["run_steps"] == [8, 10]
 
 
