@@ -14,7 +14,11 @@ the one that says how far the weights move) and its ratio to AdamW's in the same
 for each model width and run length. ``spectral_lr_weighted`` is the same lr-weighted mean
 of the spectral norm ‖ΔW/lr‖₂ (mean over matrices): at equal RMS, a step whose energy sits
 in a few directions (Adam's) has a larger spectral norm than an orthogonalized one, whose
-singular values are all equal.
+singular values are all equal. ``grad_in_step_span`` is the lr-weighted mean of the share of
+the gradient's energy that lies in the span of the step on the matrix's smaller side
+(:func:`span_share`): about 1 for a full-rank step (AdamW, Muon: a little less where its
+smallest singular directions fall under the cut that drops rounding), and for a low-rank one
+(GaLoreAdamW, DCTAdamW) how much of the gradient its subspace holds — the part it descends on.
 
 For GaLoreAdamW and DCTAdamW the projected-back step of an orthonormal basis has the
 low-rank Adam step's Frobenius norm spread over m·n entries instead of r·max(m, n), so
@@ -54,13 +58,25 @@ def rms(t: torch.Tensor) -> float:
     return t.float().pow(2).mean().sqrt().item()
 
 
+def span_share(step: torch.Tensor, grad: torch.Tensor, tol: float = 1e-3) -> float:
+    """‖G·P‖²/‖G‖² with P the projector onto the span of ``step`` on the smaller side of the
+    m×n matrix (its right singular vectors for m ≥ n, else its left ones, times G from the
+    left), keeping the singular directions above ``tol``·σ_max (rounding leaves the rest)."""
+    step, grad = step.double().flatten(1), grad.double().flatten(1)
+    if step.shape[0] < step.shape[1]:
+        step, grad = step.mT, grad.mT
+    _, sigma, Vh = torch.linalg.svd(step, full_matrices=False)
+    basis = Vh[sigma > tol * sigma[0]]
+    return ((grad @ basis.mT).square().sum() / grad.square().sum()).item()
+
+
 class UpdateRMS:
     """The train loop's observer: per step, per hidden matrix, RMS(ΔW/lr_t) and the RMS of the
     step without its weight decay, (ΔW + lr_g·λ_g·W)/lr_t with lr_g, λ_g the matrix's group's
     (which may differ from lr_t, λ when a variant rescales the group; lr_g·λ_g = lr_t·λ)."""
 
     def __init__(self):
-        self.delta, self.step_only, self.spectral, self.lrs = [], [], [], []
+        self.delta, self.step_only, self.spectral, self.captured, self.lrs = [], [], [], [], []
 
     def start(self, matrices, opt):
         self.names = [n for n, _ in matrices]
@@ -72,15 +88,18 @@ class UpdateRMS:
         self.old = [p.detach().clone() for p in self.params]
 
     def after(self, step, lr):
-        delta, step_only, spectral = [], [], []
+        delta, step_only, spectral, captured = [], [], [], []
         for p, old, g in zip(self.params, self.old, self.groups):
             d = p.detach() - old
+            step = d + g["lr"] * g["weight_decay"] * old
             delta.append(rms(d) / lr)
-            step_only.append(rms(d + g["lr"] * g["weight_decay"] * old) / lr)
+            step_only.append(rms(step) / lr)
             spectral.append(torch.linalg.matrix_norm(d.float().flatten(1), ord=2).item() / lr)
+            captured.append(span_share(step, p.grad) if p.grad is not None and step.any() else float("nan"))
         self.delta.append(delta)
         self.step_only.append(step_only)
         self.spectral.append(spectral)
+        self.captured.append(captured)
         self.lrs.append(lr)
         self.old = None
 
@@ -100,12 +119,14 @@ def summarize(obs: UpdateRMS, select=None) -> dict:
         return [sum(row[i] for i in idx) / len(idx) for row in rows]
 
     delta, step_only, spectral = mean_over(obs.delta), mean_over(obs.step_only), mean_over(obs.spectral)
+    captured = mean_over(obs.captured)
     total = sum(obs.lrs)
     out = {"first_step": delta[0]}
     out.update({name: window_mean(delta, *bounds) for name, bounds in WINDOWS.items()})
     out["lr_weighted"] = sum(lr * v for lr, v in zip(obs.lrs, delta)) / total
     out["step_only_lr_weighted"] = sum(lr * v for lr, v in zip(obs.lrs, step_only)) / total
     out["spectral_lr_weighted"] = sum(lr * v for lr, v in zip(obs.lrs, spectral)) / total
+    out["grad_in_step_span"] = sum(lr * v for lr, v in zip(obs.lrs, captured)) / total
     return out
 
 
@@ -152,14 +173,14 @@ def run(quick: bool = False, widths=None, steps=None, lr=None, optimizers=None, 
                     summary = summarize(obs)
                     if name == ADAMW:
                         adamw_lrw, adamw_spectral = summary["lr_weighted"], summary["spectral_lr_weighted"]
-                    spectral = summary.pop("spectral_lr_weighted")
+                    spectral, captured = summary.pop("spectral_lr_weighted"), summary.pop("grad_in_step_span")
                     row = {"dim": dim, "steps": n_steps, "optimizer": name, **summary,
                            "vs_adamw": summary["lr_weighted"] / adamw_lrw if adamw_lrw else None,
                            "spectral_lr_weighted": spectral,
                            "spectral_vs_adamw": spectral / adamw_spectral if adamw_lrw else None,
                            "attn_lr_weighted": summarize(obs, square)["lr_weighted"],
                            "ffn_lr_weighted": summarize(obs, rect)["lr_weighted"],
-                           "subspace_rms": None, "val_loss": result["val_loss"]}
+                           "subspace_rms": None, "grad_in_step_span": captured, "val_loss": result["val_loss"]}
                     factor = low_rank_factor(name, obs.params, Settings().rank_fraction)
                     if factor:
                         row["subspace_rms"] = summary["lr_weighted"] / factor
@@ -169,6 +190,7 @@ def run(quick: bool = False, widths=None, steps=None, lr=None, optimizers=None, 
                     traces.append({"dim": dim, "steps": n_steps, "optimizer": name, "lr": obs.lrs,
                                    "rms": [sum(r) / len(r) for r in obs.delta],
                                    "spectral": [sum(r) / len(r) for r in obs.spectral],
+                                   "grad_in_step_span": [sum(r) / len(r) for r in obs.captured],
                                    "matrices": obs.names})
     sections = {f"RMS of ΔW/lr over the hidden matrices at peak lr {lr:g}": rows}
     extra = {"corpus": corpus_name, "lr": lr, "widths": list(widths), "run_steps": list(run_steps), "windows": WINDOWS,

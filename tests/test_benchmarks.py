@@ -467,10 +467,31 @@ def test_update_rms_observer_measures_the_step_per_unit_lr():
     assert [d[0] for d in obs.delta] == pytest.approx(expected_delta, rel=1e-5)
     assert [s[0] for s in obs.step_only] == pytest.approx([g.pow(2).mean().sqrt().item() for g in grads], rel=1e-5)
     assert [s[0] for s in obs.spectral] == pytest.approx(expected_spectral, rel=1e-5)
+    # The step alone is G: all of the gradient lies in its span.
+    assert [c[0] for c in obs.captured] == pytest.approx([1.0] * 4, abs=1e-9)
     summary = summarize(obs)
     lrs = [0.1, 0.2, 0.3, 0.4]
     assert summary["first_step"] == pytest.approx(expected_delta[0], rel=1e-5)
     assert summary["lr_weighted"] == pytest.approx(sum(l * d for l, d in zip(lrs, expected_delta)) / sum(lrs), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12)])
+def test_span_share_is_the_gradient_energy_in_the_steps_smaller_side_span(shape):
+    """A rank-3 step A·Q₃ᵀ (m ≥ n; Q₃ᵀ·A for a wide one) with Q orthonormal on the smaller side:
+    the share is ‖G·Q₃‖²/‖G‖² (‖Q₃ᵀG‖²/‖G‖²), from Q itself, not from the step's SVD."""
+    from benchmarks.update_rms import span_share
+
+    torch.manual_seed(0)
+    m, n = shape
+    k = min(m, n)
+    Q, _ = torch.linalg.qr(torch.randn(k, k, dtype=torch.float64))
+    G = torch.randn(m, n, dtype=torch.float64)
+    if m >= n:
+        step, expected = torch.randn(m, 3, dtype=torch.float64) @ Q[:, :3].T, (G @ Q[:, :3]).square().sum()
+    else:
+        step, expected = Q[:, :3] @ torch.randn(3, n, dtype=torch.float64), (Q[:, :3].T @ G).square().sum()
+    assert span_share(step.float(), G) == pytest.approx((expected / G.square().sum()).item(), rel=1e-6)
+    assert span_share(torch.randn(m, n), G) == pytest.approx(1.0)
 
 
 def test_update_rms_command(tmp_path):
@@ -492,9 +513,14 @@ def test_update_rms_command(tmp_path):
         # GaLore's step is its subspace Adam step × scale·√(r/min(m, n)) = 1 by default.
         assert galore["subspace_rms"] == pytest.approx(galore["lr_weighted"])
         assert muon["subspace_rms"] is None
+        # Full-rank steps hold (nearly: directions under 1e-3·σ_max are cut) the whole gradient;
+        # a rank-d/4 one a part of it.
+        assert adamw["grad_in_step_span"] > 0.97 and muon["grad_in_step_span"] > 0.99
+        assert 0 < galore["grad_in_step_span"] < 1
         assert adamw["spectral_lr_weighted"] > muon["spectral_lr_weighted"] > 0
     traces = result["traces"]
     assert [len(t["rms"]) for t in traces] == [8] * 4 + [10] * 4
+    assert [len(t["grad_in_step_span"]) for t in traces] == [8] * 4 + [10] * 4
     assert result["widths"] == [32] and result["run_steps"] == [8, 10]
 
 
