@@ -178,8 +178,9 @@ class Counted:
             setattr(dist, name, fn)
 
 
-def _layout_row(name: str, layout: str, cfg: ModelConfig, world: int, steps: int) -> dict:
-    """One optimizer on one layout: medians over ``steps`` steps (after one warm-up step)."""
+def _layout_row(name: str, layout: str, cfg: ModelConfig, world: int, steps: int, in_flight: int = 1) -> dict:
+    """One optimizer on one layout, ``in_flight`` buckets at once: medians over ``steps``
+    steps (after one warm-up step)."""
     torch.manual_seed(0)
     net = LAYOUTS[layout](Transformer(cfg), world)
     try:
@@ -187,6 +188,7 @@ def _layout_row(name: str, layout: str, cfg: ModelConfig, world: int, steps: int
                                        distributed="replicated" if layout == "replicated" else None)
     except ValueError as e:
         return {"optimizer": name, "layout": layout, "refused": str(e)[:120]}
+    opt.buckets_in_flight = in_flight
     g = torch.Generator().manual_seed(0)
     per_step = []
     for _ in range(steps + 1):
@@ -202,26 +204,29 @@ def _layout_row(name: str, layout: str, cfg: ModelConfig, world: int, steps: int
         per_step.append((counted, float(slowest)))
     per_step = per_step[1:]
     first = per_step[0][0]
-    return {"optimizer": name, "layout": layout, "collectives": sum(first.calls.values()),
+    return {"optimizer": name, "layout": layout, "in_flight": in_flight, "collectives": sum(first.calls.values()),
             "all_to_all": first.calls["all_to_all_single"], "all_gather": first.calls["all_gather_single"],
             "all_reduce": first.calls["all_reduce"],
             "sent_kB": first.bytes / 1e3, "collective_ms": 1e3 * statistics.median(c.seconds for c, _ in per_step),
             "step_ms": 1e3 * statistics.median(t for _, t in per_step)}
 
 
-def _layouts_worker(rank: int, port: int, world: int, cfg: ModelConfig, optimizers, steps: int, out: str):
+def _layouts_worker(rank: int, port: int, world: int, cfg: ModelConfig, optimizers, steps: int, out: str,
+                    in_flight: tuple[int, ...]):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        rows = [_layout_row(name, layout, cfg, world, steps) for layout in LAYOUTS for name in optimizers]
+        rows = [_layout_row(name, layout, cfg, world, steps, lanes)
+                for layout in LAYOUTS for name in optimizers for lanes in in_flight]
         if rank == 0:
             Path(out).write_text(json.dumps(rows))
     finally:
         dist.destroy_process_group()
 
 
-def run_layouts(quick: bool, ranks: int = 4, optimizers=OPTIMIZERS + ("CoSOAdamW",)) -> dict:
-    """The collectives of a step per layout and optimizer, on ``ranks`` gloo processes."""
+def run_layouts(quick: bool, ranks: int = 4, optimizers=OPTIMIZERS + ("CoSOAdamW",), in_flight=(1,)) -> dict:
+    """The collectives of a step per layout and optimizer, on ``ranks`` gloo processes, with
+    each ``buckets_in_flight`` of ``in_flight`` (side by side in one run)."""
     cfg = ModelConfig(256, 64, 2, 4, seq_len=32) if quick else ModelConfig(256, 256, 4, 8, seq_len=64)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -229,7 +234,7 @@ def run_layouts(quick: bool, ranks: int = 4, optimizers=OPTIMIZERS + ("CoSOAdamW
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/rows.json"
         mp.spawn(_layouts_worker, args=(port, ranks, cfg, [n for n in optimizers if n in matrixopt.__all__],
-                                        3 if quick else 5, out), nprocs=ranks, join=True)
+                                        3 if quick else 5, out, tuple(in_flight)), nprocs=ranks, join=True)
         rows = json.loads(Path(out).read_text())
     return {f"{layout}, {ranks} gloo ranks, d={cfg.dim}, {cfg.n_layers} layers": [r for r in rows if r["layout"] == layout]
             for layout in LAYOUTS}
@@ -240,9 +245,11 @@ def main(argv=None):
         parser.add_argument("--layouts", action="store_true",
                             help="count and time the collectives of a step per layout on --ranks gloo processes")
         parser.add_argument("--ranks", type=int, default=4)
+        parser.add_argument("--in-flight", type=int, nargs="+", default=[1],
+                            help="with --layouts: buckets_in_flight values to time side by side")
 
-    def run_either(quick, device=None, layouts=False, ranks=4):
-        return run_layouts(quick, ranks) if layouts else run(quick, device=device)
+    def run_either(quick, device=None, layouts=False, ranks=4, in_flight=(1,)):
+        return run_layouts(quick, ranks, in_flight=in_flight) if layouts else run(quick, device=device)
 
     return module_main("distributed", run_either, description=__doc__.splitlines()[0], argv=argv, options=options)
 

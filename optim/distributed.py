@@ -187,6 +187,36 @@ def mesh_group(mesh):
     return dist.new_group(sorted(mesh.mesh.flatten().tolist()))
 
 
+@functools.lru_cache(maxsize=None)
+def lane_group(group, lane: int):
+    """The process group the buckets of ``lane`` use for ``group``'s matrix work: ``group``
+    itself for lane 0, else a new group of the same ranks (made on first use, which every
+    rank reaches alike: lanes are dealt in the step's plan, the same on every rank). Buckets
+    of different lanes run in different threads (``MatrixOptimizer.buckets_in_flight``), so
+    one's collectives overlap another's compute; within a group they never interleave."""
+    if lane == 0:
+        return group
+    return dist.new_group(dist.get_process_group_ranks(group))
+
+
+def side_streams(device: torch.device, n: int) -> list:
+    """``n`` CUDA streams for lanes on ``device``, each after the work queued so far (None
+    each off CUDA); :func:`join_streams` makes the current stream wait for them."""
+    if device.type != "cuda":
+        return [None] * n
+    current = torch.cuda.current_stream(device)
+    streams = [torch.cuda.Stream(device) for _ in range(n)]
+    for stream in streams:
+        stream.wait_stream(current)
+    return streams
+
+
+def join_streams(streams: list) -> None:
+    for stream in streams:
+        if stream is not None:
+            torch.cuda.current_stream(stream.device).wait_stream(stream)
+
+
 def p_boxes(p: DTensor) -> list[Box]:
     """Per rank of ``mesh_group(p.device_mesh)`` (in its rank order), the piece of p it holds."""
     return _boxes(tuple(p.shape), p.device_mesh, tuple(p.placements))

@@ -16,15 +16,19 @@ For the params selected that have a gradient and elements (:meth:`Executor.step`
 5. the fallback params, in one call at fp32, in chunks at a lower precision or with
    working copies of the weights.
 """
+import contextlib
 import functools
-from typing import Callable, NamedTuple, Protocol
+import itertools
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from matrixopt.kernels import host
 
-from .distributed import agree_finite
+from .distributed import agree_finite, join_streams, side_streams
 from .matrices import entry_span, local, rows_of
 from .plan import Bucket, Item, Limits, Planner, fallback_chunks, group_of
 from .protocols import Fallback
@@ -84,8 +88,10 @@ class Executor:
                 ((group, self._selected(group, candidates)) for group, candidates in selection) if indices]
         # Two passes: first every bucket's _prepare and the non-finite check on what it read,
         # for every group, then the updates.
-        plans = [self._plan(state, group, indices, loads, limits) for group, indices in work]
+        dealt = itertools.count()   # lanes are dealt to the buckets in plan order: alike on every rank
+        plans = [self._plan(state, group, indices, loads, limits, dealt) for group, indices in work]
         verdicts = [self._screen(plan) for plan in plans]
+        runs, fallbacks = [], []
         for plan, finite in zip(plans, verdicts):
             buckets, fallback = plan.buckets, plan.fallback
             if not all(finite.values()):
@@ -93,11 +99,43 @@ class Executor:
                 buckets = [self.planner.keep(plan.group, bucket, kept, loads, limits) for bucket in buckets]
                 fallback = [i for i in fallback if finite[i]]
             self._advance_rounding(state, plan.group, [plan.group["params"][i] for i in plan.indices if finite[i]])
-            for bucket in buckets:
-                if bucket is not None:
-                    self.run_bucket(state, plan.group, bucket)
-            if fallback:
-                self._fallback(state, plan.group, [plan.group["params"][i] for i in fallback], fallback_chunk)
+            buckets = [bucket for bucket in buckets if bucket is not None]
+            fallback = [plan.group["params"][i] for i in fallback]
+            # Every state made here, in plan order (lanes would make it in any order): a state
+            # dict lists params in that order, which ranks iterate alike (DCP, collectives).
+            self.declarations.create(state, plan.group, [p for bucket in buckets for p in bucket.params] + fallback)
+            runs += [(plan.group, bucket) for bucket in buckets]
+            fallbacks += [(plan.group, fallback)] if fallback else []
+        self._run_buckets(state, runs)
+        for group, params in fallbacks:   # element-wise, no collective: after every bucket's
+            self._fallback(state, group, params, fallback_chunk)
+
+    def _run_buckets(self, state: dict, runs: list[tuple[dict, Bucket]]) -> None:
+        """Each (group, bucket)'s update, in this thread; with distributed buckets dealt to
+        more than one lane (:class:`~matrixopt.plan.Limits`), each further lane in a thread
+        of its own, its buckets in plan order and its collectives in its own process group
+        (:func:`~matrixopt.distributed.lane_group`; on CUDA, its kernels on a side stream), so
+        one lane's exchanges overlap another's compute. Every lane is done when it returns."""
+        lanes = defaultdict(list)
+        for group, bucket in runs:
+            lanes[bucket.lane if bucket.distributed else 0].append((group, bucket))
+        others = [lanes[lane] for lane in sorted(lanes) if lane]
+        if not others:
+            self._lane(state, runs, None)
+            return
+        streams = side_streams(runs[0][1].weights[0].device, len(others))
+        with ThreadPoolExecutor(len(others), thread_name_prefix="matrixopt-lane") as pool:
+            futures = [pool.submit(self._lane, state, lane, stream) for lane, stream in zip(others, streams)]
+            self._lane(state, lanes.get(0, []), None)
+            for future in futures:
+                future.result()   # a lane's error, raised here
+        join_streams(streams)
+
+    def _lane(self, state: dict, runs: list[tuple[dict, Bucket]], stream) -> None:
+        # Grad mode is per thread: a lane's thread sets the step's.
+        with torch.no_grad(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for group, bucket in runs:
+                self.run_bucket(state, group, bucket)
 
     def _selected(self, group: dict, candidates) -> list[int]:
         """The candidates with a gradient and elements, their gradients checked (ValueError
@@ -110,8 +148,10 @@ class Executor:
             check_grad(params[i], lambda: self.name_of(group, i), type(self.rule).__name__)
         return indices
 
-    def _plan(self, state: dict, group: dict, indices: list[int], loads: dict, limits: Limits) -> GroupPlan:
-        """The group's :class:`GroupPlan`, its buckets prepared where every param has state."""
+    def _plan(self, state: dict, group: dict, indices: list[int], loads: dict, limits: Limits,
+              dealt: Iterator[int]) -> GroupPlan:
+        """The group's :class:`GroupPlan`, its buckets prepared where every param has state,
+        each in lane ``next(dealt) % limits.lanes``."""
         layout = self.planner.layout(group, check=indices)
         params = group["params"]
         matrices = [params[i] for i in indices if layout.params[id(params[i])].matrix]
@@ -119,7 +159,7 @@ class Executor:
         checked = {i: [local(params[i].grad)] for i in fallback}
         buckets, group_index = [], self.place_of(group)
         for items in self.planner.buckets(group, matrices, limits):
-            bucket = self.planner.bucket(group, group_index, items, loads, limits)
+            bucket = self.planner.bucket(group, group_index, items, loads, limits, lane=next(dealt) % limits.lanes)
             tensors = bucket.grads
             # State is created only once the check has passed (an error leaves none behind).
             if all(state.get(p) for p in bucket.params):

@@ -76,13 +76,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
     #: stacked ones; 32 stacked 1024² ones run 7× faster than one by one): 2^25 elements
     #: batch 32 matrices of 1024², 8 of 2048².
     max_bucket_elements = 1 << 25
-    #: Per device type, the matrix size (elements) from which a matrix gets a bucket of its
-    #: own: stacking copies every matrix of a bucket, which pays only while the batched
-    #: kernel saves more than the copy costs (and a bucket's element-wise temporaries — the
-    #: Nesterov inputs, the updates — live together: one matrix's, alone). None (default):
-    #: measured where the optimizer runs, per device, thread count, CPU and dtype
-    #: (:func:`matrixopt.batching.stack_limit`, ``MATRIXOPT_STACK_LIMITS`` pins it); a table
-    #: such as ``{"cpu": 1 << 18}`` fixes it.
+    #: Distributed buckets whose work runs at once (each lane in a thread and process group of
+    #: its own: one's collectives overlap another's compute; results bit for bit as with 1).
+    buckets_in_flight = 1
+    #: Per device type, the matrix size (elements) from which a matrix gets a bucket of its own:
+    #: stacking copies a bucket's matrices (its element-wise temporaries live together), which
+    #: pays only while the batched kernel saves more. None (default): measured per device, thread
+    #: count, CPU, dtype (:func:`matrixopt.batching.stack_limit`; ``MATRIXOPT_STACK_LIMITS`` pins it).
     unbatched_elements: dict | None = None
     #: The kind of work whose batching :func:`matrixopt.batching.stack_limit` measures.
     stack_work = ORTHOGONALIZE
@@ -299,7 +299,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                              type(self.fallback).__name__, self._routing_warned)
 
     def _limits(self) -> Limits:
-        return Limits(self.max_bucket_elements, self.unbatched_elements, self.stack_work)
+        return Limits.checked(self.max_bucket_elements, self.unbatched_elements, self.stack_work, self.buckets_in_flight)
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

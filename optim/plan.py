@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from .batching import agree, stack_limit
-from .distributed import MatrixWork, mesh_group
+from .distributed import MatrixWork, lane_group, mesh_group
 from .matrices import (as_matrices, block_axis, block_matrices, block_offset, block_sizes, entry_span, equal_blocks,
                        local, matrix_shape, my_view_box, separate_blocks, view_boxes, whole_projections)
 from .ops import local_map
@@ -123,6 +123,7 @@ class Bucket(NamedTuple):
     ``whole_projections``: whether the low-rank projections of the matrices are computed whole
     per matrix (:func:`~matrixopt.matrices.whole_projections`: ranks split their columns, or
     the params are DTensors in row blocks).
+    ``lane``: the lane its distributed work runs in (:class:`Limits`).
     """
     params: list
     weights: list
@@ -139,6 +140,7 @@ class Bucket(NamedTuple):
     stack: bool = True
     prepared: list | None = None
     whole_projections: bool = False
+    lane: int = 0
 
 
 class Limits(NamedTuple):
@@ -147,10 +149,20 @@ class Limits(NamedTuple):
     :func:`matrixopt.batching.stack_limit`) or a fixed table, per device type the matrix size
     from which a matrix gets a bucket of its own; ``work``: the rule's kind of work whose
     batching is measured (:data:`~matrixopt.batching.ORTHOGONALIZE`,
-    :data:`~matrixopt.batching.LOWRANK`)."""
+    :data:`~matrixopt.batching.LOWRANK`); ``lanes``: how many distributed buckets run at once
+    (each lane in a thread and process group of its own, :func:`~matrixopt.distributed.lane_group`)."""
     max_bucket_elements: int
     unbatched_elements: dict | None
     work: str
+    lanes: int = 1
+
+    @classmethod
+    def checked(cls, *limits) -> "Limits":
+        """The limits, ValueError naming the optimizer's attribute if ``lanes`` is no int ≥ 1."""
+        made = cls(*limits)
+        if not isinstance(made.lanes, int) or isinstance(made.lanes, bool) or made.lanes < 1:
+            raise ValueError(f"Invalid buckets_in_flight: {made.lanes!r}; expected an int ≥ 1")
+        return made
 
 
 class Planner:
@@ -254,10 +266,11 @@ class Planner:
                 for p, b in items]
 
     def bucket(self, group: dict, group_index: int, items: list[Item], loads: dict, limits: Limits,
-               grads: bool = True) -> Bucket:
+               grads: bool = True, lane: int = 0) -> Bucket:
         """The :class:`Bucket` of ``items`` of ``group`` (the optimizer's group ``group_index``),
         without its states (the executor adds them); ``grads``: with the gradients' views.
-        ``loads``: the step's matrix work per rank so far (:meth:`matrix_map`)."""
+        ``loads``: the step's matrix work per rank so far (:meth:`matrix_map`); ``lane``: the
+        lane its distributed work runs in (:class:`Limits`)."""
         # Sharded (DTensor) params are updated through their local shards.
         params = [p for p, _ in items]
         weights, shapes = self.views(group, items, [local(p) for p in params])
@@ -265,10 +278,12 @@ class Planner:
         _, m, n = shapes[0]
         process_group = group_of(params, self.replicated_group())
         return Bucket(params, weights, grad_views, None, (m, n), isinstance(params[0], DTensor),
-                      process_group is not None, self.matrix_map(params, self.layout(group), shapes, loads, process_group),
+                      process_group is not None,
+                      self.matrix_map(params, self.layout(group), shapes, loads, process_group, lane),
                       [b for _, b in items], group_index, self.layout(group).places(params), [s[0] for s in shapes],
                       self.stacks(m, n, params[0], working_dtype(group, params[0]), limits, process_group),
-                      whole_projections=whole_projections(params[0], self.layout(group).of(params[0]).blocks is not None))
+                      whole_projections=whole_projections(params[0], self.layout(group).of(params[0]).blocks is not None),
+                      lane=lane)
 
     def stacks(self, m: int, n: int, p: Tensor, dtype: torch.dtype, limits: Limits, process_group) -> bool:
         """Whether m×n matrices of params like ``p`` (device, process group), worked on in
@@ -296,15 +311,16 @@ class Planner:
             return None
         items = [Item(bucket.params[j], bucket.blocks[j]) for j in keep]
         prepared = bucket.prepared and [bucket.prepared[j] for j in keep]
-        return self.bucket(group, bucket.group_index, items, loads, limits)._replace(prepared=prepared)
+        return self.bucket(group, bucket.group_index, items, loads, limits, lane=bucket.lane)._replace(prepared=prepared)
 
     @staticmethod
     def matrix_map(params: list[Tensor], layout: GroupLayout, shapes: list[tuple[int, int, int]], loads: dict,
-                   process_group) -> Callable:
+                   process_group, lane: int = 0) -> Callable:
         """The ``matrix_map`` of a bucket: :func:`~matrixopt.ops.local_map` in a single
         process (``process_group`` None), else the bucket's owner split over it
         (:class:`~matrixopt.distributed.MatrixWork`; ``loads``: process group → FLOPs of
-        matrix work per rank so far this step)."""
+        matrix work per rank so far this step), its collectives in ``lane``'s group
+        (:func:`~matrixopt.distributed.lane_group`)."""
         if process_group is None:
             return local_map
         _, m, n = shapes[0]
@@ -313,7 +329,7 @@ class Planner:
 
         def work(entries) -> MatrixWork:
             return MatrixWork([shapes[i] for i in entries], [boxes[i] for i in entries], m * n * min(m, n),
-                              process_group, load)
+                              lane_group(process_group, lane), load)
 
         whole = work(range(len(params)))
 

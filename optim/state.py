@@ -61,8 +61,8 @@ class State(NamedTuple):
         return self.dtype
 
     def create(self, p: Tensor):
-        """The initial value for param ``p`` (for sharded state: p's local piece, or for
-        another shape with p's dim 0, p's local rows)."""
+        """The initial value for param ``p`` (for sharded state: this rank's piece of its
+        global shape placed like p — p's piece, or p's rows of a shape with p's dim 0)."""
         if self.shape is None:
             return 0
         shard = local(p)

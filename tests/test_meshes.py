@@ -484,3 +484,49 @@ def test_state_and_weights_stored_by_position_on_column_splits_match_single_proc
     and fallback: int8 and bf16 state, stochastic bf16 weights and int8 master bits draw and
     store every entry as the single process does (params and state, every optimizer)."""
     spawn(_wide_worker, world=WORLD)
+
+
+# -- buckets in flight: one lane's collectives overlap another's compute ---------------------------
+
+def _lanes_worker(rank):
+    """Each optimizer with ``buckets_in_flight = 3`` on FSDP2, FSDP+TP and HSDP equals the
+    default (one lane) bit for bit, params and state, through a NaN-skipped step, and its
+    buckets' collectives ran in more than one thread and process group."""
+    import threading
+
+    data = batches(STEPS)
+    seen = set()
+    saved = {name: getattr(dist, name) for name in CountingWork.EXCHANGES}
+
+    def recording(collective):
+        def record(*args, **kwargs):
+            seen.add((threading.current_thread().name, id(kwargs.get("group"))))
+            return collective(*args, **kwargs)
+        return record
+
+    for case in CASES:
+        _, grads = reference(case, "fp32", data)
+        for name in ("fsdp", "fsdp_tp", "hsdp"):
+            runs = []
+            for lanes in (1, 3):
+                net = layout(name, llama())
+                opt = optimizer(case, net)
+                opt.buckets_in_flight = lanes
+                for collective, fn in saved.items():
+                    setattr(dist, collective, recording(fn) if lanes > 1 else fn)
+                try:
+                    replay(net, opt, grads)
+                finally:
+                    for collective, fn in saved.items():
+                        setattr(dist, collective, fn)
+                runs.append((full_params(net), _full_state(opt)))
+            (want, want_state), (got, state) = runs
+            assert all(torch.equal(got[n], want[n]) for n in want), (case, name)
+            assert state.keys() == want_state.keys(), (case, name, sorted(set(state) ^ set(want_state)))
+            bad = [k for k, v in want_state.items() if not torch.equal(state[k], v)]
+            assert not bad, (case, name, [(k, (state[k] - want_state[k]).abs().max().item()) for k in bad])
+    assert len({thread for thread, _ in seen}) > 1 and len({group for _, group in seen}) > 1, seen
+
+
+def test_buckets_in_flight_overlap_lanes_and_change_no_bit():
+    spawn(_lanes_worker, world=WORLD)
