@@ -75,10 +75,12 @@ differ from the single-process matmul), such projections go through ``matrix_map
 moments), and so do their back-projections (pieces returned to their ranks); so do
 refreshes (SVD, DCT scores) and ARO's rotation. GaLore's randomized refresh draws each
 matrix's sketch from a seed of its own (see :class:`~matrixopt.GaLoreAdamW`), so owners
-draw what a single process would. int8 state and stochastic rounding place their bits by
-each entry's global index in rows, so a param split beyond its rows (TP's rowwise
-``Shard(1)``) takes ``state_precision="fp32"`` and ``master_weights="nearest"`` (a group of
-its own; refused otherwise).
+draw what a single process would. Stochastic rounding (of bf16 state, of weights) and int8
+master bits draw by each entry's global index (:func:`matrixopt.matrices.entry_span`: rows,
+or some columns of each row of a 2-D param split by TP's rowwise ``Shard(1)``); int8 state
+keeps one scale per 256 entries of a row, so a column split must not cut those blocks
+(:func:`check_placement` refuses it by name, and any split beyond the rows of a 3-D or N-D
+param with such bits).
 
 **Replicated** (``distributed="replicated"``, with ``process_group=`` or the default group;
 DDP keeps params identical on every rank): each rank computes a disjoint, FLOP-balanced
@@ -187,34 +189,30 @@ def mesh_group(mesh):
     return dist.new_group(sorted(mesh.mesh.flatten().tolist()))
 
 
-@functools.lru_cache(maxsize=None)
+def lanes_apply(group, device: torch.device) -> bool:
+    """Whether buckets whose matrix work spans ``group`` on ``device`` may run in lanes other
+    than 0 (``MatrixOptimizer.buckets_in_flight``): on CPU (gloo) and where the group spans
+    every process. A sub-mesh's lane groups would be made with other ranks' lists on other
+    ranks (``new_group`` must see one list everywhere), and NCCL needs the collectives of its
+    communicators issued in one order on every rank, which threads do not keep."""
+    return device.type == "cpu" and dist.get_world_size(group) == dist.get_world_size()
+
+
 def lane_group(group, lane: int):
     """The process group the buckets of ``lane`` use for ``group``'s matrix work: ``group``
     itself for lane 0, else a new group of the same ranks (made on first use, which every
-    rank reaches alike: lanes are dealt in the step's plan, the same on every rank). Buckets
-    of different lanes run in different threads (``MatrixOptimizer.buckets_in_flight``), so
-    one's collectives overlap another's compute; within a group they never interleave."""
-    if lane == 0:
-        return group
+    rank reaches alike: lanes are dealt in the step's plan, the same on every rank; only for
+    groups of every process, :func:`lanes_apply`). Buckets of different lanes run in
+    different threads, so one's collectives overlap another's compute; within a group they
+    never interleave."""
+    return group if lane == 0 else _lane_copy(group, lane)
+
+
+@functools.lru_cache(maxsize=None)
+def _lane_copy(group, lane: int):
+    # Only lanes > 0 are kept here: a process group held past destroy_process_group lives on
+    # to the interpreter's exit, so the common case (one lane) holds none.
     return dist.new_group(dist.get_process_group_ranks(group))
-
-
-def side_streams(device: torch.device, n: int) -> list:
-    """``n`` CUDA streams for lanes on ``device``, each after the work queued so far (None
-    each off CUDA); :func:`join_streams` makes the current stream wait for them."""
-    if device.type != "cuda":
-        return [None] * n
-    current = torch.cuda.current_stream(device)
-    streams = [torch.cuda.Stream(device) for _ in range(n)]
-    for stream in streams:
-        stream.wait_stream(current)
-    return streams
-
-
-def join_streams(streams: list) -> None:
-    for stream in streams:
-        if stream is not None:
-            torch.cuda.current_stream(stream.device).wait_stream(stream)
 
 
 def p_boxes(p: DTensor) -> list[Box]:
@@ -241,8 +239,8 @@ def my_box(p: DTensor, shape: Sequence[int] | None = None) -> Box:
 
 
 def dtensor_like(p: DTensor, local: Tensor, shape: Sequence[int] | None = None) -> DTensor:
-    """``local`` (p's piece, or a piece of a tensor of global ``shape`` whose dim 0 is p's,
-    p being split on dim 0 only) as a DTensor with p's mesh and placement."""
+    """``local`` (p's piece, or this rank's piece of a tensor of global ``shape`` placed like
+    p: :func:`my_box`) as a DTensor with p's mesh and placement."""
     shape = torch.Size(p.shape if shape is None else shape)
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)

@@ -16,7 +16,6 @@ For the params selected that have a gradient and elements (:meth:`Executor.step`
 5. the fallback params, in one call at fp32, in chunks at a lower precision or with
    working copies of the weights.
 """
-import contextlib
 import functools
 import itertools
 from collections import defaultdict
@@ -28,7 +27,7 @@ from torch import Tensor
 
 from matrixopt.kernels import host
 
-from .distributed import agree_finite, join_streams, side_streams
+from .distributed import agree_finite
 from .matrices import entry_span, local, rows_of
 from .plan import Bucket, Item, Limits, Planner, fallback_chunks, group_of
 from .protocols import Fallback
@@ -114,26 +113,24 @@ class Executor:
         """Each (group, bucket)'s update, in this thread; with distributed buckets dealt to
         more than one lane (:class:`~matrixopt.plan.Limits`), each further lane in a thread
         of its own, its buckets in plan order and its collectives in its own process group
-        (:func:`~matrixopt.distributed.lane_group`; on CUDA, its kernels on a side stream), so
-        one lane's exchanges overlap another's compute. Every lane is done when it returns."""
+        (:func:`~matrixopt.distributed.lane_group`), so one lane's exchanges overlap another's
+        compute. Every lane is done when it returns."""
         lanes = defaultdict(list)
         for group, bucket in runs:
             lanes[bucket.lane if bucket.distributed else 0].append((group, bucket))
         others = [lanes[lane] for lane in sorted(lanes) if lane]
         if not others:
-            self._lane(state, runs, None)
+            self._lane(state, runs)
             return
-        streams = side_streams(runs[0][1].weights[0].device, len(others))
         with ThreadPoolExecutor(len(others), thread_name_prefix="matrixopt-lane") as pool:
-            futures = [pool.submit(self._lane, state, lane, stream) for lane, stream in zip(others, streams)]
-            self._lane(state, lanes.get(0, []), None)
+            futures = [pool.submit(self._lane, state, lane) for lane in others]
+            self._lane(state, lanes.get(0, []))
             for future in futures:
                 future.result()   # a lane's error, raised here
-        join_streams(streams)
 
-    def _lane(self, state: dict, runs: list[tuple[dict, Bucket]], stream) -> None:
+    def _lane(self, state: dict, runs: list[tuple[dict, Bucket]]) -> None:
         # Grad mode is per thread: a lane's thread sets the step's.
-        with torch.no_grad(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        with torch.no_grad():
             for group, bucket in runs:
                 self.run_bucket(state, group, bucket)
 

@@ -280,8 +280,9 @@ class LowRankAdamW(MatrixOptimizer):
         settings = tuple(group[k] for k in self._projector_keys)
         key = (m, n, settings, whole)
         if key not in self._projectors:
-            self._projectors[key] = self._make_projector(m, n, **dict(zip(self._projector_keys, settings)))
-            self._projectors[key].whole_projections = whole
+            proj = self._make_projector(m, n, **dict(zip(self._projector_keys, settings)))
+            proj.whole_projections = whole   # set before it is seen (lanes share the dict)
+            self._projectors[key] = proj
         return self._projectors[key]
 
     def _bucket_projector(self, group, bucket) -> Projector:

@@ -50,7 +50,7 @@ def view_boxes(p: Tensor, blocks: int | None = None) -> list[Box | None] | None:
     :func:`_blocked_box`) is None in the list."""
     if not isinstance(p, DTensor):
         return None
-    return _view_boxes(tuple(p.shape), tuple(p_boxes(p)), blocks if p.ndim in (2, 3) else None)
+    return _view_boxes(tuple(p.shape), tuple(p_boxes(p)), blocks if p.ndim in (2, 3) and blocks != 1 else None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,9 +116,8 @@ def block_sizes(name: str, value, p: Tensor, axis: str = "rows") -> list[int] | 
     dtensor = isinstance(p, DTensor)
     ok = (isinstance(sizes, (list, tuple)) and sizes and p.ndim in (2, 3)
           and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)
-          and sum(sizes) == p.shape[dim] and (len(set(sizes)) == 1 or (p.ndim == 2 and not dtensor)
-                                              or (axis == "columns" and not dtensor))
-          and not (dtensor and axis == "columns"))
+          and sum(sizes) == p.shape[dim]
+          and (len(set(sizes)) == 1 and axis == "rows" or not dtensor and (p.ndim == 2 or axis == "columns")))
     if not ok:
         raise ValueError(f"Invalid blocks for {name}: {value!r} (block_axis {axis!r}); expected a count k or "
                          f"sizes splitting the {axis} of a 2-D or 3-D param of shape {tuple(p.shape)} (rows of a "

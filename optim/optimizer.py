@@ -76,8 +76,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
     #: stacked ones; 32 stacked 1024² ones run 7× faster than one by one): 2^25 elements
     #: batch 32 matrices of 1024², 8 of 2048².
     max_bucket_elements = 1 << 25
-    #: Distributed buckets whose work runs at once (each lane in a thread and process group of
-    #: its own: one's collectives overlap another's compute; results bit for bit as with 1).
+    #: Distributed CPU buckets whose work runs at once (each lane in a thread and process group
+    #: of its own: one's collectives overlap another's compute; bit for bit as with 1; lanes_apply).
     buckets_in_flight = 1
     #: Per device type, the matrix size (elements) from which a matrix gets a bucket of its own:
     #: stacking copies a bucket's matrices (its element-wise temporaries live together), which

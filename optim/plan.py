@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from .batching import agree, stack_limit
-from .distributed import MatrixWork, lane_group, mesh_group
+from .distributed import MatrixWork, lane_group, lanes_apply, mesh_group
 from .matrices import (as_matrices, block_axis, block_matrices, block_offset, block_sizes, entry_span, equal_blocks,
                        local, matrix_shape, my_view_box, separate_blocks, view_boxes, whole_projections)
 from .ops import local_map
@@ -270,13 +270,15 @@ class Planner:
         """The :class:`Bucket` of ``items`` of ``group`` (the optimizer's group ``group_index``),
         without its states (the executor adds them); ``grads``: with the gradients' views.
         ``loads``: the step's matrix work per rank so far (:meth:`matrix_map`); ``lane``: the
-        lane its distributed work runs in (:class:`Limits`)."""
+        lane its distributed work runs in (:class:`Limits`; lane 0 where lanes do not apply,
+        :func:`~matrixopt.distributed.lanes_apply`)."""
         # Sharded (DTensor) params are updated through their local shards.
         params = [p for p, _ in items]
         weights, shapes = self.views(group, items, [local(p) for p in params])
         grad_views = self.views(group, items, [local(p.grad) for p in params])[0] if grads else None
         _, m, n = shapes[0]
         process_group = group_of(params, self.replicated_group())
+        lane = lane if process_group is not None and lanes_apply(process_group, weights[0].device) else 0
         return Bucket(params, weights, grad_views, None, (m, n), isinstance(params[0], DTensor),
                       process_group is not None,
                       self.matrix_map(params, self.layout(group), shapes, loads, process_group, lane),
@@ -327,18 +329,20 @@ class Planner:
         load = loads.setdefault(process_group, [0] * torch.distributed.get_world_size(process_group))
         boxes = [view_boxes(p, layout.of(p).blocks) for p in params]
 
-        def work(entries) -> MatrixWork:
+        def work(entries, load) -> MatrixWork:
             return MatrixWork([shapes[i] for i in entries], [boxes[i] for i in entries], m * n * min(m, n),
                               lane_group(process_group, lane), load)
 
-        whole = work(range(len(params)))
+        whole = work(range(len(params)), load)
+        after = list(load)
 
         def matrix_map(fn, inputs, outputs, entries=None):
             # A subset (params whose refresh is due while others' is not, after a skipped
-            # step) gets an owner split of its own, the same on every rank.
+            # step) gets an owner split of its own, the same on every rank: from the loads
+            # after this bucket's plan, changing no other's (lanes run in any order).
             if entries is None or list(entries) == list(range(len(params))):
                 return whole.map(fn, inputs, outputs)
-            return work(entries).map(fn, inputs, outputs)
+            return work(entries, list(after)).map(fn, inputs, outputs)
 
         return matrix_map
 

@@ -37,10 +37,11 @@ class State(NamedTuple):
 
     ``shape``: the global shape as stored (``None``: a Python int counter, e.g. Adam's step).
     ``dtype``: a torch dtype, :data:`PARAM_DTYPE` or :data:`AT_LEAST_FP32`.
-    ``sharded``: element-wise state split like a DTensor param: of the param's shape, the
-    param's piece on each rank (any placement); of another shape whose dim 0 is the param's,
-    the param's rows (the param split on dim 0 only); else whole per matrix, identical on
-    every rank.
+    ``sharded``: element-wise state split like a DTensor param: each rank holds its piece
+    of the global ``shape`` placed like the param (:func:`~matrixopt.distributed.my_box`):
+    of the param's shape, the param's piece; of another shape whose dim 0 is the param's
+    (low-rank moments, int8 scales), the param's rows (and, for int8 scales of a piece of
+    columns, its blocks). Not sharded: whole per matrix, identical on every rank.
     ``init``: ``init(shape, dtype, device)`` gives the initial value (None: zeros).
     ``role``: what the state is, for ``state_precision`` (:mod:`matrixopt.precision`):
     ``"moment"`` (a signed moment: a momentum, Adam's M), ``"second_moment"`` (a

@@ -24,6 +24,8 @@ whole-matrix work makes at most one exchange each way. Params in equal row block
 per-head q/k/v, gate/up, a blocked expert stack) as DTensors on 1-D and 2-D meshes equal the
 single process too, params and state.
 """
+import threading
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -492,8 +494,6 @@ def _lanes_worker(rank):
     """Each optimizer with ``buckets_in_flight = 3`` on FSDP2, FSDP+TP and HSDP equals the
     default (one lane) bit for bit, params and state, through a NaN-skipped step, and its
     buckets' collectives ran in more than one thread and process group."""
-    import threading
-
     data = batches(STEPS)
     seen = set()
     saved = {name: getattr(dist, name) for name in CountingWork.EXCHANGES}
@@ -526,6 +526,40 @@ def _lanes_worker(rank):
             bad = [k for k, v in want_state.items() if not torch.equal(state[k], v)]
             assert not bad, (case, name, [(k, (state[k] - want_state[k]).abs().max().item()) for k in bad])
     assert len({thread for thread, _ in seen}) > 1 and len({group for _, group in seen}) > 1, seen
+    _check_sub_mesh_lanes()
+
+
+def _check_sub_mesh_lanes():
+    """Buckets whose work spans a sub-mesh (each dp half of a 2×2 mesh: other ranks on other
+    ranks) stay in lane 0, whatever buckets_in_flight says: the same params as one lane."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))["dp"]
+    g = torch.Generator().manual_seed(3)
+    fulls = [torch.randn(8, 8, generator=g) for _ in range(3)]
+    grads = [[torch.randn(8, 8, generator=g) for _ in fulls] for _ in range(2)]
+    finals, threads, all_to_all = [], set(), dist.all_to_all_single
+
+    def recorded(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return all_to_all(*args, **kwargs)
+
+    for lanes in (1, 3):
+        params = [nn.Parameter(distribute_tensor(f, mesh, [Shard(0)], src_data_rank=None)) for f in fulls]
+        opt = matrixopt.Muon(params, lr=0.02)
+        opt.buckets_in_flight, opt.max_bucket_elements = lanes, 64   # a bucket per matrix
+        dist.all_to_all_single = recorded
+        try:
+            for step_grads in grads:
+                for p, grad in zip(params, step_grads):
+                    p.grad = placed_like(p, grad)
+                opt.step()
+        finally:
+            dist.all_to_all_single = all_to_all
+        finals.append([p.full_tensor() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    assert threads == {threading.current_thread().name}, threads
 
 
 def test_buckets_in_flight_overlap_lanes_and_change_no_bit():
