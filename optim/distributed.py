@@ -68,7 +68,7 @@ so the low-rank moments are row-sharded like the param; both compute that projec
 its back-projection ``L·V_rᵀ`` locally, reading a sharded expert stack's bases (or DCT
 indices) through :func:`matrixopt.matrices.local_matrices`. The left projection ``U_rᵀ·G``
 sums over rows, and a right one over columns that TP splits (``Projector.whole_projections``,
-also set for a DTensor in row blocks, whose pieces of the blocked view are not its rows):
+also set for a DTensor in row blocks whose pieces are not whole blocks dealt like its placement):
 rather than add up per-piece partial products (an all-reduce whose summation order would
 differ from the single-process matmul), such projections go through ``matrix_map``
 (computed on the owner of the whole gradient, the result whole on every rank, and so the
@@ -215,9 +215,10 @@ def _lane_copy(group, lane: int):
     return dist.new_group(dist.get_process_group_ranks(group))
 
 
-def p_boxes(p: DTensor) -> list[Box]:
-    """Per rank of ``mesh_group(p.device_mesh)`` (in its rank order), the piece of p it holds."""
-    return _boxes(tuple(p.shape), p.device_mesh, tuple(p.placements))
+def p_boxes(p: DTensor, shape: Sequence[int] | None = None) -> list[Box]:
+    """Per rank of ``mesh_group(p.device_mesh)`` (in its rank order), the piece of p it holds,
+    or of a tensor of global ``shape`` placed like p."""
+    return _boxes(tuple(p.shape if shape is None else shape), p.device_mesh, tuple(p.placements))
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,9 +234,7 @@ def _boxes(shape: tuple, mesh, placements: tuple) -> list[Box]:
 
 def my_box(p: DTensor, shape: Sequence[int] | None = None) -> Box:
     """This rank's piece of ``p``, or of a tensor of global ``shape`` placed like it."""
-    group = mesh_group(p.device_mesh)
-    boxes = p_boxes(p) if shape is None else _boxes(tuple(shape), p.device_mesh, tuple(p.placements))
-    return boxes[dist.get_rank(group)]
+    return p_boxes(p, shape)[dist.get_rank(mesh_group(p.device_mesh))]
 
 
 def dtensor_like(p: DTensor, local: Tensor, shape: Sequence[int] | None = None) -> DTensor:

@@ -43,7 +43,7 @@ from torch import Tensor
 from matrixopt.kernels import host
 
 from .batching import LOWRANK
-from .matrices import local_matrices, whole_projections
+from .matrices import local_matrices, matrix_shape, whole_projections
 from .ops import Out, Rows, Whole, apply_update, stacked_call
 from .optimizer import MatrixOptimizer
 from .plan import Bucket
@@ -290,7 +290,7 @@ class LowRankAdamW(MatrixOptimizer):
 
     def _state(self, p, group):
         B, m, n = self._shape(group, p)
-        proj = self._projector(group, m, n, whole_projections(p, group.get("blocks") is not None))
+        proj = self._projector(group, m, n, whole_projections(p, self._shape(group, p)[0] // matrix_shape(p)[0]))
         batched = p.ndim == 3 or group.get("blocks") is not None
         low = stored_shape(proj.low_shape(B), batched)
         moment = State(low, AT_LEAST_FP32, sharded=not proj.whole_low(), role=MOMENT)

@@ -198,23 +198,35 @@ def entry_span(p: Tensor, shape: tuple | None = None, row: int = 0) -> Span:
     return Span((r0 + row) * n + columns[0], widths[0], n)
 
 
-def whole_projections(p: Tensor, blocked: bool = False) -> bool:
+def whole_projections(p: Tensor, blocks: int | None = None) -> bool:
     """Whether the low-rank projections of ``p``'s view matrices are computed whole per matrix
     (each on the matrix's owner, through ``matrix_map``) rather than on each rank's rows: some
     rank holds part of their columns (tensor-parallel ``Shard(1)``: a right projection G·V
-    sums over ranks), or p is a DTensor in row blocks (``blocked``; its ranks' pieces of the
-    (B·k, h, n) view are no rows of p's placement)."""
+    sums over ranks), or p is a DTensor in row blocks (``blocks``) whose pieces are not whole
+    matrices of its (B·k, h, n) view laid out as p's placement lays out a tensor of that
+    shape (rows inside a block; blocks dealt otherwise than DTensor deals dim 0), so that
+    per-matrix values could not be sharded like p."""
     if not isinstance(p, DTensor):
         return False
-    return blocked or any(b.sizes[-1] != p.shape[-1] for b in p_boxes(p) if not b.empty)
+    if any(b.sizes[-1] != p.shape[-1] for b in p_boxes(p) if not b.empty):
+        return True
+    if not blocks or blocks == 1:
+        return False
+    B, h, n = matrix_shape(p, blocks)
+    dealt = p_boxes(p, (B, h, n))
+    return any(box.sizes[1] != h or (box.offsets[0], box.sizes[0]) != (d.offsets[0], d.sizes[0])
+               for box, d in zip(view_boxes(p, blocks), dealt) if box.sizes[0])
 
 
 def local_matrices(p: Tensor, values: Tensor) -> Tensor:
-    """The entries of per-matrix values ``values`` (B, ...) (kept whole on every rank) for the
-    matrices this rank holds part of: a split 3-D param's own experts, else all B."""
-    if not isinstance(p, DTensor) or p.ndim != 3:
+    """The entries of per-matrix values ``values`` (B·k, ...) (kept whole on every rank) for
+    the matrices of p's view (in k row blocks: ``values`` has k entries per matrix of p's
+    plain view) this rank holds part of: a split 3-D param's own experts, a row-split param's
+    own blocks, else all of them."""
+    if not isinstance(p, DTensor) or p.ndim not in (2, 3):
         return values
-    box = my_box(p)
+    blocks = values.shape[0] // matrix_shape(p)[0]
+    box = my_view_box(p, blocks if blocks > 1 else None)
     return values.narrow(0, box.offsets[0], box.sizes[0])
 
 

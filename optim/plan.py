@@ -284,7 +284,7 @@ class Planner:
                       self.matrix_map(params, self.layout(group), shapes, loads, process_group, lane),
                       [b for _, b in items], group_index, self.layout(group).places(params), [s[0] for s in shapes],
                       self.stacks(m, n, params[0], working_dtype(group, params[0]), limits, process_group),
-                      whole_projections=whole_projections(params[0], self.layout(group).of(params[0]).blocks is not None),
+                      whole_projections=whole_projections(params[0], self.layout(group).of(params[0]).blocks),
                       lane=lane)
 
     def stacks(self, m: int, n: int, p: Tensor, dtype: torch.dtype, limits: Limits, process_group) -> bool:

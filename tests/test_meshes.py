@@ -365,6 +365,10 @@ def _blocked_worker(rank, checkpoint_dir):
                 try:
                     got, opt = _blocked_run(case, name, grads, precision)
                     assert_params_close(full_params(nn.ParameterDict(got)), full_params(nn.ParameterDict(want)), RTOL)
+                    if case == "GaLoreAdamW" and name == "fsdp":   # each rank's whole blocks: moments sharded
+                        moments = opt.state_dict()["state"]
+                        assert isinstance(moments[2]["exp_avg"], DTensor), "experts' moments"
+                        assert not isinstance(moments[1]["exp_avg"], DTensor), "gate_up's (rows inside a block)"
                     state = _full_state(opt)
                     assert state.keys() == want_state.keys()
                     for key, value in want_state.items():   # the same state, laid out as one process's
