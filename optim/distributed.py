@@ -147,21 +147,21 @@ def check_placement(p: Tensor, name: str, positional: bool = False, int8: bool =
         raise ValueError(f"{name} ({p.ndim}-D, placed {tuple(p.placements)}) is split beyond its rows: its "
                          "state_precision must be 'fp32' and master_weights 'nearest' (stochastic rounding and "
                          "int8 codes follow global positions); give it a group of its own")
-    if int8 and beyond_rows and not _whole_int8_blocks(p, boxes):
+    if int8 and beyond_rows and not _whole_int8_blocks(p):
         raise ValueError(f"{name} is placed {tuple(p.placements)}: its pieces' columns "
                          f"{sorted({(b.offsets[1], b.offsets[1] + b.sizes[1]) for b in boxes})} cut its rows' "
                          f"int8 blocks of {min(BLOCK, p.shape[1])} entries; give it state_precision 'fp32' or "
                          "'bf16' (a group of its own), or split it where blocks end")
 
 
-def _whole_int8_blocks(p: DTensor, boxes: list[Box]) -> bool:
+def _whole_int8_blocks(p: DTensor) -> bool:
     """Whether the pieces of 2-D ``p`` split no int8 block of a row (each starts at a block's
     first column and ends at a block's end or the row's), so that each rank's blocks and
     their scales (a (rows, ⌈n/BLOCK⌉) tensor placed like p) are the whole param's."""
     n = p.shape[1]
     block = min(BLOCK, n)
     scales = (p.shape[0], -(-n // block))
-    for box, scale in zip(p_boxes(p), _boxes(scales, p.device_mesh, tuple(p.placements))):
+    for box, scale in zip(p_boxes(p), p_boxes(p, scales)):
         (r0, c0), (rs, cs) = box
         if box.empty:
             continue

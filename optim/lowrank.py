@@ -290,7 +290,7 @@ class LowRankAdamW(MatrixOptimizer):
 
     def _state(self, p, group):
         B, m, n = self._shape(group, p)
-        proj = self._projector(group, m, n, whole_projections(p, self._shape(group, p)[0] // matrix_shape(p)[0]))
+        proj = self._projector(group, m, n, whole_projections(p, B // matrix_shape(p)[0]))   # B // that: its blocks
         batched = p.ndim == 3 or group.get("blocks") is not None
         low = stored_shape(proj.low_shape(B), batched)
         moment = State(low, AT_LEAST_FP32, sharded=not proj.whole_low(), role=MOMENT)

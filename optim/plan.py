@@ -279,13 +279,12 @@ class Planner:
         _, m, n = shapes[0]
         process_group = group_of(params, self.replicated_group())
         lane = lane if process_group is not None and lanes_apply(process_group, weights[0].device) else 0
+        layout = self.layout(group)
         return Bucket(params, weights, grad_views, None, (m, n), isinstance(params[0], DTensor),
-                      process_group is not None,
-                      self.matrix_map(params, self.layout(group), shapes, loads, process_group, lane),
-                      [b for _, b in items], group_index, self.layout(group).places(params), [s[0] for s in shapes],
+                      process_group is not None, self.matrix_map(params, layout, shapes, loads, process_group, lane),
+                      [b for _, b in items], group_index, layout.places(params), [s[0] for s in shapes],
                       self.stacks(m, n, params[0], working_dtype(group, params[0]), limits, process_group),
-                      whole_projections=whole_projections(params[0], self.layout(group).of(params[0]).blocks),
-                      lane=lane)
+                      whole_projections=whole_projections(params[0], layout.of(params[0]).blocks), lane=lane)
 
     def stacks(self, m: int, n: int, p: Tensor, dtype: torch.dtype, limits: Limits, process_group) -> bool:
         """Whether m×n matrices of params like ``p`` (device, process group), worked on in

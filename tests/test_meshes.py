@@ -317,20 +317,27 @@ BLOCKED_LAYOUTS = {   # name: (mesh shape, placements per param)
 }
 
 
-def _blocked_params(layout_name: str | None) -> dict[str, torch.Tensor]:
-    """The blocked params (seeded), as DTensors placed as ``layout_name`` says (None: plain)."""
+def _placed(full: dict[str, torch.Tensor], mesh_shape: tuple | None, placements: dict) -> dict[str, nn.Parameter]:
+    """``full`` as params, DTensors on a CPU mesh of ``mesh_shape`` placed as ``placements``
+    says per name ("S0", "S1", "R" per mesh dim; None: plain tensors)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    g = torch.Generator().manual_seed(7)
-    full = {n: torch.randn(shape, generator=g) / 4 for n, (shape, _) in BLOCKED.items()}
-    if layout_name is None:
+    if mesh_shape is None:
         return {n: nn.Parameter(t) for n, t in full.items()}
-    mesh_shape, placements = BLOCKED_LAYOUTS[layout_name]
     mesh = init_device_mesh("cpu", mesh_shape)
     kinds = {"S0": Shard(0), "S1": Shard(1), "R": Replicate()}
     return {n: nn.Parameter(distribute_tensor(t, mesh, [kinds[k] for k in placements[n]], src_data_rank=None))
             for n, t in full.items()}
+
+
+def _blocked_params(layout_name: str | None) -> dict[str, torch.Tensor]:
+    """The blocked params (seeded), as DTensors placed as ``layout_name`` says (None: plain)."""
+    g = torch.Generator().manual_seed(7)
+    full = {n: torch.randn(shape, generator=g) / 4 for n, (shape, _) in BLOCKED.items()}
+    if layout_name is None:
+        return _placed(full, None, None)
+    return _placed(full, *BLOCKED_LAYOUTS[layout_name])
 
 
 def _blocked_optimizer(case: str, params: dict, precision: str = "fp32"):
@@ -428,18 +435,12 @@ STORED = {   # name: (param dtype, group settings)
 
 
 def _wide_params(layout_name: str | None, dtype) -> dict[str, torch.Tensor]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
     g = torch.Generator().manual_seed(5)
     full = {n: (torch.randn(shape, generator=g) / 8).to(dtype) for n, shape in WIDE.items()}
     if layout_name is None:
-        return {n: nn.Parameter(t) for n, t in full.items()}
+        return _placed(full, None, None)
     mesh_shape, placements = WIDE_LAYOUTS[layout_name]
-    mesh = init_device_mesh("cpu", mesh_shape)
-    kinds = {"S0": Shard(0), "S1": Shard(1)}
-    return {n: nn.Parameter(distribute_tensor(t, mesh, [kinds[k] for k in placements], src_data_rank=None))
-            for n, t in full.items()}
+    return _placed(full, mesh_shape, dict.fromkeys(full, placements))
 
 
 def _wide_run(case, stored, layout_name, grads):
