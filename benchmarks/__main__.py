@@ -184,6 +184,7 @@ COMMANDS = {
     "frameworks": Command("frameworks", "bare params in litgpt (--optimizer class_path) and the HF Trainer "
                                         "(optimizer_cls_and_kwargs) vs param_groups, at AdamW's lr", (
         flag("--steps", type=int, nargs="+", help="validation loss after these many steps (default 40 200)"),
+        flag("--seeds", type=int, help="seeds per run, losses averaged (default 1)"),
         *RUN_OPTIONS), device=False),
     "kernels": Command(None, "Newton-Schulz and low-rank refresh kernels", device=False, call=call_kernels),
     "ns": Command("ns", "Newton-Schulz: standard and Gram methods, peers, schedules", (

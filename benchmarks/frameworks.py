@@ -8,16 +8,18 @@ SwiGLU, GQA, untied head) trains character-level on Shakespeare at AdamW's lr. R
   "matrixopt.<Name>", "init_args": {...}}, model.parameters())`` — what ``litgpt pretrain
   --optimizer '{...}'`` calls — in litgpt's pretrain loop (Fabric, ``clip_gradients``
   max_norm 1); ``litgpt param_groups``: the same loop over ``matrixopt.param_groups(model)``
-  (which splits litgpt's fused ``qkv`` into q, k, v blocks); ``litgpt unsplit``: the same
-  groups with ``qkv`` moved, whole, into the plain matrix group, as bare params must leave it
-  (nothing names it), so ``bare/unsplit`` isolates the routing from the split.
+  (which splits litgpt's fused ``qkv`` into q, k, v blocks, as bare params do where the model
+  is called as a module: :class:`matrixopt.routing.FirstForward`); ``litgpt unsplit``: the
+  same groups with ``qkv`` moved, whole, into the plain matrix group, so ``bare/unsplit`` shows
+  what the split is worth.
 - ``HF optimizer_cls_and_kwargs``: ``Trainer(..., optimizer_cls_and_kwargs=(cls, kwargs))``
   (the Trainer's own two groups, weight decay and none, no ``matrix`` key); ``HF
   param_groups``: ``Trainer(..., optimizers=(cls(param_groups(model)), None))``.
 
-Validation loss on held-out plays after 40 and 200 steps (``--steps``). Each codebase's
-``routing`` section lists the matrices the bare route's rule sent to the fallback (first
-optimizer's run) beside those ``param_groups`` puts there.
+Validation loss on held-out plays after 40 and 200 steps (``--steps``), the mean over
+``--seeds`` seeds (init and batches; default 1) and the worst seed's bare/param_groups ratio.
+Each codebase's ``routing`` section lists the matrices each route puts on the fallback and
+those it splits into blocks (first optimizer's run).
 """
 import warnings
 
@@ -42,23 +44,30 @@ def val_loss(forward, val) -> float:
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), val[1].reshape(-1)).item()
 
 
-#: Each run's routing, by codebase: (bare fallback matrices, param_groups fallback matrices).
+#: The first run's routing, by codebase and route: the matrices on the fallback, those split.
 ROUTING = {}
 
 
-def fallback_matrices(model, opt) -> list[str]:
-    """Names of the params with ndim >= 2 that ``opt`` (bare or grouped) puts on the fallback."""
+def routing_of(model, opt) -> dict:
+    """Names of the params with ndim >= 2 that ``opt`` (bare or grouped) puts on the fallback,
+    and of those it splits into blocks (a group's ``blocks``, or the bare-params rule's)."""
     names = {id(p): n.removeprefix("_forward_module.") for n, p in model.named_parameters()}   # Fabric's wrapper
-    return sorted(names[id(p)] for g in opt.param_groups for i, p in enumerate(g["params"])
-                  if p.ndim >= 2 and not opt.is_matrix(g, p, i))
+    fallback, split = [], []
+    for g in opt.param_groups:
+        for i, p in enumerate(g["params"]):
+            if p.ndim >= 2 and not opt.is_matrix(g, p, i):
+                fallback.append(names[id(p)])
+            elif g.get("blocks") is not None or (g.get("routed_blocks") or [None] * (i + 1))[i]:
+                split.append(names[id(p)])
+    return {"fallback": ", ".join(sorted(fallback)), "split into blocks": ", ".join(sorted(split))}
 
 
-def litgpt_run(name: str, route: str, corpus, steps: list[int]) -> dict:
+def litgpt_run(name: str, route: str, corpus, steps: list[int], seed: int = 0) -> dict:
     import lightning as L
     import litgpt
     from litgpt.utils import instantiate_torch_optimizer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = litgpt.Config(n_layer=LAYERS, n_head=HEADS, n_query_groups=GROUPS, n_embd=DIM, block_size=SEQ,
                            vocab_size=len(corpus.vocab), padded_vocab_size=len(corpus.vocab), bias=False,
                            norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=HIDDEN,
@@ -80,7 +89,7 @@ def litgpt_run(name: str, route: str, corpus, steps: list[int]) -> dict:
                                           fused=False)
     model = fabric.setup(model)
     opt = fabric.setup_optimizers(opt)
-    data, val, losses = windows(corpus.train, max(steps)), eval_windows(corpus.val, 32, SEQ), {}
+    data, val, losses = windows(corpus.train, max(steps), seed), eval_windows(corpus.val, 32, SEQ), {}
     for step in range(1, max(steps) + 1):
         batch = data[(step - 1) * BATCH:step * BATCH]
         logits = model(batch[:, :-1])
@@ -92,19 +101,19 @@ def litgpt_run(name: str, route: str, corpus, steps: list[int]) -> dict:
         if step in steps:
             losses[step] = val_loss(model, val)
     if "." not in name:
-        ROUTING.setdefault("litgpt", {}).setdefault(route, fallback_matrices(model, opt))
+        ROUTING.setdefault("litgpt", {}).setdefault(route, routing_of(model, opt))
     return losses
 
 
-def hf_run(name: str, route: str, corpus, steps: list[int], out_dir: str) -> dict:
+def hf_run(name: str, route: str, corpus, steps: list[int], seed: int, out_dir: str) -> dict:
     import transformers
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=len(corpus.vocab), hidden_size=DIM, intermediate_size=HIDDEN,
                                       num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                       num_key_value_heads=GROUPS, max_position_embeddings=SEQ)
     model = transformers.LlamaForCausalLM(config)
-    data = [{"input_ids": w, "labels": w} for w in windows(corpus.train, max(steps))]
+    data = [{"input_ids": w, "labels": w} for w in windows(corpus.train, max(steps), seed)]
     val, losses = eval_windows(corpus.val, 32, SEQ), {}
 
     class Evaluate(transformers.TrainerCallback):
@@ -113,12 +122,12 @@ def hf_run(name: str, route: str, corpus, steps: list[int], out_dir: str) -> dic
                 losses[state.global_step] = val_loss(lambda x: model(input_ids=x).logits, val)
             if state.global_step == max(steps) and name != "torch.optim.AdamW":
                 opt = getattr(optimizer, "optimizer", optimizer)    # accelerate's wrapper
-                ROUTING.setdefault("HF Trainer", {}).setdefault(route, fallback_matrices(model, opt))
+                ROUTING.setdefault("HF Trainer", {}).setdefault(route, routing_of(model, opt))
 
     args = transformers.TrainingArguments(out_dir, max_steps=max(steps), per_device_train_batch_size=BATCH,
                                           learning_rate=LR, weight_decay=WEIGHT_DECAY, lr_scheduler_type="constant",
                                           report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                                          seed=0, dataloader_drop_last=True)
+                                          seed=seed, dataloader_drop_last=True)
     kwargs = {"callbacks": [Evaluate()]}
     if name != "torch.optim.AdamW":
         import matrixopt
@@ -131,36 +140,51 @@ def hf_run(name: str, route: str, corpus, steps: list[int], out_dir: str) -> dic
     return losses
 
 
-def run(quick: bool, *, steps=None, optimizers=None, device=None) -> dict:
+def mean_over_seeds(train, name: str, route: str, corpus, steps: list[int], seeds: int) -> tuple[dict, list]:
+    """``train``'s validation losses at ``steps``, the mean over seeds 0 … seeds-1, and per seed."""
+    runs = [train(name, route, corpus, steps, seed) for seed in range(seeds)]
+    return {s: sum(run[s] for run in runs) / seeds for s in steps}, runs
+
+
+def optimizer_row(name: str, steps: list[int], adamw: dict, bare, grouped, unsplit) -> dict:
+    """One optimizer's row: per step count the routes' mean losses, the ratios of the means and
+    the worst seed's bare/param_groups ratio (each route a (means, per-seed runs) pair)."""
+    row = {"optimizer": f"matrixopt.{name}"}
+    for s in steps:
+        row.update({f"bare@{s}": round(bare[0][s], 4), f"param_groups@{s}": round(grouped[0][s], 4),
+                    f"bare/param_groups@{s}": round(bare[0][s] / grouped[0][s], 4),
+                    f"worst seed@{s}": round(max(b[s] / g[s] for b, g in zip(bare[1], grouped[1])), 4),
+                    f"bare/AdamW@{s}": round(bare[0][s] / adamw[s], 4)})
+        if unsplit:
+            row.update({f"unsplit@{s}": round(unsplit[0][s], 4),
+                        f"bare/unsplit@{s}": round(bare[0][s] / unsplit[0][s], 4)})
+    return row
+
+
+def run(quick: bool, *, steps=None, seeds=None, optimizers=None, device=None) -> dict:
     import tempfile
 
-    steps = sorted(steps or [40, 200])
+    steps, seeds = sorted(steps or [40, 200]), seeds or 1
     corpus = load_shakespeare()
     names = optimizers or OPTIMIZERS
     sections = {}
     with warnings.catch_warnings(), tempfile.TemporaryDirectory() as out_dir:
         warnings.simplefilter("ignore")
         for codebase, train in (("litgpt", litgpt_run), ("HF Trainer", lambda *a: hf_run(*a, out_dir))):
-            adamw = train("torch.optim.AdamW", "class_path", corpus, steps)
+            adamw = mean_over_seeds(train, "torch.optim.AdamW", "class_path", corpus, steps, seeds)[0]
             rows = [{"optimizer": "torch.optim.AdamW", **{f"loss@{s}": round(adamw[s], 4) for s in steps}}]
             for name in names:
-                bare, grouped = train(name, "class_path", corpus, steps), train(name, "param_groups", corpus, steps)
-                unsplit = train(name, "unsplit", corpus, steps) if codebase == "litgpt" else None
-                row = {"optimizer": f"matrixopt.{name}"}
-                for s in steps:
-                    row.update({f"bare@{s}": round(bare[s], 4), f"param_groups@{s}": round(grouped[s], 4),
-                                f"bare/param_groups@{s}": round(bare[s] / grouped[s], 4),
-                                f"bare/AdamW@{s}": round(bare[s] / adamw[s], 4)})
-                    if unsplit:
-                        row.update({f"unsplit@{s}": round(unsplit[s], 4), f"bare/unsplit@{s}": round(bare[s] / unsplit[s], 4)})
-                rows.append(row)
-                print(row, flush=True)
-            sections[f"{codebase}: validation loss, bare params vs param_groups (lr {LR})"] = rows
+                bare, grouped = (mean_over_seeds(train, name, route, corpus, steps, seeds)
+                                 for route in ("class_path", "param_groups"))
+                unsplit = mean_over_seeds(train, name, "unsplit", corpus, steps, seeds) if codebase == "litgpt" else None
+                rows.append(optimizer_row(name, steps, adamw, bare, grouped, unsplit))
+                print(rows[-1], flush=True)
+            sections[f"{codebase}: validation loss, bare params vs param_groups (lr {LR}, mean of {seeds} seeds)"] = rows
             routing = ROUTING.get(codebase, {})
-            sections[f"{codebase}: matrices on the fallback"] = [
-                {"route": route, "matrices": ", ".join(matrices)} for route, matrices in routing.items()]
+            sections[f"{codebase}: matrices on the fallback and split into blocks"] = [
+                {"route": route, **found} for route, found in routing.items()]
     from importlib.metadata import version
     versions = {package: version(package) for package in ("transformers", "accelerate", "lightning", "litgpt")}
     sections["versions of the codebases"] = [versions]
-    return sections, {"steps": steps, "lr": LR, "weight_decay": WEIGHT_DECAY, "routing": ROUTING,
+    return sections, {"steps": steps, "seeds": seeds, "lr": LR, "weight_decay": WEIGHT_DECAY, "routing": ROUTING,
                       "versions": versions}, None

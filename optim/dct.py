@@ -1,5 +1,6 @@
 """DCTAdamW: Adam in a low-rank subspace picked from a fixed DCT basis (no SVD)."""
-from .matrices import resolve_rank, separate_parts
+from .matrices import resolve_rank
+from .plan import separate_parts
 from .lowrank import LowRankAdamW
 from .projectors import DCTProjector, work_dtype
 from .validation import choice

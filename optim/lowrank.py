@@ -46,7 +46,7 @@ from .batching import LOWRANK
 from .matrices import local_matrices, matrix_shape, whole_projections
 from .ops import Out, Rows, Whole, apply_update, stacked_call
 from .optimizer import MatrixOptimizer
-from .plan import Bucket
+from .plan import Bucket, param_blocks
 from .precision import MOMENT, SECOND_MOMENT
 from .projectors import REFRESHED, SVD_FAILED, ZERO_GRADIENT, stored_shape, work_dtype
 from .protocols import Projector
@@ -291,7 +291,7 @@ class LowRankAdamW(MatrixOptimizer):
     def _state(self, p, group):
         B, m, n = self._shape(group, p)
         proj = self._projector(group, m, n, whole_projections(p, B // matrix_shape(p)[0]))   # B // that: its blocks
-        batched = p.ndim == 3 or group.get("blocks") is not None
+        batched = p.ndim == 3 or param_blocks(group, p)[0] is not None
         low = stored_shape(proj.low_shape(B), batched)
         moment = State(low, AT_LEAST_FP32, sharded=not proj.whole_low(), role=MOMENT)
         return {"step": counter(), "exp_avg": moment, "exp_avg_sq": moment._replace(role=SECOND_MOMENT),

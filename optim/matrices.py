@@ -149,15 +149,6 @@ def block_of(t: Tensor, sizes: list[int], b: int, axis: str) -> Tensor:
     return t.narrow(-2 if axis == "rows" else -1, start, sizes[b])
 
 
-def separate_parts(group: dict, p: Tensor) -> list[Tensor] | None:
-    """``p``'s blocks under ``group``'s ``blocks`` and ``block_axis`` that are separate
-    matrices (:func:`separate_blocks`), each a view of ``p.detach()`` (:func:`block_of`);
-    None if it has none."""
-    axis = block_axis(group)
-    sizes = separate_blocks(block_sizes("blocks", group.get("blocks"), p, axis), axis)
-    return sizes and [block_of(p.detach(), sizes, b, axis) for b in range(len(sizes))]
-
-
 def block_matrices(t: Tensor, sizes: list[int], b: int, axis: str) -> Tensor:
     """Block ``b`` of ``t`` as its (B, m, n) view (:func:`block_of`)."""
     block = block_of(t, sizes, b, axis)

@@ -36,8 +36,8 @@ from .batching import ORTHOGONALIZE
 from .distributed import MODES, check_placement
 from .execute import Executor, NonFinite
 from .fallback import AdamW
-from .matrices import BLOCK_AXES, block_axis, block_sizes, equal_blocks, matrix_shape, separate_parts
-from .plan import Bucket, Limits, Planner, is_matrix
+from .matrices import BLOCK_AXES, block_sizes, equal_blocks, matrix_shape
+from .plan import Bucket, Limits, Planner, is_matrix, param_blocks, separate_parts, split_of
 from .precision import PRECISIONS
 from .state import Declarations, State, storage_bytes
 from .validation import betas_in_unit_interval, choice, real
@@ -115,6 +115,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                 type(self).__name__)
         self._nonfinite = NonFinite()
         self._routing_warned = False
+        self._first_forward = routing.FirstForward(self)   # the model's fused projections, seen at its first call
         super().__init__(params, defaults)
 
     def __getstate__(self):
@@ -148,6 +149,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         except (ValueError, TypeError, NotImplementedError):
             self.param_groups.pop()
             raise
+        self._first_forward.watch(group)
 
     def _validators(self) -> dict:
         """Every hyperparameter this optimizer takes (the shared ones, the fallback's and the
@@ -172,8 +174,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__} does not support complex parameters: {name} is {p.dtype}")
             _check_placement(p, name, group)
             weights.check(name, p, group)
-            if group.get("blocks") is not None and self.is_matrix(group, p, i):
-                block_sizes(name, group["blocks"], p, block_axis(group))
+            value, axis = split_of(group, p, i)
+            if value is not None and self.is_matrix(group, p, i):
+                block_sizes(name, value, p, axis)
 
     # -- naming and routing --------------------------------------------------------------------
     def _param_name(self, group: dict, index: int) -> str:
@@ -196,11 +199,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _shape(self, group: dict, p: Tensor) -> tuple[int, int, int]:
         """p's (B, m, n) matrix view in ``group`` (its equal row ``blocks`` applied)."""
-        return matrix_shape(p, equal_blocks(self._block_sizes(group, p), block_axis(group)))
-
-    @staticmethod
-    def _block_sizes(group: dict, p: Tensor) -> list[int] | None:
-        return block_sizes("blocks", group.get("blocks"), p, block_axis(group))
+        return matrix_shape(p, equal_blocks(*param_blocks(group, p)))
 
     # -- what a rule gives ---------------------------------------------------------------------
     def _state(self, p: Tensor, group: dict) -> dict[str, State]:
@@ -238,10 +237,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """p's state as the rule (or the fallback) declares it and sees it in its update."""
         if not self.is_matrix(group, p):
             return self.fallback.state(p, group)
-        sizes, separate = self._block_sizes(group, p), separate_parts(group, p)
+        sizes, separate = param_blocks(group, p)[0], separate_parts(group, p)
         declared = self._state(p, group) if separate is None else {
             f"{key}.{b}": spec for b, block in enumerate(separate)   # one matrix per block, "<key>.<b>"
-            for key, spec in self._state(block, {**group, "blocks": None, "block_axis": None}).items()}
+            for key, spec in self._state(block, {**group, "blocks": None, "block_axis": None, "matrix": True}).items()}
         # Blocks of a plain param: their state may lack p's dim 0 ((k, m/k, r) moments), none is sharded.
         plain = sizes is not None and not isinstance(p, DTensor)   # a DTensor's: the rule declares by pieces
         return {key: spec._replace(sharded=False) for key, spec in declared.items()} if plain else declared
@@ -296,7 +295,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _route(self, selection: list[tuple[dict, range | list[int]]]) -> None:
         """The bare-params rule's decision for the selected params (:func:`matrixopt.routing.route`)."""
         self._routing_warned = routing.route(selection, self.state, self._param_name, type(self).__name__,
-                                             type(self.fallback).__name__, self._routing_warned)
+                                             type(self.fallback).__name__, self._routing_warned, self._first_forward)
 
     def _limits(self) -> Limits:
         return Limits.checked(self.max_bucket_elements, self.unbatched_elements, self.stack_work, self.buckets_in_flight)

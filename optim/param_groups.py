@@ -144,31 +144,31 @@ def _entries(name: str, declared) -> dict:
     return {"blocks": declared}
 
 
-def _packed(model: nn.Module, declared: dict) -> dict[str, dict]:
+def packed(model: nn.Module, declared: dict) -> dict[str, dict]:
     """Params that pack several matrices as blocks, by name → group entries (``blocks``,
     ``block_axis``): nn.MultiheadAttention's ``in_proj_weight`` (q, k, v), LSTM (4 gates) and
     GRU (3) weights, the fused projections of :func:`_fused`, and ``declared`` (a param's
     name, or the end of it after a dot → :func:`_entries`; it overrides the others)."""
-    packed = {}
+    found = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-            packed[f"{prefix}in_proj_weight"] = {"blocks": 3}
+            found[f"{prefix}in_proj_weight"] = {"blocks": 3}
         elif isinstance(module, (nn.LSTM, nn.GRU)):
             gates = 4 if isinstance(module, nn.LSTM) else 3
             for pname, _ in module.named_parameters(recurse=False):
                 if pname.startswith(("weight_ih", "weight_hh")):
-                    packed[prefix + pname] = {"blocks": gates}
-        packed.update({prefix + pname: entries for pname, entries in _fused(module).items()})
+                    found[prefix + pname] = {"blocks": gates}
+        found.update({prefix + pname: entries for pname, entries in _fused(module).items()})
     unused = set(declared)
     for name, _ in model.named_parameters():
         for key in declared:
             if name == key or name.endswith("." + key):
-                packed[name] = _entries(key, declared[key])
+                found[name] = _entries(key, declared[key])
                 unused.discard(key)
     if unused:
         raise ValueError(f"param_groups(fused=...): no param of the model is named or ends in {sorted(unused)}")
-    return packed
+    return found
 
 
 def param_groups(model: nn.Module, *, fallback: dict | None = None, fused: dict | None = None,
@@ -205,7 +205,7 @@ def param_groups(model: nn.Module, *, fallback: dict | None = None, fused: dict 
     are left out.
     """
     heads = _head_linears(model)
-    packed = _packed(model, fused or {})
+    blocks = packed(model, fused or {})
     embedding_modules = {name for name, m in model.named_modules()
                          if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
     matrix, other, blocked = [], [], {}
@@ -215,8 +215,8 @@ def param_groups(model: nn.Module, *, fallback: dict | None = None, fused: dict 
         owner, _, leaf = name.rpartition(".")
         on_fallback = (p.ndim < 2 or owner in heads or owner in embedding_modules
                        or min(matrix_shape(p)[1:]) == 1 or VECTOR_TABLE.search(leaf.lower()) is not None)
-        if not on_fallback and name in packed:
-            blocked.setdefault(tuple(sorted(packed[name].items())), []).append((name, p))
+        if not on_fallback and name in blocks:
+            blocked.setdefault(tuple(sorted(blocks[name].items())), []).append((name, p))
         else:
             (other if on_fallback else matrix).append((name, p))
     groups = []

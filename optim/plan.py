@@ -1,7 +1,7 @@
 """The planner: a step's param groups as typed plans of work.
 
 Per group, once (:class:`GroupLayout`, cached until the group's params' list, ``blocks``,
-``block_axis`` or ``matrix`` changes, or a param a step updates is another tensor or has
+``block_axis``, ``matrix`` or the bare-params rule's records change, or a param a step updates is another tensor or has
 another shape): which params are matrices, how each is seen ((B, m, n), equal row blocks, or
 blocks that are separate matrices: unequal row blocks, column blocks) and its index in the
 group. Per step: the group's matrices in :class:`Bucket`\\ s
@@ -19,11 +19,11 @@ from torch.distributed.tensor import DTensor
 
 from .batching import agree, stack_limit
 from .distributed import MatrixWork, lane_group, lanes_apply, mesh_group
-from .matrices import (as_matrices, block_axis, block_matrices, block_offset, block_sizes, entry_span, equal_blocks,
-                       local, matrix_shape, my_view_box, separate_blocks, view_boxes, whole_projections)
+from .matrices import (as_matrices, block_axis, block_matrices, block_of, block_offset, block_sizes, entry_span,
+                       equal_blocks, local, matrix_shape, my_view_box, separate_blocks, view_boxes, whole_projections)
 from .ops import local_map
-from .routing import KEY as ROUTED
-from .routing import routed
+from .routing import BLOCKS, KEY as ROUTED
+from .routing import decides, routed, split
 from .seeding import Span
 from .state import RowState
 from .weights import working_dtype
@@ -36,9 +36,37 @@ def is_matrix(group: dict, p: Tensor, index: int | None = None) -> bool:
     flag = group.get("matrix")
     if flag is not None:
         return bool(flag)
-    if index is None:
-        index = next(i for i, q in enumerate(group["params"]) if q is p)
-    return routed(group, index, p)
+    return routed(group, _index(group, p) if index is None else index, p)
+
+
+def _index(group: dict, p: Tensor) -> int:
+    return next(i for i, q in enumerate(group["params"]) if q is p)
+
+
+def split_of(group: dict, p: Tensor, index: int | None = None) -> tuple[object, str]:
+    """``p``'s ``blocks`` and ``block_axis`` (the group's param ``index``; found by identity if
+    None): the group's, or, in a group the bare-params rule routes that sets no ``blocks``, those
+    the rule found for ``p`` (a fused projection, :func:`matrixopt.routing.split`)."""
+    if group.get("blocks") is not None or not decides(group) or not group.get(BLOCKS):
+        return group.get("blocks"), block_axis(group)
+    entries = split(group, _index(group, p) if index is None else index) or {}
+    return entries.get("blocks"), entries.get("block_axis") or "rows"
+
+
+def param_blocks(group: dict, p: Tensor, index: int | None = None) -> tuple[list[int] | None, str]:
+    """``p``'s blocks as sizes along their axis (None: not split) and the axis
+    (:func:`split_of`, :func:`matrixopt.matrices.block_sizes`)."""
+    value, axis = split_of(group, p, index)
+    return block_sizes("blocks", value, p, axis), axis
+
+
+def separate_parts(group: dict, p: Tensor) -> list[Tensor] | None:
+    """``p``'s blocks in ``group`` that are separate matrices
+    (:func:`~matrixopt.matrices.separate_blocks`), each a view of ``p.detach()``
+    (:func:`~matrixopt.matrices.block_of`); None if it has none."""
+    sizes, axis = param_blocks(group, p)
+    sizes = separate_blocks(sizes, axis)
+    return sizes and [block_of(p.detach(), sizes, b, axis) for b in range(len(sizes))]
 
 
 class ParamLayout(NamedTuple):
@@ -79,17 +107,17 @@ class GroupLayout(NamedTuple):
 def _signature(group: dict) -> tuple:
     """What a group's layout is made from, bar its params one by one (see
     :meth:`GroupLayout.holds`): the params' list and length, the group's ``blocks``,
-    ``block_axis``, ``matrix`` and routing record (replaced, never edited, by
+    ``block_axis``, ``matrix`` and the routing records (replaced, never edited, by
     :func:`matrixopt.routing.decide`)."""
     params = group["params"]
     return (id(params), len(params), repr(group.get("blocks")), block_axis(group), group.get("matrix"),
-            id(group.get(ROUTED)))
+            id(group.get(ROUTED)), id(group.get(BLOCKS)))
 
 
 def param_layout(group: dict, index: int, p: Tensor) -> ParamLayout:
     """How ``group`` sees ``p``, its param ``index``."""
-    matrix, axis = is_matrix(group, p, index), block_axis(group)
-    sizes = block_sizes("blocks", group.get("blocks"), p, axis) if matrix else None
+    matrix = is_matrix(group, p, index)
+    sizes, axis = param_blocks(group, p, index) if matrix else (None, block_axis(group))
     blocks = equal_blocks(sizes, axis)
     return ParamLayout(index, p.shape, matrix, matrix_shape(p, blocks), blocks, separate_blocks(sizes, axis), axis)
 

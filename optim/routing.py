@@ -45,19 +45,35 @@ gradient yet), saved with ``state_dict()`` and restored by ``load_state_dict``, 
 changes during a run or on resume, and every rank decides the same (DDP: the same averaged
 gradients; FSDP2: the gathered ones). Explicit ``matrix=`` groups and
 :func:`matrixopt.param_groups` are never re-decided.
+
+**Fused projections.** A param the rule sends to the matrix rule is split into the blocks
+:func:`matrixopt.param_groups` would give it (litgpt's ``qkv``, GPT-NeoX's
+``query_key_value``, torchtitan's ``wqkv``, ``gate_up_proj``, GPT-2's ``c_attn``, LSTM gates,
+…) when the model was seen: :class:`FirstForward` watches, from the optimizer's construction,
+for the first module called that holds one of the params (the model, or its wrapper: DDP,
+FSDP2, Fabric, ``torch.compile``'s), reads its fused projections by their modules, and stops.
+The blocks are recorded with the decision (``group["routed_blocks"]``, per param None or its
+``blocks`` and ``block_axis``; absent when none was found), saved and restored with it. No
+module seen before a param's decision (gradients computed without calling the model as a
+module), or blocks its DTensor pieces would cut: the param stays one matrix.
 """
 import warnings
+import weakref
 from collections import Counter
 
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
+from torch.nn.modules.module import register_module_forward_pre_hook
 
-from .matrices import matrix_shape
+from .matrices import BLOCK_AXES, block_sizes, matrix_shape
+from .param_groups import packed
 from .report import caller_stacklevel
 
 #: The group entry that records the rule's decisions.
 KEY = "routed"
+#: The group entry that records the blocks of the fused projections the rule found.
+BLOCKS = "routed_blocks"
 #: An embedding's gradient: at least this fraction of its rows exactly zero.
 ZERO_ROWS = 0.25
 #: A head's rows sum to zero up to rounding: ‖1ᵀG‖ ≤ ZERO_SUM·‖G‖ (a generic gradient: ≈ 1;
@@ -83,6 +99,57 @@ def routed(group: dict, index: int, p: Tensor) -> bool:
     if decisions is not None and decisions[index] is not None:
         return decisions[index]
     return p.ndim >= 2 and shape_reason(group["params"], index, set()) is None
+
+
+def split(group: dict, index: int) -> dict | None:
+    """The recorded ``blocks`` (and ``block_axis``) of the group's param ``index``: a fused
+    projection the rule found, or None."""
+    record = group.get(BLOCKS)
+    return record[index] if record else None
+
+
+class FirstForward:
+    """The fused projections among the params of the groups the rule routes, read from the
+    first module called (a global forward pre-hook, from :meth:`watch` until that module is
+    seen, :meth:`close` or ``owner`` collected) that holds one of them: ``found`` maps a param's id to its name in
+    that module and its group entries (:func:`matrixopt.param_groups.packed`). Under
+    ``torch.compile`` tracing the hook does nothing; a copy (pickled, deep-copied) watches
+    nothing."""
+
+    def __init__(self, owner=None):
+        self.ids: set[int] = set()
+        self.found: dict[int, tuple[str, dict]] = {}
+        self.seen = False
+        self._handle = None
+        if owner is not None:
+            weakref.finalize(owner, self.close)   # an optimizer dropped stops watching
+
+    def __reduce__(self):
+        return FirstForward, ()
+
+    def watch(self, group: dict) -> None:
+        """Watch ``group``'s params with ``ndim >= 2`` too, if the rule routes it and no module
+        was seen yet."""
+        if decides(group) and not self.seen:
+            self.ids |= {id(p) for p in group["params"] if p.ndim >= 2}
+            if self.ids and self._handle is None:
+                self._handle = register_module_forward_pre_hook(self._called)
+
+    def _called(self, module: torch.nn.Module, args) -> None:
+        if torch.compiler.is_compiling():
+            return
+        named = [(name, p) for name, p in module.named_parameters() if id(p) in self.ids]
+        if named:
+            fused = packed(module, {})
+            self.found = {id(p): (name, fused[name]) for name, p in named if name in fused}
+            self.seen = True
+            self.close()
+
+    def close(self) -> None:
+        """Stop watching."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
 
 def _width(params: list[Tensor]) -> int | None:
@@ -143,13 +210,14 @@ def gradient_reason(params: list[Tensor], index: int, grad: Tensor) -> str | Non
     return None
 
 
-def decide(group: dict, indices) -> tuple[list[tuple[int, str]], list[int]]:
+def decide(group: dict, indices, found: dict) -> tuple[list[tuple[int, str]], list[int]]:
     """Record the decision for the params at ``indices`` of ``group`` (a group the rule
     routes) that have a gradient (a finite, nonzero one, for a 2-D param) and none yet (rules 2
-    and 3 first, then 1 and 4); returns (index, reason) of those sent to the fallback, and the
-    indices decided against the shapes' verdict they were routed by until now (their state,
-    made by steps on all-zero gradients, belongs to the other rule). The group's record is
-    replaced, not edited, when anything is decided."""
+    and 3 first, then 1 and 4), and the blocks of those sent to the matrix rule that ``found``
+    has (:attr:`FirstForward.found`); returns (index, reason) of those sent to the fallback,
+    and the indices whose state, made by steps on all-zero gradients, belongs to another rule or
+    split (decided against the shapes' verdict they were routed by until now, or split into
+    blocks). The group's records are replaced, not edited, when anything is decided."""
     params = group["params"]
     decisions = group.get(KEY) or [None] * len(params)
     new, fallback = list(decisions), []
@@ -162,46 +230,78 @@ def decide(group: dict, indices) -> tuple[list[tuple[int, str]], list[int]]:
     tables = {tuple(params[i].shape) for i, d in enumerate(decisions) if d is False and params[i].ndim == 2}
     tables |= {tuple(params[i].shape) for i, r in reasons.items() if r is not None}
     tables = {shape for shape in tables if shape[0] != width}
+    blocks = list(group.get(BLOCKS) or [None] * len(params))
     for i in todo:
         reason = None if params[i].ndim < 2 else reasons[i] or shape_reason(params, i, tables)
         new[i] = params[i].ndim >= 2 and reason is None
         if reason is not None:
             fallback.append((i, reason))
+        elif new[i]:
+            blocks[i] = _fused_blocks(group, params[i], found.get(id(params[i])))
     if new != decisions or KEY not in group:
         group[KEY] = new
-    return fallback, [i for i in todo if new[i] != provisional[i]]
+    if any(blocks) and blocks != group.get(BLOCKS):
+        group[BLOCKS] = blocks
+    return fallback, [i for i in todo if new[i] != provisional[i] or blocks[i]]
+
+
+def _fused_blocks(group: dict, p: Tensor, found: tuple[str, dict] | None) -> dict | None:
+    """The blocks ``found`` gives ``p`` (its name in the model and group entries), unless its
+    group sets ``blocks`` or they do not fit it (a DTensor whose pieces would cut them)."""
+    if found is None or group.get("blocks") is not None:
+        return None
+    name, entries = found
+    try:
+        block_sizes(name, entries["blocks"], p, entries.get("block_axis") or "rows")
+    except ValueError:
+        return None
+    return entries
 
 
 def check_record(group: dict) -> None:
-    """ValueError unless a group's record (from a checkpoint, say) has one entry, True,
-    False or None, per param."""
-    decisions = group.get(KEY)
-    if decisions is None:
-        return
-    if (not isinstance(decisions, (list, tuple)) or len(decisions) != len(group["params"])
-            or any(d not in (True, False, None) for d in decisions)):
+    """ValueError unless a group's records (from a checkpoint, say) have one entry per param:
+    True, False or None (decisions); None or a dict of ``blocks`` and ``block_axis`` (blocks,
+    whose sizes the group's validation checks against the param)."""
+    count = len(group["params"])
+    decisions, blocks = group.get(KEY), group.get(BLOCKS)
+    if decisions is not None and (not isinstance(decisions, (list, tuple)) or len(decisions) != count
+                                  or any(d not in (True, False, None) for d in decisions)):
         raise ValueError(f"Invalid {KEY!r} in a param group: expected one of True, False, None per param "
-                         f"({len(group['params'])}), got {decisions!r}")
+                         f"({count}), got {decisions!r}")
+    if blocks is not None and (not isinstance(blocks, (list, tuple)) or len(blocks) != count or not all(
+            b is None or isinstance(b, dict) and "blocks" in b and set(b) <= {"blocks", "block_axis"}
+            and b.get("block_axis") in (None, *BLOCK_AXES) for b in blocks)):
+        raise ValueError(f"Invalid {BLOCKS!r} in a param group: expected per param None or a dict of 'blocks' "
+                         f"and 'block_axis' ({count}), got {blocks!r}")
 
 
 def route(selection: list[tuple[dict, range | list[int]]], state: dict, name_of, owner: str, fallback: str,
-          warned: bool) -> bool:
-    """The rule's decision (:func:`decide`) for the selected params of groups without
-    ``matrix`` that have a gradient and none yet; a param decided against the rule it was
-    routed to before (by the shapes, while its gradients were all zero) loses the state those
-    steps made (``state``: the optimizer's). Unless ``warned`` (once per optimizer), a warning
-    names the params it sent to the fallback and why. Returns whether it has warned."""
-    routed = []
+          warned: bool, watcher: FirstForward) -> bool:
+    """The rule's decision (:func:`decide`, with the fused projections ``watcher`` found) for
+    the selected params of groups without ``matrix`` that have a gradient and none yet; a param
+    decided against the rule or split it was routed by before (by the shapes, while its
+    gradients were all zero) loses the state those steps made (``state``: the optimizer's).
+    Unless ``warned`` (once per optimizer), a warning names the params it sent to the fallback
+    and why, and those it split. ``watcher`` stops at the first gradient read. Returns
+    whether it has warned."""
+    routed, split_ = [], []
     for group, indices in selection:
         if decides(group):
-            sent, moved = decide(group, indices)
+            sent, moved = decide(group, indices, watcher.found)
             routed += [f"{name_of(group, i)}: {reason}" for i, reason in sent]
+            split_ += [f"{watcher.found[id(group['params'][i])][0]}: {split(group, i)}" for i in moved
+                       if split(group, i)]
             for i in moved:
                 state.pop(group["params"][i], None)
-    if not routed or warned:
+    if any(d is not None and p.ndim >= 2 for group, _ in selection if decides(group)
+           for p, d in zip(group["params"], group.get(KEY) or [])):
+        watcher.close()   # a matrix's gradient was read: the model, if called as a module, was called before
+    if not (routed or split_) or warned:
         return warned
-    warnings.warn(f"{owner}: params given without a 'matrix' flag; sent to the fallback ({fallback}) by the "
-                  f"bare-params rule (README, 'Bare params'): {'; '.join(routed)}. Every other param with "
-                  "ndim >= 2 gets the matrix rule. Give groups matrix=True/False, or use "
-                  "matrixopt.param_groups(model), to decide yourself.", UserWarning, stacklevel=caller_stacklevel())
+    sent = f"sent to the fallback ({fallback}): {'; '.join(routed)}. " if routed else ""
+    split_ = f"split into blocks, fused projections of the model's modules: {'; '.join(split_)}. " if split_ else ""
+    warnings.warn(f"{owner}: params given without a 'matrix' flag, routed by the bare-params rule (README, "
+                  f"'Bare params'): {sent}{split_}Every other param with ndim >= 2 gets the matrix rule, whole. "
+                  "Give groups matrix=True/False, or use matrixopt.param_groups(model), to decide yourself.",
+                  UserWarning, stacklevel=caller_stacklevel())
     return True

@@ -25,7 +25,7 @@ from matrixopt.kernels import host
 from .distributed import dtensor_like, my_box
 from .matrices import entry_span, local
 from .precision import SCALE_SUFFIX, stored, working, write_back
-from .routing import KEY as ROUTED
+from .routing import BLOCKS, KEY as ROUTED
 
 #: State dtype policies besides a fixed dtype: the param's own, or at least fp32 (fp64 for
 #: fp64 params).
@@ -246,8 +246,8 @@ class Declarations:
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 # The weight's storage entries follow the param's dtype, not the checkpoint's: a
                 # param that takes none drops them, one that takes some starts them afresh.
-                # Routed as saved (the bare-params rule's record, matrixopt.routing), which the load restores.
-                settings = {**group, **storage, **{k: v for k, v in saved.items() if k == ROUTED}}
+                # Routed and split as saved (the bare-params rule's records, matrixopt.routing), which the load restores.
+                settings = {**group, **storage, **{k: saved.get(k) for k in (ROUTED, BLOCKS)}}
                 optional = self.weight_state(p, settings)
                 saved_state = {k: v for k, v in state_dict["state"].get(pid, {}).items()
                                if k not in self.weight_keys or k in optional}

@@ -219,11 +219,25 @@ def test_litgpt_class_path_recipe_trains_and_resumes_exactly(tmp_path):
     assert_same_weights(resumed, whole)
 
 
+def test_litgpt_class_path_route_trains_as_param_groups():
+    """The class path's bare params, inside Fabric, give param_groups(model)'s weights (to the
+    rounding of Newton-Schulz over other stacks of matrices): the same tables on AdamW, the fused
+    qkv split into q, k and v as param_groups splits it."""
+    batches = tokens(8).split(2)
+    runs = []
+    for class_path in (True, False):
+        fabric, model, opt = litgpt_setup(class_path)
+        litgpt_loop(fabric, model, opt, batches, max_norm=1.0)
+        runs.append(model)
+    for (n, p), q in zip(runs[0].named_parameters(), runs[1].parameters()):   # buckets stack other matrices
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_litgpt_pretrain_cli_with_a_class_path_optimizer(tmp_path):
     """``litgpt pretrain --optimizer '{"class_path": "matrixopt.Muon", ...}'`` itself (a
     subprocess: its jsonargparse CLI, torch.compile'd model, Fabric loop and checkpoint), with
     a data module that needs no data extras: the bare params are routed (embedding and head to
-    AdamW, the fused qkv to Muon) and the loss falls."""
+    AdamW, the fused qkv to Muon, split into q, k and v) and the loss falls."""
     import os
     import subprocess
     import sys
@@ -253,8 +267,11 @@ def test_litgpt_pretrain_cli_with_a_class_path_optimizer(tmp_path):
     routed = dict(zip([names[i] for i in group["params"]], group["routed"]))
     assert routed["transformer.wte.weight"] is False and routed["lm_head.weight"] is False
     assert routed["transformer.h.0.attn.qkv.weight"] is True
+    blocks = dict(zip([names[i] for i in group["params"]], group["routed_blocks"]))
+    assert blocks["transformer.h.0.attn.qkv.weight"] == {"blocks": (64, 32, 32)}      # q of 4 heads, k and v of 2
+    assert blocks["transformer.h.0.mlp.fc_1.weight"] is None
     assert set(saved["state"][names.index("transformer.wte.weight")]) == {"step", "exp_avg", "exp_avg_sq"}
-    assert set(saved["state"][names.index("transformer.h.0.attn.qkv.weight")]) == {"momentum_buffer"}
+    assert set(saved["state"][names.index("transformer.h.0.attn.qkv.weight")]) == {f"momentum_buffer.{b}" for b in range(3)}
 
 
 def test_litgpt_with_step_in_backward_equals_its_loop_and_peaks_lower():

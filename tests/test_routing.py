@@ -371,6 +371,7 @@ def test_decision_is_stable_and_resumes_exactly(cls, tmp_path):
         opt2 = cls(resumed.parameters(), lr=1e-2, **kwargs)
         opt2.load_state_dict(saved["opt"])
         assert opt2.param_groups[0]["routed"] == decided
+        assert opt2.param_groups[0]["routed_blocks"] == opt.param_groups[0]["routed_blocks"]   # the LSTM's gates
         train(resumed, opt2, later[2:])
     for (n, p), q in zip(net.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), n
@@ -405,6 +406,152 @@ def test_a_bad_record_is_refused_naming_the_key():
     state["param_groups"][0]["routed"] = [True]
     with pytest.raises(ValueError, match="Invalid 'routed' in a param group"):
         opt.load_state_dict(state)
+
+
+# -- fused projections: the blocks param_groups gives, read from the model at its first call --------
+
+def litgpt_gpt():
+    litgpt = pytest.importorskip("litgpt")
+    return litgpt.GPT(litgpt.Config(n_layer=2, n_head=4, n_query_groups=2, n_embd=32, block_size=16, vocab_size=96,
+                                    padded_vocab_size=96, bias=False, norm_class_name="RMSNorm",
+                                    mlp_class_name="LLaMAMLP", intermediate_size=64))
+
+
+#: Models with fused projections: litgpt's GQA ``qkv`` (unequal row blocks), GPT-2's ``Conv1D``
+#: ``c_attn`` (column blocks), nn.MultiheadAttention's ``in_proj_weight`` (a ViT's encoder
+#: layers), LSTM gates.
+FUSED = {"litgpt-gqa": (litgpt_gpt, tokens(96, 60), "lm"), **{k: ZOO[k] for k in ("hf-gpt2-tied", "vit", "lstm-lm")}}
+
+
+def build_fused(name, seed=0):
+    torch.manual_seed(seed)
+    factory, batch, kind = FUSED[name]
+    return factory(), batch, kind
+
+
+def param_groups_blocks(net):
+    """param name → the blocks entries param_groups gives it (its blocked groups)."""
+    names = {id(p): n for n, p in net.named_parameters()}
+    return {names[id(p)]: {k: g[k] for k in ("blocks", "block_axis") if k in g}
+            for g in matrixopt.param_groups(net) if "blocks" in g for _, p in g["params"]}
+
+
+def recorded_blocks(net, opt):
+    names = {id(p): n for n, p in net.named_parameters()}
+    group = opt.param_groups[0]
+    return {names[id(p)]: b for p, b in zip(group["params"], group.get("routed_blocks") or []) if b is not None}
+
+
+def forward_pre_hooks():
+    return len(torch.nn.modules.module._global_forward_pre_hooks)
+
+
+@pytest.mark.parametrize("wrap", ["none", "compiled"])
+@pytest.mark.parametrize("name", list(FUSED))
+def test_bare_params_split_the_fused_projections_param_groups_splits(name, wrap):
+    """The rule reads the fused projections from the first module called (here the model, or
+    torch.compile's wrapper of it), records param_groups' blocks for each, warns naming them, and
+    stops watching (its global hook removed)."""
+    hooks = forward_pre_hooks()
+    net, batch, kind = build_fused(name)
+    opt = matrixopt.Muon(net.parameters(), lr=1e-3)
+    assert forward_pre_hooks() == hooks + 1
+    model = torch.compile(net, backend="eager") if wrap == "compiled" else net
+    loss_of(model, batch, kind).backward()
+    assert forward_pre_hooks() == hooks                 # seen at the first call: the hook is gone
+    with pytest.warns(UserWarning, match="split into blocks, fused projections"):
+        opt.step()
+    want = param_groups_blocks(net)
+    assert want and recorded_blocks(net, opt) == want
+    if name == "litgpt-gqa":
+        assert want["transformer.h.0.attn.qkv.weight"] == {"blocks": (32, 16, 16)}      # q, k, v of 4 heads, 2 groups
+
+
+#: Deterministic settings: a randomized refresh or sketch draws by the param's place in the
+#: optimizer (group, index), which bare params and param_groups do not share.
+DETERMINISTIC = {"Muon": {}, "ROOT": {}, "ARO": {}, "DCTAdamW": {"rank": 8, "update_proj_gap": 2},
+                 "GaLoreAdamW": {"rank": 8, "update_proj_gap": 2, "svd": "exact"}}
+
+
+@pytest.mark.parametrize("cls", list(DETERMINISTIC))
+@pytest.mark.parametrize("name", ["litgpt-gqa", "hf-gpt2-tied"])
+def test_bare_params_train_as_param_groups_on_fused_models(name, cls):
+    """Where the rule routes the tables as param_groups does, bare params and param_groups(model)
+    give the same weights, fused projections and all (param_groups' blocks are checked against
+    separate matrices in test_torch_behaviours and test_param_groups)."""
+    runs = []
+    for bare in (True, False):
+        net, batch, kind = build_fused(name)
+        kwargs = dict(lr=1e-2, weight_decay=0.1, **DETERMINISTIC[cls])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = getattr(matrixopt, cls)(net.parameters() if bare else matrixopt.param_groups(net), **kwargs)
+            train(net, opt, [batch, tokens(*((96, 96) if name == "litgpt-gqa" else (300, 300)), seed=1)] * 2, kind)
+        runs.append(net)
+    for (n, p), q in zip(runs[0].named_parameters(), runs[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_a_model_never_called_splits_nothing_and_stops_watching():
+    """Gradients set without calling the model: nothing seen, nothing split; the first gradient
+    read ends the watch. A dropped optimizer, or a copy, watches nothing."""
+    hooks = forward_pre_hooks()
+    net, _, _ = build_fused("lstm-lm")
+    opt = matrixopt.Muon(net.parameters(), lr=1e-3)
+    copy.deepcopy(opt)
+    assert forward_pre_hooks() == hooks + 1
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    assert "routed_blocks" not in opt.param_groups[0] and forward_pre_hooks() == hooks
+    matrixopt.Muon(build_fused("lstm-lm")[0].parameters(), lr=1e-3)   # dropped at once
+    assert forward_pre_hooks() == hooks
+
+
+def test_state_made_before_the_model_is_seen_is_replaced_by_the_split():
+    """torch.distributed.checkpoint's lr-0 step on zero gradients comes before any forward: its
+    state is the whole matrices'; the first real step splits the LSTM's gates, and its matrices
+    and their state then equal a run's without that step (the fallback's 1-D params differ:
+    torch's zero step counts in their AdamW's bias correction)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    runs = []
+    for zero_step in (True, False):
+        net, batch, kind = build_fused("lstm-lm")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = matrixopt.GaLoreAdamW(net.parameters(), lr=1e-2, rank=4, update_proj_gap=2)
+            if zero_step:
+                get_optimizer_state_dict(net, opt)
+                assert opt.state[net.rnn.weight_hh_l0]["proj_right"].shape == (1, 24, 4)   # whole (96, 24)
+            train(net, opt, [batch])
+        assert recorded_blocks(net, opt) == {"rnn.weight_ih_l0": {"blocks": 4}, "rnn.weight_hh_l0": {"blocks": 4}}
+        assert opt.state[net.rnn.weight_hh_l0]["proj_right"].shape == (4, 24, 4)          # per gate
+        runs.append((net, opt.state))
+    (net, state), (reference, reference_state) = runs
+    for name in ("weight_ih_l0", "weight_hh_l0"):
+        p, q = getattr(net.rnn, name), getattr(reference.rnn, name)
+        assert torch.equal(p, q), name
+        assert set(state[p]) == set(reference_state[q])
+        for key, value in state[p].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(reference_state[q][key])), (name, key)
+
+
+def test_a_bad_blocks_record_is_refused_naming_the_key():
+    net, batch, kind = build_fused("lstm-lm")
+    opt = matrixopt.Muon(net.parameters(), lr=1e-3)
+    loss_of(net, batch, kind).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    for bad, match in (([None], "Invalid 'routed_blocks'"), (None, "Invalid blocks for")):
+        state = copy.deepcopy(opt.state_dict())
+        record = state["param_groups"][0]["routed_blocks"]
+        state["param_groups"][0]["routed_blocks"] = bad or [b and {"blocks": 5} for b in record]
+        with pytest.raises(ValueError, match=match):
+            matrixopt.Muon(build_fused("lstm-lm")[0].parameters(), lr=1e-3).load_state_dict(state)
 
 
 def _fsdp_worker(rank, out):
