@@ -6,7 +6,9 @@ model zoo (LLaMA-style, nanoGPT and HF GPT-2 with tied embeddings, ViT, CNN, MoE
 experts, an LSTM LM, a tiny vocabulary) the params the rule sends to the fallback are the
 matrices param_groups sends there. The decision is made once, warned once, kept across steps
 and restored by load_state_dict (exact resume), equal under step_in_backward and on every
-FSDP2 rank; explicit ``matrix=`` groups are never re-decided.
+FSDP2 rank; explicit ``matrix=`` groups are never re-decided. Fused projections (litgpt's GQA
+``qkv``, GPT-2's ``c_attn``, nn.MultiheadAttention, LSTM gates) read from the model at its
+first call get param_groups' blocks, and bare params then train as param_groups does.
 """
 import copy
 import warnings
@@ -581,3 +583,77 @@ def test_fsdp2_and_ddp_ranks_decide_as_the_single_process(tmp_path):
     for rank in range(WORLD):
         assert torch.load(tmp_path / f"routed{rank}.pt") == want
         assert torch.load(tmp_path / f"ddp-routed{rank}.pt") == want
+
+
+class GateUp(nn.Module):
+    def __init__(self, d, f):
+        super().__init__()
+        self.gate_up_proj, self.down = nn.Linear(d, 2 * f, bias=False), nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down(nn.functional.silu(gate) * up)
+
+
+class FusedNet(nn.Module):
+    """nn.MultiheadAttention's in_proj_weight (3 blocks of 16 rows: 2 FSDP2 pieces of 24 rows cut
+    them) and a gate_up_proj (2 blocks of 24 rows: each piece one whole block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 16)
+        self.attn = nn.MultiheadAttention(16, 2, bias=False, batch_first=True)
+        self.mlp = GateUp(16, 24)
+        self.out = nn.Linear(16, 16, bias=False)
+        self.head = nn.Linear(16, 11, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head(x + self.out(self.mlp(x)))
+
+
+def fused_net():
+    torch.manual_seed(0)
+    return FusedNet()
+
+
+def _fused_worker(rank, out):
+    from torch.distributed.fsdp import fully_shard
+
+    batches = [tokens(11, 6, seed=s) for s in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = fused_net()
+        for module in (net.attn, net.mlp, net):
+            fully_shard(module)
+        opt = matrixopt.Muon(net.parameters(), lr=0.02)
+        train(net, opt, batches)
+        ddp = torch.nn.parallel.DistributedDataParallel(fused_net())
+        ddp_opt = matrixopt.Muon(ddp.module.parameters(), lr=0.02)
+        train(ddp, ddp_opt, [b.chunk(2)[rank] for b in batches])
+    torch.save({"fsdp": opt.param_groups[0]["routed_blocks"], "ddp": ddp_opt.param_groups[0]["routed_blocks"],
+                "ddp weights": {n: p.detach() for n, p in ddp.module.named_parameters()}}, f"{out}/blocks{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_fsdp2_and_ddp_ranks_split_as_the_single_process_where_pieces_hold_whole_blocks(tmp_path):
+    """Every rank records the same blocks: DDP's the single process's (and its weights, to the
+    rounding of the gradients' all-reduce); FSDP2's the same where each piece holds whole blocks
+    (gate_up_proj) and none where the pieces would cut them (in_proj_weight stays one matrix, no
+    error)."""
+    net = fused_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = matrixopt.Muon(net.parameters(), lr=0.02)
+        train(net, opt, [tokens(11, 6, seed=s) for s in range(2)])
+    want = recorded_blocks(net, opt)
+    assert want == {"attn.in_proj_weight": {"blocks": 3}, "mlp.gate_up_proj.weight": {"blocks": 2}}
+    spawn(_fused_worker, str(tmp_path))
+    names = [n for n, _ in net.named_parameters()]
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"blocks{rank}.pt")
+        assert {n: b for n, b in zip(names, saved["ddp"]) if b} == want
+        assert {n: b for n, b in zip(names, saved["fsdp"]) if b} == {"mlp.gate_up_proj.weight": {"blocks": 2}}
+        for n, p in net.named_parameters():
+            torch.testing.assert_close(saved["ddp weights"][n], p.detach(), rtol=1e-5, atol=1e-5, msg=n)
