@@ -1,8 +1,8 @@
 """The planner: a step's param groups as typed plans of work.
 
 Per group, once (:class:`GroupLayout`, cached until the group's params' list, ``blocks``,
-``block_axis``, ``matrix`` or the bare-params rule's records change, or a param a step updates is another tensor or has
-another shape): which params are matrices, how each is seen ((B, m, n), equal row blocks, or
+``block_axis``, ``matrix`` or the bare-params rule's records change, or a param a step updates
+is another tensor or has another shape): which params are matrices, how each is seen ((B, m, n), equal row blocks, or
 blocks that are separate matrices: unequal row blocks, column blocks) and its index in the
 group. Per step: the group's matrices in :class:`Bucket`\\ s
 of same-shape matrices (:meth:`Planner.buckets`, :meth:`Planner.bucket`), its fallback

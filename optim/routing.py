@@ -110,11 +110,11 @@ def split(group: dict, index: int) -> dict | None:
 
 class FirstForward:
     """The fused projections among the params of the groups the rule routes, read from the
-    first module called (a global forward pre-hook, from :meth:`watch` until that module is
-    seen, :meth:`close` or ``owner`` collected) that holds one of them: ``found`` maps a param's id to its name in
-    that module and its group entries (:func:`matrixopt.param_groups.packed`). Under
-    ``torch.compile`` tracing the hook does nothing; a copy (pickled, deep-copied) watches
-    nothing."""
+    first module called that holds one of them (a global forward pre-hook, from :meth:`watch`
+    until that module is seen, :meth:`close`, or ``owner`` is collected): ``found`` maps a
+    param's id to its name in that module and its group entries
+    (:func:`matrixopt.param_groups.packed`). Under ``torch.compile`` tracing the hook does
+    nothing; a copy (pickled, deep-copied) watches nothing."""
 
     def __init__(self, owner=None):
         self.ids: set[int] = set()
