@@ -79,6 +79,32 @@ def test_hf_trainer_recipes_train_and_resume_exactly(route, tmp_path):
         assert [d for p, d in zip(group["params"], group["routed"]) if p is embedding] == [False]
 
 
+def test_hf_trainer_bare_params_split_gpt_neox_query_key_value_and_resume_exactly(tmp_path):
+    """Pythia / GPT-NeoX fuse q, k, v head by head in ``query_key_value``: through
+    ``optimizer_cls_and_kwargs`` (the Trainer's own groups, no ``matrix``) each is split into
+    param_groups' 3·heads blocks, and a resume from the Trainer's checkpoint continues exactly."""
+    transformers = pytest.importorskip("transformers")
+
+    def neox():
+        torch.manual_seed(0)
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=DIM, intermediate_size=2 * DIM, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=SEQ))
+
+    whole = neox()
+    trainer = hf_trainer(whole, tmp_path, 4, route=(matrixopt.Muon, {"lr": 3e-3}))
+    names = {id(p): n for n, p in whole.named_parameters()}
+    recorded = {names[id(p)]: b for g in trainer.optimizer.optimizer.param_groups
+                for p, b in zip(g["params"], g.get("routed_blocks") or []) if b}
+    assert recorded == {f"gpt_neox.layers.{i}.attention.query_key_value.weight": {"blocks": 12} for i in range(2)}
+    assert recorded == {n: {"blocks": g["blocks"]} for g in matrixopt.param_groups(whole) if "blocks" in g
+                        for n, _ in g["params"]}
+    resumed = neox()
+    hf_trainer(resumed, tmp_path, 4, route=(matrixopt.Muon, {"lr": 3e-3}), resume=str(tmp_path / "checkpoint-2"),
+               save=False)
+    assert_same_weights(resumed, whole)
+
+
 def test_hf_trainer_with_step_in_backward_equals_its_loop_and_peaks_lower(tmp_path):
     """gradient_accumulation_steps=2 and the handle's accumulation_steps=2; the Trainer's
     clipping off (max_grad_norm=0) in both."""
