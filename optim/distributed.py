@@ -93,8 +93,8 @@ return is one ``all_gather_single`` of each rank's bytes padded to the longest; 
 ranks get and others not go in the ``all_to_all_single``, a Whole one repeated for every
 peer.
 """
-import functools
 import math
+import weakref
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -175,18 +175,31 @@ def _overlap(boxes: list[Box]) -> bool:
                for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
-@functools.lru_cache(maxsize=None)
+#: Per device mesh (held weakly: a cache must not keep a mesh, and with it process groups,
+#: alive past ``destroy_process_group`` to the interpreter's exit, where their threads are torn
+#: down out of order), its group and its pieces by (shape, placements).
+_MESHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _mesh_cache(mesh) -> dict:
+    return _MESHES.setdefault(mesh, {})
+
+
 def mesh_group(mesh):
     """The process group of all ranks of ``mesh``: a 1-D mesh's own; for more dims the default
     group where the mesh spans every process, else the mesh flattened (a named mesh) or a new
     group of its ranks (made on first use, which every process must reach alike)."""
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    if mesh.mesh.numel() == dist.get_world_size():
-        return dist.group.WORLD
-    if mesh.mesh_dim_names:
-        return mesh._flatten().get_group()
-    return dist.new_group(sorted(mesh.mesh.flatten().tolist()))
+    cache = _mesh_cache(mesh)
+    if "group" not in cache:
+        if mesh.ndim == 1:
+            cache["group"] = mesh.get_group()
+        elif mesh.mesh.numel() == dist.get_world_size():
+            cache["group"] = dist.group.WORLD
+        elif mesh.mesh_dim_names:
+            cache["group"] = mesh._flatten().get_group()
+        else:
+            cache["group"] = dist.new_group(sorted(mesh.mesh.flatten().tolist()))
+    return cache["group"]
 
 
 def lanes_apply(group, device: torch.device) -> bool:
@@ -205,24 +218,29 @@ def lane_group(group, lane: int):
     groups of every process, :func:`lanes_apply`). Buckets of different lanes run in
     different threads, so one's collectives overlap another's compute; within a group they
     never interleave."""
-    return group if lane == 0 else _lane_copy(group, lane)
+    if lane == 0:
+        return group
+    copies = _LANES.setdefault(group, {})
+    if lane not in copies:
+        copies[lane] = dist.new_group(dist.get_process_group_ranks(group))
+    return copies[lane]
 
 
-@functools.lru_cache(maxsize=None)
-def _lane_copy(group, lane: int):
-    # Only lanes > 0 are kept here: a process group held past destroy_process_group lives on
-    # to the interpreter's exit, so the common case (one lane) holds none.
-    return dist.new_group(dist.get_process_group_ranks(group))
+#: Per process group (held weakly, as :data:`_MESHES`), its lanes' copies.
+_LANES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def p_boxes(p: DTensor, shape: Sequence[int] | None = None) -> list[Box]:
     """Per rank of ``mesh_group(p.device_mesh)`` (in its rank order), the piece of p it holds,
     or of a tensor of global ``shape`` placed like p."""
-    return _boxes(tuple(p.shape if shape is None else shape), p.device_mesh, tuple(p.placements))
+    mesh, key = p.device_mesh, (tuple(p.shape if shape is None else shape), tuple(p.placements))
+    cache = _mesh_cache(mesh)
+    if key not in cache:
+        cache[key] = _boxes(*key, mesh)
+    return cache[key]
 
 
-@functools.lru_cache(maxsize=None)
-def _boxes(shape: tuple, mesh, placements: tuple) -> list[Box]:
+def _boxes(shape: tuple, placements: tuple, mesh) -> list[Box]:
     group = mesh_group(mesh)
     boxes = []
     for r in range(dist.get_world_size(group)):
