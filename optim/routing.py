@@ -145,6 +145,10 @@ class FirstForward:
             self.seen = True
             self.close()
 
+    @property
+    def watching(self) -> bool:
+        return self._handle is not None
+
     def close(self) -> None:
         """Stop watching."""
         if self._handle is not None:
@@ -284,22 +288,22 @@ def route(selection: list[tuple[dict, range | list[int]]], state: dict, name_of,
     Unless ``warned`` (once per optimizer), a warning names the params it sent to the fallback
     and why, and those it split. ``watcher`` stops at the first gradient read. Returns
     whether it has warned."""
-    routed, split_ = [], []
+    sent_back, blocked = [], []
     for group, indices in selection:
         if decides(group):
             sent, moved = decide(group, indices, watcher.found)
-            routed += [f"{name_of(group, i)}: {reason}" for i, reason in sent]
-            split_ += [f"{watcher.found[id(group['params'][i])][0]}: {split(group, i)}" for i in moved
-                       if split(group, i)]
+            sent_back += [f"{name_of(group, i)}: {reason}" for i, reason in sent]
+            blocked += [f"{watcher.found[id(group['params'][i])][0]}: {split(group, i)}" for i in moved
+                        if split(group, i)]
             for i in moved:
                 state.pop(group["params"][i], None)
-    if any(d is not None and p.ndim >= 2 for group, _ in selection if decides(group)
-           for p, d in zip(group["params"], group.get(KEY) or [])):
+    if watcher.watching and any(d is not None and p.ndim >= 2 for group, _ in selection if decides(group)
+                                for p, d in zip(group["params"], group.get(KEY) or [])):
         watcher.close()   # a matrix's gradient was read: the model, if called as a module, was called before
-    if not (routed or split_) or warned:
+    if not (sent_back or blocked) or warned:
         return warned
-    sent = f"sent to the fallback ({fallback}): {'; '.join(routed)}. " if routed else ""
-    split_ = f"split into blocks, fused projections of the model's modules: {'; '.join(split_)}. " if split_ else ""
+    sent = f"sent to the fallback ({fallback}): {'; '.join(sent_back)}. " if sent_back else ""
+    split_ = f"split into blocks, fused projections of the model's modules: {'; '.join(blocked)}. " if blocked else ""
     warnings.warn(f"{owner}: params given without a 'matrix' flag, routed by the bare-params rule (README, "
                   f"'Bare params'): {sent}{split_}Every other param with ndim >= 2 gets the matrix rule, whole. "
                   "Give groups matrix=True/False, or use matrixopt.param_groups(model), to decide yourself.",
