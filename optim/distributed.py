@@ -198,8 +198,17 @@ def mesh_group(mesh):
         elif mesh.mesh_dim_names:
             cache["group"] = mesh._flatten().get_group()
         else:
-            cache["group"] = dist.new_group(sorted(mesh.mesh.flatten().tolist()))
+            ranks = tuple(sorted(mesh.mesh.flatten().tolist()))
+            if ranks not in _SUB_MESH_GROUPS:
+                _SUB_MESH_GROUPS[ranks] = dist.new_group(list(ranks))
+            cache["group"] = _SUB_MESH_GROUPS[ranks]
     return cache["group"]
+
+
+#: The groups made for sub-meshes, by their ranks, for the process's life: ``new_group`` is a
+#: collective every rank must reach alike, which a cache entry lost with one mesh object (on
+#: whichever rank collected it first) would break.
+_SUB_MESH_GROUPS: dict[tuple, object] = {}
 
 
 def lanes_apply(group, device: torch.device) -> bool:

@@ -49,13 +49,15 @@ gradients; FSDP2: the gathered ones). Explicit ``matrix=`` groups and
 **Fused projections.** A param the rule sends to the matrix rule is split into the blocks
 :func:`matrixopt.param_groups` would give it (litgpt's ``qkv``, GPT-NeoX's
 ``query_key_value``, torchtitan's ``wqkv``, ``gate_up_proj``, GPT-2's ``c_attn``, LSTM gates,
-…) when the model was seen: :class:`FirstForward` watches, from the optimizer's construction,
-for the first module called that holds one of the params (the model, or its wrapper: DDP,
-FSDP2, Fabric, ``torch.compile``'s), reads its fused projections by their modules, and stops.
-The blocks are recorded with the decision (``group["routed_blocks"]``, per param None or its
-``blocks`` and ``block_axis``; absent when none was found), saved and restored with it. No
-module seen before a param's decision (gradients computed without calling the model as a
-module), or blocks its DTensor pieces would cut: the param stays one matrix.
+…) when the model was seen: :class:`FirstForward` watches, from the optimizer's construction
+until every param was in a module called (or the first gradient is read), for the modules
+called that hold the params (the model, or its wrapper: DDP, FSDP2, Fabric,
+``torch.compile``'s; or its parts, where a loop calls them one by one) and reads their fused
+projections. The blocks are recorded with the decision (``group["routed_blocks"]``, per param
+None or its ``blocks`` and ``block_axis``; absent when none was found), saved and restored
+with it. No module called before a param's decision (gradients computed without calling the
+model as a module), or blocks its DTensor does not take (a DTensor takes equal row blocks
+that its pieces do not cut): the param stays one matrix, named in the warning.
 """
 import warnings
 import weakref
@@ -110,16 +112,17 @@ def split(group: dict, index: int) -> dict | None:
 
 class FirstForward:
     """The fused projections among the params of the groups the rule routes, read from the
-    first module called that holds one of them (a global forward pre-hook, from :meth:`watch`
-    until that module is seen, :meth:`close`, or ``owner`` is collected): ``found`` maps a
-    param's id to its name in that module and its group entries
-    (:func:`matrixopt.param_groups.packed`). Under ``torch.compile`` tracing the hook does
-    nothing; a copy (pickled, deep-copied) watches nothing."""
+    modules called before their first gradient: a global forward pre-hook, from :meth:`watch`
+    until every watched param was in a module called, the first gradient read (:meth:`close`)
+    or ``owner`` is collected. A module called that holds a watched param not seen yet is read
+    whole (:func:`matrixopt.param_groups.packed`): ``found`` maps the id of each of its params
+    in a fused projection to its name there and its group entries (a group added later finds
+    its params there too). Under ``torch.compile`` tracing the hook does nothing; without an
+    ``owner`` (a pickled or deep-copied optimizer's) it watches nothing."""
 
     def __init__(self, owner=None):
-        self.ids: set[int] = set()
         self.found: dict[int, tuple[str, dict]] = {}
-        self.seen = False
+        self._active, self._waiting, self._seen = owner is not None, set(), set()
         self._handle = None
         if owner is not None:
             weakref.finalize(owner, self.close)   # an optimizer dropped stops watching
@@ -128,21 +131,25 @@ class FirstForward:
         return FirstForward, ()
 
     def watch(self, group: dict) -> None:
-        """Watch ``group``'s params with ``ndim >= 2`` too, if the rule routes it and no module
-        was seen yet."""
-        if decides(group) and not self.seen:
-            self.ids |= {id(p) for p in group["params"] if p.ndim >= 2}
-            if self.ids and self._handle is None:
+        """Watch ``group``'s params with ``ndim >= 2`` too, if the rule routes it (those not in
+        a module called yet)."""
+        if self._active and decides(group):
+            self._waiting |= {id(p) for p in group["params"] if p.ndim >= 2} - self._seen
+            if self._waiting and self._handle is None:
                 self._handle = register_module_forward_pre_hook(self._called)
 
     def _called(self, module: torch.nn.Module, args) -> None:
         if torch.compiler.is_compiling():
             return
-        named = [(name, p) for name, p in module.named_parameters() if id(p) in self.ids]
-        if named:
-            fused = packed(module, {})
-            self.found = {id(p): (name, fused[name]) for name, p in named if name in fused}
-            self.seen = True
+        named = list(module.named_parameters())
+        if self._waiting.isdisjoint(id(p) for _, p in named):
+            return
+        fused = packed(module, {})
+        self.found.update({id(p): (name, fused[name]) for name, p in named
+                           if name in fused and id(p) not in self.found})
+        self._seen |= {id(p) for _, p in named}
+        self._waiting -= self._seen
+        if not self._waiting:
             self.close()
 
     @property
@@ -150,10 +157,10 @@ class FirstForward:
         return self._handle is not None
 
     def close(self) -> None:
-        """Stop watching."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Stop watching (until :meth:`watch` is given params not seen yet)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.remove()
 
 
 def _width(params: list[Tensor]) -> int | None:
@@ -214,14 +221,15 @@ def gradient_reason(params: list[Tensor], index: int, grad: Tensor) -> str | Non
     return None
 
 
-def decide(group: dict, indices, found: dict) -> tuple[list[tuple[int, str]], list[int]]:
+def decide(group: dict, indices, found: dict) -> tuple[list[tuple[int, str]], list[int], list[int]]:
     """Record the decision for the params at ``indices`` of ``group`` (a group the rule
     routes) that have a gradient (a finite, nonzero one, for a 2-D param) and none yet (rules 2
     and 3 first, then 1 and 4), and the blocks of those sent to the matrix rule that ``found``
     has (:attr:`FirstForward.found`); returns (index, reason) of those sent to the fallback,
-    and the indices whose state, made by steps on all-zero gradients, belongs to another rule or
+    the indices whose state, made by steps on all-zero gradients, belongs to another rule or
     split (decided against the shapes' verdict they were routed by until now, or split into
-    blocks). The group's records are replaced, not edited, when anything is decided."""
+    blocks), and those of fused projections left whole (blocks that do not fit them). The
+    group's records are replaced, not edited, when anything is decided."""
     params = group["params"]
     decisions = group.get(KEY) or [None] * len(params)
     new, fallback = list(decisions), []
@@ -234,27 +242,25 @@ def decide(group: dict, indices, found: dict) -> tuple[list[tuple[int, str]], li
     tables = {tuple(params[i].shape) for i, d in enumerate(decisions) if d is False and params[i].ndim == 2}
     tables |= {tuple(params[i].shape) for i, r in reasons.items() if r is not None}
     tables = {shape for shape in tables if shape[0] != width}
-    blocks = list(group.get(BLOCKS) or [None] * len(params))
+    blocks, whole = list(group.get(BLOCKS) or [None] * len(params)), []
     for i in todo:
         reason = None if params[i].ndim < 2 else reasons[i] or shape_reason(params, i, tables)
         new[i] = params[i].ndim >= 2 and reason is None
         if reason is not None:
             fallback.append((i, reason))
-        elif new[i]:
-            blocks[i] = _fused_blocks(group, params[i], found.get(id(params[i])))
+        elif new[i] and id(params[i]) in found and group.get("blocks") is None:
+            blocks[i] = _fitting(params[i], *found[id(params[i])])
+            whole += [] if blocks[i] else [i]
     if new != decisions or KEY not in group:
         group[KEY] = new
     if any(blocks) and blocks != group.get(BLOCKS):
         group[BLOCKS] = blocks
-    return fallback, [i for i in todo if new[i] != provisional[i] or blocks[i]]
+    return fallback, [i for i in todo if new[i] != provisional[i] or blocks[i]], whole
 
 
-def _fused_blocks(group: dict, p: Tensor, found: tuple[str, dict] | None) -> dict | None:
-    """The blocks ``found`` gives ``p`` (its name in the model and group entries), unless its
-    group sets ``blocks`` or they do not fit it (a DTensor whose pieces would cut them)."""
-    if found is None or group.get("blocks") is not None:
-        return None
-    name, entries = found
+def _fitting(p: Tensor, name: str, entries: dict) -> dict | None:
+    """``entries`` (a fused projection's blocks), if they fit ``p``: a DTensor takes equal row
+    blocks only, and only where its pieces do not cut them (:func:`~matrixopt.matrices.block_sizes`)."""
     try:
         block_sizes(name, entries["blocks"], p, entries.get("block_axis") or "rows")
     except ValueError:
@@ -288,24 +294,27 @@ def route(selection: list[tuple[dict, range | list[int]]], state: dict, name_of,
     Unless ``warned`` (once per optimizer), a warning names the params it sent to the fallback
     and why, and those it split. ``watcher`` stops at the first gradient read. Returns
     whether it has warned."""
-    sent_back, blocked = [], []
+    sent_back, blocked, whole = [], [], []
     for group, indices in selection:
         if decides(group):
-            sent, moved = decide(group, indices, watcher.found)
+            sent, moved, unfit = decide(group, indices, watcher.found)
             sent_back += [f"{name_of(group, i)}: {reason}" for i, reason in sent]
             blocked += [f"{watcher.found[id(group['params'][i])][0]}: {split(group, i)}" for i in moved
                         if split(group, i)]
+            whole += [watcher.found[id(group["params"][i])][0] for i in unfit]
             for i in moved:
                 state.pop(group["params"][i], None)
     if watcher.watching and any(d is not None and p.ndim >= 2 for group, _ in selection if decides(group)
                                 for p, d in zip(group["params"], group.get(KEY) or [])):
         watcher.close()   # a matrix's gradient was read: the model, if called as a module, was called before
-    if not (sent_back or blocked) or warned:
+    if not (sent_back or blocked or whole) or warned:
         return warned
     sent = f"sent to the fallback ({fallback}): {'; '.join(sent_back)}. " if sent_back else ""
     split_ = f"split into blocks, fused projections of the model's modules: {'; '.join(blocked)}. " if blocked else ""
+    kept = (f"left whole, fused projections whose blocks their DTensor pieces do not take (equal row blocks, "
+            f"not cut): {', '.join(whole)}. " if whole else "")
     warnings.warn(f"{owner}: params given without a 'matrix' flag, routed by the bare-params rule (README, "
-                  f"'Bare params'): {sent}{split_}Every other param with ndim >= 2 gets the matrix rule, whole. "
+                  f"'Bare params'): {sent}{split_}{kept}Every other param with ndim >= 2 gets the matrix rule, whole. "
                   "Give groups matrix=True/False, or use matrixopt.param_groups(model), to decide yourself.",
                   UserWarning, stacklevel=caller_stacklevel())
     return True

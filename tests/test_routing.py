@@ -512,6 +512,54 @@ def test_a_model_never_called_splits_nothing_and_stops_watching():
     assert forward_pre_hooks() == hooks
 
 
+class EncoderDecoder(nn.Module):
+    """Two parts a loop may call one by one (Lightning's ``training_step`` calls no module of
+    its own): an attention encoder, an LSTM decoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, 0.0, batch_first=True)
+        self.dec = nn.LSTM(16, 24, batch_first=True)
+        self.head = nn.Linear(24, 50)
+
+
+def test_parts_called_one_by_one_and_groups_added_later_are_split_as_param_groups_splits():
+    """The watch reads every module called until each param was in one: a loop that calls the
+    parts itself (after a warm-up call of one layer) splits what param_groups splits, and a
+    group added after the model was seen (progressive unfreezing) finds its params read too."""
+    torch.manual_seed(0)
+    net, batch = EncoderDecoder(), tokens(50, 20)
+    net.dec.requires_grad_(False)
+    opt = matrixopt.Muon([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    with torch.no_grad():
+        net.enc.linear1(torch.zeros(1, 16))                    # one layer first: its own params only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for unfreeze in (False, True):
+            if unfreeze:
+                net.dec.requires_grad_(True)
+                opt.add_param_group({"params": list(net.dec.parameters())})
+            logits = net.head(net.dec(net.enc(net.embed(batch[:, :-1])))[0])
+            nn.functional.cross_entropy(logits.reshape(-1, 50), batch[:, 1:].reshape(-1)).backward()
+            opt.step()
+    names = {id(p): n for n, p in net.named_parameters()}
+    recorded = {names[id(p)]: b for g in opt.param_groups for p, b in zip(g["params"], g.get("routed_blocks") or [])
+                if b}
+    assert recorded == param_groups_blocks(net)
+    assert set(recorded) == {"enc.self_attn.in_proj_weight", "dec.weight_ih_l0", "dec.weight_hh_l0"}
+
+
+def test_a_copy_of_an_optimizer_never_watches():
+    hooks = forward_pre_hooks()
+    net, _, _ = build_fused("lstm-lm")
+    opt = matrixopt.Muon(list(net.parameters())[:2], lr=1e-3)
+    twin = copy.deepcopy(opt)
+    del opt
+    twin.add_param_group({"params": list(net.parameters())[2:]})
+    assert forward_pre_hooks() == hooks
+
+
 def test_state_made_before_the_model_is_seen_is_replaced_by_the_split():
     """torch.distributed.checkpoint's lr-0 step on zero gradients comes before any forward: its
     state is the whole matrices'; the first real step splits the LSTM's gates, and its matrices
@@ -657,3 +705,29 @@ def test_fsdp2_and_ddp_ranks_split_as_the_single_process_where_pieces_hold_whole
         assert {n: b for n, b in zip(names, saved["fsdp"]) if b} == {"mlp.gate_up_proj.weight": {"blocks": 2}}
         for n, p in net.named_parameters():
             torch.testing.assert_close(saved["ddp weights"][n], p.detach(), rtol=1e-5, atol=1e-5, msg=n)
+
+
+def _unfit_worker(rank, out):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    net = fully_shard(litgpt_gpt())
+    opt = matrixopt.Muon(net.parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss_of(net, tokens(96, 60), "lm").backward()
+        opt.step()
+    torch.save({"messages": [str(w.message) for w in caught], "blocks": opt.param_groups[0].get("routed_blocks")},
+               f"{out}/unfit.pt")
+
+
+@pytest.mark.distributed
+def test_blocks_a_dtensor_does_not_take_leave_it_whole_named_in_the_warning(tmp_path):
+    """litgpt's GQA qkv blocks are unequal (q, k, v), which a DTensor does not take: under
+    FSDP2 each qkv stays one matrix, no error, and the warning says so."""
+    pytest.importorskip("litgpt")
+    spawn(_unfit_worker, str(tmp_path), world=1)
+    saved = torch.load(tmp_path / "unfit.pt")
+    assert saved["blocks"] is None
+    (message,) = [m for m in saved["messages"] if "bare-params rule" in m]
+    assert "left whole" in message and "transformer.h.0.attn.qkv.weight, transformer.h.1.attn.qkv.weight" in message
