@@ -57,7 +57,9 @@ projections. The blocks are recorded with the decision (``group["routed_blocks"]
 None or its ``blocks`` and ``block_axis``; absent when none was found), saved and restored
 with it. No module called before a param's decision (gradients computed without calling the
 model as a module), or blocks its DTensor does not take (a DTensor takes equal row blocks
-that its pieces do not cut): the param stays one matrix, named in the warning.
+that its pieces do not cut): the param stays one matrix, named in the warning. A param the
+model names as a fused projection is a linear map: the shape rules 1 and 4 never send it to
+the fallback (an ``in_proj_weight`` of 3·d rows among d×d matrices is no vocabulary).
 """
 import warnings
 import weakref
@@ -244,11 +246,13 @@ def decide(group: dict, indices, found: dict) -> tuple[list[tuple[int, str]], li
     tables = {shape for shape in tables if shape[0] != width}
     blocks, whole = list(group.get(BLOCKS) or [None] * len(params)), []
     for i in todo:
-        reason = None if params[i].ndim < 2 else reasons[i] or shape_reason(params, i, tables)
+        # A fused projection the model names is a linear map, whatever its shape says (rules 1, 4).
+        named = id(params[i]) in found
+        reason = None if params[i].ndim < 2 else reasons[i] or (None if named else shape_reason(params, i, tables))
         new[i] = params[i].ndim >= 2 and reason is None
         if reason is not None:
             fallback.append((i, reason))
-        elif new[i] and id(params[i]) in found and group.get("blocks") is None:
+        elif new[i] and named and group.get("blocks") is None:
             blocks[i] = _fitting(params[i], *found[id(params[i])])
             whole += [] if blocks[i] else [i]
     if new != decisions or KEY not in group:

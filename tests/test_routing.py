@@ -550,6 +550,33 @@ def test_parts_called_one_by_one_and_groups_added_later_are_split_as_param_group
     assert set(recorded) == {"enc.self_attn.in_proj_weight", "dec.weight_ih_l0", "dec.weight_hh_l0"}
 
 
+class AttentionOnly(nn.Module):
+    """nn.MultiheadAttention among d×d Linears only: its in_proj_weight (3·d rows) is over twice
+    as tall as every other matrix, which rule 4b alone would take for a vocabulary table."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(4))
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_a_fused_projection_the_model_names_is_never_a_shape_rules_table():
+    torch.manual_seed(0)
+    net = AttentionOnly()
+    opt = matrixopt.Muon(net.parameters(), lr=1e-3)
+    net(torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))).square().mean().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    assert routed_to_fallback(net, opt) == set() == fallback_matrices_of_param_groups(net)
+    assert recorded_blocks(net, opt) == param_groups_blocks(net) == {"attn.in_proj_weight": {"blocks": 3}}
+
+
 def test_a_copy_of_an_optimizer_never_watches():
     hooks = forward_pre_hooks()
     net, _, _ = build_fused("lstm-lm")
