@@ -57,7 +57,7 @@ def routing_of(model, opt) -> dict:
         for i, p in enumerate(g["params"]):
             if p.ndim >= 2 and not opt.is_matrix(g, p, i):
                 fallback.append(names[id(p)])
-            elif g.get("blocks") is not None or (g.get("routed_blocks") or [None] * (i + 1))[i]:
+            elif g.get("blocks") is not None or g.get("routed_blocks") and g["routed_blocks"][i]:
                 split.append(names[id(p)])
     return {"fallback": ", ".join(sorted(fallback)), "split into blocks": ", ".join(sorted(split))}
 

@@ -97,7 +97,8 @@ BLOCK_AXES = ("rows", "columns")
 
 
 def block_axis(group: dict) -> str:
-    """The side a group's ``blocks`` split: "rows" (the default) or "columns"."""
+    """The side the ``blocks`` of a group (or of a fused projection's entries) split: "rows" (the
+    default) or "columns"."""
     return group.get("block_axis") or "rows"
 
 

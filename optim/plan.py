@@ -50,7 +50,7 @@ def split_of(group: dict, p: Tensor, index: int | None = None) -> tuple[object, 
     if group.get("blocks") is not None or not decides(group) or not group.get(BLOCKS):
         return group.get("blocks"), block_axis(group)
     entries = split(group, _index(group, p) if index is None else index) or {}
-    return entries.get("blocks"), entries.get("block_axis") or "rows"
+    return entries.get("blocks"), block_axis(entries)
 
 
 def param_blocks(group: dict, p: Tensor, index: int | None = None) -> tuple[list[int] | None, str]:

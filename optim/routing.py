@@ -70,7 +70,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-from .matrices import BLOCK_AXES, block_sizes, matrix_shape
+from .matrices import BLOCK_AXES, block_axis, block_sizes, matrix_shape
 from .param_groups import packed
 from .report import caller_stacklevel
 
@@ -254,7 +254,8 @@ def decide(group: dict, indices, found: dict) -> tuple[list[tuple[int, str]], li
             fallback.append((i, reason))
         elif new[i] and named and group.get("blocks") is None:
             blocks[i] = _fitting(params[i], *found[id(params[i])])
-            whole += [] if blocks[i] else [i]
+            if blocks[i] is None:
+                whole.append(i)
     if new != decisions or KEY not in group:
         group[KEY] = new
     if any(blocks) and blocks != group.get(BLOCKS):
@@ -266,7 +267,7 @@ def _fitting(p: Tensor, name: str, entries: dict) -> dict | None:
     """``entries`` (a fused projection's blocks), if they fit ``p``: a DTensor takes equal row
     blocks only, and only where its pieces do not cut them (:func:`~matrixopt.matrices.block_sizes`)."""
     try:
-        block_sizes(name, entries["blocks"], p, entries.get("block_axis") or "rows")
+        block_sizes(name, entries["blocks"], p, block_axis(entries))
     except ValueError:
         return None
     return entries
